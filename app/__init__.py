@@ -1,0 +1,1 @@
+"""The Gradio app and the `weightsmith` CLI, built on the same functions (jobs, registry)."""

@@ -1,0 +1,213 @@
+"""The job context: everything a plugin's `run(config, ctx)` may do, and nothing more.
+
+It runs inside the job subprocess. Progress, logs, metrics and evaluations go to the job's log
+file and the registry, never to the server's memory, so any browser or a restarted server
+sees the same live job.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from app.checkpoints import import_checkpoint, publish
+from app.lab import Lab
+from registry import CheckpointError, Registry, inspect_checkpoint, resolve_ref
+
+
+class JobCancelled(BaseException):
+    """Raised in the worker when it receives SIGTERM (BaseException: plugins' `except
+    Exception` blocks must not swallow a cancel)."""
+
+
+@dataclass
+class OpenCheckpoint:
+    """A checkpoint opened for reading. Load its parts lazily (torch is imported on demand)."""
+
+    id: str
+    name: str
+    path: Path
+    trust_remote_code: bool = False
+
+    def config(self) -> dict:
+        return json.loads((self.path / "config.json").read_text())
+
+    def load_model(self, device: str | None = None, dtype: Any = None, **kwargs):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            str(self.path), dtype=dtype or "auto", trust_remote_code=self.trust_remote_code,
+            **kwargs)
+        if device:
+            model.to(device)
+        return model.eval()
+
+    def load_tokenizer(self, **kwargs):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.path),
+                                             trust_remote_code=self.trust_remote_code, **kwargs)
+
+
+@dataclass
+class NewCheckpoint:
+    """A checkpoint being written: write into `path`; it is published when the job succeeds."""
+
+    path: Path
+    name: str
+    relation: str
+    parents: list[dict]
+    metadata: dict = field(default_factory=dict)
+
+
+class JobContext:
+    def __init__(self, lab: Lab, registry: Registry, job: dict, out=None):
+        self.lab = lab
+        self.registry = registry
+        self.job = job
+        self.job_id = job["id"]
+        self.work_dir = Path(job["job_dir"] or lab.job_dir(job["id"]))
+        self._out = out or sys.stdout
+        self._pending: list[NewCheckpoint] = []
+        self._last_db_progress = 0.0
+        self._last_log_progress = 0.0
+        self._device: str | None = None
+
+    # --------------------------------------------------------------------------- device
+    @property
+    def device(self) -> str:
+        """'cuda' when the scheduler gave this job a GPU (and torch can use it), else 'cpu'."""
+        if self._device is None:
+            assigned = (self.job.get("device") or "cpu").startswith("cuda")
+            self._device = "cpu"
+            if assigned:
+                import torch
+
+                if not torch.cuda.is_available():
+                    raise RuntimeError(
+                        f"job was placed on {self.job['device']} but torch sees no CUDA device "
+                        f"(torch {torch.__version__}); install a CUDA build of torch")
+                self._device = "cuda"
+        return self._device
+
+    # --------------------------------------------------------------------------- logging
+    def log(self, message: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        for line in str(message).splitlines() or [""]:
+            print(f"[{stamp}] {line}", file=self._out, flush=True)
+
+    def progress(self, work: Iterable | float, message: str = "", total: int | None = None):
+        """Report progress: a fraction in [0, 1], or wrap an iterable and report as it goes."""
+        if isinstance(work, (int, float)):
+            self._report(float(work), message)
+            return None
+        return self._iterate(work, message, total)
+
+    def _iterate(self, items: Iterable, message: str, total: int | None) -> Iterator:
+        if total is None:
+            try:
+                total = len(items)  # type: ignore[arg-type]
+            except TypeError:
+                total = None
+        self._report(0.0, message)
+        n = 0
+        for n, item in enumerate(items, 1):
+            yield item
+            if total:
+                self._report(n / total, f"{message} {n}/{total}".strip())
+        self._report(1.0, message)
+
+    def _report(self, fraction: float, message: str) -> None:
+        fraction = min(max(fraction, 0.0), 1.0)
+        t = time.monotonic()
+        if fraction >= 1.0 or t - self._last_db_progress >= 0.5:
+            self._last_db_progress = t
+            self.registry.update_job(self.job_id, progress=fraction, progress_message=message)
+        if fraction >= 1.0 or fraction == 0.0 or t - self._last_log_progress >= 5.0:
+            self._last_log_progress = t
+            self.log(f"progress {fraction:6.1%} {message}")
+
+    def metric(self, name: str, value: float, step: int | None = None) -> None:
+        self.registry.add_metric(name=name, value=value, step=step, job_id=self.job_id)
+
+    def evaluation(self, checkpoint: OpenCheckpoint | str, task: str, metric: str,
+                   value: float, stderr: float | None = None,
+                   details: dict | None = None) -> None:
+        """Record a score on a registered checkpoint (and as a metric of this job)."""
+        ck_id = checkpoint.id if isinstance(checkpoint, OpenCheckpoint) else checkpoint
+        self.registry.add_evaluation(checkpoint_id=ck_id, task=task, metric=metric,
+                                     value=value, stderr=stderr, job_id=self.job_id,
+                                     details=details)
+        self.registry.add_metric(name=f"{task}/{metric}", value=value, job_id=self.job_id,
+                                 checkpoint_id=ck_id)
+
+    # ----------------------------------------------------------------------- checkpoints
+    def open(self, ref: str) -> OpenCheckpoint:
+        """Open a checkpoint by registry id, name, local folder or Hub id.
+
+        A folder or Hub id that is not yet in the registry is registered first (relation
+        `import`), so that everything a job reads appears in the lineage.
+        """
+        resolved = resolve_ref(self.registry, ref)
+        if resolved.kind == "registry":
+            row = resolved.row
+        else:
+            row = import_checkpoint(self.lab, self.registry, ref, user=self.job.get("user"),
+                                    log=self.log)
+            self.log(f"registered {ref} as {row['id']} (import)")
+        if not row["path"]:
+            raise CheckpointError(f"checkpoint {row['id']} has no local files")
+        info = inspect_checkpoint(row["path"], with_hash=False)  # validates headers and shards
+        trust = self.lab.settings.allow_trust_remote_code
+        if info.needs_remote_code and not trust:
+            raise CheckpointError(
+                f"{Path(row['path']) / 'config.json'} asks for custom code (auto_map); loading "
+                f"it needs trust_remote_code, which this lab does not allow. Set "
+                f"allow_trust_remote_code = true in {self.lab.root / 'lab.toml'} if you trust it")
+        return OpenCheckpoint(id=row["id"], name=row["name"], path=Path(row["path"]),
+                              trust_remote_code=trust)
+
+    def new_checkpoint(self, relation: str, parents: list[Any], name: str | None = None,
+                       metadata: dict | None = None) -> NewCheckpoint:
+        """A temporary folder to write a checkpoint into; published when `run` returns.
+
+        `parents`: OpenCheckpoints, registry ids, or dicts {"checkpoint": ..., "weight": ...,
+        "role": ..., "relation": ...}.
+        """
+        edges = []
+        for p in parents:
+            spec = dict(p) if isinstance(p, dict) else {"checkpoint": p}
+            target = spec.pop("checkpoint")
+            spec["id"] = target.id if isinstance(target, OpenCheckpoint) else \
+                self.registry.checkpoint(target)["id"]
+            edges.append(spec)
+        tmp = self.lab.checkpoints_dir / (self.lab.tmp_prefix(self.job_id)
+                                          + str(len(self._pending)))
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        pending = NewCheckpoint(path=tmp, name=name or f"{relation}-{self.job_id[4:]}",
+                                relation=relation, parents=edges, metadata=metadata or {})
+        self._pending.append(pending)
+        return pending
+
+    def publish_all(self) -> list[dict]:
+        rows = []
+        for pending in self._pending:
+            rows.append(publish(self.lab, self.registry, pending.path, name=pending.name,
+                                relation=pending.relation, parents=pending.parents,
+                                job=self.job, metadata=pending.metadata))
+            self.log(f"registered checkpoint {rows[-1]['id']} ({rows[-1]['name']})")
+        self._pending.clear()
+        return rows
+
+    def discard_all(self) -> None:
+        for pending in self._pending:
+            shutil.rmtree(pending.path, ignore_errors=True)
+        self._pending.clear()
+        self.lab.remove_job_tmp(self.job_id)

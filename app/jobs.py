@@ -1,0 +1,177 @@
+"""Submitting and cancelling jobs: the one code path behind the CLI, the UI and the scheduler."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import psutil
+import yaml
+
+import plugins
+from app.lab import Lab
+from registry import RefError, resolve_ref
+from registry.store import now
+
+TRACKED_LIBRARIES = ("weightsmith", "torch", "transformers", "peft", "mergekit", "accelerate",
+                     "huggingface-hub")
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions, read from package metadata (no heavy imports)."""
+    out = {}
+    for name in TRACKED_LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def load_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise plugins.ConfigError("config", [f"config file {path} does not exist"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise plugins.ConfigError("config", [f"{path}: invalid YAML ({e})"]) from None
+    if not isinstance(data, dict):
+        raise plugins.ConfigError("config", [f"{path}: expected a mapping of field: value"])
+    return data
+
+
+def check_config(lab: Lab, plugin_name: str, data: dict):
+    """Validate a config and every checkpoint reference in it, before anything is queued."""
+    plugin = plugins.get(plugin_name)
+    config = plugins.validate_config(plugin, data)
+    problems = []
+    with lab.registry() as reg:
+        for field, ref in plugins.checkpoint_refs(config):
+            try:
+                resolve_ref(reg, ref)
+            except RefError as e:
+                problems.append(f"field '{field}': {e}")
+    if problems:
+        raise plugins.ConfigError(plugin_name, problems)
+    return plugin, config
+
+
+def submit(lab: Lab, plugin_name: str, data: dict, *, user: str | None = None,
+           priority: int = 0) -> dict:
+    """Validate and queue a job; returns its registry row. Raises ConfigError on bad input."""
+    plugin, config = check_config(lab, plugin_name, data)
+    config_dict = config.model_dump(mode="json")
+    with lab.registry() as reg:
+        job = reg.add_job(plugin=plugin.name, config=config_dict,
+                          user=user or lab.settings.default_user, priority=priority,
+                          versions=library_versions())
+        job_dir = lab.job_dir(job["id"])
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+        reg.update_job(job["id"], job_dir=str(job_dir), log_path=str(job_dir / "log.txt"))
+        return reg.job(job["id"])
+
+
+# ---------------------------------------------------------------------------- processes
+def process_alive(pid: int | None, started: float | None) -> bool:
+    """Whether the process that ran a job still exists (pid reuse is caught by start time)."""
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if started is not None and abs(proc.create_time() - started) > 1.0:
+            return False
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Live (non-zombie) processes in a process group."""
+    members = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return members
+
+
+def kill_tree(pid: int, grace: float) -> None:
+    """SIGTERM the job's process group and every descendant, then SIGKILL what is left.
+
+    The worker is started as a session leader, so its pid is the group id. Descendants that
+    moved to a group of their own are found through the process tree and killed too.
+    """
+    try:
+        root = psutil.Process(pid)
+        tree = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    targets = {p.pid: p for p in tree}
+    for p in group_members(pid):
+        targets[p.pid] = p
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for p in targets.values():
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(list(targets.values()), timeout=grace)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and group_members(pid):
+        time.sleep(0.1)
+    for p in alive + group_members(pid):
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def cancel(lab: Lab, job_id: str) -> dict:
+    """Cancel a queued or running job; a running one loses its whole process tree.
+
+    Works from any process (CLI, UI, scheduler): everything needed is in the registry.
+    """
+    with lab.registry() as reg:
+        job = reg.job(job_id)
+        if job["status"] == "queued":
+            if reg.update_job(job_id, only_if_status=("queued",), status="cancelled",
+                              cancel_requested=1, finished_at=now()):
+                return reg.job(job_id)
+            job = reg.job(job_id)
+        if job["status"] != "running":
+            return job
+        reg.update_job(job_id, cancel_requested=1)
+        if process_alive(job["pid"], job["pid_started"]):
+            kill_tree(job["pid"], lab.settings.cancel_grace_seconds)
+        reg.update_job(job_id, only_if_status=("running",), status="cancelled",
+                       finished_at=now(), error="cancelled by user")
+        lab.remove_job_tmp(job_id)
+        return reg.job(job_id)
+
+
+def job_summary(lab: Lab, job_id: str) -> dict:
+    with lab.registry() as reg:
+        job = reg.job(job_id)
+        return {"job": job_id, "status": job["status"],
+                "checkpoints": reg.job_checkpoints(job_id),
+                **({"error": job["error"]} if job["error"] else {})}
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, default=str)

@@ -1,0 +1,117 @@
+"""A lab is a folder: registry.db, checkpoints/, jobs/ and an optional lab.toml of settings."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from registry import Registry
+
+LAB_ENV = "WEIGHTSMITH_LAB"
+DEFAULT_LAB = "lab"
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass
+class Settings:
+    """Lab settings from lab.toml (flat keys), overridden by WEIGHTSMITH_<KEY> variables."""
+
+    cpu_slots: int = 1  # jobs run at once when no GPU is present
+    jobs_per_gpu: int = 1
+    gpus: list[int] | None = None  # None: every GPU nvidia-smi reports
+    cancel_grace_seconds: float = 10.0  # SIGTERM, then SIGKILL after this long
+    allow_trust_remote_code: bool = False
+    default_user: str = field(default_factory=lambda: os.environ.get("USER") or "local")
+
+    @classmethod
+    def load(cls, lab_dir: Path) -> "Settings":
+        data: dict = {}
+        file = lab_dir / "lab.toml"
+        if file.exists():
+            try:
+                data = tomllib.loads(file.read_text())
+            except tomllib.TOMLDecodeError as e:
+                raise SettingsError(f"{file}: invalid TOML ({e})") from None
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise SettingsError(f"{file}: unknown settings {', '.join(unknown)}; "
+                                f"known: {', '.join(known)}")
+        for name in known:
+            env = os.environ.get(f"WEIGHTSMITH_{name.upper()}")
+            if env is not None:
+                data[name] = _parse_env(name, env)
+        settings = cls(**data)
+        for name, f in known.items():
+            value = getattr(settings, name)
+            if name in ("cpu_slots", "jobs_per_gpu") and (not isinstance(value, int) or value < 1):
+                raise SettingsError(f"setting {name}: expected an integer >= 1, got {value!r}")
+        return settings
+
+
+def _parse_env(name: str, raw: str):
+    if name == "allow_trust_remote_code":
+        if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise SettingsError(f"WEIGHTSMITH_{name.upper()}: expected true or false, got {raw!r}")
+        return raw.lower() in ("1", "true", "yes")
+    if name == "gpus":
+        return [int(x) for x in raw.split(",") if x.strip()] if raw.strip() else []
+    if name in ("cpu_slots", "jobs_per_gpu"):
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingsError(f"WEIGHTSMITH_{name.upper()}: expected an integer, got {raw!r}") \
+                from None
+    if name == "cancel_grace_seconds":
+        return float(raw)
+    return raw
+
+
+class Lab:
+    def __init__(self, root: str | Path | None = None):
+        root = root or os.environ.get(LAB_ENV) or DEFAULT_LAB
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.checkpoints_dir.mkdir(exist_ok=True)
+        self.jobs_dir.mkdir(exist_ok=True)
+        self.settings = Settings.load(self.root)
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / "registry.db"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.root / "jobs"
+
+    def registry(self) -> Registry:
+        return Registry(self.db_path)
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def tmp_prefix(self, job_id: str) -> str:
+        """Temporary checkpoint folders of a job start with this; they never get registered."""
+        return f".tmp-{job_id}-"
+
+    def remove_job_tmp(self, job_id: str) -> list[str]:
+        removed = []
+        for p in self.checkpoints_dir.glob(self.tmp_prefix(job_id) + "*"):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(str(p))
+        return removed

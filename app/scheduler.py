@@ -1,0 +1,194 @@
+"""The job scheduler: starts queued jobs as subprocesses on free device slots and watches them.
+
+One scheduler per lab holds `scheduler.lock` (an flock, released by the OS even on kill -9).
+Workers run in their own session/process group and report through the registry, so they
+outlive a server restart; a restarted scheduler adopts them, and marks `interrupted` any job
+recorded as running whose process is gone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+
+import psutil
+
+from app.jobs import process_alive
+from app.lab import Lab
+from registry.store import now
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def detect_gpus() -> list[int]:
+    """Physical GPU indices from nvidia-smi (no torch import in the server)."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=index", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if out.returncode != 0:
+        return []
+    return [int(x) for x in out.stdout.split() if x.strip().isdigit()]
+
+
+def log_tail(path: str | None, lines: int = 20) -> str:
+    if not path or not Path(path).exists():
+        return ""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 16384))
+        text = f.read().decode("utf-8", "replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Scheduler:
+    def __init__(self, lab: Lab, poll_seconds: float = 0.5):
+        self.lab = lab
+        self.poll_seconds = poll_seconds
+        self.children: dict[str, subprocess.Popen] = {}
+        self._lock_fd: int | None = None
+        self._registry = None
+        gpus = lab.settings.gpus if lab.settings.gpus is not None else detect_gpus()
+        self.gpu_capacity = {f"cuda:{i}": lab.settings.jobs_per_gpu for i in gpus}
+        self.cpu_capacity = lab.settings.cpu_slots
+
+    # --------------------------------------------------------------------------- lock
+    def acquire(self) -> bool:
+        """Become this lab's scheduler; False if another process already is."""
+        fd = os.open(self.lab.root / "scheduler.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if self._registry is not None:
+            self._registry.close()
+            self._registry = None
+
+    @property
+    def registry(self):
+        if self._registry is None:
+            self._registry = self.lab.registry()
+        return self._registry
+
+    # --------------------------------------------------------------------------- loop
+    def recover(self) -> list[str]:
+        """At start: jobs recorded as running whose process is gone become `interrupted`."""
+        lost = []
+        for job in self.registry.jobs(status="running", limit=10_000):
+            if job["id"] not in self.children and not process_alive(job["pid"],
+                                                                      job["pid_started"]):
+                self._finish_lost(job, "interrupted",
+                                  "the job's process ended while no scheduler was watching it "
+                                  "(server or machine restart)")
+                lost.append(job["id"])
+        return lost
+
+    def tick(self, only: str | None = None) -> None:
+        """One pass: reap finished children, check adopted jobs, start queued jobs."""
+        reg = self.registry
+        for job_id, proc in list(self.children.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del self.children[job_id]
+            job = reg.job(job_id)
+            if job["status"] == "running":  # the worker died before recording its end
+                status = "cancelled" if job["cancel_requested"] else "failed"
+                self._finish_lost(job, status, f"worker exited with code {code}", code)
+        self.recover()  # adopted jobs (started by an earlier server) that have since died
+        self._start_queued(only)
+
+    def _finish_lost(self, job: dict, status: str, reason: str, code: int | None = None) -> None:
+        tail = log_tail(job["log_path"])
+        error = reason + (f"\nlast log lines:\n{tail}" if tail else "")
+        if self.registry.update_job(job["id"], only_if_status=("running",), status=status,
+                                    finished_at=now(), error=error, exit_code=code):
+            removed = self.lab.remove_job_tmp(job["id"])
+            log.warning("job %s %s: %s%s", job["id"], status, reason,
+                        f" (removed {len(removed)} partial checkpoint folders)" if removed else "")
+
+    def _free_slot(self, uses_gpu: bool) -> str | None:
+        busy = Counter(j["device"] for j in self.registry.jobs(status="running", limit=10_000))
+        if uses_gpu:
+            for device, capacity in self.gpu_capacity.items():
+                if busy[device] < capacity:
+                    return device
+        cpu_busy = sum(n for d, n in busy.items() if d == "cpu")
+        return "cpu" if cpu_busy < self.cpu_capacity else None
+
+    def _start_queued(self, only: str | None) -> None:
+        import plugins
+
+        queued = list(self.registry.db.query(
+            "SELECT * FROM jobs WHERE status = 'queued' ORDER BY priority DESC, created_at"))
+        for job in queued:
+            if only and job["id"] != only:
+                continue
+            try:
+                uses_gpu = plugins.get(job["plugin"]).uses_gpu
+            except plugins.PluginError as e:
+                self.registry.update_job(job["id"], only_if_status=("queued",), status="failed",
+                                         finished_at=now(), error=str(e))
+                continue
+            device = self._free_slot(uses_gpu)
+            if device is None:
+                continue
+            self.start(job, device)
+
+    def start(self, job: dict, device: str) -> None:
+        # Claim first: only one scheduler pass may move a job from queued to running.
+        if not self.registry.update_job(job["id"], only_if_status=("queued",), status="running",
+                                        device=device, started_at=now()):
+            return
+        job_dir = Path(job["job_dir"] or self.lab.job_dir(job["id"]))
+        job_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env["CUDA_VISIBLE_DEVICES"] = device.split(":")[1] if device.startswith("cuda") else ""
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                          env.get("PYTHONPATH")]))
+        with open(job_dir / "log.txt", "ab") as logf:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "app.worker", job["id"], "--lab", str(self.lab.root)],
+                stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=str(job_dir), env=env, start_new_session=True)
+        try:
+            started = psutil.Process(proc.pid).create_time()
+        except psutil.NoSuchProcess:
+            started = None
+        self.registry.update_job(job["id"], pid=proc.pid, pid_started=started)
+        self.children[job["id"]] = proc
+        log.info("started job %s (%s) on %s as pid %d", job["id"], job["plugin"], device,
+                 proc.pid)
+
+    def run_forever(self, stop: threading.Event) -> None:
+        self.recover()
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # the loop must survive a bad job row or a locked database
+                log.exception("scheduler tick failed")
+            stop.wait(self.poll_seconds)

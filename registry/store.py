@@ -1,0 +1,446 @@
+"""The lineage store: checkpoints, lineage edges, jobs, metrics and evaluations in one SQLite file.
+
+sqlite-utils does table creation, inserts and queries; we add what it lacks for a multi-process
+lab: WAL + busy timeout on every connection, `BEGIN IMMEDIATE` write transactions (a deferred
+BEGIN that later upgrades to a write can fail with SQLITE_BUSY instead of waiting), a schema
+version table with forward migrations, and recursive-CTE lineage queries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import sqlite3
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import sqlite_utils
+
+RELATIONS = ("import", "finetune", "adapter", "continue_pretrain", "merge", "prune", "scale")
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
+
+
+class RegistryError(Exception):
+    """A registry operation was asked something the registry cannot do (unknown id, bad value)."""
+
+
+def now() -> str:
+    """UTC timestamp that sorts lexicographically in time order."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def new_id(prefix: str) -> str:
+    """Short, human-friendly id such as `ck-1a2b3c4d`; callers retry on the (rare) collision."""
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+# ---------------------------------------------------------------------------------- migrations
+def _v1(db: sqlite_utils.Database) -> None:
+    db["checkpoints"].create(
+        {
+            "id": str, "name": str, "kind": str, "relation": str, "path": str, "source": str,
+            "architecture": str, "param_count": int, "dtype": str, "size_bytes": int,
+            "content_hash": str, "created_at": str, "created_by": str, "job_id": str,
+            "plugin": str, "config": str, "versions": str, "metadata": str,
+        },
+        pk="id",
+        not_null={"name", "kind", "relation", "created_at"},
+        defaults={"kind": "model"},
+    )
+    db["checkpoints"].create_index(["name"], unique=True)
+    db["checkpoints"].create_index(["created_at"])
+    db["checkpoints"].create_index(["job_id"])
+    db["checkpoints"].create_index(["path"])
+    db["edges"].create(
+        {"child_id": str, "parent_id": str, "relation": str, "weight": float, "role": str,
+         "position": int},
+        pk=("child_id", "parent_id"),
+        not_null={"relation"},
+        foreign_keys=[("child_id", "checkpoints", "id"), ("parent_id", "checkpoints", "id")],
+    )
+    db["edges"].create_index(["parent_id", "child_id"])
+    db["jobs"].create(
+        {
+            "id": str, "plugin": str, "config": str, "status": str, "user": str, "priority": int,
+            "created_at": str, "started_at": str, "finished_at": str, "job_dir": str,
+            "log_path": str, "pid": int, "pid_started": float, "device": str, "versions": str,
+            "progress": float, "progress_message": str, "error": str, "cancel_requested": int,
+            "exit_code": int, "heartbeat": str,
+        },
+        pk="id",
+        not_null={"plugin", "config", "status", "created_at"},
+        defaults={"priority": 0, "cancel_requested": 0},
+    )
+    db["jobs"].create_index(["status", "priority", "created_at"])
+    db["metrics"].create(
+        {"id": int, "job_id": str, "checkpoint_id": str, "name": str, "value": float,
+         "step": int, "created_at": str},
+        pk="id", not_null={"name", "created_at"},
+    )
+    db["metrics"].create_index(["job_id", "name", "step"])
+    db["metrics"].create_index(["checkpoint_id"])
+    db["evaluations"].create(
+        {"id": int, "checkpoint_id": str, "job_id": str, "task": str, "metric": str,
+         "value": float, "stderr": float, "details": str, "created_at": str},
+        pk="id", not_null={"checkpoint_id", "task", "metric", "created_at"},
+        foreign_keys=[("checkpoint_id", "checkpoints", "id")],
+    )
+    db["evaluations"].create_index(["checkpoint_id", "task", "metric"])
+
+
+# Forward migrations, applied in order; never edit one that has shipped, append a new one.
+MIGRATIONS: list[tuple[int, Any]] = [(1, _v1)]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+class Registry:
+    """One connection to a lab's registry.db. Not shared between threads: open one per thread."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: autocommit; transactions are opened explicitly in `write()`.
+        conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 30000")
+        conn.execute("PRAGMA foreign_keys = ON")
+        self.db = sqlite_utils.Database(conn)
+        if self.db.journal_mode != "wal":
+            self.db.enable_wal()
+        conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL: survives process crashes
+        self.migrate()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------- transactions
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite_utils.Database]:
+        """A write transaction that takes the lock up front (waits on busy_timeout)."""
+        conn = self.db.conn
+        if conn.in_transaction:  # nested: sqlite-utils turns this into a savepoint
+            with self.db.atomic():
+                yield self.db
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # ---------------------------------------------------------------------------- schema
+    def schema_version(self) -> int:
+        if "schema_version" not in self.db.table_names():
+            return 0
+        row = self.db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        return row[0] or 0
+
+    def migrate(self) -> None:
+        with self.write():
+            if "schema_version" not in self.db.table_names():
+                self.db["schema_version"].create({"version": int, "applied_at": str},
+                                                 pk="version")
+            current = self.schema_version()
+            if current > SCHEMA_VERSION:
+                raise RegistryError(
+                    f"{self.path} has schema version {current}, newer than this weightsmith "
+                    f"understands ({SCHEMA_VERSION}); upgrade weightsmith to open this lab")
+            for version, migration in MIGRATIONS:
+                if version > current:
+                    migration(self.db)
+                    self.db["schema_version"].insert({"version": version, "applied_at": now()})
+
+    # ------------------------------------------------------------------------ checkpoints
+    def add_checkpoint(self, *, name: str, relation: str, path: str | None = None,
+                       parents: list[dict] | None = None, kind: str = "model",
+                       id: str | None = None, **fields: Any) -> dict:
+        """Insert a checkpoint and its lineage edges in one transaction; returns the row.
+
+        `parents`: [{"id": ..., "relation": optional, "weight": optional, "role": optional}].
+        A taken name gets a numeric suffix so names stay unique (they are valid references).
+        """
+        check_relation(relation)
+        for key in ("config", "versions", "metadata"):
+            if key in fields and not isinstance(fields[key], (str, type(None))):
+                fields[key] = json.dumps(fields[key], sort_keys=True)
+        with self.write():
+            for p in parents or []:
+                if self.get_checkpoint(p["id"]) is None:
+                    raise RegistryError(f"parent checkpoint {p['id']!r} is not in the registry")
+            unique = self._free_name(name)
+            ck_id = id or self.free_id("ck")
+            row = {"id": ck_id, "name": unique, "kind": kind, "relation": relation,
+                   "path": path, "created_at": now(), **fields}
+            self.db["checkpoints"].insert(row)
+            for position, p in enumerate(parents or []):
+                edge_rel = p.get("relation") or relation
+                check_relation(edge_rel)
+                self.db["edges"].insert({
+                    "child_id": ck_id, "parent_id": p["id"], "relation": edge_rel,
+                    "weight": p.get("weight"), "role": p.get("role"), "position": position})
+        return self.get_checkpoint(ck_id)
+
+    def free_id(self, prefix: str) -> str:
+        """A new short id not yet used in its table (32 random bits, so retry on collision)."""
+        table = {"ck": "checkpoints", "job": "jobs"}[prefix]
+        while True:
+            candidate = new_id(prefix)
+            if not self.db.execute(f"SELECT 1 FROM {table} WHERE id = ?",
+                                   [candidate]).fetchone():
+                return candidate
+
+    def _free_name(self, name: str) -> str:
+        taken = {r["name"] for r in self.db.query(
+            "SELECT name FROM checkpoints WHERE name = ? OR name LIKE ?", [name, name + "-%"])}
+        if name not in taken:
+            return name
+        n = 2
+        while f"{name}-{n}" in taken:
+            n += 1
+        return f"{name}-{n}"
+
+    def get_checkpoint(self, ck_id: str) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM checkpoints WHERE id = ?", [ck_id]))
+        return rows[0] if rows else None
+
+    def find_checkpoint(self, ref: str) -> dict | None:
+        """Resolve a registry id, a name, or a registered path; None when nothing matches."""
+        row = self.get_checkpoint(ref)
+        if row:
+            return row
+        rows = list(self.db.query("SELECT * FROM checkpoints WHERE name = ?", [ref]))
+        if rows:
+            return rows[0]
+        try:
+            real = str(Path(ref).expanduser().resolve())
+        except (OSError, RuntimeError):
+            return None
+        rows = list(self.db.query(
+            "SELECT * FROM checkpoints WHERE path = ? ORDER BY created_at DESC LIMIT 1", [real]))
+        return rows[0] if rows else None
+
+    def checkpoint(self, ck_id: str) -> dict:
+        row = self.find_checkpoint(ck_id)
+        if row is None:
+            raise RegistryError(f"no checkpoint {ck_id!r} in the registry (not an id or a name)")
+        return row
+
+    def update_checkpoint(self, ck_id: str, **fields: Any) -> None:
+        with self.write():
+            self.db["checkpoints"].update(ck_id, fields)
+
+    def parents(self, ck_id: str) -> list[dict]:
+        return list(self.db.query(
+            "SELECT e.*, c.name AS parent_name FROM edges e JOIN checkpoints c "
+            "ON c.id = e.parent_id WHERE e.child_id = ? ORDER BY e.position", [ck_id]))
+
+    def list_checkpoints(self, *, search: str | None = None, relation: str | None = None,
+                         kind: str | None = None, architecture: str | None = None,
+                         limit: int = 50, offset: int = 0) -> list[dict]:
+        """A page of checkpoints, newest first, each with its parents and latest scores."""
+        where, params = [], []
+        if search:
+            where.append("(name LIKE ? OR id LIKE ?)")
+            params += [f"%{search}%", f"{search}%"]
+        for column, value in (("relation", relation), ("kind", kind),
+                              ("architecture", architecture)):
+            if value:
+                where.append(f"{column} = ?")
+                params.append(value)
+        sql = "SELECT * FROM checkpoints"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC LIMIT ? OFFSET ?"
+        rows = list(self.db.query(sql, params + [limit, offset]))
+        ids = [r["id"] for r in rows]
+        if not ids:
+            return rows
+        marks = ",".join("?" * len(ids))
+        parents: dict[str, list[str]] = {}
+        for e in self.db.query(
+                f"SELECT child_id, parent_id FROM edges WHERE child_id IN ({marks}) "
+                "ORDER BY position", ids):
+            parents.setdefault(e["child_id"], []).append(e["parent_id"])
+        scores = self.latest_scores(ids)
+        for r in rows:
+            r["parents"] = parents.get(r["id"], [])
+            r["scores"] = scores.get(r["id"], {})
+        return rows
+
+    # ------------------------------------------------------------------------ lineage
+    def _walk(self, ck_id: str, up: bool, max_depth: int | None) -> list[dict]:
+        step_from, step_to = ("child_id", "parent_id") if up else ("parent_id", "child_id")
+        depth = max_depth if max_depth is not None else 1_000_000
+        # UNION (not UNION ALL) drops repeated (id, depth) pairs, so merge diamonds stay bounded.
+        sql = f"""
+            WITH RECURSIVE walk(id, depth, relation) AS (
+                SELECT e.{step_to}, 1, e.relation FROM edges e WHERE e.{step_from} = :id
+                UNION
+                SELECT e.{step_to}, w.depth + 1, e.relation
+                FROM edges e JOIN walk w ON e.{step_from} = w.id
+                WHERE w.depth < :depth
+            )
+            SELECT w.id, MIN(w.depth) AS depth, c.name, c.relation, c.kind
+            FROM walk w JOIN checkpoints c ON c.id = w.id
+            GROUP BY w.id ORDER BY depth, w.id
+        """
+        return list(self.db.query(sql, {"id": ck_id, "depth": depth}))
+
+    def ancestors(self, ck_id: str, max_depth: int | None = None) -> list[dict]:
+        return self._walk(self.checkpoint(ck_id)["id"], True, max_depth)
+
+    def descendants(self, ck_id: str, max_depth: int | None = None) -> list[dict]:
+        return self._walk(self.checkpoint(ck_id)["id"], False, max_depth)
+
+    def lineage(self, ck_id: str, max_depth: int | None = None) -> dict:
+        """The lineage graph around a checkpoint: its ancestors, itself and its descendants."""
+        root = self.checkpoint(ck_id)
+        ids = [root["id"]] + [r["id"] for r in self.ancestors(root["id"], max_depth)]
+        ids += [r["id"] for r in self.descendants(root["id"], max_depth)]
+        ids = list(dict.fromkeys(ids))
+        marks = ",".join("?" * len(ids))
+        rows = {r["id"]: r for r in self.db.query(
+            f"SELECT id, name, kind, relation, architecture, param_count, created_at "
+            f"FROM checkpoints WHERE id IN ({marks})", ids)}
+        scores = self.latest_scores(ids)
+        nodes = [{**rows[i], "scores": scores.get(i, {})} for i in sorted(
+            ids, key=lambda i: (rows[i]["created_at"], i))]
+        edges = list(self.db.query(
+            f"SELECT parent_id AS parent, child_id AS child, relation, weight, role FROM edges "
+            f"WHERE child_id IN ({marks}) AND parent_id IN ({marks}) "
+            f"ORDER BY child_id, position", ids + ids))
+        return {"root": root["id"], "nodes": nodes, "edges": edges}
+
+    def lineage_mermaid(self, ck_id: str, max_depth: int | None = None) -> str:
+        return mermaid(self.lineage(ck_id, max_depth))
+
+    # ----------------------------------------------------------------- metrics & evaluations
+    def add_metric(self, *, name: str, value: float, step: int | None = None,
+                   job_id: str | None = None, checkpoint_id: str | None = None) -> None:
+        self.db["metrics"].insert({"job_id": job_id, "checkpoint_id": checkpoint_id,
+                                   "name": name, "value": float(value), "step": step,
+                                   "created_at": now()})
+
+    def metrics(self, job_id: str) -> list[dict]:
+        return list(self.db.query(
+            "SELECT name, value, step, created_at FROM metrics WHERE job_id = ? ORDER BY id",
+            [job_id]))
+
+    def add_evaluation(self, *, checkpoint_id: str, task: str, metric: str, value: float,
+                       stderr: float | None = None, job_id: str | None = None,
+                       details: dict | None = None) -> None:
+        self.checkpoint(checkpoint_id)
+        self.db["evaluations"].insert({
+            "checkpoint_id": checkpoint_id, "job_id": job_id, "task": task, "metric": metric,
+            "value": float(value), "stderr": stderr,
+            "details": json.dumps(details) if details else None, "created_at": now()})
+
+    def evaluations(self, ck_id: str) -> list[dict]:
+        return list(self.db.query(
+            "SELECT * FROM evaluations WHERE checkpoint_id = ? ORDER BY id", [ck_id]))
+
+    def latest_scores(self, ids: list[str]) -> dict[str, dict[str, float]]:
+        """{checkpoint: {"task/metric": latest value}} for the given checkpoints."""
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        out: dict[str, dict[str, float]] = {}
+        for r in self.db.query(
+                f"SELECT checkpoint_id, task, metric, value FROM evaluations "
+                f"WHERE checkpoint_id IN ({marks}) ORDER BY id", ids):
+            out.setdefault(r["checkpoint_id"], {})[f"{r['task']}/{r['metric']}"] = r["value"]
+        return out
+
+    # ------------------------------------------------------------------------------ jobs
+    def add_job(self, *, plugin: str, config: dict, user: str | None = None,
+                priority: int = 0, versions: dict | None = None) -> dict:
+        with self.write():
+            job_id = self.free_id("job")
+            self.db["jobs"].insert({
+                "id": job_id, "plugin": plugin, "config": json.dumps(config, sort_keys=True),
+                "status": "queued", "user": user, "priority": priority, "created_at": now(),
+                "versions": json.dumps(versions or {}, sort_keys=True), "progress": 0.0,
+                "cancel_requested": 0})
+        return self.job(job_id)
+
+    def job(self, job_id: str, missing_ok: bool = False) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM jobs WHERE id = ?", [job_id]))
+        if not rows and not missing_ok:
+            raise RegistryError(f"no job {job_id!r} in the registry")
+        return rows[0] if rows else None
+
+    def jobs(self, status: str | None = None, limit: int = 100) -> list[dict]:
+        if status:
+            return list(self.db.query(
+                "SELECT * FROM jobs WHERE status = ? ORDER BY created_at DESC LIMIT ?",
+                [status, limit]))
+        return list(self.db.query("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?",
+                                  [limit]))
+
+    def update_job(self, job_id: str, *, only_if_status: tuple[str, ...] | None = None,
+                   **fields: Any) -> bool:
+        """Update a job; with `only_if_status`, only while it is in one of those states.
+
+        Returns whether a row changed: this is how racing writers (the worker finishing, a
+        cancel, the scheduler's reaper) agree on a single final status.
+        """
+        if "status" in fields and fields["status"] not in JOB_STATUSES:
+            raise RegistryError(f"unknown job status {fields['status']!r}")
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        sql = f"UPDATE jobs SET {sets} WHERE id = ?"
+        params = list(fields.values()) + [job_id]
+        if only_if_status:
+            sql += f" AND status IN ({','.join('?' * len(only_if_status))})"
+            params += list(only_if_status)
+        with self.write():
+            cur = self.db.execute(sql, params)
+        return cur.rowcount > 0
+
+    def job_checkpoints(self, job_id: str) -> list[str]:
+        return [r["id"] for r in self.db.query(
+            "SELECT id FROM checkpoints WHERE job_id = ? ORDER BY created_at", [job_id])]
+
+
+def check_relation(relation: str) -> None:
+    """Relations are the known ones or a plugin's own lowercase word (the list is extensible)."""
+    if not (relation and relation.replace("_", "").isalnum() and relation.islower()):
+        raise RegistryError(
+            f"relation {relation!r} must be a lowercase word such as {', '.join(RELATIONS)}")
+
+
+def mermaid(graph: dict) -> str:
+    """Mermaid flowchart text for a lineage graph: nodes carry names and scores."""
+    lines = ["graph TD"]
+    for n in graph["nodes"]:
+        label = n["name"]
+        if n["id"] != n["name"]:
+            label += f"<br/>{n['id']}"
+        for key, value in sorted(n.get("scores", {}).items())[:4]:
+            label += f"<br/>{key} = {value:.4g}"
+        label = label.replace('"', "'")
+        style = ":::root" if n["id"] == graph["root"] else ""
+        lines.append(f'    {_mermaid_id(n["id"])}["{label}"]{style}')
+    for e in graph["edges"]:
+        tag = e["relation"]
+        if e.get("weight") is not None:
+            tag += f" {e['weight']:g}"
+        if e.get("role"):
+            tag += f" ({e['role']})"
+        lines.append(f"    {_mermaid_id(e['parent'])} -->|{tag}| {_mermaid_id(e['child'])}")
+    lines.append("    classDef root stroke-width:3px")
+    return "\n".join(lines)
+
+
+def _mermaid_id(ck_id: str) -> str:
+    return ck_id.replace("-", "_")

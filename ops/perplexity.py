@@ -2,7 +2,7 @@
 
 Reference: https://huggingface.co/docs/transformers/perplexity
 Each token from position 1 on is scored exactly once, with up to `window - 1` tokens of
-context; consecutive windows start `stride` apart, so each window re-reads
+context; consecutive windows start `stride` apart (at most `window - 1`), so each window re-reads
 `window - stride` tokens of context and scores only the new ones. Windows are batched.
 """
 
@@ -42,7 +42,9 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
         end = min(begin + window, n_tokens)
         out.append((begin, end, prev_end))
         prev_end = end
-        begin += stride
+        # A window's first token has no context inside it, so windows overlap by at least one
+        # token (stride == window would otherwise leave one token per window unscored).
+        begin = min(begin + stride, prev_end - 1)
     return out
 
 

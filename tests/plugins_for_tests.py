@@ -1,0 +1,64 @@
+"""Plugins that exist only for the tests: loaded through WEIGHTSMITH_PLUGINS, exactly as a
+third-party plugin under development would be."""
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from pydantic import Field
+
+from plugins import CheckpointRef, Plugin, PluginConfig
+
+
+class SleepConfig(PluginConfig):
+    seconds: float = Field(60.0, ge=0, description="How long to sleep.")
+    pid_file: str = Field(description="Where to write the worker and grandchild pids.")
+
+
+def sleep_run(config, ctx):
+    # A partial checkpoint and a grandchild process: cancel must remove/kill both.
+    partial = ctx.new_checkpoint("finetune", parents=[])
+    (partial.path / "half-written.bin").write_bytes(b"x" * 1000)
+    child = subprocess.Popen(["sleep", "600"])
+    import os
+
+    Path(config.pid_file).write_text(f"{os.getpid()} {child.pid}")
+    ctx.log("sleeping")
+    for i in ctx.progress(range(int(config.seconds * 10)), "sleeping"):
+        time.sleep(0.1)
+    child.kill()
+    ctx.discard_all()
+
+
+class CrashConfig(PluginConfig):
+    message: str = Field("boom", description="Text of the error to raise.")
+
+
+def crash_run(config, ctx):
+    partial = ctx.new_checkpoint("finetune", parents=[])
+    (partial.path / "config.json").write_text("{}")
+    ctx.log("about to crash: MARKER-LAST-LINE")
+    raise RuntimeError(config.message)
+
+
+class CopyConfig(PluginConfig):
+    source: CheckpointRef = Field(description="Checkpoint to copy.")
+    name: str = Field("copy", description="Name of the copy.")
+
+
+def copy_run(config, ctx):
+    src = ctx.open(config.source)
+    out = ctx.new_checkpoint("finetune", parents=[{"checkpoint": src, "weight": 1.0}],
+                             name=config.name)
+    for f in src.path.iterdir():
+        shutil.copy(f, out.path / f.name)
+    ctx.metric("copied_files", len(list(src.path.iterdir())))
+
+
+SLEEPER = Plugin(name="test_sleep", title="Sleep", description="Sleeps (tests).",
+                 Config=SleepConfig, run=sleep_run, uses_gpu=False)
+CRASHER = Plugin(name="test_crash", title="Crash", description="Crashes (tests).",
+                 Config=CrashConfig, run=crash_run, uses_gpu=False)
+COPIER = Plugin(name="test_copy", title="Copy", description="Copies a checkpoint (tests).",
+                Config=CopyConfig, run=copy_run, uses_gpu=False)

@@ -1,0 +1,236 @@
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from app import jobs
+from app.checkpoints import import_checkpoint
+from app.scheduler import Scheduler
+from plugins import ConfigError
+from tests.conftest import REPO, cli_env, wait_for
+
+FINAL = ("succeeded", "failed", "cancelled", "interrupted")
+
+
+def run_to_end(lab, job_id, timeout=120):
+    scheduler = Scheduler(lab, poll_seconds=0.1)
+    assert scheduler.acquire()
+    try:
+        def done():
+            scheduler.tick()
+            with lab.registry() as reg:
+                status = reg.job(job_id)["status"]
+            return status if status in FINAL and not scheduler.children else None
+        return wait_for(done, timeout, what=f"job {job_id} to finish")
+    finally:
+        scheduler.release()
+
+
+def gone(pid):
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_evaluate_job_succeeds_and_records_scores(lab, tiny_model_dir):
+    with lab.registry() as reg:
+        ck = import_checkpoint(lab, reg, str(tiny_model_dir), name="tiny")
+    job = jobs.submit(lab, "evaluate", {"checkpoint": "tiny", "window": 64, "max_tokens": 400})
+    assert job["status"] == "queued"
+    assert (lab.job_dir(job["id"]) / "config.yaml").exists()
+    assert run_to_end(lab, job["id"]) == "succeeded"
+    with lab.registry() as reg:
+        row = reg.job(job["id"])
+        scores = {e["metric"]: e["value"] for e in reg.evaluations(ck["id"])}
+        metrics = {m["name"] for m in reg.metrics(job["id"])}
+    assert row["progress"] == 1.0 and row["device"] == "cpu" and row["pid"]
+    assert json.loads(row["versions"])["torch"]
+    assert set(scores) == {"perplexity", "nll_per_token", "bits_per_byte"}
+    assert 1 < scores["perplexity"] < 1000  # an untrained 400-token vocab model: about 400
+    assert "ppl:heldout.txt/perplexity" in metrics
+    assert "perplexity" in (lab.job_dir(job["id"]) / "log.txt").read_text()
+
+
+def test_job_output_is_published_with_lineage(lab, tiny_model_dir):
+    job = jobs.submit(lab, "test_copy", {"source": str(tiny_model_dir), "name": "the-copy"})
+    assert run_to_end(lab, job["id"]) == "succeeded"
+    with lab.registry() as reg:
+        (ck_id,) = reg.job_checkpoints(job["id"])
+        row = reg.checkpoint(ck_id)
+        parents = reg.parents(ck_id)
+    assert row["name"] == "the-copy" and row["relation"] == "finetune"
+    assert row["path"] == str(lab.checkpoints_dir / ck_id)
+    assert json.loads(row["config"])["name"] == "the-copy"
+    assert row["plugin"] == "test_copy" and row["content_hash"].startswith("sha256:")
+    assert [(p["parent_name"], p["weight"]) for p in parents] == [("tiny-llama", 1.0)]
+    assert not list(lab.checkpoints_dir.glob(".tmp-*"))
+
+
+def test_crashing_job_fails_with_log_tail_and_no_partial_checkpoint(lab):
+    job = jobs.submit(lab, "test_crash", {"message": "kaboom"})
+    assert run_to_end(lab, job["id"]) == "failed"
+    with lab.registry() as reg:
+        row = reg.job(job["id"])
+        assert reg.job_checkpoints(job["id"]) == []
+    assert "RuntimeError: kaboom" in row["error"]
+    assert "MARKER-LAST-LINE" in row["error"]  # the last lines of the log
+    assert not list(lab.checkpoints_dir.glob(".tmp-*"))
+
+
+def test_bad_config_is_rejected_before_queueing(lab, tiny_model_dir):
+    with pytest.raises(ConfigError, match="field 'window': got 0"):
+        jobs.submit(lab, "evaluate", {"checkpoint": str(tiny_model_dir), "window": 0})
+    with pytest.raises(ConfigError, match="field 'checkpoint': unknown checkpoint 'nope'"):
+        jobs.submit(lab, "evaluate", {"checkpoint": "nope"})
+    with pytest.raises(ConfigError, match="no config.json"):
+        jobs.submit(lab, "evaluate", {"checkpoint": str(tiny_model_dir.parent)})
+    with lab.registry() as reg:
+        assert reg.jobs() == []
+
+
+def test_corrupt_weights_fail_the_job_naming_the_file(lab, tiny_model_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    job = jobs.submit(lab, "evaluate", {"checkpoint": str(broken)})
+    assert run_to_end(lab, job["id"]) == "failed"
+    with lab.registry() as reg:
+        assert "model.safetensors: corrupt" in reg.job(job["id"])["error"]
+
+
+def test_remote_code_needs_the_lab_setting(lab, tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from app.context import JobContext
+    from app.lab import Lab
+    from registry import CheckpointError
+
+    custom = tmp_path / "custom"
+    shutil.copytree(tiny_model_dir, custom)
+    config = json.loads((custom / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling.Model"}
+    (custom / "config.json").write_text(json.dumps(config))
+    with lab.registry() as reg:
+        job = reg.add_job(plugin="evaluate", config={})
+        with pytest.raises(CheckpointError, match="trust_remote_code.*lab.toml"):
+            JobContext(lab, reg, job).open(str(custom))
+    monkeypatch.setenv("WEIGHTSMITH_ALLOW_TRUST_REMOTE_CODE", "true")
+    trusting = Lab(lab.root)
+    with trusting.registry() as reg:
+        assert JobContext(trusting, reg, job).open(str(custom)).trust_remote_code is True
+
+
+def test_cancel_kills_the_whole_process_tree(lab, tmp_path):
+    pid_file = tmp_path / "pids"
+    job = jobs.submit(lab, "test_sleep", {"seconds": 120, "pid_file": str(pid_file)})
+    scheduler = Scheduler(lab, poll_seconds=0.1)
+    assert scheduler.acquire()
+    try:
+        scheduler.tick()
+        wait_for(lambda: pid_file.exists() and pid_file.read_text(), 60, what="worker start")
+        worker, grandchild = map(int, pid_file.read_text().split())
+        assert list(lab.checkpoints_dir.glob(".tmp-*"))  # a partial checkpoint exists
+        start = time.monotonic()
+        result = jobs.cancel(lab, job["id"])
+        assert result["status"] == "cancelled"
+        assert time.monotonic() - start < 10
+        scheduler.tick()  # reap
+        assert gone(worker) and gone(grandchild)
+        assert not list(lab.checkpoints_dir.glob(".tmp-*"))
+        with lab.registry() as reg:
+            assert reg.job(job["id"])["status"] == "cancelled"
+            assert reg.job_checkpoints(job["id"]) == []
+    finally:
+        scheduler.release()
+
+
+def test_cancel_a_queued_job(lab, tmp_path):
+    job = jobs.submit(lab, "test_sleep", {"seconds": 1, "pid_file": str(tmp_path / "p")})
+    assert jobs.cancel(lab, job["id"])["status"] == "cancelled"
+    scheduler = Scheduler(lab)
+    assert scheduler.acquire()
+    scheduler.tick()
+    assert not scheduler.children  # never started
+    scheduler.release()
+
+
+def start_server(lab_dir):
+    return subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--no-ui", "--no-demo"],
+        env=cli_env(lab_dir), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True)
+
+
+def job_row(lab, job_id):
+    with lab.registry() as reg:
+        return reg.job(job_id)
+
+
+def test_kill_9_server_and_worker_marks_job_interrupted(lab, tmp_path):
+    pid_file = tmp_path / "pids"
+    server = start_server(lab.root)
+    try:
+        job = jobs.submit(lab, "test_sleep", {"seconds": 120, "pid_file": str(pid_file)})
+        wait_for(lambda: pid_file.exists() and pid_file.read_text(), 60, what="worker start")
+        worker, grandchild = map(int, pid_file.read_text().split())
+        assert job_row(lab, job["id"])["status"] == "running"
+        # a machine crash: the server and the job's whole process group die at once
+        os.kill(server.pid, signal.SIGKILL)
+        os.killpg(worker, signal.SIGKILL)
+        server.wait(10)
+        wait_for(lambda: gone(worker), 10, what="worker to die")
+        conn = sqlite3.connect(lab.db_path)
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        conn.close()
+        assert job_row(lab, job["id"])["status"] == "running"  # nobody has noticed yet
+        server = start_server(lab.root)
+        row = wait_for(lambda: (r := job_row(lab, job["id"]))["status"] == "interrupted" and r,
+                       60, what="interrupted status")
+        assert "restart" in row["error"]
+        assert not list(lab.checkpoints_dir.glob(".tmp-*"))
+        with lab.registry() as reg:
+            assert reg.job_checkpoints(job["id"]) == []
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+def test_job_survives_a_server_restart(lab, tmp_path):
+    pid_file = tmp_path / "pids"
+    server = start_server(lab.root)
+    try:
+        job = jobs.submit(lab, "test_sleep", {"seconds": 4, "pid_file": str(pid_file)})
+        wait_for(lambda: pid_file.exists() and pid_file.read_text(), 60, what="worker start")
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(10)
+        server = start_server(lab.root)  # re-attaches; the job keeps going and finishes
+        row = wait_for(lambda: (r := job_row(lab, job["id"]))["status"] in FINAL and r, 60,
+                       what="job end")
+        assert row["status"] == "succeeded", row["error"]
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+def test_second_server_for_the_same_lab_is_refused(lab):
+    first = start_server(lab.root)
+    try:
+        wait_for(lambda: (lab.root / "scheduler.lock").exists(), 30, what="first server")
+        time.sleep(1)
+        second = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--no-ui",
+                                 "--no-demo"], env=cli_env(lab.root), cwd=REPO,
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2
+        assert "already running" in second.stderr
+    finally:
+        first.kill()
+        first.wait(10)

@@ -1,0 +1,150 @@
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel, Field
+
+import plugins
+from plugins import ConfigError, Plugin, PluginConfig, PluginError, register, validate_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The shared test table: one valid example config per built-in plugin. A new plugin adds a row.
+EXAMPLES = {
+    "evaluate": {"checkpoint": "ck-12345678", "window": 64, "stride": 32},
+}
+
+
+class GoodConfig(PluginConfig):
+    x: int = Field(1, description="An x.")
+
+
+def make(**kw):
+    base = dict(name="good_one", title="Good", description="A plugin.", Config=GoodConfig,
+                run=lambda c, ctx: None)
+    base.update(kw)
+    return Plugin(**base)
+
+
+@pytest.fixture(autouse=True)
+def cleanup():
+    yield
+    plugins.unregister("good_one")
+
+
+def test_register_accepts_a_good_record():
+    assert register(make()).name == "good_one"
+
+
+@pytest.mark.parametrize("name", ["Bad", "1abc", "has space", "x", "a-b", "", None])
+def test_register_rejects_bad_names(name):
+    with pytest.raises(PluginError, match="name"):
+        register(make(name=name))
+
+
+def test_register_rejects_duplicates():
+    register(make())
+    with pytest.raises(PluginError, match="already registered"):
+        register(make())
+
+
+def test_register_rejects_malformed_records():
+    with pytest.raises(PluginError, match="Plugin record"):
+        register({"name": "good_one"})
+    with pytest.raises(PluginError, match="title"):
+        register(make(title=" "))
+
+    class Loose(BaseModel):
+        x: int = Field(1, description="x")
+
+    with pytest.raises(PluginError, match="forbid unknown fields"):
+        register(make(Config=Loose))
+
+    class Undocumented(PluginConfig):
+        x: int = 1
+
+    with pytest.raises(PluginError, match="without a description.*x"):
+        register(make(Config=Undocumented))
+    with pytest.raises(PluginError, match="pydantic model"):
+        register(make(Config=dict))
+    with pytest.raises(PluginError, match="callable"):
+        register(make(run="not callable"))
+
+
+def test_broken_plugin_spec_is_reported_not_fatal(monkeypatch):
+    monkeypatch.setenv("WEIGHTSMITH_PLUGINS", "no_such_module:PLUGIN")
+    found = plugins.discover(refresh=True)
+    assert "evaluate" in found
+    assert any("no_such_module" in e for e in plugins.load_errors())
+    monkeypatch.delenv("WEIGHTSMITH_PLUGINS")
+    plugins.discover(refresh=True)
+
+
+def test_discovery_and_app_import_do_not_import_torch():
+    code = ("import sys, plugins, app.cli, app.server, app.jobs, app.scheduler, registry; "
+            "found = plugins.discover(); assert 'evaluate' in found, found; "
+            "heavy = [m for m in ('torch', 'transformers', 'gradio') if m in sys.modules]; "
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_builtin_plugins_come_from_the_entry_point_group():
+    from importlib.metadata import entry_points
+
+    names = {ep.name for ep in entry_points(group="weightsmith.plugins")}
+    assert "evaluate" in names
+    assert set(EXAMPLES) <= names
+
+
+# ----------------------------------------------------------------------- the plugin battery
+def builtin():
+    found = plugins.discover(refresh=True)
+    return [found[name] for name in sorted(EXAMPLES)]
+
+
+@pytest.mark.parametrize("plugin", builtin(), ids=lambda p: p.name)
+class TestEveryPlugin:
+    def test_schema_round_trips_as_json(self, plugin):
+        schema = plugin.Config.model_json_schema()
+        assert json.loads(json.dumps(schema)) == schema
+        assert set(schema["properties"]) == set(plugin.Config.model_fields)
+        for name, prop in schema["properties"].items():
+            assert prop.get("description"), f"{plugin.name}.{name} has no description"
+
+    def test_config_round_trips(self, plugin):
+        config = validate_config(plugin, EXAMPLES[plugin.name])
+        again = plugin.Config.model_validate_json(config.model_dump_json())
+        assert again == config
+
+    def test_unknown_field_is_rejected_by_name(self, plugin):
+        with pytest.raises(ConfigError, match="field 'not_a_field': unknown field"):
+            validate_config(plugin, {**EXAMPLES[plugin.name], "not_a_field": 1})
+
+    def test_wrong_type_is_rejected_with_field_and_value(self, plugin):
+        field = next(n for n, f in plugin.Config.model_fields.items() if f.annotation is int)
+        with pytest.raises(ConfigError) as e:
+            validate_config(plugin, {**EXAMPLES[plugin.name], field: "lots"})
+        assert f"field '{field}': got 'lots'; expected" in str(e.value)
+
+    def test_documented_in_readme(self, plugin):
+        readme = (REPO / "README.md").read_text()
+        assert re.search(rf"^### `{plugin.name}`", readme, re.M), \
+            f"README has no '### `{plugin.name}`' section"
+
+
+def test_range_errors_name_field_value_and_bound():
+    plugin = plugins.get("evaluate")
+    with pytest.raises(ConfigError) as e:
+        validate_config(plugin, {"checkpoint": "x", "window": 1})
+    assert "field 'window': got 1; expected: input should be greater than or equal to 2" \
+        in str(e.value)
+    with pytest.raises(ConfigError, match="field 'checkpoint': missing"):
+        validate_config(plugin, {})
+    with pytest.raises(ConfigError, match=r"stride \(300\) must not exceed window \(256\)"):
+        validate_config(plugin, {"checkpoint": "x", "stride": 300})

@@ -280,22 +280,39 @@ class Registry:
 
     # ------------------------------------------------------------------------ lineage
     def _walk(self, ck_id: str, up: bool, max_depth: int | None) -> list[dict]:
-        step_from, step_to = ("child_id", "parent_id") if up else ("parent_id", "child_id")
-        depth = max_depth if max_depth is not None else 1_000_000
-        # UNION (not UNION ALL) drops repeated (id, depth) pairs, so merge diamonds stay bounded.
-        sql = f"""
-            WITH RECURSIVE walk(id, depth, relation) AS (
-                SELECT e.{step_to}, 1, e.relation FROM edges e WHERE e.{step_from} = :id
-                UNION
-                SELECT e.{step_to}, w.depth + 1, e.relation
-                FROM edges e JOIN walk w ON e.{step_from} = w.id
-                WHERE w.depth < :depth
-            )
-            SELECT w.id, MIN(w.depth) AS depth, c.name, c.relation, c.kind
-            FROM walk w JOIN checkpoints c ON c.id = w.id
-            GROUP BY w.id ORDER BY depth, w.id
+        """Breadth-first walk over edges, one indexed query per level; each node is expanded
+        once, at its shortest distance.
+
+        Not a recursive CTE: a CTE that carries the depth can only drop exact (id, depth)
+        duplicates, so in a merge-heavy DAG it re-expands a node once per distinct path
+        length. Measured on the 100k-checkpoint benchmark, an unbounded walk that way ran for
+        over ten minutes, where this takes milliseconds. Without the depth, a CTE cannot
+        stop at `max_depth`.
         """
-        return list(self.db.query(sql, {"id": ck_id, "depth": depth}))
+        src, dst = ("child_id", "parent_id") if up else ("parent_id", "child_id")
+        depth_of: dict[str, int] = {ck_id: 0}
+        frontier, depth = [ck_id], 0
+        while frontier and (max_depth is None or depth < max_depth):
+            depth += 1
+            found = []
+            for chunk in _chunks(frontier):
+                marks = ",".join("?" * len(chunk))
+                for (node,) in self.db.execute(
+                        f"SELECT {dst} FROM edges WHERE {src} IN ({marks})", chunk):
+                    if node not in depth_of:
+                        depth_of[node] = depth
+                        found.append(node)
+            frontier = found
+        del depth_of[ck_id]
+        rows = []
+        for chunk in _chunks(list(depth_of)):
+            marks = ",".join("?" * len(chunk))
+            rows += self.db.query(
+                f"SELECT id, name, relation, kind FROM checkpoints WHERE id IN ({marks})", chunk)
+        for r in rows:
+            r["depth"] = depth_of[r["id"]]
+        rows.sort(key=lambda r: (r["depth"], r["id"]))
+        return rows
 
     def ancestors(self, ck_id: str, max_depth: int | None = None) -> list[dict]:
         return self._walk(self.checkpoint(ck_id)["id"], True, max_depth)
@@ -410,6 +427,12 @@ class Registry:
     def job_checkpoints(self, job_id: str) -> list[str]:
         return [r["id"] for r in self.db.query(
             "SELECT id FROM checkpoints WHERE job_id = ? ORDER BY created_at", [job_id])]
+
+
+def _chunks(items: list, size: int = 500) -> Iterator[list]:
+    """Slices small enough for SQLite's bound-parameter limit."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
 
 
 def check_relation(relation: str) -> None:

@@ -43,7 +43,11 @@ def import_checkpoint(lab: Lab, reg: Registry, ref: str, *, name: str | None = N
     final = lab.checkpoints_dir / ck_id
     try:
         log(f"downloading {resolved.value} from the Hub")
-        snapshot_download(resolved.value, local_dir=str(tmp), allow_patterns=HUB_PATTERNS)
+        try:
+            snapshot_download(resolved.value, local_dir=str(tmp), allow_patterns=HUB_PATTERNS)
+        except Exception as e:  # network, auth, missing repo: say which repo and why
+            raise CheckpointError(f"could not download {resolved.value} from the Hub: "
+                                  f"{type(e).__name__}: {e}") from None
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
         info = inspect_checkpoint(tmp)
         os.rename(tmp, final)

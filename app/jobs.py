@@ -114,18 +114,18 @@ def kill_tree(pid: int, grace: float) -> None:
         tree = [root] + root.children(recursive=True)
     except psutil.NoSuchProcess:
         tree = []
-    targets = {p.pid: p for p in tree}
-    for p in group_members(pid):
-        targets[p.pid] = p
+    group = {p.pid: p for p in group_members(pid)}
+    targets = {**{p.pid: p for p in tree}, **group}
     try:
         os.killpg(pid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):
         pass
-    for p in targets.values():
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
+    for p in tree:  # one SIGTERM each: only descendants that left the group get a direct one
+        if p.pid not in group:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
     _, alive = psutil.wait_procs(list(targets.values()), timeout=grace)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and group_members(pid):

@@ -29,7 +29,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def detect_gpus() -> list[int]:
-    """Physical GPU indices from nvidia-smi (no torch import in the server)."""
+    """Physical GPU indices: those in the server's CUDA_VISIBLE_DEVICES when it is set,
+    else every GPU nvidia-smi reports (no torch import in the server)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [int(x) for x in visible.split(",") if x.strip().isdigit()]
     exe = shutil.which("nvidia-smi")
     if not exe:
         return []
@@ -59,6 +63,7 @@ class Scheduler:
         self.poll_seconds = poll_seconds
         self.children: dict[str, subprocess.Popen] = {}
         self._lock_fd: int | None = None
+        self.holder: str | None = None
         self._registry = None
         gpus = lab.settings.gpus if lab.settings.gpus is not None else detect_gpus()
         self.gpu_capacity = {f"cuda:{i}": lab.settings.jobs_per_gpu for i in gpus}
@@ -66,11 +71,13 @@ class Scheduler:
 
     # --------------------------------------------------------------------------- lock
     def acquire(self) -> bool:
-        """Become this lab's scheduler; False if another process already is."""
+        """Become this lab's scheduler; False if another process already is (its pid is then
+        in `holder`)."""
         fd = os.open(self.lab.root / "scheduler.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            self.holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
             return False
         os.ftruncate(fd, 0)
@@ -132,10 +139,13 @@ class Scheduler:
 
     def _free_slot(self, uses_gpu: bool) -> str | None:
         busy = Counter(j["device"] for j in self.registry.jobs(status="running", limit=10_000))
-        if uses_gpu:
+        if uses_gpu and self.gpu_capacity:
+            # A GPU job waits for a GPU; running it on the CPU instead would be a silent,
+            # many-times-slower fallback. CPU slots serve GPU jobs only on GPU-less machines.
             for device, capacity in self.gpu_capacity.items():
                 if busy[device] < capacity:
                     return device
+            return None
         cpu_busy = sum(n for d, n in busy.items() if d == "cpu")
         return "cpu" if cpu_busy < self.cpu_capacity else None
 

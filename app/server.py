@@ -58,8 +58,9 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     scheduler = Scheduler(lab)
     if not scheduler.acquire():
-        print(f"error: another weightsmith server is already running the jobs of {lab.root} "
-              f"(see {lab.root / 'scheduler.lock'})", file=sys.stderr)
+        print(f"error: another weightsmith process (pid {scheduler.holder}) is already "
+              f"running the jobs of {lab.root}: a server, or a `weightsmith run --wait`. "
+              f"Stop it first (lock: {lab.root / 'scheduler.lock'})", file=sys.stderr)
         return 2
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

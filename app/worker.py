@@ -20,6 +20,9 @@ from registry.store import now
 
 
 def _on_sigterm(signum, frame):
+    # Once: a second SIGTERM must not interrupt the clean-up of the first. A stuck clean-up
+    # still ends with the canceller's SIGKILL after the grace period.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise JobCancelled()
 
 

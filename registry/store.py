@@ -68,7 +68,7 @@ def _v1(db: sqlite_utils.Database) -> None:
             "created_at": str, "started_at": str, "finished_at": str, "job_dir": str,
             "log_path": str, "pid": int, "pid_started": float, "device": str, "versions": str,
             "progress": float, "progress_message": str, "error": str, "cancel_requested": int,
-            "exit_code": int, "heartbeat": str,
+            "exit_code": int,
         },
         pk="id",
         not_null={"plugin", "config", "status", "created_at"},
@@ -147,6 +147,8 @@ class Registry:
         return row[0] or 0
 
     def migrate(self) -> None:
+        if self.schema_version() == SCHEMA_VERSION:  # the common case: no write lock needed
+            return
         with self.write():
             if "schema_version" not in self.db.table_names():
                 self.db["schema_version"].create({"version": int, "applied_at": str},

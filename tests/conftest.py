@@ -9,7 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_PLUGINS = ",".join(f"tests.plugins_for_tests:{name}"
-                        for name in ("SLEEPER", "CRASHER", "COPIER"))
+                        for name in ("SLEEPER", "GPU_SLEEPER", "CRASHER", "COPIER"))
 
 
 @pytest.fixture(scope="session")

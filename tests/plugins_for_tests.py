@@ -23,6 +23,7 @@ def sleep_run(config, ctx):
     child = subprocess.Popen(["sleep", "600"])
     import os
 
+    Path(config.pid_file + ".env").write_text(os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))
     Path(config.pid_file).write_text(f"{os.getpid()} {child.pid}")
     ctx.log("sleeping")
     for i in ctx.progress(range(int(config.seconds * 10)), "sleeping"):
@@ -58,6 +59,9 @@ def copy_run(config, ctx):
 
 SLEEPER = Plugin(name="test_sleep", title="Sleep", description="Sleeps (tests).",
                  Config=SleepConfig, run=sleep_run, uses_gpu=False)
+GPU_SLEEPER = Plugin(name="test_gpu_sleep", title="Sleep on a GPU",
+                     description="Sleeps on a GPU slot (tests).", Config=SleepConfig,
+                     run=sleep_run, uses_gpu=True)
 CRASHER = Plugin(name="test_crash", title="Crash", description="Crashes (tests).",
                  Config=CrashConfig, run=crash_run, uses_gpu=False)
 COPIER = Plugin(name="test_copy", title="Copy", description="Copies a checkpoint (tests).",

@@ -234,3 +234,47 @@ def test_second_server_for_the_same_lab_is_refused(lab):
     finally:
         first.kill()
         first.wait(10)
+
+
+def test_gpu_jobs_get_their_own_device_and_never_oversubscribe(lab, tmp_path, monkeypatch):
+    from app.lab import Lab
+
+    monkeypatch.setenv("WEIGHTSMITH_GPUS", "0,1")  # two (pretend) GPUs, one job each
+    monkeypatch.setenv("WEIGHTSMITH_JOBS_PER_GPU", "1")
+    lab = Lab(lab.root)
+    gpu_jobs = [jobs.submit(lab, "test_gpu_sleep", {"seconds": 60,
+                                                    "pid_file": str(tmp_path / f"g{i}")})
+                for i in range(3)]
+    cpu_job = jobs.submit(lab, "test_sleep", {"seconds": 60, "pid_file": str(tmp_path / "c")})
+    scheduler = Scheduler(lab, poll_seconds=0.1)
+    assert scheduler.acquire()
+    try:
+        scheduler.tick()
+        with lab.registry() as reg:
+            rows = {j["id"]: reg.job(j["id"]) for j in gpu_jobs + [cpu_job]}
+        assert [rows[j["id"]]["status"] for j in gpu_jobs] == ["running", "running", "queued"]
+        assert [rows[j["id"]]["device"] for j in gpu_jobs[:2]] == ["cuda:0", "cuda:1"]
+        assert rows[cpu_job["id"]]["device"] == "cpu"
+        for name, expected in (("g0", "0"), ("g1", "1"), ("c", "")):  # CPU jobs see no GPU
+            wait_for(lambda: (tmp_path / name).exists(), 60, what=f"worker {name} start")
+            assert (tmp_path / f"{name}.env").read_text() == expected
+        jobs.cancel(lab, gpu_jobs[0]["id"])
+        scheduler.tick()  # the freed GPU goes to the waiting job
+        with lab.registry() as reg:
+            assert reg.job(gpu_jobs[2]["id"])["device"] == "cuda:0"
+    finally:
+        for j in gpu_jobs + [cpu_job]:
+            jobs.cancel(lab, j["id"])
+        scheduler.tick()
+        scheduler.release()
+
+
+def test_hub_import_failure_is_clear_and_leaves_nothing(lab, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from registry import CheckpointError
+
+    with lab.registry() as reg:
+        with pytest.raises(CheckpointError, match="could not download some-org/some-model"):
+            import_checkpoint(lab, reg, "some-org/some-model")
+        assert reg.list_checkpoints() == []
+    assert list(lab.checkpoints_dir.iterdir()) == []

@@ -16,10 +16,7 @@ import plugins
 from app import jobs as jobs_mod
 from app.lab import Lab, SettingsError
 from registry import CheckpointError, RefError, RegistryError
-
-
-class UsageError(Exception):
-    pass
+from registry.store import FINISHED
 
 
 def _lab(args) -> Lab:
@@ -117,7 +114,7 @@ def _wait(lab: Lab, job_id: str) -> int:
                     sys.stderr.flush()
             with lab.registry() as reg:
                 status = reg.job(job_id)["status"]
-            if status in ("succeeded", "failed", "cancelled", "interrupted"):
+            if status in FINISHED:
                 if own:  # let the scheduler reap the worker process
                     for proc in scheduler.children.values():
                         proc.wait(timeout=30)
@@ -301,10 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         args.pretrain_steps = DEFAULT_STEPS
     try:
         return args.func(args)
-    except (plugins.ConfigError, plugins.PluginError, RefError, SettingsError, UsageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointError, RegistryError) as e:
+    except (plugins.ConfigError, plugins.PluginError, RefError, SettingsError,
+            CheckpointError, RegistryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -171,7 +170,3 @@ def job_summary(lab: Lab, job_id: str) -> dict:
         return {"job": job_id, "status": job["status"],
                 "checkpoints": reg.job_checkpoints(job_id),
                 **({"error": job["error"]} if job["error"] else {})}
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, default=str)

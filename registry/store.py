@@ -238,10 +238,6 @@ class Registry:
             raise RegistryError(f"no checkpoint {ck_id!r} in the registry (not an id or a name)")
         return row
 
-    def update_checkpoint(self, ck_id: str, **fields: Any) -> None:
-        with self.write():
-            self.db["checkpoints"].update(ck_id, fields)
-
     def parents(self, ck_id: str) -> list[dict]:
         return list(self.db.query(
             "SELECT e.*, c.name AS parent_name FROM edges e JOIN checkpoints c "

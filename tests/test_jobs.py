@@ -15,7 +15,7 @@ from app.scheduler import Scheduler
 from plugins import ConfigError
 from tests.conftest import REPO, cli_env, wait_for
 
-FINAL = ("succeeded", "failed", "cancelled", "interrupted")
+from registry.store import FINISHED as FINAL
 
 
 def run_to_end(lab, job_id, timeout=120):

@@ -19,8 +19,11 @@ from registry import CheckpointError, RefError, RegistryError
 from registry.store import FINISHED
 
 
+READ_ONLY = {"jobs", "logs", "cancel", "registry"}  # these never create a lab
+
+
 def _lab(args) -> Lab:
-    return Lab(args.lab)
+    return Lab(args.lab, create=args.command not in READ_ONLY)
 
 
 def _print_json(obj) -> None:

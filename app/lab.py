@@ -79,9 +79,14 @@ def _parse_env(name: str, raw: str):
 
 
 class Lab:
-    def __init__(self, root: str | Path | None = None):
+    def __init__(self, root: str | Path | None = None, create: bool = True):
+        """Open the lab at `root` ($WEIGHTSMITH_LAB, else ./lab). With `create=False` a
+        missing lab is an error, so a mistyped path never reads as an empty lab."""
         root = root or os.environ.get(LAB_ENV) or DEFAULT_LAB
         self.root = Path(root).expanduser().resolve()
+        if not create and not (self.root / "registry.db").exists():
+            raise SettingsError(f"no lab at {self.root} (no registry.db); check --lab or "
+                                f"${LAB_ENV}, or create one with `weightsmith demo`")
         self.root.mkdir(parents=True, exist_ok=True)
         self.checkpoints_dir.mkdir(exist_ok=True)
         self.jobs_dir.mkdir(exist_ok=True)

@@ -108,8 +108,8 @@ class Scheduler:
             if job["id"] not in self.children and not process_alive(job["pid"],
                                                                       job["pid_started"]):
                 self._finish_lost(job, "interrupted",
-                                  "the job's process ended while no scheduler was watching it "
-                                  "(server or machine restart)")
+                                  "the job's process is gone and never recorded its end (it "
+                                  "was killed, or the server or machine restarted)")
                 lost.append(job["id"])
         return lost
 

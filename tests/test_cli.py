@@ -73,3 +73,9 @@ def test_plugins_json_lists_schemas(lab_dir):
     listed = json.loads(run_cli(lab_dir, "plugins", "--json", check=True).stdout)
     evaluate = next(p for p in listed if p.get("name") == "evaluate")
     assert evaluate["schema"]["properties"]["checkpoint"]["x-weightsmith"] == "checkpoint"
+
+
+def test_read_commands_refuse_a_missing_lab(tmp_path):
+    proc = run_cli(tmp_path / "typo", "registry", "list")
+    assert proc.returncode == 2 and "no lab at" in proc.stderr
+    assert not (tmp_path / "typo").exists()

@@ -1,7 +1,6 @@
-"""`weightsmith serve`: the lab's job scheduler plus the web app.
+"""`weightsmith serve`: the lab's job scheduler plus the web app (app/ui.py).
 
-Until the browser-workbench issue lands, the page is minimal: checkpoints and jobs, refreshed
-live from the registry. Importing this module does not import torch.
+Importing this module imports neither torch nor gradio.
 """
 
 from __future__ import annotations
@@ -15,42 +14,6 @@ from app.lab import Lab
 from app.scheduler import Scheduler
 
 log = logging.getLogger("weightsmith")
-
-
-def checkpoint_rows(lab: Lab) -> list[list]:
-    with lab.registry() as reg:
-        rows = reg.list_checkpoints(limit=200)
-    return [[r["id"], r["name"], r["relation"], ", ".join(r["parents"]),
-             f"{r['param_count'] / 1e6:.2f}M" if r["param_count"] else "",
-             "; ".join(f"{k} = {v:.4g}" for k, v in r["scores"].items()), r["created_at"]]
-            for r in rows]
-
-
-def job_rows(lab: Lab) -> list[list]:
-    with lab.registry() as reg:
-        rows = reg.jobs(limit=200)
-    return [[r["id"], r["plugin"], r["status"], f"{(r['progress'] or 0):.0%}",
-             r["progress_message"] or "", r["user"] or "", r["device"] or "", r["created_at"]]
-            for r in rows]
-
-
-def build_app(lab: Lab):
-    import gradio as gr
-
-    with gr.Blocks(title="Weightsmith") as app:
-        gr.Markdown(f"# Weightsmith\nLab: `{lab.root}`")
-        with gr.Tab("Registry"):
-            checkpoints = gr.Dataframe(
-                headers=["id", "name", "relation", "parents", "params", "scores", "created"],
-                value=lambda: checkpoint_rows(lab), interactive=False)
-        with gr.Tab("Jobs"):
-            jobs = gr.Dataframe(
-                headers=["id", "plugin", "status", "progress", "message", "user", "device",
-                         "created"],
-                value=lambda: job_rows(lab), interactive=False)
-        timer = gr.Timer(2.0)
-        timer.tick(lambda: (checkpoint_rows(lab), job_rows(lab)), outputs=[checkpoints, jobs])
-    return app
 
 
 def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool = True,
@@ -77,9 +40,11 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
     thread.start()
     try:
         if ui:
+            from app.ui import CSS, build_app
+
             app = build_app(lab)
             app.queue().launch(server_name=host, server_port=port, prevent_thread_lock=True,
-                               show_error=True)
+                               show_error=True, css=CSS)
             log.info("serving %s at http://%s:%d", lab.root, host, port)
         else:
             log.info("scheduler running for %s (no UI)", lab.root)

@@ -377,6 +377,23 @@ class Registry:
             out.setdefault(r["checkpoint_id"], {})[f"{r['task']}/{r['metric']}"] = r["value"]
         return out
 
+    def score_deltas(self, ck_id: str) -> list[dict]:
+        """For each parent and each metric both have: the checkpoint's latest value, the
+        parent's, and the difference (child - parent)."""
+        ck = self.checkpoint(ck_id)
+        parents = self.parents(ck["id"])
+        scores = self.latest_scores([ck["id"]] + [p["parent_id"] for p in parents])
+        mine = scores.get(ck["id"], {})
+        out = []
+        for p in parents:
+            theirs = scores.get(p["parent_id"], {})
+            for metric in sorted(set(mine) & set(theirs)):
+                out.append({"metric": metric, "value": mine[metric],
+                            "parent": p["parent_id"], "parent_name": p["parent_name"],
+                            "parent_value": theirs[metric],
+                            "delta": mine[metric] - theirs[metric]})
+        return out
+
     # ------------------------------------------------------------------------------ jobs
     def add_job(self, *, plugin: str, config: dict, user: str | None = None,
                 priority: int = 0, versions: dict | None = None) -> dict:
@@ -447,8 +464,12 @@ def mermaid(graph: dict) -> str:
         label = n["name"]
         if n["id"] != n["name"]:
             label += f"<br/>{n['id']}"
-        for key, value in sorted(n.get("scores", {}).items())[:4]:
-            label += f"<br/>{key} = {value:.4g}"
+        tasks: dict[str, list[str]] = {}
+        for key, value in sorted(n.get("scores", {}).items()):
+            task, _, metric = key.rpartition("/")
+            tasks.setdefault(task, []).append(f"{metric} = {value:.4g}")
+        for task, scores in list(tasks.items())[:3]:  # keep nodes readable
+            label += f"<br/><b>{task}</b><br/>" + "<br/>".join(scores[:4])
         label = label.replace('"', "'")
         style = ":::root" if n["id"] == graph["root"] else ""
         lines.append(f'    {_mermaid_id(n["id"])}["{label}"]{style}')

@@ -24,7 +24,8 @@ def test_demo_then_evaluate_then_lineage(lab_dir, tmp_path):
     assert node["id"] == base
     assert node["scores"]["ppl:heldout.txt/perplexity"] > 1
     mermaid = run_cli(lab_dir, "registry", "lineage", "demo-base", "--mermaid", check=True).stdout
-    assert mermaid.startswith("graph TD") and "ppl:heldout.txt/perplexity" in mermaid
+    assert mermaid.startswith("graph TD") and "<b>ppl:heldout.txt</b>" in mermaid
+    assert "perplexity = " in mermaid
 
     jobs = json.loads(run_cli(lab_dir, "jobs", "--json", check=True).stdout)
     assert [j["status"] for j in jobs] == ["succeeded"]

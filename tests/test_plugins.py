@@ -84,7 +84,8 @@ def test_broken_plugin_spec_is_reported_not_fatal(monkeypatch):
 
 
 def test_discovery_and_app_import_do_not_import_torch():
-    code = ("import sys, plugins, app.cli, app.server, app.jobs, app.scheduler, registry; "
+    code = ("import sys, plugins, app.cli, app.server, app.ui, app.forms, app.jobs, "
+            "app.scheduler, registry; "
             "found = plugins.discover(); assert 'evaluate' in found, found; "
             "heavy = [m for m in ('torch', 'transformers', 'gradio') if m in sys.modules]; "
             "print(heavy)")

@@ -88,7 +88,7 @@ def test_scores_show_in_lineage_and_lists(tmp_path):
     reg.add_evaluation(checkpoint_id=ids["m"], task="ppl:x", metric="perplexity", value=11.0)
     node = [n for n in reg.lineage(ids["base"])["nodes"] if n["id"] == ids["m"]][0]
     assert node["scores"] == {"ppl:x/perplexity": 11.0}
-    assert "ppl:x/perplexity = 11" in reg.lineage_mermaid(ids["m"])
+    assert "<b>ppl:x</b><br/>perplexity = 11" in reg.lineage_mermaid(ids["m"])
     rows = reg.list_checkpoints(search="m")
     assert [r["name"] for r in rows] == ["m"]
     assert rows[0]["parents"] == [ids["ft2"], ids["ft3"], ids["base"]]
@@ -159,3 +159,17 @@ def test_concurrent_writers_from_two_processes(tmp_path):
     assert len(reg.descendants("root")) == 300
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_score_deltas_against_each_parent(tmp_path):
+    reg = Registry(tmp_path / "r.db")
+    ids = chain(reg)
+    for name, ppl, acc in (("ft2", 10.0, 0.5), ("ft3", 12.0, None), ("base", 20.0, 0.25),
+                           ("m", 11.0, 0.75)):
+        reg.add_evaluation(checkpoint_id=ids[name], task="t", metric="ppl", value=ppl)
+        if acc is not None:
+            reg.add_evaluation(checkpoint_id=ids[name], task="t", metric="acc", value=acc)
+    deltas = {(d["parent_name"], d["metric"]): d["delta"] for d in reg.score_deltas(ids["m"])}
+    assert deltas == {("ft2", "t/acc"): 0.25, ("ft2", "t/ppl"): 1.0, ("ft3", "t/ppl"): -1.0,
+                      ("base", "t/acc"): 0.5, ("base", "t/ppl"): -9.0}
+    assert reg.score_deltas(ids["base"]) == []  # a root has no parents

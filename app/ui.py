@@ -1,0 +1,428 @@
+"""The browser workbench (Gradio Blocks): one generated form per plugin, a live Jobs view and
+the Registry with lineage graphs.
+
+Every handler is a plain function over the lab, calling the same functions as the CLI
+(`app.jobs.submit`, `app.jobs.cancel`, the registry), so a refresh, a second tab or a server
+restart shows the same state: nothing lives in the server's memory. No torch import here.
+"""
+
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+import plugins
+from app import forms
+from app import jobs as jobs_mod
+from app.checkpoints import import_checkpoint, to_json
+from app.lab import Lab
+from registry import CheckpointError, RefError, RegistryError
+
+JOB_COLUMNS = ["id", "plugin", "status", "progress", "user", "device", "duration", "created"]
+CK_COLUMNS = ["id", "name", "relation", "parents", "params", "size", "scores", "job"]
+LOG_LINES = 60
+
+
+# ------------------------------------------------------------------------------ plugin forms
+def submit_form(lab: Lab, plugin_name: str, values: list, user: str | None = None) -> tuple[str, str]:
+    """Submit a form; returns (markdown message, job id or "")."""
+    plugin = plugins.get(plugin_name)
+    specs = forms.form_spec(plugin.Config)
+    try:
+        data = forms.values_to_config(specs, list(values))
+        job = jobs_mod.submit(lab, plugin_name, data, user=user)
+    except forms.FormError as e:
+        return f"**Not submitted.**\n\n- {e}", ""
+    except plugins.ConfigError as e:
+        return "**Not submitted: fix these fields.**\n\n" + "\n".join(
+            f"- {p}" for p in e.problems), ""
+    return f"Queued **{job['id']}**. Follow it in the Jobs tab.", job["id"]
+
+
+def preview(plugin_name: str, values: list) -> str:
+    plugin = plugins.get(plugin_name)
+    try:
+        data = forms.values_to_config(forms.form_spec(plugin.Config), list(values))
+    except forms.FormError as e:
+        return f"# {e}\n"
+    return (f"# {plugin_name}.yaml  (run it with: weightsmith run {plugin_name} "
+            f"{plugin_name}.yaml --wait)\n" + forms.to_yaml(data))
+
+
+def load_yaml(plugin_name: str, path: str | None) -> tuple[list, str]:
+    plugin = plugins.get(plugin_name)
+    specs = forms.form_spec(plugin.Config)
+    if not path:
+        return forms.config_to_values(specs, {}), ""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        return forms.config_to_values(specs, {}), f"**Could not read the file:** {e}"
+    if not isinstance(data, dict):
+        return forms.config_to_values(specs, {}), "**The YAML file must be a mapping.**"
+    unknown = forms.unknown_keys(specs, data)
+    note = f"Loaded {Path(path).name}."
+    if unknown:
+        note += f" **Not in this form (ignored): {', '.join(unknown)}**"
+    return forms.config_to_values(specs, data), note
+
+
+def _flatten(loaded: tuple[list, str]) -> tuple:
+    values, note = loaded
+    return (*values, note)
+
+
+def checkpoint_choices(lab: Lab) -> list[tuple[str, str]]:
+    with lab.registry() as reg:
+        rows = reg.list_checkpoints(limit=500)
+    return [(f"{r['name']} ({r['id']})", r["id"]) for r in rows]
+
+
+# ------------------------------------------------------------------------------------ jobs
+def _duration(job: dict) -> str:
+    if not job["started_at"]:
+        return ""
+    start = datetime.fromisoformat(job["started_at"].replace("Z", "+00:00"))
+    end = datetime.fromisoformat(job["finished_at"].replace("Z", "+00:00")) \
+        if job["finished_at"] else datetime.now(start.tzinfo)
+    return f"{(end - start).total_seconds():.0f} s"
+
+
+def job_table(lab: Lab) -> list[list]:
+    with lab.registry() as reg:
+        rows = reg.jobs(limit=200)
+    return [[r["id"], r["plugin"], r["status"], f"{(r['progress'] or 0):.0%}", r["user"] or "",
+             r["device"] or "", _duration(r), r["created_at"][:19].replace("T", " ")]
+            for r in rows]
+
+
+def job_detail(lab: Lab, job_id: str | None) -> tuple[str, str, str, object]:
+    """(status markdown, progress bar HTML, log tail, metrics DataFrame) for one job."""
+    import pandas as pd
+
+    empty = pd.DataFrame({"step": [], "value": [], "name": []})
+    if not job_id:
+        return "Select a job in the table.", "", "", empty
+    with lab.registry() as reg:
+        job = reg.job(job_id, missing_ok=True)
+        if job is None:
+            return f"No job {job_id}.", "", "", empty
+        metrics = reg.metrics(job_id)
+        made = reg.job_checkpoints(job_id)
+    pct = (job["progress"] or 0) * 100
+    status = (f"**{job['id']}** · {job['plugin']} · **{job['status']}** · device "
+              f"{job['device'] or '-'} · {_duration(job)}")
+    if made:
+        status += f"\n\nCheckpoints: {', '.join(made)}"
+    scores = [m for m in metrics if m["step"] is None]  # final numbers, e.g. evaluations
+    if scores:
+        status += "\n\n" + " · ".join(f"{m['name']} = {m['value']:.4g}" for m in scores[-8:])
+    if job["error"] and job["status"] != "succeeded":
+        status += f"\n\n```\n{job['error'][-2000:]}\n```"
+    bar = (f"<div class='ws-progress'><div style='width:{pct:.1f}%'></div></div>"
+           f"<div>{pct:.0f}% {job['progress_message'] or ''}</div>")
+    log = ""
+    if job["log_path"] and Path(job["log_path"]).exists():
+        from app.scheduler import log_tail
+
+        log = log_tail(job["log_path"], LOG_LINES)
+    curves = [m for m in metrics if m["step"] is not None]  # e.g. a training loss per step
+    frame = pd.DataFrame({"step": [m["step"] for m in curves],
+                          "value": [m["value"] for m in curves],
+                          "name": [m["name"] for m in curves]}) if curves else empty
+    return status, bar, log, frame
+
+
+def stop_job(lab: Lab, job_id: str | None) -> str:
+    if not job_id:
+        return "Select a job first."
+    job = jobs_mod.cancel(lab, job_id)
+    return f"{job_id}: {job['status']}"
+
+
+def retry_job(lab: Lab, job_id: str | None) -> tuple[str, str]:
+    if not job_id:
+        return "Select a job first.", ""
+    with lab.registry() as reg:
+        job = reg.job(job_id)
+    try:
+        new = jobs_mod.submit(lab, job["plugin"], json.loads(job["config"]), user=job["user"])
+    except (plugins.ConfigError, plugins.PluginError) as e:
+        return f"Could not retry: {e}", job_id
+    return f"Re-submitted {job_id} as **{new['id']}**.", new["id"]
+
+
+# -------------------------------------------------------------------------------- registry
+def checkpoint_table(lab: Lab, search: str = "") -> list[list]:
+    with lab.registry() as reg:
+        rows = reg.list_checkpoints(search=search or None, limit=200)
+    return [[r["id"], r["name"], r["relation"], ", ".join(r["parents"]),
+             f"{r['param_count'] / 1e6:.2f}M" if r["param_count"] else "",
+             f"{r['size_bytes'] / 2**20:.1f} MiB" if r["size_bytes"] else "",
+             "; ".join(f"{k} = {v:.4g}" for k, v in r["scores"].items()), r["job_id"] or ""]
+            for r in rows]
+
+
+def checkpoint_detail(lab: Lab, ck_id: str | None) -> tuple[str, str, dict]:
+    """(summary markdown, lineage graph markdown with a Mermaid diagram, details JSON)."""
+    if not ck_id:
+        return "Select a checkpoint in the table.", "", {}
+    try:
+        with lab.registry() as reg:
+            row = to_json(reg.checkpoint(ck_id))
+            parents = reg.parents(row["id"])
+            evaluations = reg.evaluations(row["id"])
+            graph = reg.lineage_mermaid(row["id"], max_depth=20)
+    except RegistryError as e:
+        return str(e), "", {}
+    summary = (f"### {row['name']}  `{row['id']}`\n{row['relation']} · "
+               f"{row['architecture'] or ''} · "
+               f"{(row['param_count'] or 0) / 1e6:.2f}M params · {row['dtype'] or ''} · "
+               f"created {row['created_at'][:19].replace('T', ' ')} by {row['created_by'] or '-'}"
+               + (f" · job {row['job_id']}" if row["job_id"] else ""))
+    if parents:
+        summary += "\n\nParents: " + ", ".join(
+            f"{p['parent_name']} ({p['relation']}"
+            + (f", weight {p['weight']:g}" if p["weight"] is not None else "")
+            + (f", {p['role']}" if p["role"] else "") + ")" for p in parents)
+    files = sorted(p.name for p in Path(row["path"]).iterdir()) if row["path"] and \
+        Path(row["path"]).is_dir() else []
+    details = {"config": row.get("config"), "versions": row.get("versions"),
+               "metadata": row.get("metadata"), "content_hash": row["content_hash"],
+               "folder": row["path"], "files": files,
+               "evaluations": [{k: e[k] for k in ("task", "metric", "value", "job_id")}
+                               for e in evaluations]}
+    return summary, f"```mermaid\n{graph}\n```", details
+
+
+def compare(lab: Lab, ck_ids: list[str] | None) -> tuple[object, object]:
+    """Scores of two or more checkpoints side by side, with each one's delta against its
+    parents: (table DataFrame, long-form DataFrame for the bar chart)."""
+    import pandas as pd
+
+    ck_ids = [c for c in (ck_ids or []) if c]
+    table = pd.DataFrame({"metric": []})
+    bars = pd.DataFrame({"metric": [], "value": [], "checkpoint": []})
+    if not ck_ids:
+        return table, bars
+    with lab.registry() as reg:
+        rows = [reg.checkpoint(c) for c in ck_ids]
+        scores = reg.latest_scores([r["id"] for r in rows])
+        deltas = {r["id"]: reg.score_deltas(r["id"]) for r in rows}
+    metrics = sorted({m for r in rows for m in scores.get(r["id"], {})})
+    data: dict[str, list] = {"metric": metrics}
+    long = []
+    for r in rows:
+        label = f"{r['name']} ({r['id']})"
+        values = scores.get(r["id"], {})
+        data[label] = [values.get(m) for m in metrics]
+        data[f"{r['name']} vs parents"] = [
+            ", ".join(f"{d['delta']:+.4g} vs {d['parent_name']}" for d in deltas[r["id"]]
+                      if d["metric"] == m) for m in metrics]
+        long += [{"metric": m, "value": v, "checkpoint": r["name"]} for m, v in values.items()]
+    return pd.DataFrame(data), pd.DataFrame(long) if long else bars
+
+
+def import_form(lab: Lab, ref: str, name: str) -> str:
+    if not (ref or "").strip():
+        return "**Give a local folder or a Hub id (ORG/NAME).**"
+    try:
+        with lab.registry() as reg:
+            row = import_checkpoint(lab, reg, ref.strip(), name=name.strip() or None)
+    except (CheckpointError, RefError, RegistryError) as e:
+        return f"**Not imported:** {e}"
+    return f"Registered **{row['name']}** as `{row['id']}`."
+
+
+# ---------------------------------------------------------------------------------- layout
+CSS = """
+.ws-progress { height: 14px; background: #e5e7eb; border-radius: 7px; overflow: hidden; }
+.ws-progress > div { height: 100%; background: #f97316; transition: width .3s; }
+"""
+
+
+def _widget(gr, spec: forms.FieldSpec, value, choices):
+    label = spec.label + (" *" if spec.required else "")
+    info = spec.help or None
+    if spec.kind == forms.CHECKBOX:
+        return gr.Checkbox(value=value, label=label, info=info)
+    if spec.kind == forms.SLIDER:
+        step = 1 if spec.integer else (spec.maximum - spec.minimum) / 100
+        return gr.Slider(minimum=spec.minimum, maximum=spec.maximum, step=step, value=value,
+                         label=label, info=info)
+    if spec.kind == forms.NUMBER and spec.optional:
+        # gr.Number cannot be empty (it sends 0), so an optional number is a text box
+        return gr.Textbox(value=value, label=label, info=info,
+                          placeholder="empty: " + (str(spec.default) if spec.default is not None
+                                                   else "the default"))
+    if spec.kind == forms.NUMBER:
+        return gr.Number(value=value, label=label, info=info, precision=0 if spec.integer
+                         else None)
+    if spec.kind == forms.DROPDOWN:
+        return gr.Dropdown(choices=spec.choices, value=value, label=label, info=info)
+    if spec.kind in (forms.CHECKPOINT, forms.CHECKPOINTS):
+        return gr.Dropdown(choices=choices, value=value, label=label, info=info,
+                           allow_custom_value=True, multiselect=spec.kind == forms.CHECKPOINTS,
+                           filterable=True)
+    if spec.kind == forms.FILE:
+        return gr.Textbox(value=value, label=label, info=(info or "") + " (a path on the server)")
+    if spec.kind == forms.YAML:
+        return gr.Textbox(value=value, label=label, info=(info or "") + " (YAML)")
+    return gr.Textbox(value=value, label=label, info=info)
+
+
+def _build_widgets(gr, specs, values, choices, out):
+    for spec in specs:
+        if spec.kind == forms.GROUP:
+            with gr.Accordion(spec.label, open=False):
+                if spec.help:
+                    gr.Markdown(spec.help)
+                _build_widgets(gr, spec.children, values, choices, out)
+        else:
+            out.append((spec, _widget(gr, spec, values[len(out)], choices)))
+
+
+def build_app(lab: Lab):
+    import gradio as gr
+
+    found = plugins.discover()
+    choices = checkpoint_choices(lab)
+    checkpoint_widgets = []  # every checkpoint dropdown, refreshed as the registry changes
+    first_checkpoint = {}  # plugin name -> its first checkpoint dropdown ("Use as input")
+
+    def live_job(job_id):
+        status, bar, log, frame = job_detail(lab, job_id)
+        return status, bar, log, gr.LinePlot(value=frame, visible=len(frame) > 0)
+
+    def first_cell(evt: gr.SelectData) -> str:
+        return str(evt.row_value[0]) if evt.row_value else ""
+
+    def use_as_input(plugin_name, ck_id):
+        if not plugin_name or not ck_id:
+            return gr.skip(), *[gr.skip() for _ in first_checkpoint]
+        return (gr.Tabs(selected=f"plugin-{plugin_name}"),
+                *[ck_id if name == plugin_name else gr.skip() for name in first_checkpoint])
+    with gr.Blocks(title="Weightsmith") as app:
+        gr.Markdown(f"# Weightsmith\nLab `{lab.root}`")
+        with gr.Tabs() as tabs:
+            for plugin in found.values():
+                with gr.Tab(plugin.title, id=f"plugin-{plugin.name}"):
+                    gr.Markdown(plugin.description)
+                    specs = forms.form_spec(plugin.Config)
+                    widgets: list = []
+                    _build_widgets(gr, specs, forms.config_to_values(specs, {}), choices,
+                                   widgets)
+                    inputs = [w for _, w in widgets]
+                    checkpoint_widgets += [w for s, w in widgets
+                                           if s.kind in (forms.CHECKPOINT, forms.CHECKPOINTS)]
+                    for s, w in widgets:
+                        if s.kind == forms.CHECKPOINT:
+                            first_checkpoint[plugin.name] = w
+                            break
+                    with gr.Row():
+                        run = gr.Button("Run", variant="primary")
+                        show = gr.Button("Show YAML / CLI")
+                        upload = gr.File(label="Load YAML", file_types=[".yaml", ".yml"],
+                                         type="filepath", height=80)
+                    message = gr.Markdown(elem_id=f"message-{plugin.name}")
+                    job_id = gr.Textbox(visible=False)
+                    code = gr.Code(language="yaml", label="What will be submitted",
+                                   visible=True)
+                    name = plugin.name
+                    run.click(lambda *v, name=name: submit_form(lab, name, v),
+                              inputs=inputs, outputs=[message, job_id], api_name=f"run_{name}")
+                    show.click(lambda *v, name=name: preview(name, v), inputs=inputs,
+                               outputs=code, api_name=f"preview_{name}")
+                    upload.upload(lambda p, name=name: _flatten(load_yaml(name, p)),
+                                  inputs=upload, outputs=inputs + [message],
+                                  api_visibility="private")
+
+            with gr.Tab("Jobs", id="jobs"):
+                jobs_df = gr.Dataframe(headers=JOB_COLUMNS, value=lambda: job_table(lab),
+                                       interactive=False, label="Jobs")
+                with gr.Row():
+                    selected_job = gr.Textbox(label="Selected job", scale=3)
+                    stop = gr.Button("Stop", variant="stop", scale=1)
+                    retry = gr.Button("Retry", scale=1)
+                job_status = gr.Markdown(elem_id="job-status")
+                progress = gr.HTML(elem_id="job-progress")
+                with gr.Row():
+                    log = gr.Textbox(label="Log (live tail)", lines=16, max_lines=16,
+                                     autoscroll=True, scale=3, elem_id="job-log")
+                    plot = gr.LinePlot(x="step", y="value", color="name", label="Metrics",
+                                       visible=False, scale=2)
+                action = gr.Markdown(elem_id="job-action")
+                jobs_df.select(first_cell, outputs=selected_job,
+                               api_visibility="private")
+                selected_job.change(lambda j: live_job(j), inputs=selected_job,
+                                    outputs=[job_status, progress, log, plot],
+                                    api_name="job_detail")
+                stop.click(lambda j: stop_job(lab, j), inputs=selected_job, outputs=action,
+                           api_name="stop_job")
+                retry.click(lambda j: retry_job(lab, j), inputs=selected_job,
+                            outputs=[action, selected_job], api_name="retry_job")
+
+            with gr.Tab("Registry", id="registry") as registry_tab:
+                with gr.Row():
+                    search = gr.Textbox(label="Search name or id", scale=3)
+                    refresh = gr.Button("Refresh", scale=1)
+                ck_df = gr.Dataframe(headers=CK_COLUMNS, value=lambda: checkpoint_table(lab),
+                                     interactive=False, label="Checkpoints")
+                selected_ck = gr.Textbox(label="Selected checkpoint")
+                ck_summary = gr.Markdown()
+                with gr.Row():
+                    use_plugin = gr.Dropdown(
+                        choices=[(found[n].title, n) for n in first_checkpoint],
+                        label="Use as input of", scale=2)
+                    use = gr.Button("Use as input", scale=1)
+                lineage = gr.Markdown(label="Lineage", elem_id="lineage")
+                ck_json = gr.JSON(label="Config, versions, files, evaluations")
+                with gr.Accordion("Import checkpoint", open=False):
+                    imp_ref = gr.Textbox(label="Local folder or Hub id (ORG/NAME)")
+                    imp_name = gr.Textbox(label="Name (optional)")
+                    imp_go = gr.Button("Import")
+                    imp_msg = gr.Markdown()
+                search.submit(lambda s: checkpoint_table(lab, s), inputs=search, outputs=ck_df,
+                              api_visibility="private")
+                refresh.click(lambda s: checkpoint_table(lab, s), inputs=search, outputs=ck_df,
+                              api_name="checkpoints")
+                ck_df.select(first_cell, outputs=selected_ck, api_visibility="private")
+                registry_tab.select(lambda s: checkpoint_table(lab, s), inputs=search,
+                                    outputs=ck_df, api_visibility="private")
+                selected_ck.change(lambda c: checkpoint_detail(lab, c), inputs=selected_ck,
+                                   outputs=[ck_summary, lineage, ck_json],
+                                   api_name="checkpoint_detail")
+                imp_go.click(lambda r, n: import_form(lab, r, n), inputs=[imp_ref, imp_name],
+                             outputs=imp_msg, api_name="import_checkpoint")
+
+            with gr.Tab("Compare", id="compare"):
+                picks = gr.Dropdown(choices=choices, multiselect=True, filterable=True,
+                                    label="Checkpoints to compare (two or more)")
+                compare_go = gr.Button("Compare", variant="primary")
+                compare_table = gr.Dataframe(label="Scores, and the change against each "
+                                             "checkpoint's parents", interactive=False)
+                compare_plot = gr.BarPlot(x="metric", y="value", color="checkpoint",
+                                          label="Scores")
+                compare_go.click(lambda c: compare(lab, c), inputs=picks,
+                                 outputs=[compare_table, compare_plot], api_name="compare")
+                checkpoint_widgets.append(picks)
+
+        # Live updates: poll the registry (state lives there, not in this process).
+        timer = gr.Timer(1.5)
+        timer.tick(lambda j: (job_table(lab), *live_job(j)), inputs=selected_job,
+                   outputs=[jobs_df, job_status, progress, log, plot],
+                   api_visibility="private", show_progress="hidden")
+        slow = gr.Timer(5.0)
+        slow.tick(lambda s: (checkpoint_table(lab, s),
+                             *[gr.Dropdown(choices=checkpoint_choices(lab))
+                               for _ in checkpoint_widgets]),
+                  inputs=search, outputs=[ck_df] + checkpoint_widgets,
+                  api_visibility="private", show_progress="hidden")
+
+        # "Use as input": open the plugin's tab with the checkpoint in its first checkpoint
+        # field.
+        use.click(use_as_input, inputs=[use_plugin, selected_ck],
+                  outputs=[tabs] + list(first_checkpoint.values()), api_visibility="private")
+    return app

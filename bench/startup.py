@@ -1,0 +1,106 @@
+"""Cold start of the workbench: `weightsmith serve` spawned to the first page.
+
+    python bench/startup.py [--runs 3]
+
+Measures, per run, on a lab that already has the demo model: (a) process spawn to the first
+HTTP 200 on / (server ready), and (b) spawn to the page rendered in headless chromium (the
+Run button visible). Also the import time of the CLI module, and whether it pulled in torch.
+Prints medians against the 6 s target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TARGET_S = 6.0
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_run(lab: Path, chromium: str | None) -> tuple[float, float | None]:
+    port = free_port()
+    env = {**os.environ, "WEIGHTSMITH_LAB": str(lab)}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).status == 200:
+                    break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError("the server exited during start-up")
+                time.sleep(0.05)
+        ready = time.perf_counter() - start
+        rendered = None
+        if chromium:
+            from playwright.sync_api import sync_playwright
+
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+                page = browser.new_page(viewport={"width": 1280, "height": 800})
+                page.goto(f"http://127.0.0.1:{port}/")
+                page.get_by_role("button", name="Run", exact=True).first.wait_for()
+                rendered = time.perf_counter() - start
+                browser.close()
+        return ready, rendered
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    chromium = shutil.which("chromium")
+    if importlib.util.find_spec("playwright") is None:
+        chromium = None
+    code = ("import sys, time; t = time.perf_counter(); import app.cli, app.server, app.ui; "
+            "a = time.perf_counter() - t; import gradio; b = time.perf_counter() - t; "
+            "print(f'{a:.2f} {b:.2f} {\"torch\" in sys.modules}')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, check=True).stdout.split()
+    print(f"import app.cli + app.server + app.ui: {out[0]} s; with gradio: {out[1]} s; "
+          f"torch imported: {out[2]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        lab = Path(tmp) / "lab"
+        subprocess.run([sys.executable, "-m", "app.cli", "demo", "--lab", str(lab),
+                        "--pretrain-steps", "2"], cwd=REPO, check=True,
+                       capture_output=True)
+        runs = [one_run(lab, chromium) for _ in range(args.runs)]
+    ready = statistics.median(r[0] for r in runs)
+    print(f"\n{'measure':40} {'median s':>9} {'target s':>9} {'ratio':>6}   runs")
+    print(f"{'spawn to first HTTP 200':40} {ready:9.2f} {TARGET_S:9.1f} {ready / TARGET_S:6.2f}"
+          f"   {', '.join(f'{r[0]:.2f}' for r in runs)}")
+    if chromium:
+        shown = statistics.median(r[1] for r in runs)
+        print(f"{'spawn to page rendered (chromium)':40} {shown:9.2f} {TARGET_S:9.1f} "
+              f"{shown / TARGET_S:6.2f}   {', '.join(f'{r[1]:.2f}' for r in runs)}")
+    else:
+        print("chromium or playwright missing: page-render time not measured")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

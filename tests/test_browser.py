@@ -1,0 +1,153 @@
+"""A person's path through the workbench, in a real browser (Debian's chromium, driven by
+playwright): evaluate the demo model by clicking, watch the job, open the lineage graph,
+reload mid-job. Screenshots of each view go to test-artifacts/screenshots/."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, cli_env, run_cli, wait_for
+from tests.test_ui import free_port
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SHOTS = REPO / "test-artifacts" / "screenshots"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+if not Path(CHROMIUM).exists():
+    if os.environ.get("CI"):
+        raise RuntimeError("chromium is missing: the README's test command installs it")
+    pytest.skip("chromium is not installed (apt-get install -y chromium)",
+                allow_module_level=True)
+playwright = pytest.importorskip("playwright.sync_api")
+expect = playwright.expect
+
+
+@pytest.fixture
+def app_url(lab_dir):
+    run_cli(lab_dir, "demo", "--pretrain-steps", "20", check=True)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+                            env=cli_env(lab_dir), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    import urllib.request
+
+    def up():
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status == 200
+        except OSError:
+            assert proc.poll() is None, "the server exited"
+            return False
+
+    wait_for(up, 120, interval=0.5, what="the server")
+    yield f"http://127.0.0.1:{port}/"
+    proc.terminate()
+    proc.wait(20)
+
+
+@pytest.fixture
+def page(app_url):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.set_default_timeout(30_000)
+        page.goto(app_url)
+        page.get_by_role("button", name="Run").first.wait_for()
+        yield page
+        browser.close()
+
+
+def shot(page, name):
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def open_tab(page, name):
+    page.get_by_role("tab", name=name, exact=True).click()
+
+
+def run_button(page):
+    return page.get_by_role("button", name="Run", exact=True).locator("visible=true").first
+
+
+def select_first_row(page):
+    page.locator("[data-testid=cell-0-0]:visible").first.click()
+
+
+def test_evaluate_demo_by_clicking_then_lineage(page):
+    open_tab(page, "Evaluate")
+    field = page.get_by_label("checkpoint *").first
+    field.click()
+    page.keyboard.type("demo-base")
+    page.get_by_role("option", name=re.compile("demo-base")).first.click()
+    page.get_by_role("button", name="Show YAML / CLI").first.click()
+    page.get_by_text("weightsmith run evaluate").first.wait_for()
+    shot(page, "1-evaluate-form")
+    run_button(page).click()
+    expect(page.locator("#message-evaluate")).to_contain_text("Queued job-")
+
+    open_tab(page, "Jobs")
+    select_first_row(page)
+    expect(page.locator("#job-status")).to_contain_text("succeeded", timeout=90_000)
+    expect(page.locator("#job-log textarea")).to_have_value(re.compile(r"perplexity [0-9.]+"))
+    shot(page, "2-jobs-succeeded")
+
+    open_tab(page, "Registry")
+    select_first_row(page)
+    graph = page.locator("#lineage svg[aria-roledescription]").first  # mermaid's diagram
+    graph.wait_for()
+    text = wait_for(lambda: "demo-base" in (t := graph.text_content() or "") and t, 30,
+                    what="the lineage graph")
+    assert "perplexity" in text  # the score is on the node
+    shot(page, "3-registry-lineage")
+    ck_id = page.get_by_label("Selected checkpoint").input_value()
+    page.get_by_role("button", name="Use as input").click()  # opens Evaluate, filled in
+    expect(page.get_by_role("tab", name="Evaluate", exact=True)).to_have_attribute(
+        "aria-selected", "true")
+    expect(page.get_by_label("checkpoint *").locator("visible=true").first).to_have_value(
+        re.compile(ck_id))
+
+    open_tab(page, "Compare")
+    shot(page, "4-compare")
+
+
+def job_progress(page) -> float:
+    text = page.locator("#job-progress .ws-progress + div").first.inner_text()
+    return float(text.split("%")[0])
+
+
+def test_reload_mid_job_shows_the_same_live_job(page, tmp_path):
+    open_tab(page, "Sleep")
+    page.get_by_label("seconds").locator("visible=true").first.fill("25")
+    page.get_by_label("pid file *").locator("visible=true").first.fill(str(tmp_path / "pids"))
+    run_button(page).click()
+    message = page.locator("#message-test_sleep")
+    expect(message).to_contain_text("Queued job-")
+    job_id = re.search(r"job-[0-9a-f]{8}", message.inner_text()).group(0)
+
+    status = page.locator("#job-status")
+    open_tab(page, "Jobs")
+    select_first_row(page)
+    expect(status).to_contain_text(f"{job_id} · test_sleep · running", timeout=60_000)
+    wait_for(lambda: job_progress(page) > 0, 30, what="progress")
+    before = job_progress(page)
+    shot(page, "5-jobs-running")
+
+    page.reload()
+    page.get_by_role("button", name="Run").first.wait_for()
+    open_tab(page, "Jobs")
+    select_first_row(page)
+    expect(status).to_contain_text(f"{job_id} · test_sleep · running")
+    time.sleep(3)
+    after = wait_for(lambda: (p := job_progress(page)) > before and p, 30,
+                     what="progress after reload")
+    assert after > before
+    shot(page, "6-jobs-after-reload")
+    page.get_by_role("button", name="Stop").click()
+    expect(status).to_contain_text(f"{job_id} · test_sleep · cancelled", timeout=30_000)

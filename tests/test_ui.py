@@ -1,0 +1,104 @@
+"""The workbench through its HTTP API (gradio_client) against a real server on 127.0.0.1."""
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import plugins
+from app import forms
+from tests.conftest import REPO, cli_env, run_cli, wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(lab_dir, tiny_model_dir):
+    run_cli(lab_dir, "import", tiny_model_dir, "--name", "tiny", check=True)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--no-demo", "--port",
+                             str(port)], env=cli_env(lab_dir), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+
+    def up():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            return False
+
+    wait_for(up, 90, interval=0.3, what="the server")
+    from gradio_client import Client
+
+    yield Client(url, verbose=False)
+    proc.terminate()
+    proc.wait(20)
+
+
+def form_values(name: str, data: dict) -> list:
+    return forms.config_to_values(forms.form_spec(plugins.get(name).Config), data)
+
+
+def test_evaluate_through_the_generated_form(server, lab_dir):
+    values = form_values("evaluate", {"checkpoint": "tiny", "max_tokens": 300, "window": 64})
+    message, job_id = server.predict(*values, api_name="/run_evaluate")
+    assert job_id.startswith("job-"), message
+    status = wait_for(lambda: (s := server.predict(job_id, api_name="/job_detail")[0])
+                      and "succeeded" in s and s, 90, interval=0.5, what="job success")
+    assert job_id in status
+    summary, lineage, details = server.predict("tiny", api_name="/checkpoint_detail")
+    assert "```mermaid" in lineage and "perplexity" in lineage
+    assert {e["metric"] for e in details["evaluations"]} >= {"perplexity", "bits_per_byte"}
+
+
+def test_bad_values_come_back_as_field_named_errors(server):
+    values = form_values("evaluate", {"checkpoint": "no-such-checkpoint", "window": 64})
+    values[[s.path for s in forms.leaves(forms.form_spec(plugins.get("evaluate").Config))]
+           .index("stride")] = "wide"
+    message, job_id = server.predict(*values, api_name="/run_evaluate")
+    assert job_id == ""
+    assert "field 'stride': got 'wide'; expected a number" in message
+    values[[s.path for s in forms.leaves(forms.form_spec(plugins.get("evaluate").Config))]
+           .index("stride")] = "100"
+    message, job_id = server.predict(*values, api_name="/run_evaluate")
+    assert job_id == ""
+    assert "field 'stride': got 100; expected" in message or "stride (100)" in message
+    message, _ = server.predict(*form_values("evaluate", {"checkpoint": "nope"}),
+                                api_name="/run_evaluate")
+    assert "field 'checkpoint': unknown checkpoint 'nope'" in message
+    assert "Traceback" not in message
+
+
+def test_preview_is_the_yaml_the_cli_accepts(server, tmp_path, lab_dir):
+    import yaml
+
+    values = form_values("evaluate", {"checkpoint": "tiny", "window": 32, "max_tokens": 100})
+    text = server.predict(*values, api_name="/preview_evaluate")
+    assert "weightsmith run evaluate" in text
+    config = yaml.safe_load(text)
+    assert config == {"checkpoint": "tiny", "window": 32, "batch_size": 8, "max_tokens": 100}
+    (tmp_path / "c.yaml").write_text(text)
+    proc = run_cli(lab_dir, "run", "evaluate", tmp_path / "c.yaml", "--wait")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_retry_resubmits_the_same_config(server, lab_dir):
+    import json
+
+    message, job_id = server.predict(*form_values("test_crash", {"message": "again"}),
+                                     api_name="/run_test_crash")
+    wait_for(lambda: "failed" in server.predict(job_id, api_name="/job_detail")[0], 90,
+             interval=0.5, what="the crash")
+    note, new_id = server.predict(job_id, api_name="/retry_job")
+    assert new_id != job_id and new_id in note
+    from app.lab import Lab
+
+    with Lab(lab_dir).registry() as reg:
+        assert json.loads(reg.job(new_id)["config"]) == json.loads(reg.job(job_id)["config"])

@@ -204,7 +204,7 @@ def compare(lab: Lab, ck_ids: list[str] | None) -> tuple[object, object]:
 
     ck_ids = [c for c in (ck_ids or []) if c]
     table = pd.DataFrame({"metric": []})
-    bars = pd.DataFrame({"metric": [], "value": [], "checkpoint": []})
+    bars = pd.DataFrame({"bar": [], "value": [], "checkpoint": []})
     if not ck_ids:
         return table, bars
     with lab.registry() as reg:
@@ -217,11 +217,13 @@ def compare(lab: Lab, ck_ids: list[str] | None) -> tuple[object, object]:
     for r in rows:
         label = f"{r['name']} ({r['id']})"
         values = scores.get(r["id"], {})
-        data[label] = [values.get(m) for m in metrics]
+        data[label] = [f"{values[m]:.6g}" if m in values else "" for m in metrics]
         data[f"{r['name']} vs parents"] = [
             ", ".join(f"{d['delta']:+.4g} vs {d['parent_name']}" for d in deltas[r["id"]]
                       if d["metric"] == m) for m in metrics]
-        long += [{"metric": m, "value": v, "checkpoint": r["name"]} for m, v in values.items()]
+        # one bar per (metric, checkpoint): bars of one metric stand side by side, not stacked
+        long += [{"bar": f"{m} · {r['name']}", "value": v, "checkpoint": r["name"]}
+                 for m, v in sorted(values.items())]
     return pd.DataFrame(data), pd.DataFrame(long) if long else bars
 
 
@@ -267,19 +269,42 @@ def _widget(gr, spec: forms.FieldSpec, value, choices):
                            allow_custom_value=True, multiselect=spec.kind == forms.CHECKPOINTS,
                            filterable=True)
     if spec.kind == forms.FILE:
-        return gr.Textbox(value=value, label=label, info=(info or "") + " (a path on the server)")
+        return gr.Textbox(value=value, label=label, scale=4,
+                          info=(info or "") + " (a path on the server, or upload a file)")
     if spec.kind == forms.YAML:
         return gr.Textbox(value=value, label=label, info=(info or "") + " (YAML)")
     return gr.Textbox(value=value, label=label, info=info)
 
 
-def _build_widgets(gr, specs, values, choices, out):
+def save_upload(lab: Lab, temp_path: str | None) -> str:
+    """Keep an uploaded file in the lab (uploads/), so jobs read it from there; returns its
+    path for the form's path box."""
+    if not temp_path:
+        return ""
+    import shutil
+    import uuid
+
+    uploads = lab.root / "uploads"
+    uploads.mkdir(exist_ok=True)
+    target = uploads / f"{uuid.uuid4().hex[:8]}-{Path(temp_path).name}"
+    shutil.copy(temp_path, target)
+    return str(target)
+
+
+def _build_widgets(gr, lab, specs, values, choices, out):
     for spec in specs:
         if spec.kind == forms.GROUP:
             with gr.Accordion(spec.label, open=False):
                 if spec.help:
                     gr.Markdown(spec.help)
-                _build_widgets(gr, spec.children, values, choices, out)
+                _build_widgets(gr, lab, spec.children, values, choices, out)
+        elif spec.kind == forms.FILE:
+            with gr.Row(equal_height=True):
+                box = _widget(gr, spec, values[len(out)], choices)
+                upload = gr.UploadButton("Upload", type="filepath", size="sm", scale=0)
+                upload.upload(lambda f: save_upload(lab, f), inputs=upload, outputs=box,
+                              api_visibility="private")
+            out.append((spec, box))
         else:
             out.append((spec, _widget(gr, spec, values[len(out)], choices)))
 
@@ -312,8 +337,8 @@ def build_app(lab: Lab):
                     gr.Markdown(plugin.description)
                     specs = forms.form_spec(plugin.Config)
                     widgets: list = []
-                    _build_widgets(gr, specs, forms.config_to_values(specs, {}), choices,
-                                   widgets)
+                    _build_widgets(gr, lab, specs, forms.config_to_values(specs, {}),
+                                   choices, widgets)
                     inputs = [w for _, w in widgets]
                     checkpoint_widgets += [w for s, w in widgets
                                            if s.kind in (forms.CHECKPOINT, forms.CHECKPOINTS)]
@@ -403,8 +428,8 @@ def build_app(lab: Lab):
                 compare_go = gr.Button("Compare", variant="primary")
                 compare_table = gr.Dataframe(label="Scores, and the change against each "
                                              "checkpoint's parents", interactive=False)
-                compare_plot = gr.BarPlot(x="metric", y="value", color="checkpoint",
-                                          label="Scores")
+                compare_plot = gr.BarPlot(x="bar", y="value", color="checkpoint",
+                                          label="Scores", x_label_angle=-30)
                 compare_go.click(lambda c: compare(lab, c), inputs=picks,
                                  outputs=[compare_table, compare_plot], api_name="compare")
                 checkpoint_widgets.append(picks)
@@ -414,12 +439,17 @@ def build_app(lab: Lab):
         timer.tick(lambda j: (job_table(lab), *live_job(j)), inputs=selected_job,
                    outputs=[jobs_df, job_status, progress, log, plot],
                    api_visibility="private", show_progress="hidden")
+        def refresh_registry(search_text):
+            fresh = checkpoint_choices(lab)
+            return (checkpoint_table(lab, search_text),
+                    *[gr.Dropdown(choices=fresh) for _ in checkpoint_widgets])
+
         slow = gr.Timer(5.0)
-        slow.tick(lambda s: (checkpoint_table(lab, s),
-                             *[gr.Dropdown(choices=checkpoint_choices(lab))
-                               for _ in checkpoint_widgets]),
-                  inputs=search, outputs=[ck_df] + checkpoint_widgets,
+        slow.tick(refresh_registry, inputs=search, outputs=[ck_df] + checkpoint_widgets,
                   api_visibility="private", show_progress="hidden")
+        # each page load gets the registry as it is now, not as it was at server start
+        app.load(refresh_registry, inputs=search, outputs=[ck_df] + checkpoint_widgets,
+                 api_visibility="private", show_progress="hidden")
 
         # "Use as input": open the plugin's tab with the checkpoint in its first checkpoint
         # field.

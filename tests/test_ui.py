@@ -1,6 +1,7 @@
 """The workbench through its HTTP API (gradio_client) against a real server on 127.0.0.1."""
 
 import socket
+from pathlib import Path
 import subprocess
 import sys
 
@@ -102,3 +103,31 @@ def test_retry_resubmits_the_same_config(server, lab_dir):
 
     with Lab(lab_dir).registry() as reg:
         assert json.loads(reg.job(new_id)["config"]) == json.loads(reg.job(job_id)["config"])
+
+
+def test_compare_shows_scores_and_deltas_against_parents(lab):
+    from app.ui import compare
+
+    with lab.registry() as reg:
+        base = reg.add_checkpoint(name="base", relation="import")
+        child = reg.add_checkpoint(name="child", relation="finetune",
+                                   parents=[{"id": base["id"]}])
+        for ck, value in ((base, 10.0), (child, 8.5)):
+            reg.add_evaluation(checkpoint_id=ck["id"], task="ppl:x", metric="perplexity",
+                               value=value)
+    table, bars = compare(lab, [base["id"], child["id"]])
+    row = table[table["metric"] == "ppl:x/perplexity"].iloc[0]
+    assert row[f"base ({base['id']})"] == "10" and row[f"child ({child['id']})"] == "8.5"
+    assert row["child vs parents"] == "-1.5 vs base"
+    assert row["base vs parents"] == ""
+    assert sorted(bars["checkpoint"]) == ["base", "child"]
+
+
+def test_uploads_are_kept_in_the_lab(lab, tmp_path):
+    from app.ui import save_upload
+
+    src = tmp_path / "notes.txt"
+    src.write_text("some text to score")
+    kept = Path(save_upload(lab, str(src)))
+    assert kept.parent == lab.root / "uploads" and kept.read_text() == "some text to score"
+    assert save_upload(lab, None) == ""

@@ -6,18 +6,17 @@ Every handler is a plain function over the lab, calling the same functions as th
 restart shows the same state: nothing lives in the server's memory. No torch import here.
 """
 
-
 import json
 from datetime import datetime
 from pathlib import Path
 
-import yaml
 
 import plugins
 from app import forms
 from app import jobs as jobs_mod
 from app.checkpoints import import_checkpoint, to_json
 from app.lab import Lab
+from app.scheduler import log_tail
 from registry import CheckpointError, RefError, RegistryError
 
 JOB_COLUMNS = ["id", "plugin", "status", "progress", "user", "device", "duration", "created"]
@@ -26,7 +25,8 @@ LOG_LINES = 60
 
 
 # ------------------------------------------------------------------------------ plugin forms
-def submit_form(lab: Lab, plugin_name: str, values: list, user: str | None = None) -> tuple[str, str]:
+def submit_form(lab: Lab, plugin_name: str, values: list,
+                user: str | None = None) -> tuple[str, str]:
     """Submit a form; returns (markdown message, job id or "")."""
     plugin = plugins.get(plugin_name)
     specs = forms.form_spec(plugin.Config)
@@ -51,27 +51,21 @@ def preview(plugin_name: str, values: list) -> str:
             f"{plugin_name}.yaml --wait)\n" + forms.to_yaml(data))
 
 
-def load_yaml(plugin_name: str, path: str | None) -> tuple[list, str]:
+def load_yaml(plugin_name: str, path: str | None) -> tuple[list | None, str]:
+    """(form values, note) from a YAML file; values None (form unchanged) when unreadable."""
     plugin = plugins.get(plugin_name)
     specs = forms.form_spec(plugin.Config)
     if not path:
-        return forms.config_to_values(specs, {}), ""
+        return None, ""
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        return forms.config_to_values(specs, {}), f"**Could not read the file:** {e}"
-    if not isinstance(data, dict):
-        return forms.config_to_values(specs, {}), "**The YAML file must be a mapping.**"
+        data = jobs_mod.load_config_file(path)  # the same reader as `weightsmith run`
+    except plugins.ConfigError as e:
+        return None, "**Could not load the file:** " + "; ".join(e.problems)
     unknown = forms.unknown_keys(specs, data)
     note = f"Loaded {Path(path).name}."
     if unknown:
         note += f" **Not in this form (ignored): {', '.join(unknown)}**"
     return forms.config_to_values(specs, data), note
-
-
-def _flatten(loaded: tuple[list, str]) -> tuple:
-    values, note = loaded
-    return (*values, note)
 
 
 def checkpoint_choices(lab: Lab) -> list[tuple[str, str]]:
@@ -125,8 +119,6 @@ def job_detail(lab: Lab, job_id: str | None) -> tuple[str, str, str, object]:
            f"<div>{pct:.0f}% {job['progress_message'] or ''}</div>")
     log = ""
     if job["log_path"] and Path(job["log_path"]).exists():
-        from app.scheduler import log_tail
-
         log = log_tail(job["log_path"], LOG_LINES)
     curves = [m for m in metrics if m["step"] is not None]  # e.g. a training loss per step
     frame = pd.DataFrame({"step": [m["step"] for m in curves],
@@ -317,6 +309,10 @@ def build_app(lab: Lab):
     checkpoint_widgets = []  # every checkpoint dropdown, refreshed as the registry changes
     first_checkpoint = {}  # plugin name -> its first checkpoint dropdown ("Use as input")
 
+    def fill_form(loaded, n_inputs):
+        values, note = loaded
+        return (*(values if values is not None else [gr.skip()] * n_inputs), note)
+
     def live_job(job_id):
         status, bar, log, frame = job_detail(lab, job_id)
         return status, bar, log, gr.LinePlot(value=frame, visible=len(frame) > 0)
@@ -329,6 +325,7 @@ def build_app(lab: Lab):
             return gr.skip(), *[gr.skip() for _ in first_checkpoint]
         return (gr.Tabs(selected=f"plugin-{plugin_name}"),
                 *[ck_id if name == plugin_name else gr.skip() for name in first_checkpoint])
+
     with gr.Blocks(title="Weightsmith") as app:
         gr.Markdown(f"# Weightsmith\nLab `{lab.root}`")
         with gr.Tabs() as tabs:
@@ -353,14 +350,14 @@ def build_app(lab: Lab):
                                          type="filepath", height=80)
                     message = gr.Markdown(elem_id=f"message-{plugin.name}")
                     job_id = gr.Textbox(visible=False)
-                    code = gr.Code(language="yaml", label="What will be submitted",
-                                   visible=True)
+                    code = gr.Code(language="yaml", label="What will be submitted")
                     name = plugin.name
                     run.click(lambda *v, name=name: submit_form(lab, name, v),
                               inputs=inputs, outputs=[message, job_id], api_name=f"run_{name}")
                     show.click(lambda *v, name=name: preview(name, v), inputs=inputs,
                                outputs=code, api_name=f"preview_{name}")
-                    upload.upload(lambda p, name=name: _flatten(load_yaml(name, p)),
+                    upload.upload(lambda p, name=name, n=len(inputs): fill_form(
+                                      load_yaml(name, p), n),
                                   inputs=upload, outputs=inputs + [message],
                                   api_visibility="private")
 
@@ -439,6 +436,7 @@ def build_app(lab: Lab):
         timer.tick(lambda j: (job_table(lab), *live_job(j)), inputs=selected_job,
                    outputs=[jobs_df, job_status, progress, log, plot],
                    api_visibility="private", show_progress="hidden")
+
         def refresh_registry(search_text):
             fresh = checkpoint_choices(lab)
             return (checkpoint_table(lab, search_text),

@@ -131,3 +131,18 @@ def test_uploads_are_kept_in_the_lab(lab, tmp_path):
     kept = Path(save_upload(lab, str(src)))
     assert kept.parent == lab.root / "uploads" and kept.read_text() == "some text to score"
     assert save_upload(lab, None) == ""
+
+
+def test_load_yaml_fills_the_form_and_reports_what_it_cannot(tmp_path, lab_dir):
+    from app.ui import load_yaml
+
+    good = tmp_path / "good.yaml"
+    good.write_text("checkpoint: tiny\nwindow: 64\ncolour: blue\n")
+    values, note = load_yaml("evaluate", str(good))
+    paths = [s.path for s in forms.leaves(forms.form_spec(plugins.get("evaluate").Config))]
+    assert values[paths.index("checkpoint")] == "tiny" and values[paths.index("window")] == 64
+    assert "Not in this form (ignored): colour" in note
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("checkpoint: [unclosed\n")
+    values, note = load_yaml("evaluate", str(bad))
+    assert values is None and "invalid YAML" in note  # the form is left as it was

@@ -189,6 +189,27 @@ def checkpoint_detail(lab: Lab, ck_id: str | None) -> tuple[str, str, dict]:
     return summary, f"```mermaid\n{graph}\n```", details
 
 
+PER_LAYER_SERIES = ("block_influence",)  # metadata lists drawn per layer in the Registry
+
+
+def per_layer_frame(lab: Lab, ck_id: str | None):
+    """Per-layer series a plugin recorded on a checkpoint (e.g. block influence), long form."""
+    import pandas as pd
+
+    rows = []
+    if ck_id:
+        with lab.registry() as reg:
+            row = reg.find_checkpoint(ck_id)
+        meta = (to_json(row).get("metadata") or {}) if row else {}
+        for key in PER_LAYER_SERIES:
+            values = meta.get(key) if isinstance(meta, dict) else None
+            if isinstance(values, list):
+                # zero-padded labels: a categorical axis (wide bars) that still sorts in order
+                rows += [{"layer": f"{i:02d}", "value": v, "series": key}
+                         for i, v in enumerate(values)]
+    return pd.DataFrame(rows or {"layer": [], "value": [], "series": []})
+
+
 def compare(lab: Lab, ck_ids: list[str] | None) -> tuple[object, object]:
     """Scores of two or more checkpoints side by side, with each one's delta against its
     parents: (table DataFrame, long-form DataFrame for the bar chart)."""
@@ -317,6 +338,10 @@ def build_app(lab: Lab):
         status, bar, log, frame = job_detail(lab, job_id)
         return status, bar, log, gr.LinePlot(value=frame, visible=len(frame) > 0)
 
+    def show_per_layer(ck_id):
+        frame = per_layer_frame(lab, ck_id)
+        return gr.BarPlot(value=frame, visible=len(frame) > 0)
+
     def first_cell(evt: gr.SelectData) -> str:
         return str(evt.row_value[0]) if evt.row_value else ""
 
@@ -400,6 +425,8 @@ def build_app(lab: Lab):
                         label="Use as input of", scale=2)
                     use = gr.Button("Use as input", scale=1)
                 lineage = gr.Markdown(label="Lineage", elem_id="lineage")
+                per_layer = gr.BarPlot(x="layer", y="value", color="series",
+                                       label="Per layer", visible=False)
                 ck_json = gr.JSON(label="Config, versions, files, evaluations")
                 with gr.Accordion("Import checkpoint", open=False):
                     imp_ref = gr.Textbox(label="Local folder or Hub id (ORG/NAME)")
@@ -416,6 +443,8 @@ def build_app(lab: Lab):
                 selected_ck.change(lambda c: checkpoint_detail(lab, c), inputs=selected_ck,
                                    outputs=[ck_summary, lineage, ck_json],
                                    api_name="checkpoint_detail")
+                selected_ck.change(lambda c: show_per_layer(c), inputs=selected_ck,
+                                   outputs=per_layer, api_visibility="private")
                 imp_go.click(lambda r, n: import_form(lab, r, n), inputs=[imp_ref, imp_name],
                              outputs=imp_msg, api_name="import_checkpoint")
 

@@ -189,12 +189,24 @@ def validate_config(plugin: Plugin, data: Any) -> BaseModel:
         raise ConfigError(plugin.name, problems) from None
 
 
+def _marker(prop: dict) -> str | None:
+    """The x-weightsmith marker of a schema property, looking inside Optional[...] too."""
+    if "x-weightsmith" in prop:
+        return prop["x-weightsmith"]
+    for option in prop.get("anyOf", []):
+        if "x-weightsmith" in option:
+            return option["x-weightsmith"]
+    return None
+
+
 def checkpoint_refs(config: BaseModel, prefix: str = "") -> Iterator[tuple[str, str]]:
-    """(field path, reference) for every checkpoint-reference field set in a config."""
-    for name, info in type(config).model_fields.items():
+    """(field path, reference) for every checkpoint-reference field set in a config.
+
+    Read from the JSON schema: an Annotated marker inside Optional[...] only shows there."""
+    props = type(config).model_json_schema().get("properties", {})
+    for name in type(config).model_fields:
         value = getattr(config, name)
-        marker = (info.json_schema_extra or {}).get("x-weightsmith") \
-            if isinstance(info.json_schema_extra, dict) else None
+        marker = _marker(props.get(name, {}))
         if marker == "checkpoint" and value:
             yield prefix + name, value
         elif marker == "checkpoints" and value:

@@ -91,8 +91,13 @@ def _v1(db: sqlite_utils.Database) -> None:
     db["evaluations"].create_index(["checkpoint_id", "task", "metric"])
 
 
+def _v2(db: sqlite_utils.Database) -> None:
+    # merges record each input's density (TIES, DARE, ...) on its lineage edge
+    db["edges"].add_column("density", float)
+
+
 # Forward migrations, applied in order; never edit one that has shipped, append a new one.
-MIGRATIONS: list[tuple[int, Any]] = [(1, _v1)]
+MIGRATIONS: list[tuple[int, Any]] = [(1, _v1), (2, _v2)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
@@ -190,7 +195,8 @@ class Registry:
                 check_relation(edge_rel)
                 self.db["edges"].insert({
                     "child_id": ck_id, "parent_id": p["id"], "relation": edge_rel,
-                    "weight": p.get("weight"), "role": p.get("role"), "position": position})
+                    "weight": p.get("weight"), "density": p.get("density"),
+                    "role": p.get("role"), "position": position})
         return self.get_checkpoint(ck_id)
 
     def free_id(self, prefix: str) -> str:
@@ -332,7 +338,8 @@ class Registry:
         nodes = [{**rows[i], "scores": scores.get(i, {})} for i in sorted(
             ids, key=lambda i: (rows[i]["created_at"], i))]
         edges = list(self.db.query(
-            f"SELECT parent_id AS parent, child_id AS child, relation, weight, role FROM edges "
+            f"SELECT parent_id AS parent, child_id AS child, relation, weight, density, role "
+            f"FROM edges "
             f"WHERE child_id IN ({marks}) AND parent_id IN ({marks}) "
             f"ORDER BY child_id, position", ids + ids))
         return {"root": root["id"], "nodes": nodes, "edges": edges}

@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 # The shared test table: one valid example config per built-in plugin. A new plugin adds a row.
 EXAMPLES = {
     "evaluate": {"checkpoint": "ck-12345678", "window": 64, "stride": 32},
+    "merge": {"method": "ties", "models": ["ck-11111111", "ck-22222222"],
+              "weights": [0.5, 0.5], "density": 0.5, "base_model": "ck-12345678"},
     "scale_layers": {"checkpoint": "ck-12345678", "method": "widen_mlp",
                      "intermediate_size": 512, "noise": 0.01},
 }

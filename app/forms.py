@@ -33,6 +33,7 @@ class FieldSpec:
     minimum: float | None = None
     maximum: float | None = None
     integer: bool = False
+    multiline: bool = False  # long text, e.g. a pasted YAML document
     children: list["FieldSpec"] = field(default_factory=list)
 
 
@@ -80,8 +81,9 @@ def _spec(name: str, prop: dict, root: dict, required: bool, prefix: str) -> Fie
         low = prop.get("minimum", prop.get("exclusiveMinimum"))
         high = prop.get("maximum", prop.get("exclusiveMaximum"))
         spec.minimum, spec.maximum = low, high
-        # a slider only where both bounds exist and the range is one a hand can drag
-        spec.kind = SLIDER if low is not None and high is not None and (
+        # a slider only where both bounds exist and the range is one a hand can drag; an
+        # optional number is never a slider (a slider cannot be empty: it would send a value)
+        spec.kind = SLIDER if low is not None and high is not None and not optional and (
             not spec.integer or high - low <= 10_000) else NUMBER
     elif kind == "object" and "properties" in prop:
         spec.kind = GROUP
@@ -90,6 +92,7 @@ def _spec(name: str, prop: dict, root: dict, required: bool, prefix: str) -> Fie
                          for n, p in prop["properties"].items()]
     elif kind == "string":
         spec.kind = TEXT
+        spec.multiline = marker == "multiline"
     else:
         spec.kind = YAML  # lists, dicts, unions: typed as YAML in a textbox
     return spec

@@ -38,6 +38,7 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
     thread = threading.Thread(target=scheduler.run_forever, args=(stop,), daemon=True,
                               name="weightsmith-scheduler")
     thread.start()
+    app = None
     try:
         if ui:
             from app.ui import CSS, build_app
@@ -54,6 +55,9 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
         pass
     finally:
         stop.set()
+        if app is not None:
+            app.close()  # stop Gradio's server threads, or they keep the process alive
         thread.join(timeout=5)
         scheduler.release()
+        log.info("stopped")
     return 0

@@ -286,7 +286,8 @@ def _widget(gr, spec: forms.FieldSpec, value, choices):
                           info=(info or "") + " (a path on the server, or upload a file)")
     if spec.kind == forms.YAML:
         return gr.Textbox(value=value, label=label, info=(info or "") + " (YAML)")
-    return gr.Textbox(value=value, label=label, info=info)
+    return gr.Textbox(value=value, label=label, info=info,
+                      lines=10 if spec.multiline else 1, max_lines=40 if spec.multiline else 1)
 
 
 def save_upload(lab: Lab, temp_path: str | None) -> str:

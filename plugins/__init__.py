@@ -33,6 +33,7 @@ CheckpointRef = Annotated[str, Field(min_length=1, json_schema_extra={"x-weights
 CheckpointList = Annotated[list[CheckpointRef],
                            Field(min_length=1, json_schema_extra={"x-weightsmith": "checkpoints"})]
 LocalFile = Annotated[str, Field(min_length=1, json_schema_extra={"x-weightsmith": "file"})]
+LongText = Annotated[str, Field(json_schema_extra={"x-weightsmith": "multiline"})]
 
 
 class PluginConfig(BaseModel):

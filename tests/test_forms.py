@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import plugins
 from app import forms
-from plugins import CheckpointList, CheckpointRef, LocalFile, PluginConfig
+from plugins import CheckpointList, CheckpointRef, LocalFile, LongText, PluginConfig
 from tests.test_plugins import EXAMPLES
 
 
@@ -32,7 +32,9 @@ class Everything(PluginConfig):
     method: Literal["ties", "linear"] = Field("ties", description="A literal.")
     color: Color = Field(Color.red, description="An enum.")
     name: str = Field("out", description="Text.")
+    notes: Optional[LongText] = Field(None, description="Long text.")
     seed: Optional[int] = Field(None, description="Optional int.")
+    density: Optional[float] = Field(None, gt=0, le=1, description="Optional bounded float.")
     tags: list[str] = Field(default_factory=list, description="A list.")
     inner: Inner = Field(default_factory=Inner, description="Nested.")
 
@@ -43,7 +45,7 @@ def test_each_field_type_gets_its_widget():
     assert kinds == {
         "model": "checkpoint", "models": "checkpoints", "data": "file", "flag": "checkbox",
         "steps": "slider", "lr": "number", "method": "dropdown", "color": "dropdown",
-        "name": "text", "seed": "number", "tags": "yaml", "inner.rate": "slider",
+        "name": "text", "notes": "text", "seed": "number", "density": "number", "tags": "yaml", "inner.rate": "slider",
         "inner.note": "text"}
     assert specs["method"].choices == ["ties", "linear"]
     assert specs["color"].choices == ["red", "blue"]
@@ -51,6 +53,8 @@ def test_each_field_type_gets_its_widget():
                                                                                           True)
     assert specs["model"].required and specs["model"].help == "The model."
     assert specs["seed"].optional and not specs["seed"].required
+    assert specs["notes"].multiline and not specs["name"].multiline
+    assert specs["density"].optional  # a text box that may stay empty, not a slider
     group = [s for s in forms.form_spec(Everything) if s.kind == "group"]
     assert [g.path for g in group] == ["inner"]
 

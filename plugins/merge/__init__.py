@@ -11,7 +11,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from plugins import CheckpointRef, Plugin, PluginConfig
+from plugins import CheckpointRef, LongText, Plugin, PluginConfig
 
 METHODS = ("linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_ties", "dare_linear",
            "breadcrumbs", "della", "model_stock", "passthrough")
@@ -22,7 +22,7 @@ USES_WEIGHT = USES_DENSITY | {"linear", "task_arithmetic"}  # mergekit requires 
 
 
 class Config(PluginConfig):
-    mergekit_yaml: Optional[str] = Field(
+    mergekit_yaml: Optional[LongText] = Field(
         None, description="A whole mergekit configuration: anything `mergekit-yaml` accepts. "
                           "Model references may be registry ids, names, folders or Hub ids. "
                           "Leave empty to merge with the fields below instead.")

@@ -103,6 +103,7 @@ def _wait(lab: Lab, job_id: str) -> int:
     own = scheduler.acquire()
     log_pos = 0
     log_path = lab.job_dir(job_id) / "log.txt"
+    reg = lab.registry()  # one connection for the whole wait, not one per poll
     try:
         while True:
             if own:
@@ -115,8 +116,7 @@ def _wait(lab: Lab, job_id: str) -> int:
                 if chunk:
                     sys.stderr.write(chunk.decode("utf-8", "replace"))
                     sys.stderr.flush()
-            with lab.registry() as reg:
-                status = reg.job(job_id)["status"]
+            status = reg.job(job_id)["status"]
             if status in FINISHED:
                 if own:  # let the scheduler reap the worker process
                     for proc in scheduler.children.values():
@@ -127,6 +127,7 @@ def _wait(lab: Lab, job_id: str) -> int:
         print(f"\ninterrupted: cancelling {job_id}", file=sys.stderr)
         jobs_mod.cancel(lab, job_id)
     finally:
+        reg.close()
         scheduler.release()
     summary = jobs_mod.job_summary(lab, job_id)
     if summary["status"] != "succeeded" and summary.get("error"):

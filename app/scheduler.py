@@ -137,8 +137,8 @@ class Scheduler:
             log.warning("job %s %s: %s%s", job["id"], status, reason,
                         f" (removed {len(removed)} partial checkpoint folders)" if removed else "")
 
-    def _free_slot(self, uses_gpu: bool) -> str | None:
-        busy = Counter(j["device"] for j in self.registry.jobs(status="running", limit=10_000))
+    def _free_slot(self, uses_gpu: bool, busy: Counter) -> str | None:
+        """A device with room, given `busy` (running jobs per device), or None."""
         if uses_gpu and self.gpu_capacity:
             # A GPU job waits for a GPU; running it on the CPU instead would be a silent,
             # many-times-slower fallback. CPU slots serve GPU jobs only on GPU-less machines.
@@ -154,6 +154,9 @@ class Scheduler:
 
         queued = list(self.registry.db.query(
             "SELECT * FROM jobs WHERE status = 'queued' ORDER BY priority DESC, created_at"))
+        if not queued:
+            return
+        busy = Counter(j["device"] for j in self.registry.jobs(status="running", limit=10_000))
         for job in queued:
             if only and job["id"] != only:
                 continue
@@ -163,16 +166,16 @@ class Scheduler:
                 self.registry.update_job(job["id"], only_if_status=("queued",), status="failed",
                                          finished_at=now(), error=str(e))
                 continue
-            device = self._free_slot(uses_gpu)
-            if device is None:
-                continue
-            self.start(job, device)
+            device = self._free_slot(uses_gpu, busy)
+            if device is not None and self.start(job, device):
+                busy[device] += 1
 
-    def start(self, job: dict, device: str) -> None:
+    def start(self, job: dict, device: str) -> bool:
+        """Start a queued job on `device`; False if someone else claimed it first."""
         # Claim first: only one scheduler pass may move a job from queued to running.
         if not self.registry.update_job(job["id"], only_if_status=("queued",), status="running",
                                         device=device, started_at=now()):
-            return
+            return False
         job_dir = Path(job["job_dir"] or self.lab.job_dir(job["id"]))
         job_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
@@ -193,10 +196,10 @@ class Scheduler:
         self.children[job["id"]] = proc
         log.info("started job %s (%s) on %s as pid %d", job["id"], job["plugin"], device,
                  proc.pid)
+        return True
 
     def run_forever(self, stop: threading.Event) -> None:
-        self.recover()
-        while not stop.is_set():
+        while not stop.is_set():  # each tick begins with recover()
             try:
                 self.tick()
             except Exception:  # the loop must survive a bad job row or a locked database

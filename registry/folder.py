@@ -67,21 +67,26 @@ def weight_files(folder: Path) -> list[Path]:
     return safetensors or files
 
 
-def safetensors_summary(file: Path) -> tuple[int, str | None]:
-    """(parameter count, dominant dtype) from a safetensors header; raises naming the file."""
+def tensor_headers(file: Path) -> dict[str, tuple[str, list[int]]]:
+    """{tensor name: (dtype, shape)} from a safetensors header; raises naming the file."""
     from safetensors import safe_open
 
-    counts: dict[str, int] = {}
     try:
         with safe_open(str(file), framework="numpy") as f:
-            for key in f.keys():
-                s = f.get_slice(key)
-                n = 1
-                for d in s.get_shape():
-                    n *= d
-                counts[s.get_dtype()] = counts.get(s.get_dtype(), 0) + n
+            return {key: (f.get_slice(key).get_dtype(), list(f.get_slice(key).get_shape()))
+                    for key in f.keys()}
     except Exception as e:  # safetensors raises its own error type for every corruption
         raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
+
+
+def safetensors_summary(file: Path) -> tuple[int, str | None]:
+    """(parameter count, dominant dtype) from a safetensors header; raises naming the file."""
+    counts: dict[str, int] = {}
+    for dtype, shape in tensor_headers(file).values():
+        n = 1
+        for d in shape:
+            n *= d
+        counts[dtype] = counts.get(dtype, 0) + n
     total = sum(counts.values())
     dtype = max(counts, key=counts.get) if counts else None
     return total, _DTYPE_NAMES.get(dtype, dtype) if dtype else None

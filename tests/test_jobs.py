@@ -175,13 +175,17 @@ def job_row(lab, job_id):
         return reg.job(job_id)
 
 
-def test_kill_9_server_and_worker_marks_job_interrupted(lab, tmp_path):
-    pid_file = tmp_path / "pids"
+def start_sleeper(lab, pid_file, seconds):
+    """A server for the lab, with a test_sleep job running under it: (server, job, worker)."""
     server = start_server(lab.root)
+    job = jobs.submit(lab, "test_sleep", {"seconds": seconds, "pid_file": str(pid_file)})
+    wait_for(lambda: pid_file.exists() and pid_file.read_text(), 60, what="worker start")
+    return server, job, int(pid_file.read_text().split()[0])
+
+
+def test_kill_9_server_and_worker_marks_job_interrupted(lab, tmp_path):
+    server, job, worker = start_sleeper(lab, tmp_path / "pids", 120)
     try:
-        job = jobs.submit(lab, "test_sleep", {"seconds": 120, "pid_file": str(pid_file)})
-        wait_for(lambda: pid_file.exists() and pid_file.read_text(), 60, what="worker start")
-        worker, grandchild = map(int, pid_file.read_text().split())
         assert job_row(lab, job["id"])["status"] == "running"
         # a machine crash: the server and the job's whole process group die at once
         os.kill(server.pid, signal.SIGKILL)
@@ -205,11 +209,8 @@ def test_kill_9_server_and_worker_marks_job_interrupted(lab, tmp_path):
 
 
 def test_job_survives_a_server_restart(lab, tmp_path):
-    pid_file = tmp_path / "pids"
-    server = start_server(lab.root)
+    server, job, _ = start_sleeper(lab, tmp_path / "pids", 4)
     try:
-        job = jobs.submit(lab, "test_sleep", {"seconds": 4, "pid_file": str(pid_file)})
-        wait_for(lambda: pid_file.exists() and pid_file.read_text(), 60, what="worker start")
         os.kill(server.pid, signal.SIGKILL)
         server.wait(10)
         server = start_server(lab.root)  # re-attaches; the job keeps going and finishes

@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from plugins import CheckpointRef, LocalFile, Plugin, PluginConfig
 
-DEMO_TEXT = Path(__file__).resolve().parents[2] / "assets" / "demo" / "heldout.txt"
+from app.demo import HELDOUT as DEMO_TEXT  # the shipped held-out text (cheap import)
 
 
 class Config(PluginConfig):

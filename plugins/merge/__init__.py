@@ -122,16 +122,10 @@ def _rewrite(data: dict, paths: dict[str, str]) -> dict:
 
 
 def _header_shapes(folder) -> dict[str, list[int]]:
-    from safetensors import safe_open
+    from registry.folder import tensor_headers, weight_files
 
-    from registry.folder import weight_files
-
-    shapes = {}
-    for file in weight_files(folder):
-        with safe_open(str(file), framework="numpy") as f:
-            for key in f.keys():
-                shapes[key] = f.get_slice(key).get_shape()
-    return shapes
+    return {key: shape for file in weight_files(folder)
+            for key, (_, shape) in tensor_headers(file).items()}
 
 
 def check_compatible(opened: dict, data: dict) -> None:

@@ -63,6 +63,9 @@ class NewCheckpoint:
     relation: str
     parents: list[dict]
     metadata: dict = field(default_factory=dict)
+    # scores measured before the checkpoint exists in the registry, recorded when it is
+    # published: (task, metric, value, stderr, details)
+    evaluations: list[tuple] = field(default_factory=list)
 
 
 class JobContext:
@@ -135,10 +138,14 @@ class JobContext:
     def metric(self, name: str, value: float, step: int | None = None) -> None:
         self.registry.add_metric(name=name, value=value, step=step, job_id=self.job_id)
 
-    def evaluation(self, checkpoint: OpenCheckpoint | str, task: str, metric: str,
-                   value: float, stderr: float | None = None,
+    def evaluation(self, checkpoint: OpenCheckpoint | NewCheckpoint | str, task: str,
+                   metric: str, value: float, stderr: float | None = None,
                    details: dict | None = None) -> None:
-        """Record a score on a registered checkpoint (and as a metric of this job)."""
+        """Record a score on a registered checkpoint (and as a metric of this job). A score of
+        a checkpoint being written is held until it is published (and dropped with it)."""
+        if isinstance(checkpoint, NewCheckpoint):
+            checkpoint.evaluations.append((task, metric, value, stderr, details))
+            return
         ck_id = checkpoint.id if isinstance(checkpoint, OpenCheckpoint) else checkpoint
         self.registry.add_evaluation(checkpoint_id=ck_id, task=task, metric=metric,
                                      value=value, stderr=stderr, job_id=self.job_id,
@@ -203,6 +210,8 @@ class JobContext:
                                 relation=pending.relation, parents=pending.parents,
                                 job=self.job, metadata=pending.metadata))
             self.log(f"registered checkpoint {rows[-1]['id']} ({rows[-1]['name']})")
+            for task, metric, value, stderr, details in pending.evaluations:
+                self.evaluation(rows[-1]["id"], task, metric, value, stderr, details)
         self._pending.clear()
         return rows
 

@@ -179,6 +179,10 @@ def checkpoint_detail(lab: Lab, ck_id: str | None) -> tuple[str, str, dict]:
             f"{p['parent_name']} ({p['relation']}"
             + (f", weight {p['weight']:g}" if p["weight"] is not None else "")
             + (f", {p['role']}" if p["role"] else "") + ")" for p in parents)
+    meta = to_json(row).get("metadata")
+    if isinstance(meta, dict) and isinstance(meta.get("sparsity"), (int, float)):
+        summary += (f"\n\n{meta.get('method', '')} sparsity {meta['sparsity']:.1%}"
+                    + (f" ({meta['pattern']})" if meta.get("pattern") else ""))
     files = sorted(p.name for p in Path(row["path"]).iterdir()) if row["path"] and \
         Path(row["path"]).is_dir() else []
     details = {"config": row.get("config"), "versions": row.get("versions"),
@@ -189,7 +193,7 @@ def checkpoint_detail(lab: Lab, ck_id: str | None) -> tuple[str, str, dict]:
     return summary, f"```mermaid\n{graph}\n```", details
 
 
-PER_LAYER_SERIES = ("block_influence",)  # metadata lists drawn per layer in the Registry
+PER_LAYER_SERIES = ("block_influence", "sparsity_per_layer")  # metadata lists drawn per layer in the Registry
 
 
 def per_layer_frame(lab: Lab, ck_id: str | None):

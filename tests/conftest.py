@@ -28,6 +28,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory) -> Path:
+    """The real demo model (what `weightsmith demo` builds: 3.3M parameters, 300 steps, about
+    70 s on 2 cores), for the tests whose claims are about the demo model itself."""
+    from app.demo import build_demo
+    from app.lab import Lab
+
+    lab = Lab(tmp_path_factory.mktemp("demo") / "lab")
+    built = build_demo(lab, log=lambda message: None)
+    with lab.registry() as reg:
+        return Path(reg.checkpoint(built["base"])["path"])
+
+
 @pytest.fixture
 def lab_dir(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "lab"

@@ -17,6 +17,8 @@ EXAMPLES = {
     "evaluate": {"checkpoint": "ck-12345678", "window": 64, "stride": 32},
     "merge": {"method": "ties", "models": ["ck-11111111", "ck-22222222"],
               "weights": [0.5, 0.5], "density": 0.5, "base_model": "ck-12345678"},
+    "prune": {"checkpoint": "ck-12345678", "method": "sparsegpt", "pattern": "2:4",
+              "dampening": 0.05},
     "scale_layers": {"checkpoint": "ck-12345678", "method": "widen_mlp",
                      "intermediate_size": 512, "noise": 0.01},
 }

@@ -59,6 +59,21 @@ def test_evaluate_through_the_generated_form(server, lab_dir):
     assert {e["metric"] for e in details["evaluations"]} >= {"perplexity", "bits_per_byte"}
 
 
+def test_prune_through_the_generated_form(server, lab_dir):
+    values = form_values("prune", {"checkpoint": "tiny", "method": "sparsegpt",
+                                   "pattern": "2:4", "calibration_samples": 4,
+                                   "calibration_length": 32, "eval_max_tokens": 300})
+    message, job_id = server.predict(*values, api_name="/run_prune")
+    assert job_id.startswith("job-"), message
+    wait_for(lambda: "succeeded" in server.predict(job_id, api_name="/job_detail")[0], 90,
+             interval=0.5, what="job success")
+    summary, lineage, details = server.predict("tiny-sparsegpt-2of4",
+                                               api_name="/checkpoint_detail")
+    assert "prune" in summary and "sparsegpt sparsity 50.0% (2:4)" in summary
+    assert details["metadata"]["sparsity_per_layer"] == [0.5, 0.5]
+    assert "ppl:heldout.txt" in lineage  # the score and its delta on the lineage graph
+
+
 def test_bad_values_come_back_as_field_named_errors(server):
     values = form_values("evaluate", {"checkpoint": "no-such-checkpoint", "window": 64})
     values[[s.path for s in forms.leaves(forms.form_spec(plugins.get("evaluate").Config))]

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from pathlib import Path
 
 
-def read_text_file(path: str | Path | None, field: str, default: Path | None = None) -> tuple[Path, str]:
-    """(path, text) of a UTF-8 file named by a config field; the error names the field."""
+def read_text_file(path: str | Path | None, field: str,
+                   default: Path | None = None) -> tuple[Path, str]:
+    """(path, text) of a UTF-8 file named by a config field; the error names the field.
+    A .jsonl file contributes the "text" field of each line, documents joined by blank
+    lines."""
     resolved = Path(path).expanduser() if path else default
     if resolved is None:
         raise ValueError(f"{field} is required")
@@ -19,9 +23,27 @@ def read_text_file(path: str | Path | None, field: str, default: Path | None = N
     except UnicodeDecodeError as exc:
         raise ValueError(f"{field}: {resolved} is not UTF-8 text ({exc.reason} at byte "
                          f"{exc.start})") from None
+    if resolved.suffix == ".jsonl":
+        text = _jsonl_text(text, resolved, field)
     if not text.strip():
         raise ValueError(f"{field}: {resolved} is empty")
     return resolved, text
+
+
+def _jsonl_text(raw: str, path: Path, field: str) -> str:
+    docs = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{field}: {path} line {number} is not JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ValueError(f"{field}: {path} line {number} has no string field 'text' "
+                             f"(a .jsonl text file needs one per line)")
+        docs.append(row["text"])
+    return "\n\n".join(docs)
 
 
 def check_text_file(path: str | None, field: str) -> str | None:

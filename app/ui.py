@@ -166,6 +166,7 @@ def checkpoint_detail(lab: Lab, ck_id: str | None) -> tuple[str, str, dict]:
             row = to_json(reg.checkpoint(ck_id))
             parents = reg.parents(row["id"])
             evaluations = reg.evaluations(row["id"])
+            deltas = reg.score_deltas(row["id"])
             graph = reg.lineage_mermaid(row["id"], max_depth=20)
     except RegistryError as e:
         return str(e), "", {}
@@ -179,6 +180,10 @@ def checkpoint_detail(lab: Lab, ck_id: str | None) -> tuple[str, str, dict]:
             f"{p['parent_name']} ({p['relation']}"
             + (f", weight {p['weight']:g}" if p["weight"] is not None else "")
             + (f", {p['role']}" if p["role"] else "") + ")" for p in parents)
+    if deltas:
+        summary += "\n\nScores against parents: " + "; ".join(
+            f"{d['metric']} {d['value']:.4g} ({d['delta']:+.4g} vs {d['parent_name']})"
+            for d in deltas)
     meta = to_json(row).get("metadata")
     if isinstance(meta, dict) and isinstance(meta.get("sparsity"), (int, float)):
         summary += (f"\n\n{meta.get('method', '')} sparsity {meta['sparsity']:.1%}"

@@ -322,6 +322,24 @@ def test_empty_missing_or_binary_calibration_files_are_refused(tmp_path):
         prune_config(eval_file=str(binary))
 
 
+def test_jsonl_calibration_files_are_read_by_their_text_field(tmp_path):
+    from app.textdata import read_text_file
+    from plugins import ConfigError
+
+    good = tmp_path / "c.jsonl"
+    good.write_text('{"text": "first doc"}\n\n{"text": "second", "id": 2}\n')
+    assert read_text_file(good, "calibration_file")[1] == "first doc\n\nsecond"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"content": "no text"}\n')
+    with pytest.raises(ConfigError, match="field 'calibration_file'.*line 2 has no string "
+                                          "field 'text'"):
+        prune_config(calibration_file=str(bad))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": "  "}\n')
+    with pytest.raises(ConfigError, match="is empty"):
+        prune_config(calibration_file=str(empty))
+
+
 def test_the_cli_refuses_bad_prune_input_before_queueing(lab_dir, tmp_path):
     from tests.conftest import run_cli, write_yaml
 

@@ -1,5 +1,6 @@
 """The workbench through its HTTP API (gradio_client) against a real server on 127.0.0.1."""
 
+import re
 import socket
 from pathlib import Path
 import subprocess
@@ -70,6 +71,7 @@ def test_prune_through_the_generated_form(server, lab_dir):
     summary, lineage, details = server.predict("tiny-sparsegpt-2of4",
                                                api_name="/checkpoint_detail")
     assert "prune" in summary and "sparsegpt sparsity 50.0% (2:4)" in summary
+    assert re.search(r"ppl:heldout.txt/perplexity [0-9.]+ \(\+[0-9.]+ vs tiny\)", summary)
     assert details["metadata"]["sparsity_per_layer"] == [0.5, 0.5]
     assert "ppl:heldout.txt" in lineage  # the score and its delta on the lineage graph
 

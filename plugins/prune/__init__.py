@@ -55,8 +55,8 @@ class Config(PluginConfig):
         "structured: key/value head groups (each with its query heads, so GQA stays uniform) "
         "removed from every layer."))
     calibration_file: Optional[LocalFile] = Field(None, description=(
-        "UTF-8 text for activations and importance (wanda, sparsegpt, taylor). Empty: the "
-        "demo corpus shipped in assets/demo/corpus.txt."))
+        "UTF-8 text, or .jsonl with a 'text' field per line, for activations and importance "
+        "(wanda, sparsegpt, taylor). Empty: the demo corpus (assets/demo/corpus.txt)."))
     calibration_samples: int = Field(64, ge=1, le=4096, description=(
         "Calibration windows, drawn at seeded random offsets."))
     calibration_length: int = Field(128, ge=8, le=8192, description="Tokens per calibration "

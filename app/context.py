@@ -77,6 +77,7 @@ class JobContext:
         self.work_dir = Path(job["job_dir"] or lab.job_dir(job["id"]))
         self._out = out or sys.stdout
         self._pending: list[NewCheckpoint] = []
+        self._made = 0  # temporary folder numbers, never reused within a job
         self._last_db_progress = 0.0
         self._last_log_progress = 0.0
         self._device: str | None = None
@@ -194,7 +195,8 @@ class JobContext:
                 self.registry.checkpoint(target)["id"]
             edges.append(spec)
         tmp = self.lab.checkpoints_dir / (self.lab.tmp_prefix(self.job_id)
-                                          + str(len(self._pending)))
+                                          + str(self._made))
+        self._made += 1
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
@@ -203,17 +205,21 @@ class JobContext:
         self._pending.append(pending)
         return pending
 
+    def publish(self, pending: NewCheckpoint) -> dict:
+        """Publish one completely written checkpoint now, while the job goes on (for example
+        an intermediate training checkpoint); returns its registry row. It stays registered
+        whatever happens to the job later."""
+        self._pending.remove(pending)
+        row = publish(self.lab, self.registry, pending.path, name=pending.name,
+                      relation=pending.relation, parents=pending.parents, job=self.job,
+                      metadata=pending.metadata)
+        self.log(f"registered checkpoint {row['id']} ({row['name']})")
+        for task, metric, value, stderr, details in pending.evaluations:
+            self.evaluation(row["id"], task, metric, value, stderr, details)
+        return row
+
     def publish_all(self) -> list[dict]:
-        rows = []
-        for pending in self._pending:
-            rows.append(publish(self.lab, self.registry, pending.path, name=pending.name,
-                                relation=pending.relation, parents=pending.parents,
-                                job=self.job, metadata=pending.metadata))
-            self.log(f"registered checkpoint {rows[-1]['id']} ({rows[-1]['name']})")
-            for task, metric, value, stderr, details in pending.evaluations:
-                self.evaluation(rows[-1]["id"], task, metric, value, stderr, details)
-        self._pending.clear()
-        return rows
+        return [self.publish(pending) for pending in list(self._pending)]
 
     def discard_all(self) -> None:
         for pending in self._pending:

@@ -55,9 +55,21 @@ def check_config(lab: Lab, plugin_name: str, data: dict):
                 resolve_ref(reg, ref)
             except RefError as e:
                 problems.append(f"field '{field}': {e}")
+    needs = getattr(config, "gpu_requirement", None)
+    requirement = needs() if callable(needs) else None
+    if requirement and not lab_gpus(lab):
+        field, why = requirement
+        problems.append(f"field '{field}': {why}, and this lab has none (set `gpus` in "
+                        f"lab.toml if it has)")
     if problems:
         raise plugins.ConfigError(plugin_name, problems)
     return plugin, config
+
+
+def lab_gpus(lab: Lab) -> list[int]:
+    from app.scheduler import detect_gpus
+
+    return lab.settings.gpus if lab.settings.gpus is not None else detect_gpus()
 
 
 def submit(lab: Lab, plugin_name: str, data: dict, *, user: str | None = None,

@@ -127,6 +127,15 @@ def job_detail(lab: Lab, job_id: str | None) -> tuple[str, str, str, object]:
     return status, bar, log, frame
 
 
+def plotted_metrics(names: list[str], chosen: list[str] | None) -> list[str]:
+    """The curves drawn: the user's choice, else the losses and perplexities (metrics of
+    other scales, such as tokens/s or the learning rate, would flatten them), else all."""
+    if chosen:
+        return [n for n in chosen if n in names]
+    default = [n for n in names if "loss" in n or "ppl" in n or "perplexity" in n]
+    return default or names
+
+
 def stop_job(lab: Lab, job_id: str | None) -> str:
     if not job_id:
         return "Select a job first."
@@ -144,6 +153,27 @@ def retry_job(lab: Lab, job_id: str | None) -> tuple[str, str]:
     except (plugins.ConfigError, plugins.PluginError) as e:
         return f"Could not retry: {e}", job_id
     return f"Re-submitted {job_id} as **{new['id']}**.", new["id"]
+
+
+def resume_job(lab: Lab, job_id: str | None) -> tuple[str, str]:
+    """Continue a cancelled or failed training job from its last saved state: the same
+    config with `resume_job` set (plugins whose Config has that field)."""
+    if not job_id:
+        return "Select a job first.", ""
+    with lab.registry() as reg:
+        job = reg.job(job_id)
+    plugin = plugins.get(job["plugin"])
+    if "resume_job" not in plugin.Config.model_fields:
+        return f"{job['plugin']} jobs cannot be resumed; use Retry.", job_id
+    if job["status"] not in ("cancelled", "failed", "interrupted"):
+        return f"{job_id} is {job['status']}; only a stopped job can be resumed.", job_id
+    config = json.loads(job["config"])
+    config["resume_job"] = job_id
+    try:
+        new = jobs_mod.submit(lab, job["plugin"], config, user=job["user"])
+    except (plugins.ConfigError, plugins.PluginError) as e:
+        return f"Could not resume: {e}", job_id
+    return f"Resuming {job_id} as **{new['id']}**.", new["id"]
 
 
 # -------------------------------------------------------------------------------- registry
@@ -344,9 +374,13 @@ def build_app(lab: Lab):
         values, note = loaded
         return (*(values if values is not None else [gr.skip()] * n_inputs), note)
 
-    def live_job(job_id):
+    def live_job(job_id, chosen=None):
         status, bar, log, frame = job_detail(lab, job_id)
-        return status, bar, log, gr.LinePlot(value=frame, visible=len(frame) > 0)
+        names = sorted(set(frame["name"])) if len(frame) else []
+        shown = plotted_metrics(names, chosen)
+        frame = frame[frame["name"].isin(shown)] if len(frame) else frame
+        return (status, bar, log, gr.LinePlot(value=frame, visible=len(frame) > 0),
+                gr.Dropdown(choices=names, visible=bool(names)))
 
     def show_per_layer(ck_id):
         frame = per_layer_frame(lab, ck_id)
@@ -403,23 +437,33 @@ def build_app(lab: Lab):
                     selected_job = gr.Textbox(label="Selected job", scale=3)
                     stop = gr.Button("Stop", variant="stop", scale=1)
                     retry = gr.Button("Retry", scale=1)
+                    resume = gr.Button("Resume", scale=1)
                 job_status = gr.Markdown(elem_id="job-status")
                 progress = gr.HTML(elem_id="job-progress")
                 with gr.Row():
                     log = gr.Textbox(label="Log (live tail)", lines=16, max_lines=16,
                                      autoscroll=True, scale=3, elem_id="job-log")
-                    plot = gr.LinePlot(x="step", y="value", color="name", label="Metrics",
-                                       visible=False, scale=2)
+                    with gr.Column(scale=2):
+                        plot_metrics = gr.Dropdown(
+                            choices=[], multiselect=True, label="Plot", visible=False,
+                            info="Curves to draw (empty: the losses and perplexities).")
+                        plot = gr.LinePlot(x="step", y="value", color="name",
+                                           label="Metrics", visible=False)
                 action = gr.Markdown(elem_id="job-action")
                 jobs_df.select(first_cell, outputs=selected_job,
                                api_visibility="private")
-                selected_job.change(lambda j: live_job(j), inputs=selected_job,
+                selected_job.change(lambda j: live_job(j)[:4], inputs=selected_job,
                                     outputs=[job_status, progress, log, plot],
                                     api_name="job_detail")
+                plot_metrics.change(lambda j, c: live_job(j, c)[3],
+                                    inputs=[selected_job, plot_metrics], outputs=plot,
+                                    api_visibility="private")
                 stop.click(lambda j: stop_job(lab, j), inputs=selected_job, outputs=action,
                            api_name="stop_job")
                 retry.click(lambda j: retry_job(lab, j), inputs=selected_job,
                             outputs=[action, selected_job], api_name="retry_job")
+                resume.click(lambda j: resume_job(lab, j), inputs=selected_job,
+                             outputs=[action, selected_job], api_name="resume_job")
 
             with gr.Tab("Registry", id="registry") as registry_tab:
                 with gr.Row():
@@ -472,8 +516,9 @@ def build_app(lab: Lab):
 
         # Live updates: poll the registry (state lives there, not in this process).
         timer = gr.Timer(1.5)
-        timer.tick(lambda j: (job_table(lab), *live_job(j)), inputs=selected_job,
-                   outputs=[jobs_df, job_status, progress, log, plot],
+        timer.tick(lambda j, c: (job_table(lab), *live_job(j, c)),
+                   inputs=[selected_job, plot_metrics],
+                   outputs=[jobs_df, job_status, progress, log, plot, plot_metrics],
                    api_visibility="private", show_progress="hidden")
 
         def refresh_registry(search_text):

@@ -19,6 +19,8 @@ EXAMPLES = {
               "weights": [0.5, 0.5], "density": 0.5, "base_model": "ck-12345678"},
     "prune": {"checkpoint": "ck-12345678", "method": "sparsegpt", "pattern": "2:4",
               "dampening": 0.05},
+    "train": {"checkpoint": "ck-12345678", "data": "data.jsonl", "method": "hft",
+              "max_steps": 10, "save_steps": 0},
     "scale_layers": {"checkpoint": "ck-12345678", "method": "widen_mlp",
                      "intermediate_size": 512, "noise": 0.01},
 }

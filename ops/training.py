@@ -1,0 +1,269 @@
+"""The training core shared by the train and continue_pretrain plugins: example encoding,
+trainable-parameter selection (LoRA/DoRA through peft, layer freezing, HFT), and a Trainer
+set-up with callbacks for live metrics and intermediate checkpoints.
+
+Built on transformers' Trainer (optimizer, schedule, gradient accumulation, bf16, saving and
+exact resume of optimizer, scheduler, RNG and data position) and peft (LoRA, DoRA). Nothing
+here writes files except through the Trainer's output_dir.
+
+References:
+- LoRA: https://arxiv.org/abs/2106.09685 ; DoRA: https://arxiv.org/abs/2402.09353 (peft's
+  `use_dora`); QLoRA: https://arxiv.org/abs/2305.14314 (4-bit base through bitsandbytes).
+- HFT: "HFT: Half Fine-Tuning for Large Language Models", https://arxiv.org/abs/2404.18466 :
+  half of the parameters are chosen at the category level and updated, the other half frozen.
+- Block expansion training (train only the new blocks): "LLaMA Pro",
+  https://arxiv.org/abs/2401.02415
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+IGNORE = -100  # label id the loss skips
+
+
+class TrainError(ValueError):
+    """A training request that does not fit the data or the model; names the setting."""
+
+
+# ----------------------------------------------------------------------- example encoding
+def encode_prompt_completion(tokenizer, prompt: str, completion: str, completion_only: bool,
+                             max_length: int) -> dict:
+    """input_ids = tokens(prompt) + tokens(completion) + EOS; labels mask the prompt when
+    `completion_only`. Truncated on the right to max_length."""
+    p = tokenizer(prompt)["input_ids"]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        c = c + [tokenizer.eos_token_id]
+    ids = (p + c)[:max_length]
+    labels = ([IGNORE] * len(p) + c)[:max_length] if completion_only else list(ids)
+    return {"input_ids": ids, "labels": labels}
+
+
+def encode_text(tokenizer, text: str, max_length: int) -> dict:
+    ids = tokenizer(text)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    ids = ids[:max_length]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def encode_messages(tokenizer, messages: list[dict], completion_only: bool, max_length: int,
+                    chat_template: str | None = None) -> dict:
+    """Render a conversation with the chat template; with `completion_only`, only the
+    assistant turns are learned. Each assistant turn's character span is found by rendering
+    the conversation up to it (with the generation prompt) and up to its end, so any template
+    whose renderings extend each other works; the spans map to tokens by offsets."""
+    def render(msgs, gen=False):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen,
+                                             chat_template=chat_template)
+
+    text = render(messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m.get("role") == "assistant":
+            start = len(render(messages[:i], gen=True)) if i else 0
+            end = len(render(messages[:i + 1]))
+            if text[:end] != render(messages[:i + 1]):
+                raise TrainError("the chat template does not render a conversation as an "
+                                 "extension of its prefixes; completion_only cannot find the "
+                                 "assistant turns")
+            spans.append((start, end))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"][:max_length]
+    if not completion_only:
+        return {"input_ids": ids, "labels": list(ids)}
+    labels = []
+    for tok, (a, b) in zip(ids, enc["offset_mapping"]):
+        # a token overlapping a turn is learned (BPE may glue the prompt's space to it)
+        inside = any(a < e and b > s for s, e in spans)
+        labels.append(tok if inside else IGNORE)
+    return {"input_ids": ids, "labels": labels}
+
+
+class PadCollator:
+    """Pads a list of {"input_ids", "labels"} to the longest in the batch (right padding)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)  # (B, L)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.as_tensor(r["input_ids"])
+            labels[i, :n] = torch.as_tensor(r["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+# ------------------------------------------------------------------ trainable parameters
+def decoder_layers(model) -> nn.ModuleList:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TrainError(f"{type(model).__name__} has no model.layers list; layer selection "
+                         f"(freeze, hft) needs a Llama-style layout")
+    return layers
+
+
+def layer_parameter_names(model, layers: list[int]) -> list[str]:
+    """Names of every parameter inside the given decoder layers."""
+    n = len(decoder_layers(model))
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad:
+        raise TrainError(f"trainable_layers {bad} are outside the model's layers 0..{n - 1}")
+    wanted = tuple(f"model.layers.{i}." for i in layers)
+    return [name for name, _ in model.named_parameters() if name.startswith(wanted)]
+
+
+# HFT categories within a decoder layer; each category contributes half of its members.
+HFT_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+HFT_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+HFT_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def hft_selection(model, seed: int) -> list[str]:
+    """HFT's category-level choice of the half to update (the other half is frozen).
+
+    Per decoder layer: 2 of the 4 attention matrices, and 1 of the 2 norms, chosen at random;
+    of the 3 MLP matrices, 2 in even-numbered and 1 in odd-numbered choices (alternating, so
+    that half of the MLP is updated over each pair of layers). Outside the layers, one of
+    {embeddings, (final norm + LM head)} is chosen. Returns parameter names (weights and
+    biases of a chosen module go together)."""
+    rng = random.Random(seed)
+    names = [n for n, _ in model.named_parameters()]
+    chosen: list[str] = []
+
+    def take(prefix: str) -> None:
+        chosen.extend(n for n in names if n == prefix or n.startswith(prefix + "."))
+
+    mlp_turn = 0
+    for i, _ in enumerate(decoder_layers(model)):
+        base = f"model.layers.{i}."
+        for m in rng.sample(HFT_ATTENTION, 2):
+            take(base + m)
+        k = 2 if mlp_turn % 2 == 0 else 1
+        mlp_turn += 1
+        for m in rng.sample(HFT_MLP, k):
+            take(base + m)
+        take(base + rng.choice(HFT_NORMS))
+    if rng.random() < 0.5:
+        take("model.embed_tokens")
+    else:
+        take("model.norm")
+        take("lm_head")
+    return chosen
+
+
+def set_trainable(model, names: list[str]) -> tuple[int, int]:
+    """requires_grad only for `names`; returns (trainable, total) parameter counts."""
+    wanted = set(names)
+    missing = wanted - {n for n, _ in model.named_parameters()}
+    if missing:
+        raise TrainError(f"no parameters named {sorted(missing)[:3]}")
+    trainable = total = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in wanted)
+        total += p.numel()
+        trainable += p.numel() if name in wanted else 0
+    return trainable, total
+
+
+def lora_wrap(model, *, r: int, alpha: int, dropout: float, target_modules: list[str],
+              dora: bool = False):
+    """peft's LoRA (or DoRA, `use_dora`) on the given module names."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+               if isinstance(m, nn.Linear)}
+    absent = [t for t in target_modules if t not in present]
+    if absent:
+        raise TrainError(f"target_modules {absent} are not linear layers of this model "
+                         f"(it has {sorted(present)})")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=list(target_modules), use_dora=dora,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def count_trainable(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------ the loop
+@dataclass
+class StepMetrics:
+    step: int
+    values: dict  # loss, learning_rate, grad_norm, tokens_per_second, eval_loss, epoch
+
+
+def report_callback(on_metrics: Callable[[StepMetrics], None] | None = None,
+                    on_save: Callable[[int, str], None] | None = None,
+                    on_step: Callable[[int, int], None] | None = None):
+    """A TrainerCallback forwarding logs (with tokens/s between logs) and saves."""
+    from transformers import TrainerCallback
+
+    class Report(TrainerCallback):
+        def __init__(self):
+            self.last = None  # (time, tokens seen) at the previous log
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.last = (time.monotonic(), state.num_input_tokens_seen)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not logs or on_metrics is None:
+                return
+            values = {k: float(v) for k, v in logs.items()
+                      if k in ("loss", "learning_rate", "grad_norm", "eval_loss", "epoch")
+                      and v is not None}
+            now, seen = time.monotonic(), state.num_input_tokens_seen
+            if "loss" in values and self.last and now > self.last[0]:
+                values["tokens_per_second"] = (seen - self.last[1]) / (now - self.last[0])
+                self.last = (now, seen)
+            if values:
+                on_metrics(StepMetrics(state.global_step, values))
+
+        def on_save(self, args, state, control, **kw):
+            if on_save is not None:
+                on_save(state.global_step, f"{args.output_dir}/checkpoint-{state.global_step}")
+
+        def on_step_end(self, args, state, control, **kw):
+            if on_step is not None:
+                on_step(state.global_step, state.max_steps)
+
+    return Report()
+
+
+def training_arguments(output_dir: str, *, device: str, **kw):
+    """TrainingArguments with the house defaults: no external loggers, no tqdm, tokens counted
+    (non-padding), bf16 on a GPU that supports it, float32 on CPU."""
+    from transformers import TrainingArguments
+
+    cuda = device.startswith("cuda")
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    defaults = dict(output_dir=output_dir, report_to=[], disable_tqdm=True,
+                    include_num_input_tokens_seen="non_padding", use_cpu=not cuda, bf16=bf16,
+                    dataloader_num_workers=0, save_only_model=False, remove_unused_columns=False)
+    defaults.update(kw)
+    return TrainingArguments(**defaults)
+
+
+def last_trainer_state(run_dir) -> str | None:
+    """The newest `checkpoint-N` folder a Trainer left in run_dir (what Resume continues)."""
+    from pathlib import Path
+
+    found = sorted(Path(run_dir).glob("checkpoint-*"),
+                   key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit()
+                   else -1)
+    return str(found[-1]) if found else None

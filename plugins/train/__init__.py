@@ -1,0 +1,425 @@
+"""train: supervised fine-tuning (full, LoRA, DoRA, QLoRA, freeze, HFT) on transformers'
+Trainer and peft (ops/training.py), with live metrics, intermediate checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from plugins import CheckpointRef, LongText, Plugin, PluginConfig
+
+ADAPTER_METHODS = ("lora", "dora", "qlora")
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# files of a Trainer checkpoint-N folder that make up the model (the rest is resume state)
+MODEL_FILES = ("config.json", "generation_config.json", "adapter_config.json",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "chat_template.jinja")
+
+
+class Config(PluginConfig):
+    checkpoint: CheckpointRef = Field(description="Base checkpoint to fine-tune: registry id, "
+                                                  "name, local folder or Hub id.")
+    data: str = Field(min_length=1, description=(
+        "Training data: a local .jsonl, .json, .csv, .parquet or .txt file, a folder of "
+        "them, or a Hub dataset id."))
+    data_format: Literal["auto", "prompt_completion", "messages", "text"] = Field(
+        "auto", description="How rows become training text. auto: 'messages' if that column "
+                            "exists, else prompt/completion, else text.")
+    prompt_column: str = Field("prompt", min_length=1, description="prompt_completion: the "
+                                                                   "prompt column.")
+    completion_column: str = Field("completion", min_length=1,
+                                   description="prompt_completion: the completion column.")
+    messages_column: str = Field("messages", min_length=1, description=(
+        "messages: the column of chat messages ([{role, content}, ...])."))
+    text_column: str = Field("text", min_length=1, description="text: the text column.")
+    chat_template: Optional[LongText] = Field(None, description=(
+        "messages: a Jinja chat template to use instead of the tokenizer's own."))
+    completion_only_loss: bool = Field(True, description=(
+        "Learn only the completion (prompt_completion) or the assistant turns (messages); "
+        "the prompt tokens get no loss."))
+    eval_data: Optional[str] = Field(None, description=(
+        "Held-out data in the same format, for eval loss. Empty: none, unless eval_fraction."))
+    eval_fraction: float = Field(0.0, ge=0, lt=0.5, description=(
+        "Fraction of the training rows held out for eval loss (seeded split)."))
+    method: Literal["full", "lora", "dora", "qlora", "freeze", "hft"] = Field("lora", description=(
+        "full: every weight; lora / dora: peft adapters (DoRA adds a learned magnitude); "
+        "qlora: LoRA on a 4-bit base (GPU only); freeze: only trainable_layers; hft: Half "
+        "Fine-Tuning, half of the parameters chosen per category, the rest frozen."))
+    lora_r: int = Field(16, ge=1, le=1024, description="lora/dora/qlora: adapter rank.")
+    lora_alpha: int = Field(32, ge=1, description="lora/dora/qlora: scaling alpha (scale = "
+                                                  "alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="lora/dora/qlora: dropout on "
+                                                              "the adapter input.")
+    target_modules: list[str] = Field(default_factory=lambda: list(ALL_LINEAR), min_length=1,
+                                      description="lora/dora/qlora: linear layers that get "
+                                                  "adapters.")
+    trainable_layers: Optional[str] = Field(None, description=(
+        "freeze: comma-separated decoder layer indices to train (e.g. 2,5), or 'new' for the "
+        "layers a scale_layers block expansion added to this checkpoint."))
+    max_length: Optional[int] = Field(None, ge=8, description=(
+        "Tokens per example; longer examples are cut (and counted in the log). Empty: the "
+        "model's max_position_embeddings, at most 2048."))
+    max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps. Empty: epochs.")
+    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the data when "
+                                                          "max_steps is empty.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warm-up.")
+    warmup_ratio: float = Field(0.03, ge=0, le=0.5, description="Fraction of steps spent "
+                                                                "warming up.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Examples per device per step.")
+    gradient_accumulation: int = Field(1, ge=1, le=1024, description="Steps accumulated per "
+                                                                     "optimizer update.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the "
+                                                            "backward pass to save memory.")
+    logging_steps: int = Field(10, ge=1, description="Metrics every N steps.")
+    eval_steps: Optional[int] = Field(None, ge=1, description="Eval loss every N steps. "
+                                                              "Empty: at logging_steps * 5.")
+    save_steps: int = Field(100, ge=0, description=(
+        "Save and register an intermediate checkpoint every N steps (and the resume state). "
+        "0: only the final checkpoint, and Resume starts over."))
+    seed: int = Field(0, description="Random seed (data order, LoRA init, HFT choice).")
+    resume_job: Optional[str] = Field(None, pattern=r"^job-[0-9a-f]+$", description=(
+        "Continue this cancelled or failed train job from its last saved state (optimizer, "
+        "schedule, RNG and data position). The other settings must be the same."))
+    merge_adapter: bool = Field(False, description=(
+        "lora/dora: also register base + adapter merged into a full checkpoint."))
+    name: Optional[str] = Field(None, min_length=1, max_length=100,
+                                description="Name of the new checkpoint. Empty: derived.")
+
+    @field_validator("trainable_layers")
+    @classmethod
+    def _layers(cls, value):
+        if value is not None and value.strip() != "new":
+            parts = [p.strip() for p in value.split(",") if p.strip()]
+            if not parts or not all(p.isdigit() for p in parts):
+                raise ValueError(f"{value!r}: expected comma-separated layer indices (2,5) "
+                                 f"or 'new'")
+        return value
+
+    @model_validator(mode="after")
+    def _method_settings(self):
+        if self.method == "freeze" and not self.trainable_layers:
+            raise ValueError("method freeze needs trainable_layers")
+        if self.merge_adapter and self.method not in ("lora", "dora"):
+            raise ValueError(f"merge_adapter applies to lora and dora, not {self.method}")
+        if self.eval_data and self.eval_fraction:
+            raise ValueError("give eval_data or eval_fraction, not both")
+        return self
+
+    def gpu_requirement(self) -> tuple[str, str] | None:
+        """(field, why) when this config cannot run without a CUDA GPU."""
+        if self.method == "qlora":
+            return "method", "qlora loads the base in 4 bits through bitsandbytes, which " \
+                             "needs a CUDA GPU"
+        return None
+
+
+# ------------------------------------------------------------------------------ data
+def _detect_format(config: Config, columns: list[str], field: str) -> str:
+    fmt = config.data_format
+    if fmt == "auto":
+        if config.messages_column in columns:
+            fmt = "messages"
+        elif config.prompt_column in columns and config.completion_column in columns:
+            fmt = "prompt_completion"
+        elif config.text_column in columns:
+            fmt = "text"
+        else:
+            raise ValueError(
+                f"{field}: found none of the columns '{config.messages_column}', "
+                f"'{config.prompt_column}' + '{config.completion_column}', or "
+                f"'{config.text_column}'; the data has columns {columns}")
+    needed = {"messages": [config.messages_column],
+              "prompt_completion": [config.prompt_column, config.completion_column],
+              "text": [config.text_column]}[fmt]
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise ValueError(f"{field}: missing column {missing[0]!r} for data_format {fmt}; the "
+                         f"data has columns {columns}")
+    return fmt
+
+
+def encoder(config: Config, fmt: str, tokenizer):
+    from ops import training as T
+
+    def encode(row: dict) -> dict:
+        if fmt == "prompt_completion":
+            return T.encode_prompt_completion(tokenizer, str(row[config.prompt_column]),
+                                              str(row[config.completion_column]),
+                                              config.completion_only_loss, config.max_length)
+        if fmt == "messages":
+            return T.encode_messages(tokenizer, row[config.messages_column],
+                                     config.completion_only_loss, config.max_length,
+                                     config.chat_template)
+        return T.encode_text(tokenizer, str(row[config.text_column]), config.max_length)
+    return encode
+
+
+def prepare_data(config: Config, ctx, tokenizer) -> tuple:
+    """(train, eval or None, info) tokenized datasets, through the lab's cache."""
+    from app.data import cached_tokenize, load_rows
+
+    cache = ctx.lab.root / "cache"
+    rows, fingerprint = load_rows(config.data, "data", cache / "datasets")
+    fmt = _detect_format(config, rows.column_names, "data")
+    if fmt == "messages" and not (config.chat_template or tokenizer.chat_template):
+        raise ValueError("data is in chat 'messages' format but the tokenizer has no chat "
+                         "template; set chat_template")
+    options = {"format": fmt, "max_length": config.max_length,
+               "completion_only": config.completion_only_loss,
+               "columns": [config.prompt_column, config.completion_column,
+                           config.messages_column, config.text_column],
+               "chat_template": config.chat_template}
+    encode = encoder(config, fmt, tokenizer)
+    train, key, hit = cached_tokenize(rows, fingerprint, tokenizer, options, encode,
+                                      cache / "tokenized", ctx.log)
+    info = {"data": config.data, "format": fmt, "rows": len(train),
+            "data_sha256": fingerprint, "tokenized_cache": key, "cache_hit": hit}
+    evaluation = None
+    if config.eval_data:
+        eval_rows, eval_fp = load_rows(config.eval_data, "eval_data", cache / "datasets")
+        _detect_format(config.model_copy(update={"data_format": fmt}), eval_rows.column_names,
+                       "eval_data")
+        evaluation, _, _ = cached_tokenize(eval_rows, eval_fp, tokenizer, options, encode,
+                                           cache / "tokenized", ctx.log)
+    elif config.eval_fraction:
+        split = train.train_test_split(test_size=config.eval_fraction, seed=config.seed)
+        train, evaluation = split["train"], split["test"]
+    lengths = [len(x) for x in train["input_ids"]]
+    learned = sum(sum(1 for t in x if t != -100) for x in train["labels"])
+    if learned == 0:
+        raise ValueError("data: no token has a loss (every label is masked); check "
+                         "completion_only_loss and the columns")
+    info.update(tokens=sum(lengths), learned_tokens=learned, longest=max(lengths),
+                truncated=sum(1 for n in lengths if n >= config.max_length))
+    ctx.log(f"data: {len(train)} rows ({fmt}), {info['tokens']:,} tokens, "
+            f"{learned:,} with loss; {info['truncated']} cut at max_length "
+            f"{config.max_length}" + (f"; eval {len(evaluation)} rows" if evaluation else ""))
+    return train, evaluation, info
+
+
+# ------------------------------------------------------------------------------ the run
+def run_dir_for(ctx, config: Config) -> Path:
+    """Where the Trainer keeps its resume state: the first job of a resume chain owns it."""
+    job_id = ctx.job_id
+    seen = set()
+    if config.resume_job:
+        job_id = config.resume_job
+        with ctx.lab.registry() as reg:
+            while job_id not in seen:
+                seen.add(job_id)
+                prior = reg.job(job_id, missing_ok=True)
+                if prior is None:
+                    raise ValueError(f"resume_job: no job {job_id}")
+                parent = json.loads(prior["config"]).get("resume_job")
+                if not parent:
+                    break
+                job_id = parent
+    return ctx.lab.root / "runs" / job_id
+
+
+def check_resumable(ctx, config: Config) -> None:
+    with ctx.lab.registry() as reg:
+        prior = reg.job(config.resume_job, missing_ok=True)
+    if prior is None:
+        raise ValueError(f"resume_job: no job {config.resume_job}")
+    if prior["plugin"] != ctx.job["plugin"]:
+        raise ValueError(f"resume_job: {config.resume_job} is a {prior['plugin']} job")
+    if prior["status"] not in ("cancelled", "failed", "interrupted"):
+        raise ValueError(f"resume_job: {config.resume_job} is {prior['status']}; only a "
+                         f"cancelled, failed or interrupted job can be resumed")
+    old = json.loads(prior["config"])
+    new = config.model_dump(mode="json")
+    differ = [k for k in new if k not in ("resume_job", "name") and old.get(k) != new[k]]
+    if differ:
+        raise ValueError(f"resume_job: {config.resume_job} ran with different settings "
+                         f"({', '.join(differ)}); resume needs the same ones")
+
+
+def _trainable_layers(config: Config, ctx, ck) -> list[int]:
+    if config.trainable_layers.strip() == "new":
+        meta = ctx.registry.checkpoint(ck.id).get("metadata")
+        meta = json.loads(meta) if isinstance(meta, str) else (meta or {})
+        new = meta.get("new_layers")
+        if not new:
+            raise ValueError(f"trainable_layers 'new': {ck.name} records no new layers (only a "
+                             f"scale_layers block_expansion output does)")
+        return list(new)
+    return [int(p) for p in config.trainable_layers.split(",") if p.strip()]
+
+
+def link_model_files(source: Path, dest: Path) -> None:
+    """Hard-link (or copy) the model files of a Trainer checkpoint folder; optimizer and RNG
+    state stay behind."""
+    for f in source.iterdir():
+        if f.name in MODEL_FILES or f.suffix == ".safetensors" or f.name.endswith(
+                ".safetensors.index.json"):
+            try:
+                os.link(f, dest / f.name)
+            except OSError:
+                shutil.copy2(f, dest / f.name)
+
+
+def run(config: Config, ctx) -> None:
+    import torch
+
+    from ops import training as T
+
+    if config.resume_job:
+        check_resumable(ctx, config)
+    if config.method == "qlora" and not ctx.device.startswith("cuda"):
+        raise ValueError("method: qlora needs a CUDA GPU (4-bit bitsandbytes); this job runs "
+                         "on CPU")
+    ck = ctx.open(config.checkpoint)
+    tokenizer = ck.load_tokenizer()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    max_pos = ck.config().get("max_position_embeddings")
+    if config.max_length is None:
+        config = config.model_copy(update={"max_length": min(max_pos or 2048, 2048)})
+    elif max_pos and config.max_length > max_pos:
+        raise ValueError(f"max_length ({config.max_length}) exceeds the model's "
+                         f"max_position_embeddings ({max_pos})")
+    train, evaluation, data_info = prepare_data(config, ctx, tokenizer)
+    ctx.progress(0.02, "data ready")
+
+    torch.manual_seed(config.seed)
+    load_kwargs = {}
+    if config.method == "qlora":
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ValueError("method: qlora needs the bitsandbytes package (pip install "
+                             "bitsandbytes)") from None
+        load_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        model = ck.load_model(device_map={"": 0}, **load_kwargs)
+    else:
+        model = ck.load_model(device=ctx.device, dtype=torch.float32)
+    meta: dict = {"method": config.method, "data": data_info}
+    if config.method in ADAPTER_METHODS:
+        if config.method == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, config.gradient_checkpointing)
+        model = T.lora_wrap(model, r=config.lora_r, alpha=config.lora_alpha,
+                            dropout=config.lora_dropout, target_modules=config.target_modules,
+                            dora=config.method == "dora")
+    elif config.method == "freeze":
+        layers = _trainable_layers(config, ctx, ck)
+        T.set_trainable(model, T.layer_parameter_names(model, layers))
+        meta["trainable_layers"] = layers
+    elif config.method == "hft":
+        selection = T.hft_selection(model, config.seed)
+        T.set_trainable(model, selection)
+        meta["hft_selection"] = selection
+    trainable, total = T.count_trainable(model)
+    meta["trainable_parameters"], meta["total_parameters"] = trainable, total
+    ctx.log(f"{config.method}: training {trainable:,} of {total:,} parameters "
+            f"({trainable / total:.2%})")
+
+    run_dir = run_dir_for(ctx, config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = None
+    if config.resume_job:
+        resume_from = T.last_trainer_state(run_dir)
+        if resume_from is None:
+            ctx.log(f"resume_job {config.resume_job} saved no state; starting over")
+        else:
+            ctx.log(f"resuming from {resume_from}")
+    relation = "adapter" if config.method in ADAPTER_METHODS else "finetune"
+    base_name = config.name or f"{ck.name}-{config.method}"
+    last_step = [0]
+
+    def on_metrics(m) -> None:
+        for key, value in m.values.items():
+            if key != "epoch":
+                ctx.metric(key, value, step=m.step)
+
+    def on_save(step: int, folder: str) -> None:
+        pending = ctx.new_checkpoint(relation, parents=[_base_edge(ck, relation)],
+                                     name=f"{base_name}-step{step}",
+                                     metadata={**meta, "step": step, "intermediate": True})
+        link_model_files(Path(folder), pending.path)
+        ctx.publish(pending)
+
+    def on_step(step: int, total_steps: int) -> None:
+        last_step[0] = step
+        if total_steps:
+            ctx.progress(0.03 + 0.9 * step / total_steps, f"step {step}/{total_steps}")
+
+    eval_steps = config.eval_steps or config.logging_steps * 5
+    args = T.training_arguments(
+        str(run_dir), device=ctx.device, seed=config.seed, data_seed=config.seed,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation,
+        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay,  # <1: a ratio
+        max_steps=config.max_steps or -1, num_train_epochs=config.epochs,
+        logging_steps=config.logging_steps,
+        eval_strategy="steps" if evaluation is not None else "no",
+        eval_steps=eval_steps if evaluation is not None else None,
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500, save_total_limit=1,
+        gradient_checkpointing=config.gradient_checkpointing)
+    from transformers import PrinterCallback, Trainer
+
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                      data_collator=T.PadCollator(tokenizer.pad_token_id),
+                      processing_class=tokenizer,
+                      callbacks=[T.report_callback(on_metrics, on_save, on_step)])
+    trainer.remove_callback(PrinterCallback)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    meta.update(steps=trainer.state.global_step, final_train_loss=losses[-1] if losses else None,
+                train_loss=result.training_loss, final_eval_loss=evals[-1] if evals else None,
+                tokens_seen=trainer.state.num_input_tokens_seen,
+                train_seconds=result.metrics.get("train_runtime"))
+    if config.resume_job:
+        meta["resumed_from"] = {"job": config.resume_job, "state": resume_from}
+    ctx.progress(0.95, "writing checkpoint")
+    out = ctx.new_checkpoint(relation, parents=[_base_edge(ck, relation)], name=base_name,
+                             metadata=meta)
+    trainer.save_model(str(out.path))
+    tokenizer.save_pretrained(out.path)
+    if config.merge_adapter:
+        adapter_row = ctx.publish(out)
+        merged = model.merge_and_unload()
+        both = ctx.new_checkpoint("adapter_merge", parents=[
+            {"checkpoint": adapter_row["id"], "role": "adapter"},
+            {"checkpoint": ck, "role": "base"}], name=f"{base_name}-merged",
+            metadata={"adapter": adapter_row["id"], "base": ck.id})
+        merged.save_pretrained(both.path)
+        tokenizer.save_pretrained(both.path)
+    ctx.log(f"trained {trainer.state.global_step} steps; final loss "
+            f"{meta['final_train_loss']}" + (f", eval loss {meta['final_eval_loss']:.4f}"
+                                             if meta["final_eval_loss"] is not None else ""))
+    shutil.rmtree(run_dir, ignore_errors=True)  # the resume state is not needed any more
+    ctx.progress(1.0, "done")
+
+
+def _base_edge(ck, relation: str) -> dict:
+    return {"checkpoint": ck, "role": "base"} if relation == "adapter" else {"checkpoint": ck}
+
+
+PLUGIN = Plugin(
+    name="train",
+    title="Train",
+    description="Supervised fine-tuning on prompt/completion, chat or text data: full, LoRA, "
+                "DoRA, QLoRA, chosen layers, or Half Fine-Tuning; live metrics, "
+                "intermediate checkpoints and resume.",
+    Config=Config,
+    run=run,
+)

@@ -1,0 +1,308 @@
+"""The train plugin: encoding, parameter selection, and jobs on a tiny model (LoRA, DoRA,
+HFT, freeze, adapter merge, intermediate checkpoints, tokenization cache, resume, bad input)."""
+
+import json
+
+import pytest
+import torch
+
+from ops import training as T
+from tests.conftest import wait_for
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<s>assistant: {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def sft_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a larger LM head. At init scale (std 0.02, hidden 32) the frozen head
+    caps every logit below ~0.7, so no adapter could make a prediction confident."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("sft") / "tiny-sft"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(25)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def arithmetic_rows(n=64):
+    """A small synthetic task a tiny model can learn: the word after a fixed cue."""
+    words = ["red", "green", "blue", "black", "white", "pink", "gold", "gray"]
+    return [{"prompt": f"color {i % 8}:", "completion": f" {words[i % 8]}"} for i in range(n)]
+
+
+# ------------------------------------------------------------------------------ encoding
+def test_prompt_completion_masks_the_prompt(tokenizer):
+    row = T.encode_prompt_completion(tokenizer, "color 1:", " green", True, 64)
+    n_prompt = len(tokenizer("color 1:")["input_ids"])
+    assert row["labels"][:n_prompt] == [-100] * n_prompt
+    assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
+    assert row["input_ids"][-1] == tokenizer.eos_token_id
+    full = T.encode_prompt_completion(tokenizer, "color 1:", " green", False, 64)
+    assert full["labels"] == full["input_ids"]
+    assert len(T.encode_prompt_completion(tokenizer, "color 1:", " green", True, 3)
+               ["input_ids"]) == 3
+
+
+def test_messages_learn_only_the_assistant_turns(tokenizer):
+    msgs = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "and?"}, {"role": "assistant", "content": "bye now"}]
+    row = T.encode_messages(tokenizer, msgs, True, 512, CHAT_TEMPLATE)
+    learned = tokenizer.decode([t for t, l in zip(row["input_ids"], row["labels"])
+                                if l != -100])
+    assert "hello" in learned and "bye now" in learned
+    assert "hi there" not in learned and "and?" not in learned and "user" not in learned
+
+
+def test_pad_collator_pads_labels_with_ignore():
+    batch = T.PadCollator(3)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                              {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+# ------------------------------------------------------------------ parameter selection
+def tiny(layers=4):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", vocab_size=64, hidden_size=16, num_hidden_layers=layers,
+                                  num_attention_heads=2, num_key_value_heads=1,
+                                  intermediate_size=32)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def test_hft_selects_half_of_each_category():
+    model = tiny()
+    chosen = T.hft_selection(model, seed=3)
+    assert chosen == T.hft_selection(model, seed=3)  # recorded choice is reproducible
+    assert chosen != T.hft_selection(model, seed=4)
+    for i in range(4):
+        mine = [n for n in chosen if n.startswith(f"model.layers.{i}.")]
+        assert sum(".self_attn." in n for n in mine) == 2
+        assert sum(".mlp." in n for n in mine) == (2 if i % 2 == 0 else 1)
+        assert sum("layernorm" in n for n in mine) == 1
+    outside = [n for n in chosen if not n.startswith("model.layers.")]
+    assert outside in (["model.embed_tokens.weight"], ["model.norm.weight", "lm_head.weight"])
+    matrices = [n for n, _ in model.named_parameters() if n.endswith("_proj.weight")]
+    assert sum(n in chosen for n in matrices) == len(matrices) // 2  # 14 of 28
+
+
+def test_layer_selection_rejects_missing_layers():
+    with pytest.raises(T.TrainError, match=r"trainable_layers \[7\] are outside the model's "
+                                           r"layers 0..3"):
+        T.layer_parameter_names(tiny(), [1, 7])
+
+
+# ---------------------------------------------------------------------------- as jobs
+def run_job(lab, data, plugin="train"):
+    from app import jobs
+    from tests.test_jobs import run_to_end
+
+    job = jobs.submit(lab, plugin, data)
+    status = run_to_end(lab, job["id"], timeout=240)
+    with lab.registry() as reg:
+        return status, reg.job(job["id"]), [reg.checkpoint(c) for c in
+                                            reg.job_checkpoints(job["id"])]
+
+
+def base_config(tiny_model_dir, data, **kw):
+    return {"checkpoint": str(tiny_model_dir), "data": str(data), "max_steps": 30,
+            "batch_size": 8, "learning_rate": 1e-2, "logging_steps": 5, "save_steps": 0,
+            "warmup_ratio": 0.0, "lora_dropout": 0.0, **kw}
+
+
+def test_lora_lowers_the_loss_and_merges_to_the_same_logits(lab, sft_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    data = write_jsonl(tmp_path / "colors.jsonl", arithmetic_rows())
+    status, job, made = run_job(lab, base_config(sft_model_dir, data, method="lora",
+                                                 merge_adapter=True, save_steps=10,
+                                                 eval_fraction=0.25))
+    assert status == "succeeded", job["error"]
+    steps = [c for c in made if json.loads(c["metadata"]).get("intermediate")]
+    adapter = next(c for c in made if c["name"] == "tiny-sft-lora")
+    merged = next(c for c in made if c["relation"] == "adapter_merge")
+    assert [json.loads(c["metadata"])["step"] for c in steps] == [10, 20, 30]
+    assert all(c["relation"] == "adapter" for c in steps)
+    with lab.registry() as reg:
+        metrics = reg.metrics(job["id"])
+        parents = {p["parent_id"]: p for p in reg.parents(merged["id"])}
+        adapter_parent = reg.parents(adapter["id"])[0]
+    losses = [m["value"] for m in metrics if m["name"] == "loss"]
+    assert len(losses) == 6 and losses[-1] < 0.8 * losses[0], losses
+    assert {m["name"] for m in metrics} >= {"loss", "learning_rate", "grad_norm",
+                                           "tokens_per_second", "eval_loss"}
+    assert adapter_parent["parent_name"] == "tiny-sft" and adapter_parent["role"] == "base"
+    assert set(parents) == {adapter["id"], adapter_parent["parent_id"]}
+    assert {p["role"] for p in parents.values()} == {"adapter", "base"}
+
+    x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    base = AutoModelForCausalLM.from_pretrained(sft_model_dir)
+    with_adapter = PeftModel.from_pretrained(base, adapter["path"]).eval()
+    full = AutoModelForCausalLM.from_pretrained(merged["path"]).eval()
+    with torch.no_grad():
+        a, b = with_adapter(input_ids=x).logits, full(input_ids=x).logits
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    meta = json.loads(adapter["metadata"])
+    assert meta["data"]["format"] == "prompt_completion" and meta["final_eval_loss"] > 0
+    assert meta["trainable_parameters"] < meta["total_parameters"] / 2
+
+
+def test_hft_job_freezes_exactly_the_recorded_half(lab, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "colors.jsonl", arithmetic_rows())
+    status, job, (ck,) = run_job(lab, base_config(tiny_model_dir, data, method="hft",
+                                                  max_steps=5, seed=1))
+    assert status == "succeeded", job["error"]
+    assert ck["relation"] == "finetune"
+    selection = set(json.loads(ck["metadata"])["hft_selection"])
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(f"{ck['path']}/model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == selection
+
+
+def test_freeze_trains_only_the_new_blocks_of_a_block_expansion(lab, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    status, job, (grown,) = run_job(lab, {"checkpoint": str(tiny_model_dir),
+                                          "method": "block_expansion", "expand_every": 1},
+                                    plugin="scale_layers")
+    assert status == "succeeded", job["error"]
+    data = write_jsonl(tmp_path / "colors.jsonl", arithmetic_rows())
+    status, job, (ck,) = run_job(lab, base_config(grown["id"], data, method="freeze",
+                                                  trainable_layers="new", max_steps=3))
+    assert status == "succeeded", job["error"]
+    assert json.loads(ck["metadata"])["trainable_layers"] == [1, 3]
+    before = load_file(f"{grown['path']}/model.safetensors")
+    after = load_file(f"{ck['path']}/model.safetensors")
+    changed = {k.split(".")[2] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"1", "3"}
+
+
+def test_dora_chat_data_and_the_tokenization_cache(lab, tiny_model_dir, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"color {i % 8}?"},
+                          {"role": "assistant", "content": r["completion"]}]}
+            for i, r in enumerate(arithmetic_rows(32))]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    config = base_config(tiny_model_dir, data, method="dora", max_steps=2,
+                         chat_template=CHAT_TEMPLATE)
+    status, job, (ck,) = run_job(lab, config)
+    assert status == "succeeded", job["error"]
+    meta = json.loads(ck["metadata"])
+    assert meta["data"]["format"] == "messages" and meta["data"]["cache_hit"] is False
+    assert json.loads((lab.root / "checkpoints" / ck["id"] / "adapter_config.json")
+                      .read_text())["use_dora"] is True
+    status, job, (again,) = run_job(lab, {**config, "name": "again"})
+    assert status == "succeeded", job["error"]
+    second = json.loads(again["metadata"])["data"]
+    assert second["cache_hit"] is True and second["tokenized_cache"] == meta["data"][
+        "tokenized_cache"]
+    assert "tokenized data: cache hit" in open(job["log_path"]).read()
+
+
+def test_resume_after_a_cancel_reaches_the_same_loss(lab, tiny_model_dir, tmp_path):
+    from app import jobs
+    from app.scheduler import Scheduler
+    from tests.test_jobs import run_to_end
+
+    data = write_jsonl(tmp_path / "colors.jsonl", arithmetic_rows())
+    config = base_config(tiny_model_dir, data, method="full", max_steps=150, save_steps=10,
+                         learning_rate=1e-3, logging_steps=10)
+    first = jobs.submit(lab, "train", config)
+    scheduler = Scheduler(lab, poll_seconds=0.05)
+    assert scheduler.acquire()
+    try:
+        def saved():
+            scheduler.tick()
+            with lab.registry() as reg:
+                return reg.job_checkpoints(first["id"])
+        wait_for(saved, 120, interval=0.05, what="the first intermediate checkpoint")
+        jobs.cancel(lab, first["id"])
+
+        def stopped():
+            scheduler.tick()
+            with lab.registry() as reg:
+                return reg.job(first["id"])["status"] in ("cancelled", "failed", "succeeded")
+        wait_for(stopped, 60, what="the cancel")
+    finally:
+        scheduler.release()
+    with lab.registry() as reg:
+        assert reg.job(first["id"])["status"] == "cancelled"
+    from app.ui import resume_job  # the Jobs view's Resume button
+
+    message, resumed_id = resume_job(lab, first["id"])
+    assert resumed_id != first["id"], message
+    assert run_to_end(lab, resumed_id, timeout=240) == "succeeded"
+    with lab.registry() as reg:
+        job = reg.job(resumed_id)
+        made = [reg.checkpoint(c) for c in reg.job_checkpoints(resumed_id)]
+    assert json.loads(job["config"])["resume_job"] == first["id"]
+    resumed = json.loads(made[-1]["metadata"])
+    assert resumed["resumed_from"]["job"] == first["id"]
+    assert resumed["steps"] == 150
+    status, job, made = run_job(lab, {**config, "name": "straight"})
+    assert status == "succeeded", job["error"]
+    straight = json.loads(made[-1]["metadata"])
+    assert resumed["final_train_loss"] == pytest.approx(straight["final_train_loss"],
+                                                        rel=1e-4)
+    assert not (lab.root / "runs" / first["id"]).exists()  # resume state removed when done
+
+
+@pytest.mark.parametrize("rows,extra,message", [
+    ([{"question": "a", "answer": "b"}], {}, "found none of the columns 'messages'"),
+    ([{"prompt": "a", "answer": "b"}], {"data_format": "prompt_completion"},
+     "missing column 'completion' for data_format prompt_completion"),
+    ([], {}, "has no rows|no rows"),
+    ([{"messages": [{"role": "user", "content": "x"}]}], {}, "has no chat template"),
+    ([{"text": "abc"}], {"max_length": 4096}, r"max_length \(4096\) exceeds the model's "
+                                              r"max_position_embeddings \(256\)"),
+])
+def test_bad_data_fails_with_a_clear_error(lab, tiny_model_dir, tmp_path, rows, extra,
+                                           message):
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, rows) if rows else data.write_text("")
+    status, job, made = run_job(lab, base_config(tiny_model_dir, data, **extra))
+    assert status == "failed" and made == []
+    assert __import__("re").search(message, job["error"]), job["error"]
+
+
+def test_the_metrics_plot_shows_losses_unless_told_otherwise():
+    from app.ui import plotted_metrics
+
+    names = ["eval_loss", "grad_norm", "learning_rate", "loss", "tokens_per_second"]
+    assert plotted_metrics(names, None) == ["eval_loss", "loss"]
+    assert plotted_metrics(names, ["grad_norm", "gone"]) == ["grad_norm"]
+    assert plotted_metrics(["sparsity"], []) == ["sparsity"]
+
+
+def test_qlora_on_a_lab_without_gpus_is_a_config_error(lab, tiny_model_dir, tmp_path):
+    from app import jobs
+    from plugins import ConfigError
+
+    with pytest.raises(ConfigError, match="field 'method': qlora loads the base in 4 bits.*"
+                                          "this lab has none"):
+        jobs.submit(lab, "train", base_config(tiny_model_dir, tmp_path, method="qlora"))
+    with pytest.raises(ConfigError, match="method freeze needs trainable_layers"):
+        jobs.submit(lab, "train", base_config(tiny_model_dir, tmp_path, method="freeze"))
+    with pytest.raises(ConfigError, match="field 'trainable_layers'.*comma-separated"):
+        jobs.submit(lab, "train", base_config(tiny_model_dir, tmp_path, method="freeze",
+                                              trainable_layers="1,x"))

@@ -228,6 +228,31 @@ def checkpoint_detail(lab: Lab, ck_id: str | None) -> tuple[str, str, dict]:
     return summary, f"```mermaid\n{graph}\n```", details
 
 
+# What a checkpoint of each relation usually needs next ("Use as input of" preselects it).
+NEXT_STEP = {
+    "scale": ("continue_pretrain", "Grown or cut layers need training: continue pre-training "
+                                   "on domain text (after a block expansion, set "
+                                   "`trainable_layers: new` to train only the new blocks, as "
+                                   "LLaMA Pro does)."),
+    "prune": ("train", "Fine-tuning can recover what pruning cost."),
+    "adapter": ("merge", "Merge it with other models, or set `merge_adapter` when training."),
+}
+
+
+def suggested_next(lab: Lab, ck_id: str | None) -> tuple[str | None, str]:
+    """(plugin to preselect in "Use as input of", a one-line hint) for a checkpoint."""
+    if not ck_id:
+        return None, ""
+    with lab.registry() as reg:
+        row = reg.find_checkpoint(ck_id)
+    found = plugins.discover()
+    relation = row["relation"] if row else None
+    plugin, hint = NEXT_STEP.get(relation, ("evaluate", ""))
+    if plugin not in found:
+        plugin, hint = ("evaluate", "") if "evaluate" in found else (None, "")
+    return plugin, hint
+
+
 PER_LAYER_SERIES = ("block_influence", "sparsity_per_layer")  # metadata lists drawn per layer in the Registry
 
 
@@ -478,6 +503,7 @@ def build_app(lab: Lab):
                         choices=[(found[n].title, n) for n in first_checkpoint],
                         label="Use as input of", scale=2)
                     use = gr.Button("Use as input", scale=1)
+                next_hint = gr.Markdown(elem_id="next-step")
                 lineage = gr.Markdown(label="Lineage", elem_id="lineage")
                 per_layer = gr.BarPlot(x="layer", y="value", color="series",
                                        label="Per layer", visible=False)
@@ -497,6 +523,9 @@ def build_app(lab: Lab):
                 selected_ck.change(lambda c: checkpoint_detail(lab, c), inputs=selected_ck,
                                    outputs=[ck_summary, lineage, ck_json],
                                    api_name="checkpoint_detail")
+                selected_ck.change(lambda c: (lambda p, h: (gr.Dropdown(value=p), h))(
+                                       *suggested_next(lab, c)), inputs=selected_ck,
+                                   outputs=[use_plugin, next_hint], api_name="next_step")
                 selected_ck.change(lambda c: show_per_layer(c), inputs=selected_ck,
                                    outputs=per_layer, api_visibility="private")
                 imp_go.click(lambda r, n: import_form(lab, r, n), inputs=[imp_ref, imp_name],

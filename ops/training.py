@@ -224,9 +224,9 @@ def report_callback(on_metrics: Callable[[StepMetrics], None] | None = None,
         def on_log(self, args, state, control, logs=None, **kw):
             if not logs or on_metrics is None:
                 return
-            values = {k: float(v) for k, v in logs.items()
-                      if k in ("loss", "learning_rate", "grad_norm", "eval_loss", "epoch")
-                      and v is not None}
+            values = {k: float(v) for k, v in logs.items() if v is not None and (
+                k in ("loss", "learning_rate", "grad_norm", "epoch")
+                or (k.startswith("eval_") and k.endswith("loss")))}  # eval_<set>_loss too
             now, seen = time.monotonic(), state.num_input_tokens_seen
             if "loss" in values and self.last and now > self.last[0]:
                 values["tokens_per_second"] = (seen - self.last[1]) / (now - self.last[0])

@@ -82,7 +82,7 @@ def select_first_row(page):
 
 def test_evaluate_demo_by_clicking_then_lineage(page):
     open_tab(page, "Evaluate")
-    field = page.get_by_label("checkpoint *").first
+    field = page.get_by_label("checkpoint *").locator("visible=true").first
     field.click()
     page.keyboard.type("demo-base")
     page.get_by_role("option", name=re.compile("demo-base")).first.click()

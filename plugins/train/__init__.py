@@ -21,6 +21,16 @@ MODEL_FILES = ("config.json", "generation_config.json", "adapter_config.json",
                "chat_template.jinja")
 
 
+def check_layer_list(value: str | None) -> str | None:
+    """A trainable_layers value: comma-separated indices, or 'new'."""
+    if value is not None and value.strip() != "new":
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        if not parts or not all(p.isdigit() for p in parts):
+            raise ValueError(f"{value!r}: expected comma-separated layer indices (2,5) or "
+                             f"'new'")
+    return value
+
+
 class Config(PluginConfig):
     checkpoint: CheckpointRef = Field(description="Base checkpoint to fine-tune: registry id, "
                                                   "name, local folder or Hub id.")
@@ -96,12 +106,7 @@ class Config(PluginConfig):
     @field_validator("trainable_layers")
     @classmethod
     def _layers(cls, value):
-        if value is not None and value.strip() != "new":
-            parts = [p.strip() for p in value.split(",") if p.strip()]
-            if not parts or not all(p.isdigit() for p in parts):
-                raise ValueError(f"{value!r}: expected comma-separated layer indices (2,5) "
-                                 f"or 'new'")
-        return value
+        return check_layer_list(value)
 
     @model_validator(mode="after")
     def _method_settings(self):

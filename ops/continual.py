@@ -1,0 +1,113 @@
+"""Continual pre-training pieces: packing with document separators, the re-warm + cosine
+learning-rate schedule, replay mixing, and vocabulary extension.
+
+References:
+- Re-warming: "Continual Pre-Training of Large Language Models: How to (re)warm your
+  model?" (Gupta et al. 2023), https://arxiv.org/abs/2308.04014 : linear warm-up to a
+  maximum learning rate, then cosine decay to a minimum; re-warming raises the loss at
+  first but helps downstream in the longer run.
+- Replay and subset epochs: "Efficient Continual Pre-training by Mitigating the Stability
+  Gap" (Wang et al. 2024), https://arxiv.org/abs/2406.14833
+- Vocabulary extension: "An Empirical Comparison of Vocabulary Expansion and Initialization
+  Approaches for Language Models", https://arxiv.org/abs/2407.05841 : a new token's
+  embedding is the mean of the embeddings of the sub-tokens it used to be split into.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+
+class ContinualError(ValueError):
+    """A continual pre-training request that does not fit; the message names the setting."""
+
+
+def pack_documents(docs: list[list[int]], block_size: int, separator: int) -> torch.Tensor:
+    """Concatenate token lists with `separator` after each document and cut the stream into
+    (N, block_size) blocks; the ragged tail is dropped."""
+    stream: list[int] = []
+    for d in docs:
+        stream.extend(d)
+        stream.append(separator)
+    n = len(stream) // block_size
+    if n == 0:
+        raise ContinualError(f"the text has {len(stream)} tokens, fewer than one block of "
+                             f"{block_size}")
+    return torch.tensor(stream[:n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def rewarm_cosine(step: int, total_steps: int, warmup_steps: int, max_lr: float,
+                  min_lr: float) -> float:
+    """Learning rate at optimizer step `step` (0-based): linear from 0 to max_lr over
+    warmup_steps, then cosine from max_lr down to min_lr at total_steps."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return max_lr * step / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def rewarm_cosine_scheduler(optimizer, total_steps: int, warmup_steps: int, max_lr: float,
+                            min_lr: float):
+    """A LambdaLR over an optimizer whose learning rate is max_lr."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: rewarm_cosine(s, total_steps, warmup_steps, max_lr, min_lr)
+        / max_lr)
+
+
+def replay_order(n_domain: int, n_replay: int, samples: int, replay_ratio: float,
+                 seed: int) -> list[tuple[str, int]]:
+    """The training stream: `samples` items, of which replay_ratio come from the replay
+    (general) pool, spread evenly so that every prefix of the stream holds
+    floor(prefix * ratio) replay items (every batch gets its share, to within one).
+    Within each pool, items are drawn in a seeded shuffle, reshuffled on each pass (so a
+    small pool is repeated for several epochs)."""
+    if replay_ratio and n_replay == 0:
+        raise ContinualError("replay_ratio > 0 needs replay data")
+    rng = random.Random(seed)
+
+    def draws(n: int):
+        while True:
+            order = list(range(n))
+            rng.shuffle(order)
+            yield from order
+
+    domain, replay = draws(n_domain), draws(n_replay) if n_replay else None
+    out = []
+    for i in range(samples):
+        if math.floor((i + 1) * replay_ratio) > math.floor(i * replay_ratio):
+            out.append(("replay", next(replay)))
+        else:
+            out.append(("domain", next(domain)))
+    return out
+
+
+@torch.no_grad()
+def extend_vocabulary(model, tokenizer, new_tokens: list[str]) -> dict[str, list[int]]:
+    """Add `new_tokens` to the tokenizer and model; each new row of the input embeddings
+    (and of an untied output head) is the mean of the rows of the sub-tokens the old
+    tokenizer split the token into. Returns {token: sub-token ids}."""
+    vocab = tokenizer.get_vocab()
+    fresh = [t for t in dict.fromkeys(new_tokens) if t not in vocab]
+    if not fresh:
+        raise ContinualError("every token in new_tokens is already in the vocabulary")
+    pieces = {t: tokenizer(t, add_special_tokens=False)["input_ids"] for t in fresh}
+    empty = [t for t, ids in pieces.items() if not ids]
+    if empty:
+        raise ContinualError(f"new_tokens {empty} encode to nothing")
+    old = len(tokenizer)
+    tokenizer.add_tokens(fresh)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    inputs = model.get_input_embeddings().weight  # (V', H)
+    outputs = model.get_output_embeddings()
+    tied = outputs is None or outputs.weight.data_ptr() == inputs.data_ptr()
+    for offset, token in enumerate(fresh):
+        row = old + offset
+        ids = torch.tensor(pieces[token], device=inputs.device)
+        inputs[row] = inputs[ids].mean(0)
+        if not tied:
+            outputs.weight[row] = outputs.weight[ids].mean(0)
+    return pieces

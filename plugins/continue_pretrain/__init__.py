@@ -1,0 +1,322 @@
+"""continue_pretrain: continual pre-training on raw domain text with re-warming, replay of
+general text, and the stability-gap curve measured as it trains (ops/continual.py)."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from plugins import CheckpointRef, LocalFile, Plugin, PluginConfig
+
+from app.demo import HELDOUT as DEMO_HELDOUT  # the shipped held-out text (cheap import)
+
+
+class Config(PluginConfig):
+    checkpoint: CheckpointRef = Field(description="Checkpoint to continue: registry id, name, "
+                                                  "local folder or Hub id.")
+    data: str = Field(min_length=1, description=(
+        "Domain text: a local .txt, .jsonl, .json, .csv or .parquet file, a folder of them, "
+        "or a Hub dataset id. Each row of text_column is one document."))
+    text_column: str = Field("text", min_length=1, description="Column holding the text "
+                                                               "(plain .txt: 'text').")
+    replay_data: Optional[str] = Field(None, description=(
+        "General (upstream) text mixed into the domain stream, same forms as data."))
+    replay_ratio: float = Field(0.0, ge=0, le=0.9, description=(
+        "Fraction of training blocks drawn from replay_data (0.25: one in four)."))
+    domain_subset_blocks: Optional[int] = Field(None, ge=1, description=(
+        "Train on only this many domain blocks (a seeded choice), repeated for as many "
+        "epochs as the steps need: the small high-quality subset strategy."))
+    block_size: Optional[int] = Field(None, ge=8, description=(
+        "Tokens per packed block (documents joined with the EOS token). Empty: the model's "
+        "max_position_embeddings, at most 1024."))
+    max_steps: int = Field(200, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Blocks per device per step.")
+    gradient_accumulation: int = Field(1, ge=1, le=1024, description="Steps accumulated per "
+                                                                     "optimizer update.")
+    max_learning_rate: float = Field(3e-4, gt=0, le=1, description=(
+        "Peak learning rate reached by the linear re-warm-up."))
+    min_learning_rate: float = Field(3e-5, ge=0, le=1, description=(
+        "Learning rate at the end of the cosine decay."))
+    warmup_ratio: float = Field(0.01, ge=0, lt=1, description=(
+        "Fraction of the steps spent re-warming (Gupta et al. 2023 use about 1%)."))
+    weight_decay: float = Field(0.1, ge=0, le=1, description="AdamW weight decay.")
+    trainable_layers: Optional[str] = Field(None, description=(
+        "Train only these decoder layers (comma-separated), or 'new' for the blocks a "
+        "scale_layers block expansion added (LLaMA Pro). Empty: every weight."))
+    new_tokens: list[str] = Field(default_factory=list, description=(
+        "Domain tokens to add to the vocabulary; each new embedding starts as the mean of "
+        "its old sub-token embeddings."))
+    domain_eval_file: Optional[LocalFile] = Field(None, description=(
+        "Held-out domain text for the stability-gap curve. Empty: eval_blocks blocks held "
+        "out of data."))
+    general_eval_file: Optional[LocalFile] = Field(None, description=(
+        "Held-out general text for the stability-gap curve. Empty: the demo held-out text."))
+    eval_blocks: int = Field(16, ge=1, le=4096, description="Blocks per held-out set.")
+    eval_steps: int = Field(20, ge=1, description="Measure both perplexities every N steps "
+                                                  "(and before the first).")
+    logging_steps: int = Field(10, ge=1, description="Training metrics every N steps.")
+    save_steps: int = Field(100, ge=0, description=(
+        "Register an intermediate checkpoint (and keep the resume state) every N steps; "
+        "0: only the final checkpoint."))
+    seed: int = Field(0, description="Random seed (data order, subset choice).")
+    resume_job: Optional[str] = Field(None, pattern=r"^job-[0-9a-f]+$", description=(
+        "Continue this cancelled or failed continue_pretrain job from its last saved state. "
+        "The other settings must be the same."))
+    name: Optional[str] = Field(None, min_length=1, max_length=100,
+                                description="Name of the new checkpoint. Empty: derived.")
+
+    @field_validator("trainable_layers")
+    @classmethod
+    def _layers(cls, value):
+        from plugins.train import check_layer_list
+
+        return check_layer_list(value)
+
+    @model_validator(mode="after")
+    def _settings(self):
+        if self.replay_ratio and not self.replay_data:
+            raise ValueError("replay_ratio > 0 needs replay_data")
+        if self.min_learning_rate > self.max_learning_rate:
+            raise ValueError(f"min_learning_rate ({self.min_learning_rate:g}) must not exceed "
+                             f"max_learning_rate ({self.max_learning_rate:g})")
+        return self
+
+
+class _Stream:
+    """Map-style dataset over the mixed order [(pool, index)], counting what it hands out."""
+
+    def __init__(self, order, pools):
+        self.order, self.pools = order, pools
+        self.served = {"domain": 0, "replay": 0}
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> dict:
+        pool, j = self.order[i]
+        self.served[pool] += 1
+        block = self.pools[pool][j]
+        return {"input_ids": block, "labels": block}
+
+
+class _Blocks:
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.size(0)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+
+
+def _documents(source: str, field: str, config: Config, ctx, tokenizer) -> tuple[list, str]:
+    from app.data import cached_tokenize, load_rows
+
+    cache = ctx.lab.root / "cache"
+    rows, fingerprint = load_rows(source, field, cache / "datasets")
+    if config.text_column not in rows.column_names:
+        raise ValueError(f"{field}: missing column {config.text_column!r}; the data has "
+                         f"columns {rows.column_names}")
+    column = config.text_column
+    docs, _, _ = cached_tokenize(
+        rows, fingerprint, tokenizer, {"documents": column},
+        lambda row: {"input_ids": tokenizer(str(row[column]), add_special_tokens=False)
+                     ["input_ids"]}, cache / "tokenized", ctx.log)
+    ids = [d for d in docs["input_ids"] if d]
+    if not ids:
+        raise ValueError(f"{field}: {source} has no text")
+    return ids, fingerprint
+
+
+def _text_blocks(path, default, field: str, tokenizer, block: int, limit: int, sep: int):
+    from app.textdata import read_text_file
+    from ops.continual import pack_documents
+
+    path, text = read_text_file(path, field, default)
+    docs = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in text.split("\n\n")]
+    return pack_documents([d for d in docs if d], block, sep)[:limit], path
+
+
+def run(config: Config, ctx) -> None:
+    import torch
+    from transformers import PrinterCallback, Trainer
+
+    from ops import training as T
+    from ops.continual import extend_vocabulary, pack_documents, replay_order
+    from plugins.train import (_trainable_layers, check_resumable, link_model_files,
+                               run_dir_for)
+
+    if config.resume_job:
+        check_resumable(ctx, config)
+    ck = ctx.open(config.checkpoint)
+    tokenizer = ck.load_tokenizer()
+    model = ck.load_model(device=ctx.device, dtype=torch.float32)
+    meta: dict = {}
+    if config.new_tokens:
+        before = len(tokenizer)
+        pieces = extend_vocabulary(model, tokenizer, config.new_tokens)
+        meta["tokenizer_change"] = {"added": list(pieces), "vocab_size": [before,
+                                                                          len(tokenizer)],
+                                    "init": "mean of sub-token embeddings",
+                                    "sub_tokens": pieces}
+        ctx.log(f"vocabulary {before} -> {len(tokenizer)}: added {list(pieces)}")
+    sep = tokenizer.eos_token_id
+    if sep is None:
+        raise ValueError(f"{ck.name}'s tokenizer has no EOS token to separate documents")
+    max_pos = model.config.max_position_embeddings
+    block = config.block_size or min(max_pos or 1024, 1024)
+    if max_pos and block > max_pos:
+        raise ValueError(f"block_size ({block}) exceeds the model's max_position_embeddings "
+                         f"({max_pos})")
+
+    docs, domain_hash = _documents(config.data, "data", config, ctx, tokenizer)
+    domain = pack_documents(docs, block, sep)  # (N, block)
+    if config.domain_eval_file:
+        domain_eval, _ = _text_blocks(config.domain_eval_file, None, "domain_eval_file",
+                                      tokenizer, block, config.eval_blocks, sep)
+    else:
+        if domain.size(0) <= config.eval_blocks:
+            raise ValueError(f"data packs into {domain.size(0)} blocks of {block}; holding out "
+                             f"eval_blocks ({config.eval_blocks}) would leave none to train "
+                             f"on (lower eval_blocks or give domain_eval_file)")
+        domain_eval, domain = domain[-config.eval_blocks:], domain[:-config.eval_blocks]
+    general_eval, general_path = _text_blocks(config.general_eval_file, DEMO_HELDOUT,
+                                              "general_eval_file", tokenizer, block,
+                                              config.eval_blocks, sep)
+    if config.domain_subset_blocks:
+        g = torch.Generator().manual_seed(config.seed)
+        pick = torch.randperm(domain.size(0), generator=g)[:config.domain_subset_blocks]
+        domain = domain[pick.sort().values]
+    pools = {"domain": domain}
+    if config.replay_data:
+        replay_docs, replay_hash = _documents(config.replay_data, "replay_data", config, ctx,
+                                              tokenizer)
+        pools["replay"] = pack_documents(replay_docs, block, sep)
+        meta["replay"] = {"data": config.replay_data, "data_sha256": replay_hash,
+                          "blocks": pools["replay"].size(0), "ratio": config.replay_ratio}
+    samples = config.max_steps * config.batch_size * config.gradient_accumulation
+    n_replay = pools["replay"].size(0) if "replay" in pools else 0
+    order = replay_order(domain.size(0), n_replay, samples, config.replay_ratio, config.seed)
+    stream = _Stream(order, pools)
+    n_domain = sum(1 for p, _ in order if p == "domain")
+    meta.update(data={"data": config.data, "data_sha256": domain_hash,
+                      "domain_blocks": domain.size(0), "block_size": block,
+                      "domain_epochs": n_domain / domain.size(0)},
+                schedule={"max_learning_rate": config.max_learning_rate,
+                          "min_learning_rate": config.min_learning_rate,
+                          "warmup_steps": math.ceil(config.warmup_ratio * config.max_steps),
+                          "total_steps": config.max_steps, "shape": "linear re-warm, cosine"})
+    ctx.log(f"domain: {domain.size(0)} blocks of {block} tokens ({n_domain / domain.size(0):.2f} "
+            f"epochs); replay ratio {config.replay_ratio}; eval {domain_eval.size(0)} domain + "
+            f"{general_eval.size(0)} general blocks")
+
+    if config.trainable_layers:
+        layers = _trainable_layers(config, ctx, ck)
+        T.set_trainable(model, T.layer_parameter_names(model, layers))
+        meta["trainable_layers"] = layers
+    trainable, total = T.count_trainable(model)
+    meta["trainable_parameters"], meta["total_parameters"] = trainable, total
+
+    run_dir = run_dir_for(ctx, config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = T.last_trainer_state(run_dir) if config.resume_job else None
+    if config.resume_job:
+        ctx.log(f"resuming from {resume_from}" if resume_from else
+                f"resume_job {config.resume_job} saved no state; starting over")
+    base_name = config.name or f"{ck.name}-cpt"
+    curve: dict[int, dict] = {}
+
+    def on_metrics(m) -> None:
+        for key, value in m.values.items():
+            if key.startswith("eval_") and key.endswith("_loss"):
+                which = key[len("eval_"):-len("_loss")]  # domain / general
+                ppl = math.exp(min(value, 50))
+                curve.setdefault(m.step, {})[which] = ppl
+                ctx.metric(f"{which}_ppl", ppl, step=m.step)
+            elif key != "epoch" and not key.startswith("eval_"):
+                ctx.metric(key, value, step=m.step)
+
+    def on_save(step: int, folder: str) -> None:
+        pending = ctx.new_checkpoint("continue_pretrain", parents=[ck],
+                                     name=f"{base_name}-step{step}",
+                                     metadata={**meta, "step": step, "intermediate": True})
+        link_model_files(Path(folder), pending.path)
+        ctx.publish(pending)
+
+    def on_step(step: int, total_steps: int) -> None:
+        ctx.progress(0.05 + 0.9 * step / max(1, total_steps), f"step {step}/{total_steps}")
+
+    args = T.training_arguments(
+        str(run_dir), device=ctx.device, seed=config.seed, data_seed=config.seed,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation,
+        learning_rate=config.max_learning_rate, lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr": config.min_learning_rate},
+        warmup_steps=math.ceil(config.warmup_ratio * config.max_steps),
+        weight_decay=config.weight_decay, max_steps=config.max_steps,
+        logging_steps=config.logging_steps, eval_strategy="steps",
+        eval_steps=config.eval_steps, eval_on_start=resume_from is None,
+        train_sampling_strategy="sequential",  # the replay mix is laid out in order
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500, save_total_limit=1)
+    trainer = Trainer(model=model, args=args, train_dataset=stream,
+                      eval_dataset={"domain": _Blocks(domain_eval),
+                                    "general": _Blocks(general_eval)},
+                      processing_class=tokenizer,
+                      callbacks=[T.report_callback(on_metrics, on_save, on_step)])
+    trainer.remove_callback(PrinterCallback)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+
+    if trainer.state.global_step not in curve:  # the end of the curve, if not on a step
+        for which in ("domain", "general"):
+            loss = trainer.evaluate(eval_dataset=_Blocks(domain_eval if which == "domain"
+                                                         else general_eval),
+                                    metric_key_prefix=f"eval_{which}")[f"eval_{which}_loss"]
+            curve.setdefault(trainer.state.global_step, {})[which] = math.exp(min(loss, 50))
+    steps = sorted(curve)
+    points = [{"step": s, **curve[s]} for s in steps]
+    start, end = curve[steps[0]], curve[steps[-1]]
+    peak = max(points, key=lambda p: p.get("general", 0))
+    meta.update(
+        stability_gap=points, steps=trainer.state.global_step, train_loss=result.training_loss,
+        served=stream.served,
+        forgetting={"general_ppl_before": start.get("general"),
+                    "general_ppl_after": end.get("general"),
+                    "rise": end["general"] - start["general"],
+                    "peak_general_ppl": peak.get("general"), "peak_step": peak["step"]},
+        domain_gain={"domain_ppl_before": start.get("domain"),
+                     "domain_ppl_after": end.get("domain"),
+                     "gain": start["domain"] - end["domain"]})
+    if config.resume_job:
+        meta["resumed_from"] = {"job": config.resume_job, "state": resume_from}
+    ctx.log(f"domain perplexity {start['domain']:.3f} -> {end['domain']:.3f}; general "
+            f"{start['general']:.3f} -> {end['general']:.3f} (peak {peak['general']:.3f} at "
+            f"step {peak['step']}); served {stream.served}")
+    ctx.progress(0.97, "writing checkpoint")
+    out = ctx.new_checkpoint("continue_pretrain", parents=[ck], name=base_name, metadata=meta)
+    trainer.save_model(str(out.path))
+    tokenizer.save_pretrained(out.path)
+    details = {"block_size": block, "blocks": config.eval_blocks, "measured_by":
+               "continue_pretrain"}
+    ctx.evaluation(out, "cpt:domain", "perplexity", end["domain"], details=details)
+    ctx.evaluation(out, f"cpt:{general_path.name}", "perplexity", end["general"],
+                   details=details)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    ctx.progress(1.0, "done")
+
+
+PLUGIN = Plugin(
+    name="continue_pretrain",
+    title="Continue pre-training",
+    description="Continual pre-training on raw domain text: packed blocks, linear re-warm-up "
+                "then cosine decay, replay of general text, optional vocabulary extension, "
+                "and the stability-gap curve (domain and general perplexity) as it trains.",
+    Config=Config,
+    run=run,
+)

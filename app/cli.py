@@ -94,6 +94,21 @@ def cmd_run(args) -> int:
     return _wait(lab, job["id"])
 
 
+def cmd_preview(args) -> int:
+    lab = _lab(args)
+    plugin, config = jobs_mod.check_config(lab, args.plugin,
+                                           jobs_mod.load_config_file(args.config))
+    if plugin.preview is None:
+        print(f"{plugin.name} has no data preview", file=sys.stderr)
+        return 2
+    try:
+        print(plugin.preview(config, lab))
+    except ValueError as e:  # bad data: the message names the field
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _wait(lab: Lab, job_id: str) -> int:
     """Follow a job to its end, streaming its log to stderr. If no server schedules this lab,
     this process schedules the job itself (and only that job)."""
@@ -254,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--wait", action="store_true",
                     help="follow the job to its end; exit non-zero if it fails")
     sp.add_argument("--user", default=None)
+
+    sp = add("preview", cmd_preview, "show what a config would read: first rows and token "
+                                     "lengths of its data (plugins with a preview)")
+    sp.add_argument("plugin")
+    sp.add_argument("config", help="YAML file of the plugin's config fields")
 
     sp = add("jobs", cmd_jobs, "list jobs")
     sp.add_argument("--status", choices=["queued", "running", "succeeded", "failed",

@@ -182,3 +182,29 @@ def job_summary(lab: Lab, job_id: str) -> dict:
         return {"job": job_id, "status": job["status"],
                 "checkpoints": reg.job_checkpoints(job_id),
                 **({"error": job["error"]} if job["error"] else {})}
+
+
+def preview(lab: Lab, plugin_name: str, data: dict, timeout: float = 180) -> str:
+    """The plugin's data preview for a config (markdown), computed in a subprocess so that
+    the server never imports torch. Raises ConfigError on bad input, like submit."""
+    import subprocess
+    import sys
+    import tempfile
+
+    plugin, config = check_config(lab, plugin_name, data)
+    if plugin.preview is None:
+        return f"{plugin.title} has no data preview."
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(config.model_dump(mode="json"), f)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "app.cli", "preview", plugin_name, f.name,
+                               "--lab", str(lab.root)], capture_output=True, text=True,
+                              timeout=timeout, env=dict(os.environ))
+    except subprocess.TimeoutExpired:
+        return f"**Preview took more than {timeout:.0f} s and was stopped.**"
+    finally:
+        os.unlink(f.name)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return "**Preview failed:** " + (lines[-1] if lines else f"exit {proc.returncode}")
+    return proc.stdout

@@ -25,6 +25,18 @@ LOG_LINES = 60
 
 
 # ------------------------------------------------------------------------------ plugin forms
+def preview_data(lab: Lab, plugin_name: str, values: list) -> str:
+    """The plugin's data preview for the form as filled in (markdown)."""
+    specs = forms.form_spec(plugins.get(plugin_name).Config)
+    try:
+        return jobs_mod.preview(lab, plugin_name, forms.values_to_config(specs, list(values)))
+    except forms.FormError as e:
+        return f"**No preview.**\n\n- {e}"
+    except plugins.ConfigError as e:
+        return "**No preview: fix these fields.**\n\n" + "\n".join(f"- {p}"
+                                                                    for p in e.problems)
+
+
 def submit_form(lab: Lab, plugin_name: str, values: list,
                 user: str | None = None) -> tuple[str, str]:
     """Submit a form; returns (markdown message, job id or "")."""
@@ -440,6 +452,7 @@ def build_app(lab: Lab):
                     with gr.Row():
                         run = gr.Button("Run", variant="primary")
                         show = gr.Button("Show YAML / CLI")
+                        peek = gr.Button("Preview data", visible=plugin.preview is not None)
                         upload = gr.File(label="Load YAML", file_types=[".yaml", ".yml"],
                                          type="filepath", height=80)
                     message = gr.Markdown(elem_id=f"message-{plugin.name}")
@@ -450,6 +463,10 @@ def build_app(lab: Lab):
                               inputs=inputs, outputs=[message, job_id], api_name=f"run_{name}")
                     show.click(lambda *v, name=name: preview(name, v), inputs=inputs,
                                outputs=code, api_name=f"preview_{name}")
+                    if plugin.preview is not None:
+                        peek.click(lambda *v, name=name: preview_data(lab, name, v),
+                                   inputs=inputs, outputs=message,
+                                   api_name=f"preview_data_{name}")
                     upload.upload(lambda p, name=name, n=len(inputs): fill_form(
                                       load_yaml(name, p), n),
                                   inputs=upload, outputs=inputs + [message],

@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Annotated, Any, Callable, Iterator
+from typing import Optional, Annotated, Any, Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -50,6 +50,9 @@ class Plugin:
     Config: type[BaseModel]
     run: Callable[[Any, Any], None]
     uses_gpu: bool = True  # placed on a GPU slot when the lab has one
+    # preview(config, lab) -> markdown: a quick look at what a config would read (first rows,
+    # token lengths), shown before Run. It may import torch: it runs in a subprocess.
+    preview: Optional[Callable[[Any, Any], str]] = None
 
 
 class PluginError(Exception):

@@ -306,3 +306,32 @@ def test_qlora_on_a_lab_without_gpus_is_a_config_error(lab, tiny_model_dir, tmp_
     with pytest.raises(ConfigError, match="field 'trainable_layers'.*comma-separated"):
         jobs.submit(lab, "train", base_config(tiny_model_dir, tmp_path, method="freeze",
                                               trainable_layers="1,x"))
+
+
+def test_data_preview_before_run(lab, tiny_model_dir, tmp_path):
+    """The form's "Preview data" button: first rows, format, lengths and what is learned,
+    computed in a subprocess (the server never imports torch)."""
+    import plugins
+    from app import forms
+    from app.ui import preview_data
+
+    data = write_jsonl(tmp_path / "colors.jsonl", arithmetic_rows(40))
+    specs = forms.form_spec(plugins.get("train").Config)
+
+    def values(**kw):
+        return forms.config_to_values(specs, {"checkpoint": str(tiny_model_dir),
+                                              "data": str(data), **kw})
+
+    shown = preview_data(lab, "train", values(max_length=8))
+    assert "**40 rows** · format **prompt_completion**" in shown
+    assert "token lengths of the first 40 rows: min" in shown and "reach max_length 8" in shown
+    assert '"prompt": "color 0:"' in shown and "learned: ` red</s>`" in shown
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q"}])
+    assert "found none of the columns" in preview_data(lab, "train", values(data=str(bad)))
+    assert "No preview: fix these fields" in preview_data(lab, "train",
+                                                          values(method="freeze"))
+    shown = preview_data(lab, "continue_pretrain", forms.config_to_values(
+        forms.form_spec(plugins.get("continue_pretrain").Config),
+        {"checkpoint": str(tiny_model_dir), "data": str(tmp_path / "colors.jsonl"),
+         "text_column": "prompt", "block_size": 16}))
+    assert "**data**: 40 documents" in shown and "blocks of 16" in shown

@@ -142,6 +142,34 @@ def _text_blocks(path, default, field: str, tokenizer, block: int, limit: int, s
     return pack_documents([d for d in docs if d], block, sep)[:limit], path
 
 
+def preview(config: Config, lab) -> str:
+    """Documents, token counts and blocks of the domain (and replay) data."""
+    import json
+
+    from app.data import load_rows
+    from plugins.train import PREVIEW_ROWS, length_table, preview_tokenizer
+
+    tokenizer = preview_tokenizer(config, lab)
+    out = []
+    for field, source in (("data", config.data), ("replay_data", config.replay_data)):
+        if not source:
+            continue
+        rows, _ = load_rows(source, field, lab.root / "cache" / "datasets")
+        if config.text_column not in rows.column_names:
+            raise ValueError(f"{field}: missing column {config.text_column!r}; the data has "
+                             f"columns {rows.column_names}")
+        head = rows.select(range(min(len(rows), PREVIEW_ROWS)))
+        lengths = [len(tokenizer(str(r[config.text_column]), add_special_tokens=False)
+                       ["input_ids"]) + 1 for r in head]
+        per_doc = sum(lengths) / len(lengths)
+        block = config.block_size or min(tokenizer.model_max_length, 1024)
+        out += [f"**{field}**: {len(rows):,} documents · about {per_doc * len(rows):,.0f} "
+                f"tokens · about {per_doc * len(rows) / block:,.0f} blocks of {block}",
+                length_table(lengths, None), "```",
+                json.dumps(head[0], ensure_ascii=False, default=str)[:600], "```", ""]
+    return "\n".join(out)
+
+
 def run(config: Config, ctx) -> None:
     import torch
     from transformers import PrinterCallback, Trainer
@@ -319,4 +347,5 @@ PLUGIN = Plugin(
                 "and the stability-gap curve (domain and general perplexity) as it trains.",
     Config=Config,
     run=run,
+    preview=preview,
 )

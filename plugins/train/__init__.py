@@ -210,6 +210,58 @@ def prepare_data(config: Config, ctx, tokenizer) -> tuple:
     return train, evaluation, info
 
 
+# ---------------------------------------------------------------------------- preview
+PREVIEW_ROWS = 1000  # rows whose token lengths the preview measures
+
+
+def preview_tokenizer(config, lab):
+    """The tokenizer of the config's checkpoint, without registering anything."""
+    from transformers import AutoTokenizer
+
+    from registry import resolve_ref
+
+    with lab.registry() as reg:
+        ref = resolve_ref(reg, config.checkpoint)
+    where = ref.row["path"] if ref.row else ref.value
+    tokenizer = AutoTokenizer.from_pretrained(where)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def length_table(lengths: list[int], limit: int | None) -> str:
+    import statistics
+
+    cut = f" · {sum(1 for n in lengths if n >= limit)} reach max_length {limit}" if limit \
+        else ""
+    return (f"token lengths of the first {len(lengths)} rows: min {min(lengths)}, median "
+            f"{statistics.median(lengths):.0f}, max {max(lengths)}{cut}")
+
+
+def preview(config: Config, lab) -> str:
+    """First rows, how the first examples are learned, and token lengths."""
+    from app.data import load_rows
+
+    rows, _ = load_rows(config.data, "data", lab.root / "cache" / "datasets")
+    fmt = _detect_format(config, rows.column_names, "data")
+    tokenizer = preview_tokenizer(config, lab)
+    if fmt == "messages" and not (config.chat_template or tokenizer.chat_template):
+        raise ValueError("data is in chat 'messages' format but the tokenizer has no chat "
+                         "template; set chat_template")
+    limit = config.max_length or min(tokenizer.model_max_length, 2048)
+    encode = encoder(config.model_copy(update={"max_length": 10 ** 9}), fmt, tokenizer)
+    head = rows.select(range(min(len(rows), PREVIEW_ROWS)))
+    encoded = [encode(r) for r in head]
+    out = [f"**{len(rows):,} rows** · format **{fmt}** · columns {rows.column_names}",
+           length_table([len(e["input_ids"]) for e in encoded], config.max_length), ""]
+    for i, e in enumerate(encoded[:3]):
+        learned = [t for t, lab_ in zip(e["input_ids"], e["labels"]) if lab_ != -100]
+        out += [f"**row {i}** ({len(e['input_ids'])} tokens, {len(learned)} with loss)",
+                "```", json.dumps(head[i], ensure_ascii=False, default=str)[:600], "```",
+                "learned: `" + tokenizer.decode(learned)[:300].replace("`", "'") + "`", ""]
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------------------ the run
 def run_dir_for(ctx, config: Config) -> Path:
     """Where the Trainer keeps its resume state: the first job of a resume chain owns it."""
@@ -427,4 +479,5 @@ PLUGIN = Plugin(
                 "intermediate checkpoints and resume.",
     Config=Config,
     run=run,
+    preview=preview,
 )

@@ -227,6 +227,11 @@ def checkpoint_detail(lab: Lab, ck_id: str | None) -> tuple[str, str, dict]:
             f"{d['metric']} {d['value']:.4g} ({d['delta']:+.4g} vs {d['parent_name']})"
             for d in deltas)
     meta = to_json(row).get("metadata")
+    if isinstance(meta, dict) and isinstance(meta.get("layer_map"), list):
+        lm = meta["layer_map"]
+        summary += (f"\n\nLayer map ({len(lm)} layers; new layer i is a copy of old layer "
+                    f"map[i]): `{lm}`" + (f" · new blocks {meta['new_layers']}"
+                                          if meta.get("new_layers") else ""))
     if isinstance(meta, dict) and isinstance(meta.get("sparsity"), (int, float)):
         summary += (f"\n\n{meta.get('method', '')} sparsity {meta['sparsity']:.1%}"
                     + (f" ({meta['pattern']})" if meta.get("pattern") else ""))

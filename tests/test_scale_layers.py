@@ -155,6 +155,10 @@ def test_block_expansion_job_registers_a_scale_checkpoint(lab, tiny_model_dir):
         assert [p["parent_name"] for p in reg.parents(ck["id"])] == ["tiny-llama"]
     config = json.loads((lab.checkpoints_dir / ck["id"] / "config.json").read_text())
     assert config["num_hidden_layers"] == 4
+    from app.ui import checkpoint_detail  # the Registry shows the layer map
+
+    summary = checkpoint_detail(lab, ck["id"])[0]
+    assert "Layer map (4 layers" in summary and "`[0, 0, 1, 1]` · new blocks [1, 3]" in summary
 
 
 def test_depth_upscale_job_writes_the_mergekit_yaml(lab, tiny_model_dir):

@@ -197,8 +197,13 @@ def prepare_data(config: Config, ctx, tokenizer) -> tuple:
     elif config.eval_fraction:
         split = train.train_test_split(test_size=config.eval_fraction, seed=config.seed)
         train, evaluation = split["train"], split["test"]
-    lengths = [len(x) for x in train["input_ids"]]
-    learned = sum(sum(1 for t in x if t != -100) for x in train["labels"])
+    # lengths and learned-token counts from the Arrow columns, not Python lists of lists
+    import pyarrow.compute as pc
+
+    table = train.with_format("arrow")[:]
+    lengths = pc.list_value_length(table["input_ids"]).to_pylist()
+    learned = int(pc.sum(pc.cast(pc.not_equal(pc.list_flatten(table["labels"]), -100),
+                                 "int64")).as_py() or 0)
     if learned == 0:
         raise ValueError("data: no token has a loss (every label is masked); check "
                          "completion_only_loss and the columns")
@@ -428,7 +433,7 @@ def run(config: Config, ctx) -> None:
         eval_steps=eval_steps if evaluation is not None else None,
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500, save_total_limit=1,
-        gradient_checkpointing=config.gradient_checkpointing)
+        activation_checkpointing=config.gradient_checkpointing)
     from transformers import PrinterCallback, Trainer
 
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,

@@ -1,15 +1,18 @@
 """merge: every mergekit method, on registry checkpoints, with one lineage edge per input.
 
-The merge itself is mergekit's `run_merge`. This plugin adds what mergekit lacks for a lab:
-references by registry id or name, checks that name the offending tensor or vocabulary
-before any work is done, a NaN/Inf scan of the result, and the lineage.
+Two engines merge. linear, task_arithmetic, ties, dare_linear and dare_ties run on the native
+streaming engine (`ops/merge_stream.py`: tensor by tensor, bounded memory, both cores, results
+bit-identical to mergekit's) when it covers the configuration; everything else runs on
+mergekit's `run_merge`. This plugin adds what mergekit lacks for a lab: references by
+registry id or name, checks that name the offending tensor or vocabulary before any work is
+done, a NaN/Inf scan of the result, the choice of engine, and the lineage.
 """
 
 from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from plugins import CheckpointRef, LongText, Plugin, PluginConfig
 
@@ -19,6 +22,8 @@ NEEDS_BASE = {"slerp", "nuslerp", "task_arithmetic", "ties", "dare_ties", "dare_
               "breadcrumbs", "della", "model_stock"}
 USES_DENSITY = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "della"}
 USES_WEIGHT = USES_DENSITY | {"linear", "task_arithmetic"}  # mergekit requires a weight
+NATIVE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+ENGINES = ("auto", "native", "mergekit")
 
 
 class Config(PluginConfig):
@@ -49,6 +54,38 @@ class Config(PluginConfig):
     seed: int = Field(0, description="Random seed (DARE's random drops).")
     name: Optional[str] = Field(None, min_length=1, max_length=100,
                                 description="Name of the merged checkpoint. Empty: derived.")
+    engine: Literal[ENGINES] = Field(
+        "auto", description="Which engine merges. 'native': the streaming engine (linear, "
+                            "task_arithmetic, ties, dare_linear, dare_ties; tensor by tensor, "
+                            "bounded memory, results bit-identical to mergekit's). "
+                            "'mergekit': mergekit's run_merge. 'auto': native when it covers "
+                            "the configuration, else mergekit; the job log says which ran "
+                            "and why.")
+
+    @field_validator("engine")
+    @classmethod
+    def _native_covers(cls, engine, info):
+        if engine != "native":
+            return engine
+        data = info.data
+        if data.get("mergekit_yaml"):
+            import yaml
+
+            try:
+                parsed = yaml.safe_load(data["mergekit_yaml"])
+            except yaml.YAMLError:
+                return engine  # reported by run, which parses it again
+            if not isinstance(parsed, dict):
+                return engine
+        else:
+            parsed = {"merge_method": data.get("method"),
+                      "base_model": data.get("base_model"),
+                      "tokenizer_source": data.get("tokenizer_source")}
+        reason = native_refusal(parsed)
+        if reason:
+            raise ValueError(f"engine 'native' cannot run this merge: {reason}; use engine "
+                             f"'auto' or 'mergekit'")
+        return engine
 
     @model_validator(mode="after")
     def _one_way(self):
@@ -119,6 +156,100 @@ def _rewrite(data: dict, paths: dict[str, str]) -> dict:
     if isinstance(source, str) and source in paths:
         data["tokenizer_source"] = paths[source]
     return data
+
+
+def native_refusal(data: dict) -> Optional[str]:
+    """Why the native engine cannot run this mergekit configuration, from its structure
+    alone (None: it may; the inputs are checked when they are opened)."""
+    method = data.get("merge_method")
+    if method not in NATIVE_METHODS:
+        return (f"method {method} is not one of {', '.join(NATIVE_METHODS)} (the native "
+                f"engine's)")
+    if data.get("slices") or data.get("modules"):
+        return "slices and modules are mergekit-only"
+    if data.get("tokenizer_source") or data.get("tokenizer"):
+        return "a tokenizer_source re-maps the embeddings to a new vocabulary (mergekit-only)"
+    if method == "linear" and data.get("base_model"):
+        return "linear with a base_model (mergekit adds the base as one more input)"
+    settings = [("the shared parameters", data.get("parameters") or {})]
+    for entry in data.get("models") or []:
+        if isinstance(entry, dict):
+            settings.append((f"model {entry.get('model')}", entry.get("parameters") or {}))
+    for where, params in settings:
+        if not isinstance(params, dict):
+            return f"{where} are not a mapping"
+        for key, value in params.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                if key in ("normalize", "int8_mask", "rescale") and isinstance(value, bool):
+                    continue
+                return (f"{where}: {key} is {value!r}, not one number (gradients and filters "
+                        f"are mergekit-only)")
+    return None
+
+
+def native_arguments(merge_config, data: dict, paths: dict[str, str]) -> dict:
+    """stream_merge's arguments for a mergekit configuration that native_refusal accepts:
+    parameters resolved as mergekit resolves them (a model's own, then the shared ones,
+    then the method's default), and the output tensors from mergekit's architecture."""
+    from mergekit import merge_methods
+    from mergekit.architecture import get_architecture_info
+    from mergekit.architecture.base import ConfiguredModelArchitecture
+    from mergekit.options import MergeOptions
+
+    from ops.merge_stream import TensorSpec, Unsupported
+
+    spec = merge_methods.get(data["merge_method"]).spec
+    shared_settings = data.get("parameters") or {}
+    params = {}
+    for p in spec.shared_parameters:
+        value = shared_settings.get(p.name, None if p.required else p.default)
+        params[p.name] = p.validate(value)
+    base = data.get("base_model")
+    base_path = paths[base] if base else None
+    models, weights, densities = [], [], []
+    for entry in data.get("models") or []:
+        path = paths[entry["model"]]
+        if base_path and path == base_path:
+            continue  # the base: no per-model parameters, as in mergekit
+        own = entry.get("parameters") or {}
+        resolved = {}
+        for p in spec.input_parameters:
+            value = own.get(p.name, shared_settings.get(p.name))
+            if value is None:
+                if p.required:
+                    raise Unsupported(f"model {entry['model']} has no {p.name}")
+                value = p.default
+            resolved[p.name] = float(p.validate(value))
+        models.append(path)
+        weights.append(resolved["weight"])
+        densities.append(resolved.get("density", 1.0))
+    if len(set(models)) != len(models):
+        raise Unsupported("a model is listed twice")
+    options = MergeOptions()
+    arch = get_architecture_info(merge_config, options)
+    if getattr(arch, "post_fill_parameters", False):
+        raise Unsupported("this architecture is post-filled by mergekit")
+    donor = merge_config.base_model or merge_config.referenced_models()[0]
+    weights_info = ConfiguredModelArchitecture(info=arch, config=donor.config()).all_weights()
+    if any(w.force_dtype for w in weights_info):
+        raise Unsupported("the architecture forces a dtype on some tensors")
+    tensors = [TensorSpec(w.name, tuple(w.aliases or ()), tuple(w.tied_names or ()),
+                          w.optional) for w in weights_info]
+    return {"method": data["merge_method"], "models": models, "base": base_path,
+            "weights": weights, "densities": densities, "params": params,
+            "dtype": _dtype_name(data.get("dtype")),
+            "out_dtype": _dtype_name(data.get("out_dtype")), "tensors": tensors, "donor": donor.model.path, "arch": arch}
+
+
+def _dtype_name(name: Optional[str]) -> Optional[str]:
+    from ops.merge_stream import TORCH_DTYPES, Unsupported
+
+    if not name:
+        return None
+    name = name[len("torch."):] if name.startswith("torch.") else name
+    if name not in TORCH_DTYPES:
+        raise Unsupported(f"dtype {name}")
+    return name
 
 
 def _header_shapes(folder) -> dict[str, list[int]]:
@@ -224,24 +355,97 @@ def run(config: Config, ctx) -> None:
     for w in warnings:
         ctx.log(f"warning: {w}")
 
+    engine, why, native = choose_engine(config.engine, merge_config, resolved)
     original = config.mergekit_yaml or yaml.safe_dump(data, sort_keys=False)
     out = ctx.new_checkpoint(
         "merge", parents=list(edges.values()),
         name=config.name or f"merge-{data.get('merge_method', 'merge')}",
         metadata={"mergekit_yaml": original, "merge_method": data.get("merge_method"),
-                  "warnings": warnings})
+                  "warnings": warnings, "engine": engine})
     ctx.log(f"merging {len(edges)} checkpoints with {data.get('merge_method')}")
+    ctx.log(f"engine: {engine} ({why})")
     resolved_yaml = yaml.safe_dump(resolved, sort_keys=False)
-    run_merge(merge_config, str(out.path),
-              MergeOptions(copy_tokenizer=True, random_seed=config.seed, quiet=True,
-                           cuda=ctx.device == "cuda", write_model_card=False),
-              config_source=resolved_yaml)
+    options = MergeOptions(copy_tokenizer=True, random_seed=config.seed, quiet=True,
+                           cuda=ctx.device == "cuda", write_model_card=False)
+    if engine == "native":
+        if not merge_natively(native, merge_config, options, out.path, config, ctx):
+            engine = out.metadata["engine"] = "mergekit"
+    if engine == "mergekit":
+        run_merge(merge_config, str(out.path), options, config_source=resolved_yaml)
     # mergekit writes mergekit_config.yml only along with its model card (the Hub-sync
     # plugin writes ours), so write it here, as mergekit would.
     (out.path / "mergekit_config.yml").write_text(resolved_yaml)
-    ctx.progress(0.9, "checking the result")
-    check_finite(out.path)
+    if engine == "mergekit":  # the native engine checks every chunk as it writes it
+        ctx.progress(0.9, "checking the result")
+        check_finite(out.path)
     ctx.progress(1.0, "merged")
+
+
+def choose_engine(asked: str, merge_config, resolved: dict):
+    """(engine, why, native arguments or None). Asking for native when it cannot run is an
+    error naming the field; auto falls back to mergekit and says why."""
+    if asked == "mergekit":
+        return "mergekit", "engine: mergekit was asked for", None
+    reason = native_refusal(resolved)
+    native = None
+    if reason is None:
+        try:
+            native = native_arguments(merge_config, resolved,
+                                      {ref: ref for ref in _local_refs(resolved)})
+        except Exception as e:  # Unsupported, or mergekit cannot plan it: mergekit says why
+            reason = str(e) or type(e).__name__
+    if reason is None:
+        return "native", ("engine: native was asked for" if asked == "native" else
+                          "auto: the native engine covers this configuration"), native
+    if asked == "native":
+        raise ValueError(f"engine 'native' cannot run this merge: {reason}; use engine "
+                         f"'auto' or 'mergekit'")
+    return "mergekit", f"auto: falling back to mergekit, because {reason}", None
+
+
+def _local_refs(resolved: dict) -> list[str]:
+    refs = [e["model"] for e in resolved.get("models") or []]
+    if resolved.get("base_model"):
+        refs.append(resolved["base_model"])
+    return refs
+
+
+def merge_natively(native: dict, merge_config, options, out_path, config, ctx) -> bool:
+    """Run the native engine into out_path, then copy the tokenizer and tag-along files as
+    mergekit's run_merge does. False when the engine found, before writing anything, that
+    it does not cover these inputs (and auto may fall back to mergekit)."""
+    from mergekit.merge import _copy_tagalong_files, _copy_tokenizer
+
+    from ops.merge_stream import Unsupported, stream_merge
+
+    arch = native.pop("arch")
+    try:
+        stats = stream_merge(
+            **native, out_dir=out_path, seed=config.seed, device=ctx.device,
+            max_shard_bytes=options.out_shard_size, log=ctx.log,
+            progress=lambda fraction, name: ctx.progress(0.1 + 0.8 * fraction,
+                                                         f"merged {name}"))
+    except Unsupported as e:
+        if config.engine == "native":
+            raise ValueError(f"engine 'native' cannot run this merge: {e}; use engine "
+                             f"'auto' or 'mergekit'") from None
+        ctx.log(f"engine: mergekit (auto: falling back to mergekit, because {e})")
+        return False
+    except ValueError as e:
+        if str(e).startswith("the merge produced NaN or Inf"):
+            raise ValueError(f"{e}; nothing was registered") from None
+        raise
+    ctx.log(f"native engine: {stats.tensors} tensors, {stats.bytes_written / 2**20:.0f} MiB "
+            f"in {len(stats.shards)} shard(s), {stats.seconds:.1f} s, {stats.threads} "
+            f"thread(s)")
+    # The same post-steps as run_merge (mergekit's own helpers, so the files are the same).
+    try:
+        _copy_tokenizer(merge_config, str(out_path), options=options)
+    except Exception as e:  # mergekit logs and goes on, so do we
+        ctx.log(f"warning: the tokenizer was not copied: {e}")
+    _copy_tagalong_files(merge_config, str(out_path), files=arch.tagalong_files or [],
+                         options=options)
+    return True
 
 
 PLUGIN = Plugin(

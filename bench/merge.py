@@ -1,0 +1,299 @@
+"""Merge benchmark: the native streaming engine against mergekit, side by side.
+
+    python bench/merge.py [--dir /tmp/bench-merge] [--methods task_arithmetic ties]
+
+Builds (once, then reuses) three Llama models of 348M parameters (hidden 1024, 22 layers,
+vocab 32000), stored as bf16 safetensors in three HF-style shards with an index: a random
+`base` and two "fine-tunes" `ft-a`, `ft-b` (base plus seeded noise). Then, for each method, it
+runs the same mergekit YAML through
+
+    (a) `mergekit-yaml` (the CLI, as a subprocess: its wall time includes the start-up),
+    (b) `mergekit.merge.run_merge` in a subprocess of its own (the call alone is timed),
+    (c) `ops.merge_stream.stream_merge` in a subprocess of its own (the call alone is timed),
+
+and prints wall seconds, peak RSS (each process's own, from wait4), the ratio to run_merge's
+time, the ratio of the peak RSS to one input model's size, and the ratio to the warm I/O
+floor: reading every input file once from the page cache plus writing one model-sized file.
+Every run is done after a warm-up read, so all of them see warm inputs. The outputs of (b)
+and (c) are compared tensor by tensor (bf16: bit-identical expected).
+
+Targets (from the issue): ours <= 0.5x run_merge time; peak RSS <= 1.0x one input model;
+<= 6x the warm I/O floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+MODELS = {"base": 0, "ft-a": 1, "ft-b": 2}
+TARGETS = {"vs_run_merge": 0.5, "rss_vs_model": 1.0, "vs_floor": 6.0}
+
+
+def llama_350m():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                       num_hidden_layers=22, num_attention_heads=16, num_key_value_heads=16,
+                       max_position_embeddings=2048, tie_word_embeddings=False,
+                       architectures=["LlamaForCausalLM"], dtype="bfloat16")
+
+
+def build_models(root: Path) -> dict[str, Path]:
+    """base, ft-a and ft-b under root, built tensor by tensor (never a whole model in memory)."""
+    import torch
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    paths = {name: root / name for name in MODELS}
+    if all((p / "model.safetensors.index.json").exists() for p in paths.values()):
+        return paths
+    config = llama_350m()
+    with torch.device("meta"):
+        shapes = {k: v.to(torch.bfloat16) for k, v in LlamaForCausalLM(config).state_dict().items()}
+    split = split_torch_state_dict_into_shards(shapes, max_shard_size="300MB")
+    order = {name: i for i, name in enumerate(shapes)}
+
+    def tensor(name: str, model_seed: int):
+        gen = torch.Generator().manual_seed(order[name])
+        shape = shapes[name].shape
+        if name.endswith("norm.weight"):
+            base = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            base = 0.02 * torch.randn(shape, generator=gen)
+        if model_seed:
+            gen = torch.Generator().manual_seed(1_000_003 * model_seed + order[name])
+            base += 0.002 * torch.randn(shape, generator=gen)
+        return base.to(torch.bfloat16)
+
+    for name, seed in MODELS.items():
+        path = paths[name]
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        t = time.perf_counter()
+        for filename, keys in split.filename_to_tensors.items():
+            save_file({k: tensor(k, seed) for k in keys}, tmp / filename,
+                      metadata={"format": "pt"})
+        index = {"metadata": {"total_size": sum(v.numel() * 2 for v in shapes.values())},
+                 "weight_map": split.tensor_to_filename}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        config.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        print(f"built {name} in {time.perf_counter() - t:.1f} s", flush=True)
+    return paths
+
+
+def merge_config(method: str, paths: dict[str, Path]) -> dict:
+    """The mergekit YAML both engines run: two fine-tunes on their base, computed in bf16."""
+    models = []
+    for name, weight in (("ft-a", 0.6), ("ft-b", 0.4)):
+        params = {"weight": weight}
+        if method != "task_arithmetic":
+            params["density"] = 0.5
+        models.append({"model": str(paths[name]), "parameters": params})
+    return {"merge_method": method, "base_model": str(paths["base"]), "models": models,
+            "dtype": "bfloat16"}
+
+
+def warm_io_floor(paths: dict[str, Path], out: Path, repeats: int = 3) -> float:
+    """Seconds to read every input file once (page cache) plus write one model-sized file:
+    the least any merge of these inputs has to move. The best of `repeats`."""
+    files = [f for p in paths.values() for f in sorted(p.glob("*.safetensors"))]
+    model_bytes = sum(f.stat().st_size for f in paths["base"].glob("*.safetensors"))
+    buf = bytearray(64 * 2**20)
+    best = float("inf")
+    for _ in range(repeats):
+        target = out / "floor.bin"
+        settle()
+        t = time.perf_counter()
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+        with open(target, "wb", buffering=0) as fh:
+            left = model_bytes
+            while left > 0:
+                left -= fh.write(memoryview(buf)[:min(left, len(buf))])
+        best = min(best, time.perf_counter() - t)
+        target.unlink()
+    return best
+
+
+def settle() -> None:
+    """Flush the previous runs' dirty pages first, so no run pays for another's writeback
+    (the inputs stay in the page cache)."""
+    os.sync()
+    time.sleep(1.0)
+
+
+def spawn(cmd: list[str]) -> tuple[float, float, float, str]:
+    """(wall seconds, peak RSS in MiB, CPU seconds, stdout) of a child process, its own
+    figures from wait4."""
+    t = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                               f"{err.read()[-3000:]}")
+        return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, out.read()
+
+
+def child(engine: str, config_path: Path, out: Path) -> None:
+    """In a subprocess of its own: one merge, timed around the call alone (not the start)."""
+    import resource
+
+    import yaml
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    data = yaml.safe_load(config_path.read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    if engine == "run_merge":
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import MergeOptions, run_merge
+
+        config = MergeConfiguration.model_validate(data)
+        t, c = time.perf_counter(), cpu()
+        run_merge(config, str(out), MergeOptions(random_seed=0, quiet=True,
+                                                 copy_tokenizer=False,
+                                                 write_model_card=False))
+    else:
+        import transformers  # noqa: F401  (loaded before the timer, as mergekit loads it)
+
+        from ops.merge_stream import stream_merge
+
+        models = [m["model"] for m in data["models"]]
+        params = [m["parameters"] for m in data["models"]]
+        t, c = time.perf_counter(), cpu()
+        stream_merge(data["merge_method"], models, data["base_model"],
+                     weights=[p["weight"] for p in params],
+                     densities=[p.get("density", 1.0) for p in params],
+                     out_dir=out, dtype=data["dtype"], seed=0)
+    print(json.dumps({"seconds": time.perf_counter() - t, "cpu": cpu() - c}))
+    # (the last shard's pages are still dirty in the page cache here, for both engines)
+
+
+def differing_tensors(a: Path, b: Path) -> str:
+    """'0 of N' when every tensor of a equals b's bit for bit."""
+    import torch
+    from safetensors import safe_open
+
+    def index(folder):
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as h:
+                out.update({k: f for k in h.keys()})
+        return out
+
+    ia, ib = index(a), index(b)
+    if sorted(ia) != sorted(ib):
+        return f"different tensor sets ({len(ia)} vs {len(ib)})"
+    bad = 0
+    for key in ia:
+        with safe_open(str(ia[key]), framework="pt") as fa, \
+                safe_open(str(ib[key]), framework="pt") as fb:
+            x, y = fa.get_tensor(key), fb.get_tensor(key)
+            bad += not torch.equal(x.reshape(-1).view(torch.uint8),
+                                   y.reshape(-1).view(torch.uint8))
+    return f"{bad} of {len(ia)}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dir", default="/tmp/bench-merge", help="models are built here once")
+    parser.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per engine; the best wall time and its RSS are shown")
+    parser.add_argument("--skip-cli", action="store_true", help="leave out mergekit-yaml")
+    parser.add_argument("--child", choices=["run_merge", "native"], help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, Path(args.config), Path(args.out))
+        return 0
+
+    root = Path(args.dir)
+    paths = build_models(root)
+    model_bytes = sum(f.stat().st_size for f in paths["base"].glob("*.safetensors"))
+    work = root / "runs"
+    work.mkdir(exist_ok=True)
+    floor = warm_io_floor(paths, work)
+    cli = Path(sys.executable).with_name("mergekit-yaml")
+    print(f"inputs: 3 x {model_bytes / 2**20:.0f} MiB bf16 in "
+          f"{len(list(paths['base'].glob('*.safetensors')))} shards; warm I/O floor "
+          f"{floor:.2f} s; {os.cpu_count()} CPUs; load average before "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
+
+    rows = []
+    for method in args.methods:
+        import yaml
+
+        config_path = work / f"{method}.yml"
+        config_path.write_text(yaml.safe_dump(merge_config(method, paths), sort_keys=False))
+        results = {}
+        engines = ([] if args.skip_cli else ["mergekit-yaml"]) + ["run_merge", "native"]
+        for engine in engines:
+            out = work / f"{method}-{engine}"
+            runs = []
+            for _ in range(args.repeats):
+                shutil.rmtree(out, ignore_errors=True)
+                settle()
+                if engine == "mergekit-yaml":
+                    wall, rss, cpu, _ = spawn([str(cli), str(config_path), str(out),
+                                               "--random-seed", "0", "--quiet",
+                                               "--no-copy-tokenizer", "--no-write-model-card"])
+                    seconds = wall
+                else:
+                    wall, rss, cpu, stdout = spawn([sys.executable, __file__, "--child", engine,
+                                                    "--config", str(config_path), "--out",
+                                                    str(out)])
+                    timed = json.loads(stdout.strip().splitlines()[-1])
+                    seconds, cpu = timed["seconds"], timed["cpu"]
+                runs.append((seconds, rss, cpu, wall))
+            results[engine] = min(runs)
+            seconds, rss, cpu, wall = results[engine]
+            print(f"  {method:16} {engine:14} {seconds:7.2f} s (CPU {cpu:.1f} s, process "
+                  f"{wall:.2f} s), peak RSS {rss:.0f} MiB", flush=True)
+        same = differing_tensors(work / f"{method}-native", work / f"{method}-run_merge")
+        reference = results["run_merge"][0]
+        for engine, (seconds, rss, cpu, wall) in results.items():
+            rows.append((method, engine, seconds, cpu, rss, seconds / reference,
+                         rss * 2**20 / model_bytes, seconds / floor,
+                         same if engine == "native" else ""))
+
+    print(f"\n{'method':16} {'engine':14} {'wall s':>7} {'CPU s':>6} {'peak RSS MiB':>12} "
+          f"{'x run_merge':>11} {'RSS/model':>9} {'x floor':>8}  tensors differing from "
+          f"run_merge")
+    for method, engine, seconds, cpu, rss, ratio, rss_ratio, floor_ratio, same in rows:
+        print(f"{method:16} {engine:14} {seconds:7.2f} {cpu:6.1f} {rss:12.0f} {ratio:11.2f} "
+              f"{rss_ratio:9.2f} {floor_ratio:8.1f}  {same}")
+    print(f"\ntargets for native: x run_merge <= {TARGETS['vs_run_merge']}, RSS/model <= "
+          f"{TARGETS['rss_vs_model']}, x floor <= {TARGETS['vs_floor']}. mergekit-yaml's time "
+          f"is the whole process (start-up included); run_merge's and native's are the call "
+          f"alone, in a process of its own. Load average after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1034 @@
+"""A native streaming merge engine for linear, task arithmetic, TIES, DARE-linear and DARE-TIES.
+
+References:
+- Linear ("model soups"): Wortsman et al. 2022, https://arxiv.org/abs/2203.05482
+- Task arithmetic: Ilharco et al. 2022, https://arxiv.org/abs/2212.04089
+- TIES-merging (trim, elect sign, disjoint merge): Yadav et al. 2023,
+  https://arxiv.org/abs/2306.01708
+- DARE (drop and rescale): Yu et al. 2023, https://arxiv.org/abs/2311.03099
+- The numerics follow mergekit 0.1.5 (`merge_methods/linear.py`,
+  `merge_methods/generalized_task_arithmetic.py`, `sparsify.py`,
+  https://github.com/arcee-ai/mergekit) operation by operation, so that the output is
+  bit-identical to mergekit's on the same configuration (see "Equality with mergekit" below).
+
+Why by hand: mergekit's executor is a general task graph that keeps every input file mapped,
+runs one tensor at a time on one Python thread and buffers a whole output shard before
+writing it. This engine reads tensor by tensor with `safe_open`, releases each input mapping
+when its tensor is done, writes every output chunk straight to its place in a pre-laid-out
+safetensors shard (safetensors has no incremental writer), and spreads the work over a few
+threads, so the peak memory is a bounded working set rather than the inputs.
+
+Equality with mergekit (same YAML, same dtype):
+- linear, task_arithmetic, ties: bit-identical. The element-wise steps are mergekit's torch
+  operations applied to chunks (element-wise results do not depend on the chunking). TIES'
+  magnitude trim uses the same full `torch.argsort` of |delta| as mergekit, so equal
+  magnitudes at the threshold are broken the same way; where that argsort would not fit the
+  working-set budget, `introsort_top` replays the same sort on the path to position k only,
+  in half the memory.
+- dare_linear, dare_ties: bit-identical for the same seed. mergekit seeds the global torch
+  generator with the seed (`transformers.set_seed`) and draws one `torch.bernoulli` mask per
+  (tensor, model) in its execution order, which is the tensors sorted by name. This engine
+  draws from its own `torch.Generator(seed)` in that same order, one tensor at a time, and
+  computes the whole-tensor L1 sums of the rescale with the default intra-op thread count,
+  as mergekit does (a float sum's last bits depend on how it is split across threads).
+  Random methods therefore run one tensor at a time (intra-op parallelism only).
+
+Not covered (the caller falls back to mergekit): tensors that exist in only some inputs,
+per-tensor or gradient parameters, tied/aliased names shared by two outputs under a random
+method, non-safetensors inputs. `Unsupported` says which.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+RANDOM = ("dare_linear", "dare_ties")
+# mergekit's defaults per method (GeneralizedTaskArithmeticMerge / linear_merge).
+DEFAULTS = {
+    "linear": {"normalize": True},
+    "task_arithmetic": {"normalize": False, "rescale": False, "int8_mask": False, "lambda": 1.0},
+    "ties": {"normalize": True, "rescale": False, "int8_mask": False, "lambda": 1.0},
+    "dare_linear": {"normalize": False, "rescale": True, "int8_mask": False, "lambda": 1.0},
+    "dare_ties": {"normalize": False, "rescale": True, "int8_mask": False, "lambda": 1.0},
+}
+CONSENSUS = {"ties", "dare_ties"}
+DEFAULT_SHARD_BYTES = 5_000_000_000  # mergekit's out_shard_size default
+DEFAULT_WORKING_BYTES = 320 * 2**20
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
+                      "F16": torch.float16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                "float16": torch.float16, "float64": torch.float64}
+
+
+class Unsupported(ValueError):
+    """A merge the native engine does not cover; mergekit does. The message says why."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One output tensor, as mergekit's architecture describes it (WeightInfo): an input
+    provides it under its name, an alias or a tied name (the first found); an optional tensor
+    that no input has under its name or an alias is skipped, as mergekit skips it."""
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    tied: tuple[str, ...] = ()
+    optional: bool = False
+
+
+@dataclass
+class MergeStats:
+    tensors: int = 0
+    bytes_written: int = 0
+    shards: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    threads: int = 1
+    peak_in_flight: int = 0  # tensors whose inputs were open at the same time
+    peak_reserved_bytes: int = 0  # the working-set budget actually reserved at once
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: a folder of safetensors shards, read tensor by tensor.
+
+
+class Checkpoint:
+    """The tensors of one model folder: name -> (file, dtype, shape), from the headers only."""
+
+    def __init__(self, folder):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.exists():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (self.folder / "model.safetensors").exists():
+            files = ["model.safetensors"]
+        else:
+            raise Unsupported(f"{self.folder} has no model.safetensors(.index.json) (the "
+                              f"native engine reads safetensors only)")
+        self.entries: dict[str, tuple[Path, torch.dtype, tuple[int, ...]]] = {}
+        for name in files:
+            path = self.folder / name
+            if not path.exists():
+                raise ValueError(f"shard {name} is missing from {self.folder}")
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    piece = f.get_slice(key)
+                    self.entries[key] = (path, SAFETENSORS_DTYPES[piece.get_dtype()],
+                                         tuple(piece.get_shape()))
+
+    def open(self, key: str) -> torch.Tensor:
+        """The tensor, backed by the file's memory map (zero copy; the pages are read when
+        touched and released when the tensor is dropped)."""
+        from safetensors import safe_open
+
+        path = self.entries[key][0]
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: shards laid out up front, written chunk by chunk at their offsets.
+
+
+def _header(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]):
+    """safetensors layout: u64 little-endian header size, JSON header padded with spaces to
+    8 bytes, then the data. Data is ordered by element size (largest first) so every tensor
+    stays aligned, then in the given order."""
+    order = sorted(range(len(tensors)), key=lambda i: -tensors[i][1].itemsize)
+    header, offsets, pos = {"__metadata__": {"format": "pt"}}, {}, 0
+    for i in order:
+        name, dtype, shape = tensors[i]
+        size = dtype.itemsize
+        for s in shape:
+            size *= s
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                        "data_offsets": [pos, pos + size]}
+        offsets[name] = pos
+        pos += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets, pos
+
+
+class ShardWriter:
+    """Writes a model's shards progressively: each shard file gets its header and full size
+    when the merge starts, then every tensor's bytes are written in place as they are made."""
+
+    def __init__(self, out_dir, shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]]):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        n = len(shards)
+        self.names = (["model.safetensors"] if n == 1 else
+                      [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self.where: dict[str, tuple[int, int]] = {}  # tensor -> (fd, absolute byte offset)
+        self.weight_map: dict[str, str] = {}
+        self.fds: list[int] = []
+        self.total = 0
+        for filename, tensors in zip(self.names, shards):
+            head, offsets, size = _header(tensors)
+            fd = os.open(self.out_dir / filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.fds.append(fd)
+            os.pwrite(fd, head, 0)
+            os.ftruncate(fd, len(head) + size)
+            for name, _, _ in tensors:
+                self.where[name] = (fd, len(head) + offsets[name])
+                self.weight_map[name] = filename
+            self.total += size
+
+    def write(self, name: str, byte_offset: int, tensor: torch.Tensor) -> int:
+        """Write a contiguous CPU tensor's bytes at byte_offset inside tensor `name`."""
+        fd, start = self.where[name]
+        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], start + byte_offset + done)
+        return done
+
+    def close(self, ok: bool = True) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        if not ok:
+            for filename in self.names:
+                (self.out_dir / filename).unlink(missing_ok=True)
+            return
+        if len(self.names) > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
+            (self.out_dir / "model.safetensors.index.json").write_text(
+                json.dumps(index, indent=2) + "\n")
+
+
+def shard_layout(items: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+                 max_shard_bytes: int) -> list[list]:
+    """Split tensors, in save order, into shards as mergekit's TensorWriter does: a new shard
+    starts when the next tensor would push the current one past max_shard_bytes."""
+    shards, current, size = [], [], 0
+    for name, dtype, shape in items:
+        nbytes = dtype.itemsize * _numel(shape)
+        if current and max_shard_bytes > 0 and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, dtype, shape))
+        size += nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-element numerics, mirrored from mergekit 0.1.5 operation by operation.
+
+
+def _linear_chunk(tensors: list[torch.Tensor], weights: torch.Tensor, normalize: bool,
+                  denominator: torch.Tensor) -> torch.Tensor:
+    """mergekit linear_merge on one chunk. tensors: N x (m,) in the compute dtype;
+    weights: (N,) float32 (float64 for float64 inputs). Accumulates in float32: (m,) f32,
+    then back to the compute dtype."""
+    first = tensors[0]
+    result = torch.zeros_like(first, dtype=weights.dtype)  # (m,) f32, from +0 as mergekit
+    for tensor, coefficient in zip(tensors, weights.unbind(0)):
+        result.addcmul_(tensor, coefficient.reshape(1))
+    if normalize:
+        result.div_(denominator)
+    return result.to(first.dtype)
+
+
+def _sign_consensus(deltas: torch.Tensor, mask_dtype: torch.dtype) -> torch.Tensor:
+    """TIES' elected sign (mergekit get_mask, method 'sum'): deltas (N, m) -> bool (N, m),
+    True where a delta agrees with the sign of the summed deltas (0 counts as +)."""
+    sign = deltas.sign().to(mask_dtype)
+    sign_weight = deltas.sum(dim=0)  # (m,) compute dtype
+    majority_sign = (sign_weight >= 0).to(mask_dtype) * 2 - 1
+    del sign_weight
+    return sign == majority_sign
+
+
+def _gta_chunk(base: torch.Tensor, deltas: torch.Tensor, weights: list[float],
+               weights_t: torch.Tensor, consensus: bool, int8_mask: bool, normalize: bool,
+               lam: float, divisor_all: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """mergekit GeneralizedTaskArithmeticMerge.merge_group after sparsification, on one chunk.
+
+    base: (m,), deltas: (N, m) sparsified task vectors (overwritten), all in the compute
+    dtype; weights: the N weights as Python floats already rounded to the compute dtype, and
+    weights_t the same as a (N, 1) tensor. Every step rounds to the compute dtype exactly where
+    mergekit's does. Without sign consensus the sum over models is done row by row, which is
+    cheaper than mergekit's `deltas.sum(dim=0)` and equal to it: for one or two rows the sum
+    is a single rounding either way, and `+ 0.0` turns an all -0 sum into +0, as the
+    reduction (which starts from +0) gives; three or more rows use the reduction itself.
+    """
+    n = deltas.shape[0]
+    for i in range(n):
+        deltas[i].mul_(weights[i])  # == deltas.mul_(weights): w is exact in the dtype
+    if consensus:
+        mask = _sign_consensus(deltas, torch.int8 if int8_mask else base.dtype)
+        mixed = (deltas * mask).sum(dim=0)  # (m,)
+        divisor = (weights_t * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        if n <= 2:
+            mixed = deltas[0]
+            if n == 2:
+                mixed.add_(deltas[1])
+            mixed.add_(0.0)
+        else:
+            mixed = deltas.sum(dim=0)
+        divisor = divisor_all
+    if normalize:
+        mixed /= divisor
+    if lam != 1:
+        mixed *= lam
+    return torch.add(base, mixed, out=out)
+
+
+def _magnitude_keep(delta: torch.Tensor, density: float, in_place: bool = False,
+                    low_memory: bool = False) -> Optional[torch.Tensor]:
+    """TIES trim (mergekit sparsify.magnitude): the k = max(1, int(density * n)) largest |delta|
+    as a bool mask (n,), ties broken exactly as mergekit's full `torch.argsort` breaks them.
+    None: keep everything (density >= 1). in_place: |delta| overwrites delta. low_memory:
+    select with `introsort_top` (about 8 bytes an element instead of argsort's 17)."""
+    n = delta.numel()
+    if density >= 1:
+        return None
+    if density <= 0 or n == 0:
+        return torch.zeros(n, dtype=torch.bool, device=delta.device)
+    k = max(1, int(density * n))
+    keys = (delta.abs_() if in_place else delta.abs()).reshape(-1)
+    keep = None
+    if keys.device.type == "cpu":
+        if keys.dtype in (torch.bfloat16, torch.float16):
+            # |x| of a 16-bit float, read as int16, orders exactly like its float32 value
+            # (sign bit clear), so argsort sees the same comparisons at half the memory.
+            bits = keys.view(torch.int16)
+            limit = 0x7F80 if keys.dtype == torch.bfloat16 else 0x7C00
+            keys = bits if int(bits.max()) <= limit else keys.float()  # NaN: as mergekit
+        else:
+            keys = keys.float()  # as mergekit (float64 keys are rounded to float32 too)
+        if low_memory and not (keys.is_floating_point() and bool(torch.isnan(keys).any())):
+            top = introsort_top(keys.numpy(), k)  # keys are ours: |delta|, permuted in place
+            if top is not None:
+                import numpy as np
+
+                kept = np.zeros(n, dtype=np.bool_)
+                kept[top] = True
+                keep = torch.from_numpy(kept)
+    if keep is None:
+        top = torch.argsort(keys, descending=True)[:k]  # (k,) int64
+        del keys
+        keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
+        keep[top] = True
+    return keep
+
+
+# ---------------------------------------------------------------------------------------------
+# The first k of torch's CPU argsort, in less memory.
+#
+# torch.argsort(x, descending=True) on CPU is libstdc++'s std::sort (introsort) over
+# (key, index) pairs compared by key alone; which of the equal keys at the k-th place end up
+# among the first k is a product of its partitioning. introsort_top replays that algorithm
+# (median-of-three pivot moved to the front, Hoare's unguarded partition, a depth limit of
+# 2*floor(log2 n), segments of 16 or fewer left to a final insertion sort) but follows only
+# the segment that holds position k: the elements left of it are among the first k in any
+# order, those right of it are not. One partition is done with numpy on boolean masks: the
+# left scan stops at keys <= pivot, the right scan at keys >= pivot, and the m-th stop from
+# the left is swapped with the m-th stop from the right for as long as they have not
+# crossed. It needs the keys, int32 positions and two boolean masks (8 bytes an element for
+# 16-bit keys) where torch.sort needs about 17. It is checked against torch.argsort once per
+# process, and falls back to it (None) where the real sort would switch to heapsort.
+
+_BLOCK = 1 << 16  # counting granularity
+_PAIRS = 1 << 20  # swaps done at once
+_INTROSORT_OK: Optional[bool] = None
+
+
+def _true_counts(flags, out):
+    """out[j] = the number of True in flags[:j * _BLOCK], for every block boundary."""
+    import numpy as np
+
+    n = flags.shape[0]
+    full, blocks = n // _BLOCK, -(-n // _BLOCK)
+    counts = out[1:blocks + 1]
+    if full:
+        flags[:full * _BLOCK].reshape(full, _BLOCK).sum(axis=1, out=counts[:full])
+    if full < blocks:
+        counts[full] = np.count_nonzero(flags[full * _BLOCK:])
+    out[0] = 0
+    np.cumsum(counts, out=counts)
+    return out[:blocks + 1]
+
+
+def _nth_true(flags, prefix, m: int) -> int:
+    """The position of the m-th (from 0) True in flags, given its block counts."""
+    import numpy as np
+
+    j = int(np.searchsorted(prefix, m, side="right")) - 1
+    start = j * _BLOCK
+    return start + int(np.flatnonzero(flags[start:start + _BLOCK])[m - int(prefix[j])])
+
+
+def _introsort_top_unchecked(key, k: int):
+    import numpy as np
+
+    n = key.shape[0]
+    idx = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+    if k >= n:
+        return idx
+    first, last = 0, n
+    depth = 2 * (n.bit_length() - 1)
+    le_buf, ge_buf = np.empty(n, dtype=np.bool_), np.empty(n, dtype=np.bool_)
+    pl_buf = np.empty(-(-n // _BLOCK) + 1, dtype=np.int64)
+    pr_buf = np.empty_like(pl_buf)
+    while last - first > 16:
+        if depth == 0:
+            return None  # std::sort would heapsort this segment
+        depth -= 1
+        a, b, c = first + 1, first + (last - first) // 2, last - 1
+        ka, kb, kc = key[a], key[b], key[c]
+        if ka > kb:
+            m = b if kb > kc else (c if ka > kc else a)
+        elif ka > kc:
+            m = a
+        elif kb > kc:
+            m = c
+        else:
+            m = b
+        key[first], key[m] = key[m], key[first]
+        idx[first], idx[m] = idx[m], idx[first]
+        pivot, size = key[first], last - first
+        seg, iseg = key[first:last], idx[first:last]
+        le = np.less_equal(seg, pivot, out=le_buf[:size])  # where the left scan stops
+        le[0] = False  # (it starts after the pivot)
+        ge = np.greater_equal(seg, pivot, out=ge_buf[:size])  # where the right scan stops
+        pl, pr = _true_counts(le, pl_buf), _true_counts(ge, pr_buf)
+        total_l, total_r = int(pl[-1]), int(pr[-1])
+        right = total_r - pr  # right stops at or after each block boundary
+        # swaps = max over x of min(left stops before x, right stops from x on)
+        j = int(np.flatnonzero(pl <= right)[-1])
+        if j == len(pl) - 1:
+            swaps = int(min(pl[j], right[j]))
+        else:
+            lo, hi = j * _BLOCK, min(size, (j + 1) * _BLOCK)
+            left_x = np.zeros(hi - lo + 1, dtype=np.int64)
+            np.cumsum(le[lo:hi], out=left_x[1:])
+            right_x = np.zeros(hi - lo + 1, dtype=np.int64)
+            np.cumsum(ge[lo:hi], out=right_x[1:])
+            swaps = int(np.minimum(pl[j] + left_x, right[j] - right_x).max())
+        if swaps == 0:
+            cut = _nth_true(le, pl, 0)
+        else:
+            last_right = _nth_true(ge, pr, total_r - swaps)
+            cut = last_right if swaps >= total_l else min(_nth_true(le, pl, swaps), last_right)
+            for m0 in range(0, swaps, _PAIRS):
+                m1 = min(swaps, m0 + _PAIRS)
+                la, lb = _nth_true(le, pl, m0), _nth_true(le, pl, m1 - 1) + 1
+                ra, rb = _nth_true(ge, pr, total_r - m1), _nth_true(ge, pr, total_r - 1 - m0) + 1
+                ml, mr = le[la:lb], ge[ra:rb]
+                for arr in (seg, iseg):
+                    left, right_part = arr[la:lb], arr[ra:rb]
+                    from_left, from_right = left[ml], right_part[mr]
+                    left[ml] = from_right[::-1]
+                    right_part[mr] = from_left[::-1]
+        cut += first
+        if cut == k:
+            return idx[:k]
+        if k < cut:
+            last = cut
+        else:
+            first = cut
+    order = np.argsort(-key[first:last].astype(np.float64), kind="stable")  # insertion sort
+    idx[first:last] = idx[first:last][order]
+    return idx[:k]
+
+
+def introsort_top(key, k: int):
+    """The positions torch.argsort(key, descending=True)[:k] holds on CPU, as a numpy int
+    array, or None (use torch.argsort). key: a 1-D numpy int16 or float32 array without NaN,
+    permuted in place."""
+    global _INTROSORT_OK
+    if _INTROSORT_OK is None:
+        gen = torch.Generator().manual_seed(0)
+        probe = torch.randint(0, 7, (50_000,), generator=gen, dtype=torch.int16)
+        expected = torch.argsort(probe, descending=True)[:20_000].sort().values
+        got = _introsort_top_unchecked(probe.numpy().copy(), 20_000)
+        _INTROSORT_OK = got is not None and torch.equal(
+            torch.from_numpy(got.astype("int64")).sort().values, expected)
+    if not _INTROSORT_OK:
+        return None
+    return _introsort_top_unchecked(key, k)
+
+
+def _bernoulli_rescaled(delta: torch.Tensor, density: float, rescale: bool,
+                        generator: torch.Generator) -> torch.Tensor:
+    """DARE drop (mergekit sparsify.bernoulli): keep each element with probability density,
+    then (rescale) match the L1 norm of the whole tensor. Same dtypes as mergekit: on CPU the
+    mask is drawn in float32 unless the tensor is bf16 (full_like rounds density to it)."""
+    if density >= 1:
+        return delta
+    if delta.device.type != "cpu" or delta.dtype == torch.bfloat16:
+        work = delta.dtype
+    else:
+        work = torch.float32
+    mask = torch.bernoulli(torch.full_like(delta, fill_value=density, dtype=work),
+                           generator=generator)
+    tensor = delta.to(work)
+    masked = tensor * mask
+    if rescale:
+        before, after = tensor.abs().sum(), masked.abs().sum()  # 0-dim, work dtype
+        if not (before < 1e-7 or after < 1e-7):
+            masked = masked * (before / after)
+    return masked.to(delta.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan.
+
+
+@dataclass
+class _Item:
+    name: str
+    label: str  # mergekit's group label: the largest resolved input name
+    keys: list[str]  # the input name in each input (models..., base last)
+    shape: tuple[int, ...]
+    in_dtypes: list[torch.dtype]  # as stored
+    loaded: list[torch.dtype]  # after mergekit's cast on load (to `dtype` when set)
+    compute: torch.dtype  # the loaded dtypes promoted
+    out: torch.dtype  # out_dtype, else compute
+
+    @property
+    def numel(self) -> int:
+        return _numel(self.shape)
+
+
+def _plan(inputs: list[Checkpoint], labels: list[str], tensors: Optional[Sequence[TensorSpec]],
+          dtype: Optional[torch.dtype], out_dtype: Optional[torch.dtype], log) -> list[_Item]:
+    donor = inputs[-1]
+    if tensors is None:
+        tensors = [TensorSpec(name) for name in donor.entries]
+    items = []
+    for spec in tensors:
+        named = (spec.name, *spec.aliases)
+        if spec.optional and not any(c in ck.entries for ck in inputs for c in named):
+            log(f"skipping optional tensor {spec.name}: in no input")
+            continue
+        found = [next((c for c in (*named, *spec.tied) if c in ck.entries), None)
+                 for ck in inputs]
+        missing = [labels[i] for i, f in enumerate(found) if f is None]
+        if missing:
+            raise Unsupported(f"tensor {spec.name} is missing from {', '.join(missing)}")
+        entries = [ck.entries[f] for ck, f in zip(inputs, found)]
+        shapes = [e[2] for e in entries]
+        for i, shape in enumerate(shapes[1:], 1):
+            if shape != shapes[0]:
+                raise ValueError(f"tensor {spec.name} differs in shape: {list(shapes[0])} in "
+                                 f"{labels[0]}, {list(shape)} in {labels[i]}")
+        in_dtypes = [e[1] for e in entries]
+        loaded = [dtype or d for d in in_dtypes]  # mergekit casts on load when dtype is set
+        compute = loaded[0]
+        for d in loaded[1:]:
+            compute = torch.promote_types(compute, d)
+        items.append(_Item(spec.name, max(found), list(found), shapes[0], in_dtypes, loaded,
+                           compute, out_dtype or compute))
+    # mergekit's executor runs tensors in the order of their group label (the input name):
+    # the save order (hence the shard layout) and the order random masks are drawn in.
+    items.sort(key=lambda it: it.label)
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# Scheduling: a byte budget and a few worker threads.
+
+
+class _Budget:
+    """At most `limit` bytes reserved at once; a single larger request runs alone."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.count = limit, 0, 0
+        self.peak_bytes, self.peak_count = 0, 0
+        self.lock = threading.Lock()
+
+    def try_acquire(self, n: int) -> bool:
+        with self.lock:
+            if self.used and self.used + n > self.limit:
+                return False
+            self.used += n
+            self.count += 1
+            self.peak_bytes = max(self.peak_bytes, self.used)
+            self.peak_count = max(self.peak_count, self.count)
+            return True
+
+    def release(self, n: int) -> None:
+        with self.lock:
+            self.used -= n
+            self.count -= 1
+
+
+class _single_intraop:
+    """On the calling thread, torch ops use one intra-op thread inside the block (when
+    `on`): element-wise work on cache-sized chunks does not gain from OpenMP, which on a busy
+    machine mostly waits at its barriers."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        if self.on:
+            self.previous = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.on:
+            torch.set_num_threads(self.previous)
+
+
+def _one_intraop_thread():
+    """Worker initializer: torch ops on this thread use one intra-op thread, so N workers use
+    N cores without OpenMP oversubscription. get_num_threads() first runs torch's lazy
+    per-thread initialisation, which would otherwise reset the count at the first op."""
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
+class _Engine:
+    def __init__(self, method, inputs, n_models, items, writer, *, weights, densities,
+                 params, seed, device, threads, budget, chunk_elements, part_elements,
+                 check_finite, labels):
+        self.method, self.inputs, self.n_models = method, inputs, n_models
+        self.items, self.writer = items, writer
+        self.weights, self.densities, self.params = weights, densities, params
+        self.device = torch.device(device)
+        self.threads, self.budget = threads, budget
+        self.chunk_elements, self.part_elements = chunk_elements, part_elements
+        self.check_finite, self.labels = check_finite, labels
+        self.generator = None
+        if method in RANDOM:
+            self.generator = torch.Generator(device=self.device)
+            if seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(seed)
+        self.stop = threading.Event()
+        self.local = threading.local()
+        self.finished: deque[str] = deque()  # tensors fully written, for the calling thread
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _open(self, item: _Item) -> list[torch.Tensor]:
+        """Flat views (n,) of every input of item in its stored dtype, memory-mapped on CPU:
+        nothing is copied here; chunks are cast to the compute dtype when used."""
+        return [ck.open(key).reshape(-1) for ck, key in zip(self.inputs, item.keys)]
+
+    def _cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        x = x.to(self.device)
+        return x if x.dtype == dtype else x.to(dtype)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _check(self, item: _Item, out: torch.Tensor) -> None:
+        """Fail on NaN or Inf in out (a chunk of item's result), naming the inputs that
+        already had one. A non-finite element makes the sum non-finite (one cheap pass;
+        isfinite on bf16 is several times slower); a sum that overflowed is confirmed
+        element-wise."""
+        if not self.check_finite or not out.is_floating_point():
+            return
+        total = out.sum(dtype=torch.float32 if out.dtype == torch.float16 else None)
+        if torch.isfinite(total) or torch.isfinite(out).all():
+            return
+        bad = [self.labels[i] for i, x in enumerate(self._open(item))
+               if x.is_floating_point() and not torch.isfinite(x).all()]
+        raise ValueError(f"the merge produced NaN or Inf in {item.name}"
+                         + (f" (already in {', '.join(bad)})" if bad else ""))
+
+    def _write(self, item: _Item, start: int, out: torch.Tensor) -> None:
+        """out: item's result for elements [start, start + len), in the out dtype."""
+        self.writer.write(item.name, start * item.out.itemsize, out.cpu().contiguous())
+
+    def _buffer(self, key: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """A scratch tensor reused by this thread across chunks (they stay in cache)."""
+        cache = self.local.__dict__.setdefault("buffers", {})
+        numel = _numel(shape)
+        held = cache.get((key, dtype))
+        if held is None or held.numel() < numel:
+            held = cache[(key, dtype)] = torch.empty(numel, dtype=dtype, device=self.device)
+        return held[:numel].view(shape)
+
+    # -- the merge of one tensor -------------------------------------------------------------
+
+    def _split(self, xs):
+        """(models, base) among the opened inputs: the base is last when there is one."""
+        if self.method == "linear":
+            return xs, None
+        return xs[:self.n_models], xs[-1]
+
+    def _copy_buffer(self, item: _Item, xs: list[torch.Tensor]) -> None:
+        """mergekit copy_non_floating_buffer: integer buffers must agree and are copied."""
+        loaded = [self._cast(x, d) for x, d in zip(xs, item.loaded)]
+        first = loaded[0]
+        if any(t.dtype != first.dtype or not torch.equal(t, first) for t in loaded[1:]):
+            raise ValueError(f"non-floating buffer {item.name} differs between inputs")
+        out = first.to(item.out)  # mergekit's SaveTensor casts to out_dtype
+        self._check(item, out)
+        self._write(item, 0, out)
+
+    def _full_delta(self, x, base, cdt) -> torch.Tensor:
+        """x - base over the whole tensor: (n,) compute dtype, made chunk by chunk."""
+        out = torch.empty(x.numel(), dtype=cdt, device=self.device)
+        for s in range(0, x.numel(), self.chunk_elements):
+            e = min(x.numel(), s + self.chunk_elements)
+            torch.sub(self._cast(x[s:e], cdt), self._cast(base[s:e], cdt), out=out[s:e])
+        return out
+
+    def _sparsify(self, item: _Item):
+        """Whole-tensor sparsification: (keeps, sparse). ties without rescale: bool keep-masks
+        (n,) from the argsort of |delta| (the deltas are recomputed chunk by chunk later);
+        otherwise the sparsified deltas themselves (n,) in the compute dtype. Each model's
+        inputs are mapped only while its delta is made, so the argsort does not hold them."""
+        cdt, rescale = item.compute, self.params["rescale"]
+        base_ck, base_key = self.inputs[-1], item.keys[-1]
+        keeps, sparse = [], []
+        for i in range(self.n_models):
+            with _single_intraop(self.threads <= 1):
+                delta = self._full_delta(self.inputs[i].open(item.keys[i]).reshape(-1),
+                                         base_ck.open(base_key).reshape(-1), cdt)
+            if self.method == "ties":
+                keep = _magnitude_keep(delta, self.densities[i], in_place=not rescale,
+                                       low_memory=self._argsort_bytes(item) > self.budget.limit)
+                if not rescale:
+                    keeps.append(keep)
+                    del delta
+                    continue
+                masked = delta if keep is None else delta * keep
+                if keep is not None:  # mergekit rescaled_masked_tensor, L1
+                    before, after = delta.abs().sum(), masked.abs().sum()
+                    if not (before < 1e-7 or after < 1e-7):
+                        masked = masked * (before / after)
+                sparse.append(masked)
+            else:
+                sparse.append(_bernoulli_rescaled(delta, self.densities[i], rescale,
+                                                  self.generator))
+            del delta
+        return (keeps or None), (sparse or None)
+
+    def _elementwise(self, item: _Item, lo: int, hi: int, xs, keeps=None, sparse=None):
+        """The element-wise part of the merge for elements [lo, hi), chunk by chunk."""
+        models, base = self._split(xs)
+        cdt, dev, p = item.compute, self.device, self.params
+        n = len(models)
+        if self.method == "linear":
+            acc = torch.float64 if cdt == torch.float64 else torch.float32
+            w = torch.tensor([self.weights], dtype=acc, device=dev)  # (1, N) as mergekit
+            denominator = w.sum(dim=1)  # (1,)
+            w = w[0]
+        else:
+            w = torch.tensor(self.weights, dtype=cdt, device=dev).unsqueeze(-1)  # (N, 1)
+            wf = [float(v) for v in w[:, 0].tolist()]  # the weights rounded to the dtype
+            divisor = w.sum(dim=0)  # (1,) compute dtype
+            divisor[divisor.abs() < 1e-8] = 1
+            consensus = self.method in CONSENSUS
+        # Results go to a staging buffer written with one pwrite per part_elements: fewer,
+        # larger writes, so two workers rarely queue on the file's lock.
+        stage = self._buffer("stage", (min(hi - lo, self.part_elements),), item.out)
+        start, filled = lo, 0
+        for s in range(lo, hi, self.chunk_elements):
+            e = min(hi, s + self.chunk_elements)
+            if filled + e - s > stage.numel():
+                self._write(item, start, stage[:filled])
+                start, filled = s, 0
+            dest = stage[filled:filled + e - s]  # (m,) out dtype
+            if self.method == "linear":
+                out = _linear_chunk([self._cast(x[s:e], cdt) for x in models], w,
+                                    p["normalize"], denominator)
+            else:
+                b = self._cast(base[s:e], cdt)
+                deltas = self._buffer("deltas", (n, e - s), cdt)  # (N, m) compute dtype
+                for i, x in enumerate(models):
+                    if sparse is not None:
+                        deltas[i].copy_(sparse[i][s:e])
+                        continue
+                    torch.sub(self._cast(x[s:e], cdt), b, out=deltas[i])
+                    if keeps is not None and keeps[i] is not None:
+                        deltas[i].mul_(keeps[i][s:e])  # mergekit: delta * mask
+                direct = item.out == cdt and dest.device == self.device
+                out = _gta_chunk(b, deltas, wf, w, consensus, p["int8_mask"], p["normalize"],
+                                 p["lambda"], divisor,
+                                 dest if direct else self._buffer("out", (e - s,), cdt))
+            if out is not dest:
+                dest.copy_(out)  # mergekit's SaveTensor cast to out_dtype (same rounding)
+            self._check(item, dest)
+            filled += e - s
+        if filled:
+            self._write(item, start, stage[:filled])
+
+    def _work(self, item: _Item, lo: int, hi: int, state: dict) -> None:
+        keeps = sparse = None
+        floating = all(d.is_floating_point for d in item.loaded)
+        if floating and self.method not in ("linear", "task_arithmetic"):
+            keeps, sparse = self._sparsify(item)
+        with state["lock"]:
+            if "xs" not in state:
+                state["xs"] = self._open(item)
+            xs = state["xs"]
+        if not floating:
+            self._copy_buffer(item, xs)
+            return
+        with _single_intraop(self.threads <= 1):
+            self._elementwise(item, lo, hi, xs, keeps, sparse)
+
+    def _part(self, item: _Item, lo: int, hi: int, state: dict) -> None:
+        """One part of one tensor (the whole tensor unless it is split for an element-wise
+        method). state is shared by a tensor's parts: its open inputs and a countdown; the
+        last part drops the memory maps, so their pages leave the RSS, and the budget."""
+        try:
+            if not self.stop.is_set():
+                self._work(item, lo, hi, state)
+        except BaseException:
+            self.stop.set()
+            raise
+        finally:
+            with state["lock"]:
+                state["left"] -= 1
+                last = state["left"] == 0
+                if last:
+                    state.pop("xs", None)
+            if last:
+                self.budget.release(state["reserved"])
+                if not self.stop.is_set():
+                    self.finished.append(item.name)
+
+    def _argsort_bytes(self, item: _Item) -> int:
+        """What torch.argsort of |delta| holds: 16- or 32-bit keys, their sorted copy and
+        two int64 index buffers."""
+        return item.numel * (2 * min(item.compute.itemsize, 4) + 16)
+
+    def _estimate(self, item: _Item) -> int:
+        """Working bytes of one tensor. Element-wise methods: its mapped inputs (the chunk
+        buffers are small). TIES: the selection of the largest |delta| (argsort, or
+        introsort_top's keys, int32 positions and two masks when argsort would not fit the
+        budget) and a keep-mask per model. Rescaled or random methods: the dense deltas,
+        DARE's mask and probabilities."""
+        n = item.numel
+        inputs = sum(d.itemsize for d in item.in_dtypes) * n
+        c = item.compute.itemsize
+        select = self._argsort_bytes(item)
+        if select > self.budget.limit:
+            select = n * (min(c, 4) + 6)
+        if self.method == "ties" and not self.params["rescale"]:
+            return max(inputs, select) + n * self.n_models
+        if self.method == "ties":
+            return inputs + select + n * c * self.n_models
+        if self.method in RANDOM:
+            return inputs + n * c * (self.n_models + 4)
+        return inputs
+
+    def _parts(self, item: _Item) -> list[tuple[int, int]]:
+        n = item.numel
+        if self.method in ("linear", "task_arithmetic") and self.threads > 1 and n:
+            return [(s, min(n, s + self.part_elements)) for s in range(0, n, self.part_elements)]
+        return [(0, n)]
+
+    def run(self, report: Callable[[str], None]) -> None:
+        """Merge every item; report(name) is called on this thread as each one is written."""
+        if self.threads <= 1:
+            for item in self.items:
+                state = {"lock": threading.Lock(), "left": 1, "reserved": self._estimate(item)}
+                self.budget.try_acquire(state["reserved"])
+                self._part(item, 0, item.numel, state)
+                while self.finished:
+                    report(self.finished.popleft())
+            return
+        previous = torch.get_num_threads()
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="merge",
+                                  initializer=_one_intraop_thread)
+        pending: list[Future] = []
+
+        def reap(block: bool) -> None:
+            if block and pending:
+                wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            for f in [f for f in pending if f.done()]:
+                pending.remove(f)
+                f.result()  # re-raises a worker's error here
+            while self.finished:
+                report(self.finished.popleft())
+
+        try:
+            list(pool.map(lambda _: None, range(self.threads)))  # start the workers
+            # set_num_threads in a worker also sets the count that new threads start with:
+            # put it back for the rest of the process.
+            torch.set_num_threads(previous)
+            for item in self.items:
+                parts = self._parts(item)
+                state = {"lock": threading.Lock(), "left": len(parts),
+                         "reserved": self._estimate(item)}
+                while not self.budget.try_acquire(state["reserved"]):
+                    reap(block=True)
+                for lo, hi in parts:
+                    pending.append(pool.submit(self._part, item, lo, hi, state))
+                while len(pending) > 4 * self.threads:
+                    reap(block=True)
+                reap(block=False)
+            while pending:
+                reap(block=True)
+        except BaseException:
+            self.stop.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def write_config(donor, out_dir, dtype_name: Optional[str]) -> None:
+    """config.json as mergekit writes it: the donor's (base, else first model) loaded and
+    saved again by transformers, with its dtype set to out_dtype or dtype when given.
+
+    When this very transformers version wrote the donor's config.json, loading and saving
+    it gives the same JSON back, so it is copied as JSON (sorted keys, indent 2, as
+    transformers writes it) with `dtype` set: loading it through AutoConfig would first
+    import transformers' configuration registry, over a second of CPU for a file copy."""
+    from importlib.metadata import version
+
+    source = json.loads((Path(donor) / "config.json").read_text())
+    if source.get("transformers_version") == version("transformers") and \
+            "torch_dtype" not in source:
+        if dtype_name:
+            source["dtype"] = dtype_name
+        (Path(out_dir) / "config.json").write_text(
+            json.dumps(source, indent=2, sort_keys=True) + "\n")
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(donor))
+    if dtype_name:
+        config.dtype = dtype_name
+    config.save_pretrained(str(out_dir))
+
+
+def stream_merge(method: str, models: Sequence, base=None, *, weights: Sequence[float],
+                 densities: Optional[Sequence[float]] = None, params: Optional[dict] = None,
+                 out_dir, dtype: Optional[str] = None, out_dtype: Optional[str] = None,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, seed: Optional[int] = None,
+                 device: str = "cpu", threads: Optional[int] = None,
+                 max_working_bytes: int = DEFAULT_WORKING_BYTES,
+                 tensors: Optional[Sequence[TensorSpec]] = None,
+                 chunk_elements: int = 1 << 18, part_elements: int = 1 << 22,
+                 check_finite: bool = True, write_config_json: bool = True, donor=None,
+                 progress: Optional[Callable[[float, str], None]] = None,
+                 log: Optional[Callable[[str], None]] = None,
+                 on_tensor: Optional[Callable[[str], None]] = None) -> MergeStats:
+    """Merge `models` (folders of safetensors shards; `base` too for the task-vector methods)
+    into out_dir, tensor by tensor, as mergekit would with the same configuration.
+
+    weights/densities: one per model (mergekit's per-model `weight` and `density`; density
+    defaults to 1). params: mergekit's shared parameters (`normalize`, `rescale`, `lambda`,
+    `int8_mask`), defaulting as in mergekit. dtype: the compute dtype (inputs are cast to it
+    on load; None: the inputs' promoted dtype); out_dtype: the stored dtype (None: dtype).
+    threads: worker threads for the deterministic methods (default: the torch thread count;
+    each worker runs torch ops on one intra-op thread); random methods and any L1 rescale run
+    one tensor at a time on the calling thread. max_working_bytes bounds what the tensors in
+    flight may hold at once (their memory-mapped inputs and merge buffers); one tensor larger
+    than that runs alone. on_tensor(name) is called once a tensor's bytes are all written,
+    progress(fraction, name) likewise, both on the calling thread. donor: the folder whose
+    config.json is copied (default: the base, else the first model, as mergekit).
+    Raises Unsupported, before anything is written, for what mergekit must do instead.
+    """
+    if method not in METHODS:
+        raise Unsupported(f"method {method!r} is not one of the native engine's "
+                          f"({', '.join(METHODS)})")
+    log = log or (lambda message: None)
+    started = time.perf_counter()
+    params = {**DEFAULTS[method], **(params or {})}
+    unknown = set(params) - set(DEFAULTS[method])
+    if unknown:
+        raise Unsupported(f"parameter(s) {', '.join(sorted(unknown))} are not used by "
+                          f"{method}")
+    models = [Path(m) for m in models]
+    if method != "linear":
+        if base is None:
+            raise ValueError(f"method {method} needs a base model")
+        base = Path(base)
+        # mergekit drops the base from the non-base inputs when it is also listed
+        keep = [i for i, m in enumerate(models) if m.resolve() != base.resolve()]
+        models = [models[i] for i in keep]
+        weights = [weights[i] for i in keep]
+        if densities is not None:
+            densities = [densities[i] for i in keep]
+    elif base is not None:
+        raise Unsupported("linear with a base_model: mergekit adds the base as an input")
+    if not models:
+        raise Unsupported("no model to merge besides the base")
+    if len(weights) != len(models):
+        raise ValueError(f"weights has {len(weights)} values for {len(models)} models")
+    densities = [1.0] * len(models) if densities is None else [float(d) for d in densities]
+    folders = models + ([base] if base is not None else [])
+    labels = [m.name for m in folders]
+    inputs = [Checkpoint(f) for f in folders]
+    cdt = TORCH_DTYPES[dtype] if dtype else None
+    odt = TORCH_DTYPES[out_dtype] if out_dtype else None
+    items = _plan(inputs, labels, tensors, cdt, odt, log)
+    if method in RANDOM:
+        seen = set()
+        for it in items:
+            if it.label in seen:
+                raise Unsupported(f"two outputs read {it.label}: mergekit's random draw order "
+                                  f"for them is not fixed")
+            seen.add(it.label)
+    if threads is None:
+        threads = torch.get_num_threads()
+    if method in RANDOM or params.get("rescale") or torch.device(device).type != "cpu":
+        threads = 1  # whole-tensor sums and the random draws run as mergekit runs them
+    out_dir = Path(out_dir)
+    writer = ShardWriter(out_dir, shard_layout([(it.name, it.out, it.shape) for it in items],
+                                               max_shard_bytes))
+    log(f"native engine: {method}, {len(items)} tensors into {len(writer.names)} shard(s), "
+        f"{threads} thread(s), working set <= {max_working_bytes / 2**20:.0f} MiB")
+    budget = _Budget(max_working_bytes)
+    engine = _Engine(method, inputs, len(models), items, writer, weights=list(weights),
+                     densities=densities, params=params, seed=seed, device=device,
+                     threads=threads, budget=budget, chunk_elements=chunk_elements,
+                     part_elements=part_elements, check_finite=check_finite, labels=labels)
+    done = 0
+
+    def report(name: str) -> None:
+        nonlocal done
+        done += 1
+        if on_tensor:
+            on_tensor(name)
+        if progress:
+            progress(done / max(1, len(items)), name)
+
+    ok = False
+    try:
+        engine.run(report)
+        ok = True
+    finally:
+        writer.close(ok)
+    if write_config_json:
+        donor = donor or (folders[-1] if base is not None else folders[0])
+        write_config(donor, out_dir, out_dtype or dtype)
+    return MergeStats(tensors=len(items), bytes_written=writer.total,
+                      shards=list(writer.names), seconds=time.perf_counter() - started,
+                      threads=threads, peak_in_flight=budget.peak_count,
+                      peak_reserved_bytes=budget.peak_bytes)

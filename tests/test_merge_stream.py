@@ -1,0 +1,391 @@
+"""ops/merge_stream.py against mergekit on tiny sharded models: the same tensors, bit for bit,
+for every native method; the working set stays bounded and shards are written as it goes;
+bad input fails with named causes; the merge plugin's engine choice."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ops.merge_stream import METHODS, TensorSpec, Unsupported, stream_merge
+from tests.test_merge import family, merge, tensors as checkpoint_tensors  # noqa: F401
+
+SMALL = dict(chunk_elements=4096, part_elements=12_288)  # many chunks and parts per tensor
+
+
+def save_variant(state: dict, folder, dtype, config):
+    """HF-style sharded checkpoint (index + shards of at most 40 KB) of a state dict."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+    split = split_torch_state_dict_into_shards(state, max_shard_size="40KB")
+    for filename, keys in split.filename_to_tensors.items():
+        save_file({k: state[k] for k in keys}, folder / filename, metadata={"format": "pt"})
+    index = {"metadata": {"total_size": sum(v.nbytes for v in state.values())},
+             "weight_map": split.tensor_to_filename}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    config.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """base and three fine-tunes (seeded noise; ft-c mirrors ft-a's task vector, so signs
+    conflict; one ft-a tensor equals the base, so its task vector is zero), in float32 and
+    bfloat16, each sharded into many files."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=384, hidden_size=48, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    base = {k: v.detach().clone() for k, v in LlamaForCausalLM(config).state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+    noise = lambda v: 0.02 * torch.randn(v.shape, generator=gen)  # noqa: E731
+    a = {k: v + noise(v) for k, v in base.items()}
+    a["model.layers.0.mlp.up_proj.weight"] = base["model.layers.0.mlp.up_proj.weight"].clone()
+    b = {k: v + noise(v) for k, v in base.items()}
+    c = {k: 2 * base[k] - a[k] + 0.5 * noise(v) for k, v in base.items()}
+    root = tmp_path_factory.mktemp("merge-stream")
+    out = {}
+    for dtype, tag in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+        for name, state in (("base", base), ("ft-a", a), ("ft-b", b), ("ft-c", c)):
+            out[tag, name] = save_variant(state, root / tag / name, dtype, config)
+    return out
+
+
+CASES = {
+    "linear": ({"weight": [0.3, 0.55, 0.25]}, {}),
+    "task_arithmetic": ({"weight": [0.3, 0.55, 0.7]}, {"lambda": 0.85}),
+    "ties": ({"weight": [0.6, 0.4, 0.3], "density": [0.5, 0.7, 0.33]}, {}),
+    "dare_linear": ({"weight": [0.6, 0.4, 0.3], "density": [0.5, 0.7, 0.9]}, {}),
+    "dare_ties": ({"weight": [0.6, 0.4, 0.3], "density": [0.5, 0.7, 0.9]}, {}),
+}
+
+
+def mergekit_yaml(method, sharded, tag, dtype, out_dtype=None, params=None, models=3):
+    per_model, shared = CASES[method]
+    names = ["ft-a", "ft-b", "ft-c"][:models]
+    data = {"merge_method": method, "dtype": dtype,
+            "models": [{"model": str(sharded[tag, n]),
+                        "parameters": {k: v[i] for k, v in per_model.items()}}
+                       for i, n in enumerate(names)]}
+    if method != "linear":
+        data["base_model"] = str(sharded[tag, "base"])
+    if out_dtype:
+        data["out_dtype"] = out_dtype
+    if {**shared, **(params or {})}:
+        data["parameters"] = {**shared, **(params or {})}
+    return data
+
+
+def run_mergekit(data, out, seed=7):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    run_merge(MergeConfiguration.model_validate(data), str(out),
+              MergeOptions(random_seed=seed, quiet=True, copy_tokenizer=False,
+                           write_model_card=False, out_shard_size=30_000))
+    return out
+
+
+def run_native(data, out, seed=7, **kw):
+    models = [m["model"] for m in data["models"]]
+    per = [m.get("parameters", {}) for m in data["models"]]
+    return stream_merge(
+        data["merge_method"], models, data.get("base_model"),
+        weights=[p["weight"] for p in per],
+        densities=[p["density"] for p in per] if "density" in per[0] else None,
+        params=data.get("parameters"), out_dir=out, dtype=data.get("dtype"),
+        out_dtype=data.get("out_dtype"), seed=seed, max_shard_bytes=30_000, **{**SMALL, **kw})
+
+
+def tensors(folder):
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def assert_bit_identical(ours, theirs):
+    a, b = tensors(ours), tensors(theirs)
+    assert sorted(a) == sorted(b)
+    for key in b:
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+        assert torch.equal(a[key].view(-1).view(torch.uint8), b[key].view(-1).view(torch.uint8)), (
+            f"{key}: {(a[key] != b[key]).sum()} elements differ")
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("tag,dtype", [("f32", "float32"), ("bf16", "bfloat16")])
+def test_native_engine_equals_mergekit_bit_for_bit(sharded, tmp_path, method, tag, dtype):
+    data = mergekit_yaml(method, sharded, tag, dtype)
+    stats = run_native(data, tmp_path / "ours")
+    run_mergekit(data, tmp_path / "theirs")
+    assert_bit_identical(tmp_path / "ours", tmp_path / "theirs")
+    # the same shard layout and index as mergekit, and its config.json
+    assert stats.shards == sorted(p.name for p in (tmp_path / "theirs").glob("*.safetensors"))
+    ours = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())
+    theirs = json.loads((tmp_path / "theirs" / "model.safetensors.index.json").read_text())
+    assert ours["weight_map"] == theirs["weight_map"]
+    assert ours["metadata"]["total_size"] == theirs["metadata"]["total_size"]
+    assert (json.loads((tmp_path / "ours" / "config.json").read_text())
+            == json.loads((tmp_path / "theirs" / "config.json").read_text()))
+
+
+@pytest.mark.parametrize("method,params,models", [
+    ("ties", {"normalize": False, "int8_mask": True}, 2),
+    ("ties", {"rescale": True, "lambda": 1.5}, 2),
+    ("task_arithmetic", {"normalize": True}, 2),
+    ("task_arithmetic", {"lambda": 0.5}, 1),
+    ("linear", {"normalize": False}, 2),
+    ("dare_ties", {"rescale": False}, 2),
+])
+def test_parameters_and_mixed_dtypes_equal_mergekit(sharded, tmp_path, method, params, models):
+    """bf16 inputs merged in float32 and stored in bf16; one or two models; shared
+    parameters."""
+    data = mergekit_yaml(method, sharded, "bf16", "float32", out_dtype="bfloat16",
+                         params=params, models=models)
+    run_native(data, tmp_path / "ours")
+    run_mergekit(data, tmp_path / "theirs")
+    assert_bit_identical(tmp_path / "ours", tmp_path / "theirs")
+
+
+@pytest.mark.parametrize("tag,dtype", [("f32", "float32"), ("bf16", "bfloat16")])
+def test_ties_in_low_memory_equals_mergekit(sharded, tmp_path, monkeypatch, tag, dtype):
+    """With a budget too small for torch.argsort, TIES selects with introsort_top."""
+    import ops.merge_stream as engine
+
+    calls = []
+    real = engine.introsort_top
+    monkeypatch.setattr(engine, "introsort_top",
+                        lambda key, k: calls.append(k) or real(key, k))
+    data = mergekit_yaml("ties", sharded, tag, dtype)
+    stats = run_native(data, tmp_path / "ours", max_working_bytes=20_000)
+    assert len(calls) == 3 * (2 * 7 + 2)  # 3 models x (7 matrices x 2 layers + embeddings)
+    assert stats.peak_reserved_bytes < 384 * 48 * 20  # argsort alone would take 24 B/element
+    run_mergekit(data, tmp_path / "theirs")
+    assert_bit_identical(tmp_path / "ours", tmp_path / "theirs")
+
+
+@pytest.mark.parametrize("n,distinct,dtype", [(70_000, 3, torch.int16), (200_001, 40, torch.int16),
+                                              (5_000, 1, torch.int16), (17, 2, torch.int16),
+                                              (150_000, 1000, torch.float32)])
+def test_introsort_top_keeps_what_torch_argsort_keeps(n, distinct, dtype):
+    """The first k of torch's (introsort) argsort, ties at the k-th place included."""
+    from ops.merge_stream import introsort_top
+
+    gen = torch.Generator().manual_seed(n)
+    keys = torch.randint(0, distinct, (n,), generator=gen).to(dtype)
+    for k in (1, n // 3, n // 2, n - 1):
+        expected = torch.argsort(keys, descending=True)[:k]
+        got = introsort_top(keys.numpy().copy(), k)
+        assert got is not None
+        assert torch.equal(torch.from_numpy(got.astype("int64")).sort().values,
+                           expected.sort().values), k
+
+
+def test_dare_depends_on_the_seed_and_keeps_density_on_average(sharded, tmp_path):
+    """Another seed gives another mask; the kept fraction is the density and the L1 rescale
+    keeps the task vector's mean magnitude (a statistical check of what is dropped)."""
+    data = mergekit_yaml("dare_linear", sharded, "f32", "float32", models=1)
+    data["models"][0]["parameters"] = {"weight": 1.0, "density": 0.3}
+    run_native(data, tmp_path / "s7", seed=7)
+    run_native(data, tmp_path / "s8", seed=8)
+    base, one, two = (tensors(p) for p in (sharded["f32", "base"], tmp_path / "s7",
+                                           tmp_path / "s8"))
+    ft = tensors(sharded["f32", "ft-a"])
+    key = "model.layers.1.mlp.down_proj.weight"
+    d7, d8, full = one[key] - base[key], two[key] - base[key], ft[key] - base[key]
+    assert not torch.equal(d7, d8)
+    kept = (d7 != 0).float().mean().item()
+    assert abs(kept - 0.3) < 0.02  # 6144 Bernoulli(0.3) draws: 4 sigma is 0.024
+    assert d7.abs().sum().item() == pytest.approx(full.abs().sum().item(), rel=1e-4)
+    ratio = (d7[d7 != 0] / full[d7 != 0]).mean().item()
+    assert ratio == pytest.approx(full.abs().sum().item() / full[d7 != 0].abs().sum().item(),
+                                  rel=1e-3)
+
+
+def test_working_set_is_bounded(sharded, tmp_path, monkeypatch):
+    """Input tensors are mapped only while their output tensor is in flight, the byte budget
+    bounds what is in flight, and every mapping is released at the end."""
+    import threading
+    import weakref
+
+    import ops.merge_stream as engine
+
+    live, peak, lock = [0], [0], threading.Lock()  # bytes of input tensors mapped now
+    opened = engine.Checkpoint.open
+
+    def counting_open(self, key):
+        tensor = opened(self, key)
+        with lock:
+            live[0] += tensor.nbytes
+            peak[0] = max(peak[0], live[0])
+
+        def release(nbytes=tensor.nbytes):
+            with lock:
+                live[0] -= nbytes
+
+        weakref.finalize(tensor, release)
+        return tensor
+
+    monkeypatch.setattr(engine.Checkpoint, "open", counting_open)
+    budget = 100_000
+    for method in ("task_arithmetic", "ties"):
+        data = mergekit_yaml(method, sharded, "f32", "float32")
+        peak[0] = 0
+        stats = run_native(data, tmp_path / method, threads=2, max_working_bytes=budget)
+        assert stats.threads == 2 and stats.peak_in_flight >= 2
+        # The 384x48 f32 tensors exceed the budget on their own, so each ran alone (task
+        # arithmetic reserves its four mapped inputs, 16 bytes an element; ties its argsort,
+        # 24, and three keep-masks). Everything else shared the 100 KB.
+        largest = 384 * 48 * (16 if method == "task_arithmetic" else 24 + 3)
+        assert stats.peak_reserved_bytes <= largest
+        assert peak[0] <= max(budget, 384 * 48 * 16)
+        assert live[0] == 0
+
+
+def test_output_is_written_progressively(sharded, tmp_path):
+    """While the merge runs, tensors already reported can be read back from their shard."""
+    data = mergekit_yaml("linear", sharded, "bf16", "bfloat16")
+    run_mergekit(data, tmp_path / "theirs")
+    expected = tensors(tmp_path / "theirs")
+    out = tmp_path / "ours"
+    checked = []
+
+    def on_tensor(name):
+        index = out / "model.safetensors.index.json"
+        assert not index.exists()  # the index is written last
+        for file in out.glob("*.safetensors"):
+            with safe_open(str(file), framework="pt") as f:
+                if name in f.keys():
+                    assert torch.equal(f.get_tensor(name), expected[name])
+                    checked.append(name)
+
+    run_native(data, out, on_tensor=on_tensor, threads=1)
+    assert len(checked) == len(expected)
+
+
+def test_config_from_another_transformers_version_is_saved_as_mergekit_saves_it(sharded,
+                                                                               tmp_path):
+    """A donor config.json written by another transformers version goes through AutoConfig,
+    as in mergekit (the same version's is copied as JSON)."""
+    old = tmp_path / "old-base"
+    shutil.copytree(sharded["f32", "base"], old)
+    config = json.loads((old / "config.json").read_text())
+    config["transformers_version"] = "4.46.0"
+    config["torch_dtype"] = config.pop("dtype", "float32")
+    (old / "config.json").write_text(json.dumps(config))
+    data = mergekit_yaml("task_arithmetic", sharded, "f32", "bfloat16", models=1)
+    data["base_model"] = str(old)
+    run_native(data, tmp_path / "ours")
+    run_mergekit(data, tmp_path / "theirs")
+    ours = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert ours["dtype"] == "bfloat16" and ours["transformers_version"] != "4.46.0"
+    assert ours == json.loads((tmp_path / "theirs" / "config.json").read_text())
+
+
+def test_shape_mismatch_names_the_tensor_and_both_shapes(sharded, tmp_path):
+    wide = tmp_path / "wide"
+    shutil.copytree(sharded["f32", "ft-b"], wide)
+    index = json.loads((wide / "model.safetensors.index.json").read_text())
+    key = "model.layers.1.self_attn.o_proj.weight"
+    shard = wide / index["weight_map"][key]
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(shard)
+    state[key] = torch.zeros(48, 40)
+    save_file(state, shard, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"tensor {key} differs in shape: \[48, 48\] in "
+                                         rf"ft-a, \[48, 40\] in wide"):
+        stream_merge("linear", [sharded["f32", "ft-a"], wide], weights=[1, 1],
+                     out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_in_an_input_fails_naming_the_tensor_and_model(sharded, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(sharded["f32", "ft-b"], broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    key = "model.norm.weight"
+    from safetensors.torch import load_file, save_file
+
+    shard = broken / index["weight_map"][key]
+    state = load_file(shard)
+    state[key][3] = float("nan")
+    save_file(state, shard, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"NaN or Inf in model.norm.weight \(already in "
+                                         r"broken\)"):
+        stream_merge("task_arithmetic", [sharded["f32", "ft-a"], broken],
+                     sharded["f32", "base"], weights=[1, 1], out_dir=tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*.safetensors"))  # no half-written shards
+
+
+def test_unsupported_cases_say_why(sharded, tmp_path):
+    with pytest.raises(Unsupported, match="method 'slerp'"):
+        stream_merge("slerp", [sharded["f32", "ft-a"]], sharded["f32", "base"], weights=[1],
+                     out_dir=tmp_path / "o1")
+    with pytest.raises(Unsupported, match="tensor extra.weight is missing from ft-a, ft-b"):
+        stream_merge("linear", [sharded["f32", "ft-a"], sharded["f32", "ft-b"]],
+                     weights=[1, 1], out_dir=tmp_path / "o2",
+                     tensors=[TensorSpec("extra.weight")])
+    with pytest.raises(Unsupported, match="two outputs read model.embed_tokens.weight"):
+        stream_merge("dare_ties", [sharded["f32", "ft-a"]], sharded["f32", "base"],
+                     weights=[1], densities=[0.5], out_dir=tmp_path / "o3",
+                     tensors=[TensorSpec("model.embed_tokens.weight"),
+                              TensorSpec("lm_head.tied", tied=("model.embed_tokens.weight",))])
+
+
+# ------------------------------------------------------------------ the merge plugin's engine
+def job_log(row):
+    return open(row["log_path"]).read()
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_plugin_auto_runs_native_and_matches_engine_mergekit(lab, family, method):
+    data = {"method": method, "models": ["ft-a", "ft-b"], "base_model": "base",
+            "weights": [0.7, 0.4], "density": 0.6, "seed": 5}
+    ours, _, ours_job = merge(lab, {**data, "name": "ours"})
+    theirs, _, theirs_job = merge(lab, {**data, "name": "theirs", "engine": "mergekit"})
+    assert json.loads(ours["metadata"])["engine"] == "native"
+    assert json.loads(theirs["metadata"])["engine"] == "mergekit"
+    assert "engine: native (auto: the native engine covers this configuration)" in job_log(
+        ours_job)
+    assert "engine: mergekit (engine: mergekit was asked for)" in job_log(theirs_job)
+    a, b = checkpoint_tensors(lab, ours["id"]), checkpoint_tensors(lab, theirs["id"])
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for name in ("tokenizer.json", "config.json", "mergekit_config.yml"):
+        assert (lab.checkpoints_dir / ours["id"] / name).exists(), name
+
+
+def test_plugin_auto_falls_back_to_mergekit_and_says_why(lab, family):
+    ck, _, job = merge(lab, {"method": "slerp", "models": ["ft-a"], "base_model": "base",
+                             "t": 0.5})
+    assert json.loads(ck["metadata"])["engine"] == "mergekit"
+    assert ("engine: mergekit (auto: falling back to mergekit, because method slerp is not "
+            "one of linear, task_arithmetic, ties, dare_linear, dare_ties") in job_log(job)
+
+
+def test_plugin_engine_native_on_what_it_cannot_run_is_a_config_error(lab, family):
+    from app import jobs
+    from plugins import ConfigError
+
+    with pytest.raises(ConfigError, match=r"field 'engine'.*engine 'native' cannot run this "
+                                          r"merge: method slerp is not one of"):
+        jobs.submit(lab, "merge", {"method": "slerp", "models": ["ft-a"], "base_model": "base",
+                                   "t": 0.5, "engine": "native"})
+    gradient = ("merge_method: task_arithmetic\nbase_model: base\nmodels:\n"
+                "  - model: ft-a\n    parameters: {weight: [0.2, 1.0]}\n")
+    with pytest.raises(ConfigError, match=r"field 'engine'.*weight is \[0.2, 1.0\], not one "
+                                          r"number"):
+        jobs.submit(lab, "merge", {"mergekit_yaml": gradient, "engine": "native"})
+    with pytest.raises(ConfigError, match=r"field 'engine': got 'fast'"):
+        jobs.submit(lab, "merge", {"models": ["ft-a"], "engine": "fast"})

@@ -10,7 +10,7 @@ import tempfile
 from typing import Callable
 
 
-class _Blocks:
+class Blocks:
     """A map-style dataset over an (N, L) LongTensor of packed blocks."""
 
     def __init__(self, blocks):
@@ -53,7 +53,7 @@ def pretrain(model, blocks, *, steps: int, batch_size: int = 16, lr: float = 2e-
             lr_scheduler_type="cosine", weight_decay=0.01, logging_steps=max(1, steps // 20),
             save_strategy="no", report_to=[], disable_tqdm=True, seed=seed, data_seed=seed,
             dataloader_num_workers=0, use_cpu=not _cuda(), bf16=False)
-        trainer = Trainer(model=model, args=args, train_dataset=_Blocks(blocks),
+        trainer = Trainer(model=model, args=args, train_dataset=Blocks(blocks),
                           callbacks=[Report()])
         trainer.remove_callback(PrinterCallback)  # progress goes through on_step instead
         trainer.train()

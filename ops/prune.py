@@ -31,7 +31,6 @@ All masks are boolean with True = pruned (set to zero).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -371,11 +370,7 @@ def prune_unstructured(model, method: str, sparsity: float = 0.5,
                 h_dom = _run_layer(layer, h_dom, kwargs)
             if progress:
                 progress(i + 1, len(layers))
-    per_layer = []
-    for i, layer in enumerate(layers):
-        z = sum(int((m.weight == 0).sum()) for m in layer_linears(layer).values())
-        n = sum(m.weight.numel() for m in layer_linears(layer).values())
-        per_layer.append(z / n)
+    per_layer, _ = sparsity_of(model)
     return PruneResult(per_layer=per_layer, per_module=per_module, pruned=pruned_count,
                        total=total, reconstruction_error=errors)
 

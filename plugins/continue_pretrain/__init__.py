@@ -103,17 +103,6 @@ class _Stream:
         return {"input_ids": block, "labels": block}
 
 
-class _Blocks:
-    def __init__(self, blocks):
-        self.blocks = blocks
-
-    def __len__(self) -> int:
-        return self.blocks.size(0)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
-
-
 def _documents(source: str, field: str, config: Config, ctx, tokenizer) -> tuple[list, str]:
     from app.data import cached_tokenize, load_rows
 
@@ -175,6 +164,7 @@ def run(config: Config, ctx) -> None:
     from transformers import PrinterCallback, Trainer
 
     from ops import training as T
+    from ops.pretrain import Blocks
     from ops.continual import extend_vocabulary, pack_documents, replay_order
     from plugins.train import (_trainable_layers, check_resumable, link_model_files,
                                run_dir_for)
@@ -294,8 +284,8 @@ def run(config: Config, ctx) -> None:
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500, save_total_limit=1)
     trainer = Trainer(model=model, args=args, train_dataset=stream,
-                      eval_dataset={"domain": _Blocks(domain_eval),
-                                    "general": _Blocks(general_eval)},
+                      eval_dataset={"domain": Blocks(domain_eval),
+                                    "general": Blocks(general_eval)},
                       processing_class=tokenizer,
                       callbacks=[T.report_callback(on_metrics, on_save, on_step)])
     trainer.remove_callback(PrinterCallback)
@@ -303,7 +293,7 @@ def run(config: Config, ctx) -> None:
 
     if trainer.state.global_step not in curve:  # the end of the curve, if not on a step
         for which in ("domain", "general"):
-            loss = trainer.evaluate(eval_dataset=_Blocks(domain_eval if which == "domain"
+            loss = trainer.evaluate(eval_dataset=Blocks(domain_eval if which == "domain"
                                                          else general_eval),
                                     metric_key_prefix=f"eval_{which}")[f"eval_{which}_loss"]
             curve.setdefault(trainer.state.global_step, {})[which] = math.exp(min(loss, 50))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import statistics
 import time
+from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
@@ -126,7 +127,7 @@ class Config(PluginConfig):
         return 1 - n / m
 
 
-def _windows(tokenizer, path, default, config: Config, field: str) -> tuple[list, dict]:
+def _windows(tokenizer, path, default, config: Config, field: str) -> tuple[list, dict, str]:
     from app.textdata import read_text_file, sample_windows, sha256_text
 
     path, text = read_text_file(path, field, default)
@@ -136,7 +137,7 @@ def _windows(tokenizer, path, default, config: Config, field: str) -> tuple[list
     info = {"file": str(path), "file_sha256": sha256_text(text), "tokens_sha256": digest,
             "samples": config.calibration_samples, "length": config.calibration_length,
             "seed": config.seed}
-    return list(windows.split(8)), info  # batches of 8 windows: (8, length) each
+    return list(windows.split(8)), info, text  # batches of 8 windows: (8, length) each
 
 
 def _perplexity(model, tokenizer, text: str, max_tokens: int | None) -> tuple[float, int]:
@@ -187,16 +188,15 @@ def run(config: Config, ctx) -> None:
     general = domain = None
     meta: dict = {"method": config.method}
     if config.uses_data:
-        general, meta["calibration"] = _windows(tokenizer, config.calibration_file,
-                                                DEMO_CORPUS, config, "calibration_file")
+        general, meta["calibration"], _ = _windows(tokenizer, config.calibration_file,
+                                                   DEMO_CORPUS, config, "calibration_file")
         ctx.log(f"calibration: {config.calibration_samples} x {config.calibration_length} "
                 f"tokens from {meta['calibration']['file']}")
     if config.domain_file:
-        domain, meta["domain"] = _windows(tokenizer, config.domain_file, None, config,
-                                          "domain_file")
+        domain, meta["domain"], domain_text = _windows(tokenizer, config.domain_file, None,
+                                                       config, "domain_file")
         meta["domain"]["weight"] = config.domain_weight
-        domain_path, domain_text = read_text_file(config.domain_file, "domain_file")
-        eval_sets[f"ppl:{domain_path.name}"] = domain_text
+        eval_sets[f"ppl:{Path(meta['domain']['file']).name}"] = domain_text
     ctx.progress(0.05, "measuring perplexity before")
     before = {task: _perplexity(model, tokenizer, text, config.eval_max_tokens)
               for task, text in eval_sets.items()}

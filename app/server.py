@@ -5,6 +5,7 @@ Importing this module imports neither torch nor gradio.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -17,8 +18,14 @@ log = logging.getLogger("weightsmith")
 
 
 def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool = True,
-          ui: bool = True) -> int:
+          ui: bool = True, demo_skills: bool = True) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from app.auth import has_users, serve_check
+
+    refused = serve_check(lab, host) if ui else None
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
     scheduler = Scheduler(lab)
     if not scheduler.acquire():
         print(f"error: another weightsmith process (pid {scheduler.holder}) is already "
@@ -35,6 +42,12 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
 
         result = build(lab, log=lambda m: log.info(m))
         log.info("demo model: %s (%s)", result["name"], result["base"])
+        if demo_skills:
+            from app.demo import queue_demo_skills
+
+            for job in queue_demo_skills(lab):
+                log.info("queued demo skill fine-tune %s (%s)", job["id"],
+                         json.loads(job["config"])["name"])
     thread = threading.Thread(target=scheduler.run_forever, args=(stop,), daemon=True,
                               name="weightsmith-scheduler")
     thread.start()
@@ -44,8 +57,14 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
             from app.ui import CSS, build_app
 
             app = build_app(lab)
+            login = None
+            if has_users(lab):  # a shared lab: every page and API call needs a login
+                from app.auth import authenticate
+
+                login = lambda name, password: authenticate(lab, name, password)  # noqa: E731
             app.queue().launch(server_name=host, server_port=port, prevent_thread_lock=True,
-                               show_error=True, css=CSS)
+                               show_error=True, css=CSS, auth=login,
+                               auth_message=f"Weightsmith lab {lab.root.name}: log in")
             log.info("serving %s at http://%s:%d", lab.root, host, port)
         else:
             log.info("scheduler running for %s (no UI)", lab.root)

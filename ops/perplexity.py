@@ -40,6 +40,8 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
     out, prev_end, begin = [], 1, 0
     while prev_end < n_tokens:
         end = min(begin + window, n_tokens)
+        if end == n_tokens:  # the last window: as much context as fits, at no extra cost
+            begin = max(0, end - window)  # (lm-eval's rolling windows do the same)
         out.append((begin, end, prev_end))
         prev_end = end
         # A window's first token has no context inside it, so windows overlap by at least one

@@ -31,10 +31,16 @@ expect = playwright.expect
 
 @pytest.fixture
 def app_url(lab_dir):
-    run_cli(lab_dir, "demo", "--pretrain-steps", "20", check=True)
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    (lab_dir / "lab.toml").write_text("auto_eval = false\n")  # only the jobs the test starts
+    run_cli(lab_dir, "demo", "--pretrain-steps", "20", "--no-skills", check=True)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
-                            env=cli_env(lab_dir), cwd=REPO, stdout=subprocess.DEVNULL,
+    # only the test plugin this file uses: with all four, the tab strip overflows at
+    # 1280 px and Gradio folds the Jobs tab into its "..." menu
+    env = dict(cli_env(lab_dir), WEIGHTSMITH_PLUGINS="tests.plugins_for_tests:SLEEPER")
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port),
+                             "--no-skills"],
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     import urllib.request
 

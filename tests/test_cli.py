@@ -4,11 +4,13 @@ from tests.conftest import last_json, run_cli, write_yaml
 
 
 def test_demo_then_evaluate_then_lineage(lab_dir, tmp_path):
-    demo = run_cli(lab_dir, "demo", "--pretrain-steps", "3", check=True)
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    (lab_dir / "lab.toml").write_text("auto_eval = false\n")
+    demo = run_cli(lab_dir, "demo", "--pretrain-steps", "3", "--no-skills", check=True)
     base = json.loads(demo.stdout)["base"]
     assert base.startswith("ck-")
     # idempotent: a second call reuses the cached model
-    again = json.loads(run_cli(lab_dir, "demo", check=True).stdout)
+    again = json.loads(run_cli(lab_dir, "demo", "--no-skills", check=True).stdout)
     assert again == {"base": base, "name": "demo-base", "built": False}
 
     config = write_yaml(tmp_path / "ev.yaml", {"checkpoint": "demo-base", "max_tokens": 600,

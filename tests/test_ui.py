@@ -71,7 +71,8 @@ def test_prune_through_the_generated_form(server, lab_dir):
     summary, lineage, details = server.predict("tiny-sparsegpt-2of4",
                                                api_name="/checkpoint_detail")
     assert "prune" in summary and "sparsegpt sparsity 50.0% (2:4)" in summary
-    assert re.search(r"ppl:heldout.txt/perplexity [0-9.]+ \(\+[0-9.]+ vs tiny\)", summary)
+    assert re.search(r"\| ppl:heldout.txt/perplexity \| [0-9.]+ \| \+[0-9.]+ \|", summary)
+    assert "| vs tiny |" in summary
     assert details["metadata"]["sparsity_per_layer"] == [0.5, 0.5]
     assert "ppl:heldout.txt" in lineage  # the score and its delta on the lineage graph
 
@@ -101,7 +102,8 @@ def test_preview_is_the_yaml_the_cli_accepts(server, tmp_path, lab_dir):
     text = server.predict(*values, api_name="/preview_evaluate")
     assert "weightsmith run evaluate" in text
     config = yaml.safe_load(text)
-    assert config == {"checkpoint": "tiny", "window": 32, "batch_size": 8, "max_tokens": 100}
+    assert config == {"checkpoint": "tiny", "window": 32, "batch_size": 8, "max_tokens": 100,
+                      "reuse_scores": True}  # a checkbox always has a value
     (tmp_path / "c.yaml").write_text(text)
     proc = run_cli(lab_dir, "run", "evaluate", tmp_path / "c.yaml", "--wait")
     assert proc.returncode == 0, proc.stderr

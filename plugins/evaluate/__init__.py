@@ -1,7 +1,14 @@
-"""evaluate: score a checkpoint; sliding-window perplexity and bits-per-byte on local text."""
+"""evaluate: score a checkpoint on perplexity, a local task suite and lm-eval-harness tasks.
+
+The model is loaded once per job for every task. Each task's scores are stored with a key
+(its settings and data bytes); a checkpoint with the same weights and the same key reuses them
+instead of recomputing (`reuse_scores`).
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -11,75 +18,283 @@ from plugins import CheckpointRef, LocalFile, Plugin, PluginConfig
 
 from app.demo import HELDOUT as DEMO_TEXT  # the shipped held-out text (cheap import)
 
+LM_EVAL_MISSING = ("lm-eval is not installed; install the extra with "
+                   "pip install 'weightsmith[lm-eval]' (or pip install lm-eval)")
+
 
 class Config(PluginConfig):
     checkpoint: CheckpointRef = Field(
         description="Checkpoint to evaluate: registry id, name, local folder or Hub id.")
+    suite: Optional[str] = Field(
+        None, min_length=1, description="Local task suite: a built-in name (`demo`), a name in "
+                                        "the lab's suites/ folder, or a path to a suite YAML. "
+                                        "Empty: no suite.")
+    tasks: list[str] = Field(
+        default_factory=list, description="Only these tasks of the suite. Empty: all of them.")
     text_file: Optional[LocalFile] = Field(
-        None, description="UTF-8 text file to score. Empty: the demo held-out text shipped in "
-                          "assets/demo/heldout.txt.")
+        None, description="UTF-8 text file to score for perplexity and bits-per-byte. Empty: "
+                          "the demo held-out text (assets/demo/heldout.txt), unless a suite or "
+                          "lm-eval tasks are given.")
     window: int = Field(256, ge=2, le=131072,
-                        description="Tokens per window (context length used for scoring).")
+                        description="Perplexity: tokens per window (context length used for "
+                                    "scoring).")
     stride: Optional[int] = Field(
-        None, ge=1, description="Tokens between window starts; each window scores only its new "
-                                "tokens. Empty: half the window.")
-    batch_size: int = Field(8, ge=1, le=1024, description="Windows per forward pass.")
+        None, ge=1, description="Perplexity: tokens between window starts; each window scores "
+                                "only its new tokens. Empty: half the window.")
+    batch_size: int = Field(8, ge=1, le=1024,
+                            description="Windows or task items per forward pass.")
     max_tokens: Optional[int] = Field(
-        None, ge=2, description="Score only the first N tokens of the text (quick checks).")
+        None, ge=2, description="Perplexity: score only the first N tokens of the text (quick "
+                                "checks).")
     task: Optional[str] = Field(
         None, min_length=1, max_length=100,
-        description="Name the scores are stored under. Empty: 'ppl:<file name>'.")
+        description="Name the text file's scores are stored under. Empty: 'ppl:<file name>'.")
+    limit: Optional[int] = Field(
+        None, ge=1, description="Score only the first N items of each suite or lm-eval task "
+                                "(quick checks). Empty: all.")
+    lm_eval_tasks: list[str] = Field(
+        default_factory=list, description="lm-evaluation-harness tasks by name (needs the "
+                                          "`lm-eval` extra), e.g. [hellaswag] or the name of a "
+                                          "task YAML in lm_eval_include_path.")
+    lm_eval_include_path: Optional[str] = Field(
+        None, min_length=1, description="Folder of lm-eval task YAMLs to add to the task "
+                                        "index (works offline for local data).")
+    lm_eval_num_fewshot: Optional[int] = Field(
+        None, ge=0, le=64, description="lm-eval few-shot examples. Empty: each task's default.")
+    reuse_scores: bool = Field(
+        True, description="Reuse a task's scores measured before on a checkpoint with the "
+                          "same weights (content hash) and the same task settings and data.")
 
     @model_validator(mode="after")
-    def _stride_fits(self):
+    def _consistent(self):
         if self.stride is not None and self.stride > self.window:
             raise ValueError(f"stride ({self.stride}) must not exceed window ({self.window})")
+        if self.tasks and not self.suite:
+            raise ValueError("tasks selects tasks of a suite; set suite too")
+        if self.lm_eval_include_path and not self.lm_eval_tasks:
+            raise ValueError("lm_eval_include_path adds task YAMLs; name the tasks to run in "
+                             "lm_eval_tasks")
+        if self.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:
+            raise ValueError(LM_EVAL_MISSING)
         return self
+
+    def lab_problems(self, lab_root: Path) -> list[str]:
+        """Checks that need the lab folder: the suite and its data exist and parse."""
+        from plugins.evaluate.suites import SuiteError, load_items, load_suite
+
+        problems = []
+        if self.suite:
+            try:
+                suite = load_suite(self.suite, lab_root)
+                chosen = select_tasks(suite, self.tasks)
+                for task in chosen:
+                    if task.type != "perplexity":
+                        load_items(suite, task)
+            except SuiteError as e:
+                problems.append(f"field 'suite': {e}")
+        if self.lm_eval_include_path and not Path(self.lm_eval_include_path).expanduser() \
+                .is_dir():
+            problems.append(f"field 'lm_eval_include_path': {self.lm_eval_include_path} is not "
+                            f"a folder")
+        return problems
+
+    def perplexity_file(self) -> Path | None:
+        if self.text_file:
+            return Path(self.text_file).expanduser()
+        return None if (self.suite or self.lm_eval_tasks) else DEMO_TEXT
+
+
+def select_tasks(suite, names: list[str]):
+    from plugins.evaluate.suites import SuiteError
+
+    if not names:
+        return list(suite.tasks)
+    known = {t.name: t for t in suite.tasks}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise SuiteError(f"suite {suite.name!r} has no task {', '.join(map(repr, missing))}; "
+                         f"it has {', '.join(known)}")
+    return [known[n] for n in names]
+
+
+def _stderr(value) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else float(value)
 
 
 def run(config: Config, ctx) -> None:
-    import torch
+    from plugins.evaluate.suites import load_suite
 
-    from ops.perplexity import sliding_window_nll
+    ck = ctx.open(config.checkpoint)
+    ctx.log(f"evaluating {ck.name} ({ck.id}) with device {ctx.device}")
+    loaded: dict = {}
 
-    path = Path(config.text_file).expanduser() if config.text_file else DEMO_TEXT
+    def model_and_tokenizer():  # loaded once, only if some task is not reused
+        if not loaded:
+            loaded["tokenizer"] = ck.load_tokenizer()
+            loaded["model"] = ck.load_model(device=ctx.device)
+        return loaded["model"], loaded["tokenizer"]
+
+    jobs = []  # (label, key or None, compute function)
+    text = config.perplexity_file()
+    if text is not None:
+        jobs.append(_perplexity_job(config, text, config.task or f"ppl:{text.name}",
+                                    config.window, config.stride, config.max_tokens))
+    if config.suite:
+        suite = load_suite(config.suite, ctx.lab.root)
+        for task in select_tasks(suite, config.tasks):
+            jobs.append(_suite_job(config, suite, task))
+    if config.lm_eval_tasks:
+        jobs.append(_lm_eval_job(config))
+
+    for number, (label, key, compute) in enumerate(jobs):
+        base = number / len(jobs)
+
+        def report(done, total, label=label, base=base):
+            ctx.progress(base + done / total / len(jobs), f"{label}: {done}/{total}")
+
+        if key and config.reuse_scores:
+            reused = ctx.reuse_scores(ck, key)
+            if reused:
+                ctx.log(f"{label}: reused {len(reused)} scores measured by job "
+                        f"{reused[0]['job_id']} on {reused[0]['checkpoint_id']} (same weights, "
+                        f"same task and data)")
+                continue
+        ctx.progress(base, f"{label}")
+        model, tokenizer = model_and_tokenizer()
+        for task, metric, value, stderr, details in compute(model, tokenizer, report, ctx):
+            ctx.evaluation(ck, task, metric, value, _stderr(stderr),
+                           details={**details, "key": key} if key else details)
+    ctx.progress(1.0, "done")
+
+
+def _perplexity_job(config: Config, path: Path, task: str, window: int,
+                    stride: int | None, max_tokens: int | None):
+    from plugins.evaluate.suites import file_key
+
     if not path.is_file():
         raise FileNotFoundError(f"text_file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise ValueError(f"text_file {path} is empty")
-    ck = ctx.open(config.checkpoint)
-    ctx.log(f"evaluating {ck.name} ({ck.id}) on {path} with device {ctx.device}")
-    tokenizer = ck.load_tokenizer()
-    model = ck.load_model(device=ctx.device)
-    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-    if config.max_tokens:
-        ids = ids[:config.max_tokens]
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos and config.window > max_pos:
-        raise ValueError(f"window ({config.window}) exceeds the model's "
-                         f"max_position_embeddings ({max_pos})")
-    stride = config.stride or max(1, config.window // 2)
-    result = sliding_window_nll(
-        model, ids, config.window, stride, config.batch_size,
-        progress=lambda done, total: ctx.progress(done / total, f"windows {done}/{total}"))
-    task = config.task or f"ppl:{path.name}"
-    n_bytes = len(text.encode("utf-8"))
-    details = {"tokens": result.tokens, "windows": result.windows, "window": config.window,
-               "stride": stride, "bytes": n_bytes, "file": str(path)}
-    ctx.evaluation(ck, task, "perplexity", result.perplexity, details=details)
-    ctx.evaluation(ck, task, "nll_per_token", result.nll_per_token)
-    ctx.evaluation(ck, task, "bits_per_byte", result.bits_per_byte(n_bytes))
-    ctx.log(f"{task}: perplexity {result.perplexity:.4f}, bits/byte "
-            f"{result.bits_per_byte(n_bytes):.4f} over {result.tokens} tokens")
+    stride = stride or max(1, window // 2)
+    key = file_key(path, {"kind": "perplexity", "window": window, "stride": stride,
+                          "max_tokens": max_tokens, "task": task})
+
+    def compute(model, tokenizer, report, ctx):
+        import torch
+
+        from ops.perplexity import sliding_window_nll
+
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise ValueError(f"text_file {path} is empty")
+        ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+        if max_tokens:
+            ids = ids[:max_tokens]
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        if max_pos and window > max_pos:
+            raise ValueError(f"window ({window}) exceeds the model's "
+                             f"max_position_embeddings ({max_pos})")
+        result = sliding_window_nll(model, ids, window, stride, config.batch_size,
+                                    progress=report)
+        n_bytes = len(text.encode("utf-8"))
+        details = {"tokens": result.tokens, "windows": result.windows, "window": window,
+                   "stride": stride, "bytes": n_bytes, "file": str(path)}
+        ctx.log(f"{task}: perplexity {result.perplexity:.4f}, bits/byte "
+                f"{result.bits_per_byte(n_bytes):.4f} over {result.tokens} tokens")
+        return [(task, "perplexity", result.perplexity, None, details),
+                (task, "nll_per_token", result.nll_per_token, None, details),
+                (task, "bits_per_byte", result.bits_per_byte(n_bytes), None, details)]
+
+    return task, key, compute
+
+
+def _suite_job(config: Config, suite, task):
+    from plugins.evaluate.suites import load_items, task_key
+
+    if task.type == "perplexity":
+        label, job = f"{suite.name}/{task.name}", _perplexity_job(
+            config, suite.file(task), f"{suite.name}/{task.name}", task.window, task.stride,
+            None)
+        return label, job[1], job[2]
+    label = f"{suite.name}/{task.name}"
+    key = task_key(suite, task, {"limit": config.limit})
+
+    def compute(model, tokenizer, report, ctx):
+        from ops.evaluation import greedy_generate, generation_match, mean, mean_stderr
+
+        items = load_items(suite, task)[:config.limit or None]
+        details = {"suite": suite.name, "suite_file": str(suite.path), "n": len(items)}
+        if task.type == "multiple_choice":
+            from ops.evaluation import score_multiple_choice
+
+            result = score_multiple_choice(model, tokenizer, items, config.batch_size, report)
+            ctx.log(f"{label}: acc {result['acc']:.3f}, acc_norm {result['acc_norm']:.3f} "
+                    f"on {len(items)} items")
+            return [(label, "acc", result["acc"], result["acc_stderr"], details),
+                    (label, "acc_norm", result["acc_norm"], result["acc_norm_stderr"], details)]
+        outputs = greedy_generate(model, tokenizer, [i["prompt"] for i in items],
+                                  task.max_new_tokens, task.until, config.batch_size, report)
+        rows = []
+        for metric in task.metrics:
+            hits = [float(generation_match(metric, out, item["target"], task.ignore_case))
+                    for out, item in zip(outputs, items)]
+            rows.append((label, metric, mean(hits), mean_stderr(hits), details))
+        examples = [{"prompt": i["prompt"], "target": i["target"], "output": o}
+                    for i, o in list(zip(items, outputs))[:3]]
+        ctx.log(f"{label}: " + ", ".join(f"{r[1]} {r[2]:.3f}" for r in rows)
+                + f" on {len(items)} items; first outputs {examples}")
+        return rows
+
+    return label, key, compute
+
+
+def _lm_eval_job(config: Config):
+    def compute(model, tokenizer, report, ctx):
+        try:
+            import lm_eval
+            from lm_eval.models.huggingface import HFLM
+            from lm_eval.tasks import TaskManager
+        except ImportError:
+            raise RuntimeError(LM_EVAL_MISSING) from None
+        include = str(Path(config.lm_eval_include_path).expanduser()) \
+            if config.lm_eval_include_path else None
+        manager = TaskManager(include_path=include)
+        unknown = [t for t in config.lm_eval_tasks if not manager.match_tasks([t])]
+        if unknown:
+            raise ValueError(f"lm_eval_tasks: unknown task {', '.join(map(repr, unknown))}"
+                             + (f" (not in lm-eval's index nor in {include})" if include
+                                else "; give lm_eval_include_path for local task YAMLs"))
+        ctx.log(f"lm-eval {lm_eval.__version__ if hasattr(lm_eval, '__version__') else ''}: "
+                f"{', '.join(config.lm_eval_tasks)}")
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size)
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=list(config.lm_eval_tasks), num_fewshot=config.lm_eval_num_fewshot,
+            limit=config.limit, task_manager=manager, log_samples=False)
+        rows = []
+        for task, metrics in results["results"].items():
+            for name, value in metrics.items():
+                if name == "alias" or "_stderr," in name or not isinstance(value, (int, float)):
+                    continue
+                metric, _, filt = name.partition(",")
+                stderr = metrics.get(f"{metric}_stderr,{filt}")
+                stderr = stderr if isinstance(stderr, (int, float)) else None
+                label = metric if filt in ("", "none") else f"{metric}[{filt}]"
+                rows.append((f"lm-eval:{task}", label, float(value), stderr,
+                             {"lm_eval_task": task, "filter": filt,
+                              "n_samples": results.get("n-samples", {}).get(task),
+                              "num_fewshot": results.get("n-shot", {}).get(task)}))
+        ctx.log("lm-eval: " + "; ".join(f"{t} {m} {v:.4g}" for t, m, v, _, _ in rows))
+        return rows
+
+    return "lm-eval", None, compute
 
 
 PLUGIN = Plugin(
     name="evaluate",
     title="Evaluate",
-    description="Score a checkpoint: sliding-window perplexity and bits-per-byte on a text "
-                "file; scores are recorded on the checkpoint.",
+    description="Score a checkpoint: perplexity and bits-per-byte on text, a local task suite "
+                "(multiple choice, generation) and lm-eval-harness tasks; scores are recorded "
+                "on the checkpoint and compared with its parents.",
     Config=Config,
     run=run,
 )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from app.lab import Lab
 from registry import CheckpointError, Registry, inspect_checkpoint, resolve_ref
+from registry import hub
 
 # Files of a Hub repo that make up an HF checkpoint (skip other formats a repo may carry).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.md"]
@@ -18,7 +19,10 @@ def row_fields(info) -> dict:
     return {"architecture": info.architecture, "param_count": info.param_count,
             "dtype": info.dtype, "size_bytes": info.size_bytes,
             "content_hash": info.content_hash,
-            "kind": "adapter" if info.is_adapter else "model"}
+            "kind": "adapter" if info.is_adapter else
+            # a task vector folder (plugins/task_vector) stores task_vector-NNNNN.safetensors
+            "task_vector" if any(f.startswith("task_vector-") for f in info.weight_files)
+            else "model"}
 
 
 def import_checkpoint(lab: Lab, reg: Registry, ref: str, *, name: str | None = None,
@@ -36,24 +40,33 @@ def import_checkpoint(lab: Lab, reg: Registry, ref: str, *, name: str | None = N
             source=info.path, created_by=user or lab.settings.default_user,
             metadata=metadata, **row_fields(info))
     # A Hub id: download into a temporary folder, then rename into place (never half-written).
+    # The card's base_model links the parents (rows already here, or remote-only stubs); a
+    # remote-only row of this id (a stub, or pulled by registry sync) gets the files.
     from huggingface_hub import snapshot_download
 
-    ck_id = reg.free_id("ck")
+    known = hub.find_hub_row(reg, resolved.value)
+    if known is not None and known["path"]:
+        return known
+    ck_id = known["id"] if known else reg.free_id("ck")
     tmp = lab.checkpoints_dir / f".tmp-import-{ck_id}"
     final = lab.checkpoints_dir / ck_id
     try:
         log(f"downloading {resolved.value} from the Hub")
         try:
-            snapshot_download(resolved.value, local_dir=str(tmp), allow_patterns=HUB_PATTERNS)
+            snapshot_download(resolved.value, local_dir=str(tmp), allow_patterns=HUB_PATTERNS,
+                              endpoint=hub.endpoint(), token=hub.load_token())
         except Exception as e:  # network, auth, missing repo: say which repo and why
             raise CheckpointError(f"could not download {resolved.value} from the Hub: "
                                   f"{type(e).__name__}: {e}") from None
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
         info = inspect_checkpoint(tmp)
+        parents = hub.card_parents(reg, tmp / "README.md", resolved.value)
         os.rename(tmp, final)
+        if known is not None:
+            return hub.fill_stub(reg, ck_id, str(final), row_fields(info), parents)
         return reg.add_checkpoint(
             id=ck_id, name=name or resolved.value.split("/")[-1], relation="import",
-            path=str(final), source=f"hf://{resolved.value}",
+            path=str(final), source=f"hf://{resolved.value}", parents=parents,
             created_by=user or lab.settings.default_user, metadata=metadata,
             **row_fields(info))
     except BaseException:

@@ -13,6 +13,7 @@ from typing import Callable
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
             ".txt": "text", ".text": "text"}
+BATCH_ROWS = 1000  # rows per tokenizer call in cached_tokenize (datasets' default batch)
 
 
 def _files(path: Path, field: str) -> tuple[str, list[Path]]:
@@ -89,8 +90,11 @@ def tokenizer_hash(tokenizer) -> str:
 def cached_tokenize(ds, fingerprint: str, tokenizer, options: dict,
                     encode: Callable[[dict], dict], cache_root: Path,
                     log: Callable[[str], None] = print):
-    """`ds.map(encode)` once per (data, tokenizer, options); later runs load it from disk.
-    Written to a temporary folder and renamed, so an interrupted run leaves no partial cache."""
+    """`ds.map(encode, batched=True)` once per (data, tokenizer, options); later runs load it
+    from disk. `encode` takes a batch (a dict of columns, each a list of BATCH_ROWS values) and
+    returns a dict of equally long lists, which must equal encoding the rows one by one: the
+    cache key does not say how the rows were encoded. Written to a temporary folder and
+    renamed, so an interrupted run leaves no partial cache."""
     import datasets
 
     key = hashlib.sha256(json.dumps([fingerprint, tokenizer_hash(tokenizer), options],
@@ -99,8 +103,8 @@ def cached_tokenize(ds, fingerprint: str, tokenizer, options: dict,
     if (final / "dataset_info.json").exists():
         log(f"tokenized data: cache hit {final}")
         return datasets.load_from_disk(str(final)), key, True
-    encoded = ds.map(encode, remove_columns=ds.column_names, desc=None,
-                     load_from_cache_file=False)
+    encoded = ds.map(encode, batched=True, batch_size=BATCH_ROWS,
+                     remove_columns=ds.column_names, desc=None, load_from_cache_file=False)
     tmp = cache_root / f".tmp-{key}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     encoded.save_to_disk(str(tmp))

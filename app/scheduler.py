@@ -9,6 +9,7 @@ recorded as running whose process is gone.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from app.jobs import process_alive
+from app.jobs import gpu_count, process_alive
 from app.lab import Lab
 from registry.store import now
 
@@ -45,6 +46,20 @@ def detect_gpus() -> list[int]:
     if out.returncode != 0:
         return []
     return [int(x) for x in out.stdout.split() if x.strip().isdigit()]
+
+
+def device_list(device: str | None) -> list[str]:
+    """The devices a job's placement holds: `cuda:0,2` -> [cuda:0, cuda:2]; `cpu` -> [cpu]."""
+    if not device:
+        return []
+    if device.startswith("cuda:"):
+        return [f"cuda:{i}" for i in device[len("cuda:"):].split(",")]
+    return [device]
+
+
+def visible_devices(device: str) -> str:
+    """CUDA_VISIBLE_DEVICES for a job placed on `device`: `cuda:0,2` -> `0,2`; cpu -> ``."""
+    return ",".join(d.split(":")[1] for d in device_list(device) if d.startswith("cuda:"))
 
 
 def log_tail(path: str | None, lines: int = 20) -> str:
@@ -137,15 +152,15 @@ class Scheduler:
             log.warning("job %s %s: %s%s", job["id"], status, reason,
                         f" (removed {len(removed)} partial checkpoint folders)" if removed else "")
 
-    def _free_slot(self, uses_gpu: bool, busy: Counter) -> str | None:
-        """A device with room, given `busy` (running jobs per device), or None."""
+    def _free_slot(self, uses_gpu: bool, busy: Counter, gpus: int = 1) -> str | None:
+        """A device with room, given `busy` (running jobs per device), or None. A job that
+        needs several GPUs gets them all at once, as one device string: `cuda:0,2`."""
         if uses_gpu and self.gpu_capacity:
             # A GPU job waits for a GPU; running it on the CPU instead would be a silent,
             # many-times-slower fallback. CPU slots serve GPU jobs only on GPU-less machines.
-            for device, capacity in self.gpu_capacity.items():
-                if busy[device] < capacity:
-                    return device
-            return None
+            free = [device.split(":")[1] for device, capacity in self.gpu_capacity.items()
+                    if busy[device] < capacity]
+            return "cuda:" + ",".join(free[:gpus]) if len(free) >= gpus else None
         cpu_busy = sum(n for d, n in busy.items() if d == "cpu")
         return "cpu" if cpu_busy < self.cpu_capacity else None
 
@@ -156,19 +171,33 @@ class Scheduler:
             "SELECT * FROM jobs WHERE status = 'queued' ORDER BY priority DESC, created_at"))
         if not queued:
             return
-        busy = Counter(j["device"] for j in self.registry.jobs(status="running", limit=10_000))
+        busy = Counter(d for j in self.registry.jobs(status="running", limit=10_000)
+                       for d in device_list(j["device"]))
+        gpu_waiting = False  # a GPU job is waiting: later ones must not take its GPUs
         for job in queued:
             if only and job["id"] != only:
                 continue
             try:
-                uses_gpu = plugins.get(job["plugin"]).uses_gpu
-            except plugins.PluginError as e:
+                plugin = plugins.get(job["plugin"])
+                gpus = gpu_count(plugins.validate_config(plugin, json.loads(job["config"])))
+            except (plugins.PluginError, plugins.ConfigError) as e:
                 self.registry.update_job(job["id"], only_if_status=("queued",), status="failed",
                                          finished_at=now(), error=str(e))
                 continue
-            device = self._free_slot(uses_gpu, busy)
+            on_gpu = plugin.uses_gpu and bool(self.gpu_capacity)
+            if on_gpu and gpus > len(self.gpu_capacity):
+                self.registry.update_job(
+                    job["id"], only_if_status=("queued",), status="failed", finished_at=now(),
+                    error=f"the job needs {gpus} GPUs and this lab has {len(self.gpu_capacity)}")
+                continue
+            if on_gpu and gpu_waiting:  # a job asking for 2 GPUs is not starved by 1-GPU jobs
+                continue
+            device = self._free_slot(plugin.uses_gpu, busy, gpus)
             if device is not None and self.start(job, device):
-                busy[device] += 1
+                for d in device_list(device):
+                    busy[d] += 1
+            elif device is None and on_gpu:
+                gpu_waiting = True
 
     def start(self, job: dict, device: str) -> bool:
         """Start a queued job on `device`; False if someone else claimed it first."""
@@ -179,7 +208,7 @@ class Scheduler:
         job_dir = Path(job["job_dir"] or self.lab.job_dir(job["id"]))
         job_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
-        env["CUDA_VISIBLE_DEVICES"] = device.split(":")[1] if device.startswith("cuda") else ""
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices(device)
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                           env.get("PYTHONPATH")]))

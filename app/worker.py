@@ -2,18 +2,30 @@
 
 stdout and stderr go to the job's log.txt. The worker records its own final status; if it dies
 without doing so, the scheduler records `failed` (or `interrupted` after a restart).
+
+A job whose Config asks for more than one process on its device (`processes(device)`: train
+and continue_pretrain with `gpus` or `cpu_processes` > 1) is relaunched through `accelerate
+launch`, which starts `python -m app.worker JOB_ID --lab DIR --rank` once per process (through
+torchrun; env RANK, LOCAL_RANK, WORLD_SIZE). Rank 0 runs the plugin with the job context:
+it alone records metrics and progress, and writes and registers checkpoints. The other ranks
+get a RankContext that records nothing and reads the registry through a query-only
+connection. This worker waits for the launch and records the job's final status.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import shutil
 import signal
+import subprocess
 import sys
 import traceback
 
 import plugins
-from app.context import JobCancelled, JobContext
+from app.context import JobCancelled, JobContext, NewCheckpoint
 from app.lab import Lab
 from app.scheduler import log_tail
 from registry.store import now
@@ -26,14 +38,191 @@ def _on_sigterm(signum, frame):
     raise JobCancelled()
 
 
+def _auto_sync(lab: Lab, reg, ctx: JobContext) -> None:
+    """Registry sync after a job (lab setting hub_sync_repo); a failure is logged, and the
+    job still succeeded: the next sync sends the rows."""
+    from registry import hub
+
+    try:
+        hub.sync_registry(reg, lab.settings.hub_sync_repo, log=ctx.log)
+    except Exception as e:  # noqa: BLE001 - the Hub being down must not fail the job
+        ctx.log(f"hub sync with {lab.settings.hub_sync_repo} failed: {e}")
+
+
+# ------------------------------------------------------------- several processes per job
+class RankFailed(Exception):
+    """A launched job failed: the message is the first failing rank's own error."""
+
+
+class RankContext(JobContext):
+    """The job context of ranks 1..N-1 of a launched job. It reads the registry and records
+    nothing: no log lines, progress, metrics, scores or checkpoints. Its new checkpoints are
+    scratch folders under the job folder, removed at the end (every rank calls
+    Trainer.save_model, a collective under FSDP; only rank 0 writes files)."""
+
+    def log(self, message: str) -> None:
+        pass
+
+    def progress(self, work, message: str = "", total: int | None = None):
+        return None if isinstance(work, (int, float)) else iter(work)
+
+    def metric(self, name, value, step=None) -> None:
+        pass
+
+    def evaluation(self, checkpoint, task, metric, value, stderr=None, details=None) -> None:
+        pass
+
+    def reuse_scores(self, checkpoint, key) -> list[dict]:
+        return []
+
+    def open(self, ref: str):
+        from registry import resolve_ref
+
+        if resolve_ref(self.registry, ref).kind != "registry":  # the launcher imported it
+            raise RuntimeError(f"rank {self.rank}: {ref} is not registered; only rank 0 may "
+                               f"import checkpoints")
+        return super().open(ref)
+
+    def new_checkpoint(self, relation, parents, name=None, metadata=None) -> NewCheckpoint:
+        path = self.work_dir / f"rank{self.rank}" / str(self._made)
+        self._made += 1
+        path.mkdir(parents=True, exist_ok=True)
+        pending = NewCheckpoint(path=path, name=name or relation, relation=relation,
+                                parents=[], metadata=metadata or {})
+        self._pending.append(pending)
+        return pending
+
+    def publish(self, pending: NewCheckpoint) -> dict:
+        raise RuntimeError(f"rank {self.rank} of a launched job may not register checkpoints; "
+                           f"gate the call with ctx.is_main_process")
+
+    def publish_all(self) -> list[dict]:
+        self.discard_all()
+        return []
+
+    def discard_all(self) -> None:  # only this rank's scratch: rank 0 owns the job's folders
+        shutil.rmtree(self.work_dir / f"rank{self.rank}", ignore_errors=True)
+        self._pending.clear()
+
+
+def processes_for(config, device: str) -> int:
+    """How many data-parallel processes the job runs as on its device (Config.processes)."""
+    count = getattr(config, "processes", None)
+    return int(count(device)) if callable(count) else 1
+
+
+def launch_command(job_id: str, lab_root, processes: int, mode: str = "ddp") -> list[str]:
+    """The `accelerate launch` command line that runs this job as `processes` ranks.
+
+    DDP uses accelerate's torchrun launcher (`--multi_gpu`) on GPUs and on CPU alike: its
+    `--cpu` launcher starts a single process unless an MPI hostfile is given
+    (accelerate/utils/launch.py: prepare_simple_launcher_cmd_env). On CPU the ranks choose
+    the gloo backend themselves (TrainingArguments(use_cpu=True): DistributedType.MULTI_CPU).
+    Port 0: accelerate picks a free port, so jobs launched side by side do not collide.
+    Mixed precision is left to the Trainer (bf16 on GPUs that support it)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
+           str(processes), "--num_machines", "1", "--main_process_port", "0",
+           "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if mode == "fsdp":
+        # full shards per decoder layer (the model's _no_split_modules); orig params so that
+        # frozen and trainable parameters (LoRA, freeze, HFT) may share a unit; the final and
+        # intermediate checkpoints are gathered whole on rank 0 (FULL_STATE_DICT), so they
+        # are ordinary HF checkpoints.
+        cmd += ["--use_fsdp", "--fsdp_version", "1", "--fsdp_sharding_strategy", "FULL_SHARD",
+                "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+                "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_use_orig_params", "true",
+                "--fsdp_sync_module_states", "true"]
+    else:
+        cmd += ["--multi_gpu"]
+    return cmd + ["--module", "app.worker", job_id, "--lab", str(lab_root), "--rank"]
+
+
+def launch(ctx: JobContext, config, processes: int) -> list[dict]:
+    """Run the job as `processes` ranks through accelerate launch and wait; returns the
+    checkpoints rank 0 registered. Raises RankFailed with the failing rank's error."""
+    for _, ref in plugins.checkpoint_refs(config):
+        ctx.open(ref)  # a folder or Hub id is imported here, once, not by every rank
+    mode = getattr(config, "distributed", "ddp")
+    cmd = launch_command(ctx.job_id, ctx.lab.root, processes, mode)
+    for old in ctx.work_dir.glob("error-rank*.txt"):
+        old.unlink()
+    ctx.log(f"launching {processes} processes ({mode}): {shlex.join(cmd)}")
+    # Same stdout (the job log) and process group: Stop reaches the launcher, and kill_tree
+    # finds the ranks (torchrun starts them in sessions of their own) as descendants.
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, cwd=str(ctx.work_dir))
+    try:
+        code = proc.wait()
+    except JobCancelled:
+        proc.terminate()
+        try:
+            proc.wait(timeout=ctx.lab.settings.cancel_grace_seconds)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    if code != 0:
+        errors = sorted(ctx.work_dir.glob("error-rank*.txt"),
+                        key=lambda f: int(f.stem[len("error-rank"):]))
+        raise RankFailed(errors[0].read_text() if errors else
+                         f"accelerate launch of {processes} processes exited with code {code}")
+    with ctx.lab.registry() as reg:
+        return [reg.checkpoint(c) for c in reg.job_checkpoints(ctx.job_id)]
+
+
+def run_rank(lab: Lab, job_id: str) -> int:
+    """One rank of a launched job (`app.worker JOB --lab DIR --rank`, env RANK, WORLD_SIZE)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    reg = lab.registry()
+    job = reg.job(job_id)
+    if rank == 0:
+        ctx = JobContext(lab, reg, job)
+    else:
+        reg.db.conn.execute("PRAGMA query_only = ON")  # a write here raises: rank 0 records
+        ctx = RankContext(lab, reg, job)
+    ctx.rank, ctx.world_size = rank, world
+    try:
+        plugin = plugins.get(job["plugin"])
+        config = plugins.validate_config(plugin, json.loads(job["config"]))
+        if ctx.device == "cuda":  # "cuda" is then this rank's GPU: models load straight there
+            import torch
+
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+        ctx.log(f"running as rank {rank} of {world} on {job['device']}")
+        plugin.run(config, ctx)
+        _distributed("barrier")  # every rank finished before rank 0 registers the results
+        ctx.publish_all()
+        return 0
+    except JobCancelled:
+        ctx.discard_all()
+        return 143
+    except BaseException as e:  # noqa: BLE001 - the launching worker reports it
+        ctx.discard_all()
+        traceback.print_exc()
+        (ctx.work_dir / f"error-rank{rank}.txt").write_text(f"{type(e).__name__}: {e}")
+        return 1
+    finally:
+        _distributed("destroy_process_group")
+        reg.close()
+
+
+def _distributed(call: str) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        getattr(dist, call)()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="weightsmith-worker")
     parser.add_argument("job_id")
     parser.add_argument("--lab", required=True)
+    parser.add_argument("--rank", action="store_true",
+                        help="one of the processes of a launched job (see launch_command)")
     args = parser.parse_args(argv)
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     lab = Lab(args.lab)
+    if args.rank:
+        return run_rank(lab, args.job_id)
     reg = lab.registry()
     job = reg.job(args.job_id)
     ctx = JobContext(lab, reg, job)
@@ -41,12 +230,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plugin = plugins.get(job["plugin"])
         config = plugins.validate_config(plugin, json.loads(job["config"]))
-        plugin.run(config, ctx)
-        created = ctx.publish_all()
+        processes = processes_for(config, job["device"] or "cpu")
+        if processes > 1:
+            created = launch(ctx, config, processes)
+        else:
+            plugin.run(config, ctx)
+            created = ctx.publish_all()
         reg.update_job(job["id"], only_if_status=("running",), status="succeeded",
                        progress=1.0, finished_at=now(), exit_code=0)
         ctx.log(f"job {job['id']} succeeded; checkpoints: "
                 f"{', '.join(r['id'] for r in created) or 'none'}")
+        if lab.settings.hub_sync_repo:
+            _auto_sync(lab, reg, ctx)
         return 0
     except JobCancelled:
         ctx.discard_all()
@@ -57,11 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:  # noqa: BLE001 - every failure must be recorded on the job
         ctx.discard_all()
         traceback.print_exc()
-        ctx.log(f"job failed: {type(e).__name__}: {e}")
+        what = str(e) if isinstance(e, RankFailed) else f"{type(e).__name__}: {e}"
+        ctx.log(f"job failed: {what}")
         sys.stdout.flush()
         status = "cancelled" if reg.job(job["id"])["cancel_requested"] else "failed"
         reg.update_job(job["id"], only_if_status=("running",), status=status,
-                       finished_at=now(), error=f"{type(e).__name__}: {e}\nlast log lines:\n"
+                       finished_at=now(), error=f"{what}\nlast log lines:\n"
                        + log_tail(job["log_path"]), exit_code=1)
         return 1
     finally:
@@ -69,4 +265,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # The job's status, log and files are final here. Skip the interpreter's teardown: with
+    # torch and transformers loaded it takes about half a second, paid by every job before
+    # the scheduler (or `run --wait`) sees the process end.
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -37,21 +37,38 @@ def encode_prompt_completion(tokenizer, prompt: str, completion: str, completion
                              max_length: int) -> dict:
     """input_ids = tokens(prompt) + tokens(completion) + EOS; labels mask the prompt when
     `completion_only`. Truncated on the right to max_length."""
-    p = tokenizer(prompt)["input_ids"]
-    c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        c = c + [tokenizer.eos_token_id]
-    ids = (p + c)[:max_length]
-    labels = ([IGNORE] * len(p) + c)[:max_length] if completion_only else list(ids)
-    return {"input_ids": ids, "labels": labels}
+    batch = encode_prompt_completion_batch(tokenizer, [prompt], [completion], completion_only,
+                                           max_length)
+    return {key: rows[0] for key, rows in batch.items()}
+
+
+def encode_prompt_completion_batch(tokenizer, prompts: list[str], completions: list[str],
+                                   completion_only: bool, max_length: int) -> dict:
+    """encode_prompt_completion over lists, in two tokenizer calls (a fast tokenizer encodes a
+    list in one Rust call, with the same ids as one by one); {"input_ids": [...], "labels":
+    [...]}."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out: dict = {"input_ids": [], "labels": []}
+    for p, c in zip(tokenizer(list(prompts))["input_ids"],
+                    tokenizer(list(completions), add_special_tokens=False)["input_ids"]):
+        c = c + eos
+        ids = (p + c)[:max_length]
+        out["input_ids"].append(ids)
+        out["labels"].append(([IGNORE] * len(p) + c)[:max_length] if completion_only
+                             else list(ids))
+    return out
 
 
 def encode_text(tokenizer, text: str, max_length: int) -> dict:
-    ids = tokenizer(text)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        ids = ids + [tokenizer.eos_token_id]
-    ids = ids[:max_length]
-    return {"input_ids": ids, "labels": list(ids)}
+    batch = encode_text_batch(tokenizer, [text], max_length)
+    return {key: rows[0] for key, rows in batch.items()}
+
+
+def encode_text_batch(tokenizer, texts: list[str], max_length: int) -> dict:
+    """Plain text + EOS, truncated to max_length; every token is learned."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = [(row + eos)[:max_length] for row in tokenizer(list(texts))["input_ids"]]
+    return {"input_ids": ids, "labels": [list(row) for row in ids]}
 
 
 def encode_messages(tokenizer, messages: list[dict], completion_only: bool, max_length: int,
@@ -254,7 +271,10 @@ def training_arguments(output_dir: str, *, device: str, **kw):
     bf16 = cuda and torch.cuda.is_bf16_supported()
     defaults = dict(output_dir=output_dir, report_to=[], disable_tqdm=True,
                     include_num_input_tokens_seen="non_padding", use_cpu=not cuda, bf16=bf16,
-                    dataloader_num_workers=0, save_only_model=False, remove_unused_columns=False)
+                    dataloader_num_workers=0, save_only_model=False, remove_unused_columns=False,
+                    # every trainable parameter takes part in a causal LM's forward pass, so
+                    # DDP need not search the graph for unused ones each step
+                    ddp_find_unused_parameters=False)
     defaults.update(kw)
     return TrainingArguments(**defaults)
 

@@ -77,6 +77,53 @@ def test_pad_collator_pads_labels_with_ignore():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
+def row_by_row(tokenizer, fmt, row, completion_only, max_length):
+    """The reference: one row at a time, as cached_tokenize did before it batched."""
+    eos = [tokenizer.eos_token_id]
+    if fmt == "prompt_completion":
+        p = tokenizer(row["prompt"])["input_ids"]
+        c = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + eos
+        ids = (p + c)[:max_length]
+        return ids, ([-100] * len(p) + c)[:max_length] if completion_only else ids
+    if fmt == "text":
+        ids = (tokenizer(row["text"])["input_ids"] + eos)[:max_length]
+        return ids, ids
+    enc = T.encode_messages(tokenizer, row["messages"], completion_only, max_length,
+                            CHAT_TEMPLATE)
+    return enc["input_ids"], enc["labels"]
+
+
+@pytest.mark.parametrize("fmt", ["prompt_completion", "text", "messages"])
+@pytest.mark.parametrize("completion_only", [True, False])
+def test_batched_tokenization_equals_row_by_row(tokenizer, tmp_path, fmt, completion_only):
+    import datasets
+
+    from app.data import cached_tokenize
+    from plugins.train import Config, encoder
+
+    words = ["red", "green  blue", "", "é ü ß", "x" * 40, "the quick brown fox jumps"]
+    rows = []
+    for i in range(2500):  # more than one datasets.map batch
+        a, b = words[i % 6], words[(i * 5 + 1) % 6] + f" {i}"
+        rows.append({"prompt_completion": {"prompt": a, "completion": b}, "text": {"text": a + b},
+                     "messages": {"messages": [{"role": "user", "content": a},
+                                               {"role": "assistant", "content": b}]}}[fmt])
+    config = Config(checkpoint="x", data="d", data_format=fmt, max_length=12,
+                    completion_only_loss=completion_only, chat_template=CHAT_TEMPLATE)
+    ds = datasets.Dataset.from_list(rows)
+    options = {"format": fmt, "completion_only": completion_only}
+    got, key, hit = cached_tokenize(ds, "fingerprint", tokenizer, options,
+                                    encoder(config, fmt, tokenizer), tmp_path, log=str)
+    assert not hit and got.column_names == ["input_ids", "labels"]
+    expected = [row_by_row(tokenizer, fmt, r, completion_only, 12) for r in rows]
+    assert got["input_ids"] == [ids for ids, _ in expected]
+    assert got["labels"] == [labels for _, labels in expected]
+    assert any(len(ids) == 12 for ids, _ in expected)  # truncation is exercised
+    again, key_again, hit = cached_tokenize(ds, "fingerprint", tokenizer, options,
+                                            encoder(config, fmt, tokenizer), tmp_path, log=str)
+    assert hit and key_again == key and again["labels"] == got["labels"]
+
+
 # ------------------------------------------------------------------ parameter selection
 def tiny(layers=4):
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -163,6 +210,39 @@ def test_lora_lowers_the_loss_and_merges_to_the_same_logits(lab, sft_model_dir, 
     meta = json.loads(adapter["metadata"])
     assert meta["data"]["format"] == "prompt_completion" and meta["final_eval_loss"] > 0
     assert meta["trainable_parameters"] < meta["total_parameters"] / 2
+
+
+def test_merge_adapter_folds_a_registered_adapter_into_its_base(lab, sft_model_dir, tmp_path):
+    """The standalone "Merge adapter into base" action, on an adapter trained earlier."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    data = write_jsonl(tmp_path / "colors.jsonl", arithmetic_rows())
+    status, job, (adapter,) = run_job(lab, base_config(sft_model_dir, data, method="lora",
+                                                       max_steps=4))
+    assert status == "succeeded", job["error"]
+    status, job, (merged,) = run_job(lab, {"adapter": adapter["id"]}, plugin="merge_adapter")
+    assert status == "succeeded", job["error"]
+    assert merged["relation"] == "adapter_merge" and merged["name"] == "tiny-sft-lora-merged"
+    with lab.registry() as reg:
+        base_id = reg.parents(adapter["id"])[0]["parent_id"]
+        roles = {p["parent_id"]: p["role"] for p in reg.parents(merged["id"])}
+    assert roles == {adapter["id"]: "adapter", base_id: "base"}
+
+    x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    plain = AutoModelForCausalLM.from_pretrained(sft_model_dir).eval()
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+        sft_model_dir), adapter["path"]).eval()
+    full = AutoModelForCausalLM.from_pretrained(merged["path"]).eval()
+    with torch.no_grad():
+        a, b, c = with_adapter(input_ids=x).logits, full(input_ids=x).logits, \
+            plain(input_ids=x).logits
+    assert (a - c).abs().max() > 1e-3  # the adapter changed something to merge
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    assert "adapter_config.json" not in {f.name for f in
+                                         __import__("pathlib").Path(merged["path"]).iterdir()}
+    status, job, made = run_job(lab, {"adapter": base_id}, plugin="merge_adapter")
+    assert status == "failed" and made == [] and "is not a peft adapter" in job["error"]
 
 
 def test_hft_job_freezes_exactly_the_recorded_half(lab, tiny_model_dir, tmp_path):

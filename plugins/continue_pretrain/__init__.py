@@ -11,6 +11,8 @@ from typing import Optional
 from pydantic import Field, field_validator, model_validator
 
 from plugins import CheckpointRef, LocalFile, Plugin, PluginConfig
+from plugins.train import (CpuProcesses, DistributedMode, GpuCount, cpu_processes_on_gpu_lab,
+                           data_parallel_problem, processes_on)
 
 from app.demo import HELDOUT as DEMO_HELDOUT  # the shipped held-out text (cheap import)
 
@@ -66,6 +68,9 @@ class Config(PluginConfig):
     resume_job: Optional[str] = Field(None, pattern=r"^job-[0-9a-f]+$", description=(
         "Continue this cancelled or failed continue_pretrain job from its last saved state. "
         "The other settings must be the same."))
+    gpus: GpuCount = 1
+    distributed: DistributedMode = "ddp"
+    cpu_processes: CpuProcesses = 1
     name: Optional[str] = Field(None, min_length=1, max_length=100,
                                 description="Name of the new checkpoint. Empty: derived.")
 
@@ -83,7 +88,26 @@ class Config(PluginConfig):
         if self.min_learning_rate > self.max_learning_rate:
             raise ValueError(f"min_learning_rate ({self.min_learning_rate:g}) must not exceed "
                              f"max_learning_rate ({self.max_learning_rate:g})")
+        problem = data_parallel_problem(self)
+        if problem:
+            raise ValueError(problem)
         return self
+
+    def gpu_requirement(self) -> tuple[str, str] | None:
+        """(field, why) when this config cannot run without gpu_count() CUDA GPUs."""
+        if self.gpus > 1:
+            return "gpus", f"got {self.gpus}; the job needs {self.gpus} GPUs"
+        return None
+
+    def gpu_count(self) -> int:
+        return self.gpus
+
+    def processes(self, device: str) -> int:
+        """Data-parallel processes on the assigned device (app/worker.py launches them)."""
+        return processes_on(self, device)
+
+    def lab_problems(self, lab_root) -> list[str]:
+        return cpu_processes_on_gpu_lab(self, lab_root)
 
 
 class _Stream:
@@ -114,12 +138,25 @@ def _documents(source: str, field: str, config: Config, ctx, tokenizer) -> tuple
     column = config.text_column
     docs, _, _ = cached_tokenize(
         rows, fingerprint, tokenizer, {"documents": column},
-        lambda row: {"input_ids": tokenizer(str(row[column]), add_special_tokens=False)
-                     ["input_ids"]}, cache / "tokenized", ctx.log)
+        lambda batch: {"input_ids": tokenizer([str(t) for t in batch[column]],
+                                              add_special_tokens=False)["input_ids"]},
+        cache / "tokenized", ctx.log)
     ids = [d for d in docs["input_ids"] if d]
     if not ids:
         raise ValueError(f"{field}: {source} has no text")
     return ids, fingerprint
+
+
+def served_by_all(served: dict, world_size: int) -> dict:
+    """Blocks served from each pool, summed over the processes of a launched job (each one
+    draws its own batches from the stream)."""
+    if world_size == 1:
+        return dict(served)
+    import torch.distributed as dist
+
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, dict(served))
+    return {pool: sum(s[pool] for s in everyone) for pool in served}
 
 
 def _text_blocks(path, default, field: str, tokenizer, block: int, limit: int, sep: int):
@@ -217,7 +254,9 @@ def run(config: Config, ctx) -> None:
         pools["replay"] = pack_documents(replay_docs, block, sep)
         meta["replay"] = {"data": config.replay_data, "data_sha256": replay_hash,
                           "blocks": pools["replay"].size(0), "ratio": config.replay_ratio}
-    samples = config.max_steps * config.batch_size * config.gradient_accumulation
+    # every process takes batch_size blocks a step, in turn from the one ordered stream
+    samples = config.max_steps * config.batch_size * config.gradient_accumulation * \
+        ctx.world_size
     n_replay = pools["replay"].size(0) if "replay" in pools else 0
     order = replay_order(domain.size(0), n_replay, samples, config.replay_ratio, config.seed)
     stream = _Stream(order, pools)
@@ -260,6 +299,8 @@ def run(config: Config, ctx) -> None:
                 ctx.metric(key, value, step=m.step)
 
     def on_save(step: int, folder: str) -> None:
+        if not ctx.is_main_process:  # the Trainer calls back on every rank
+            return
         pending = ctx.new_checkpoint("continue_pretrain", parents=[ck],
                                      name=f"{base_name}-step{step}",
                                      metadata={**meta, "step": step, "intermediate": True})
@@ -303,7 +344,7 @@ def run(config: Config, ctx) -> None:
     peak = max(points, key=lambda p: p.get("general", 0))
     meta.update(
         stability_gap=points, steps=trainer.state.global_step, train_loss=result.training_loss,
-        served=stream.served,
+        served=served_by_all(stream.served, ctx.world_size),
         forgetting={"general_ppl_before": start.get("general"),
                     "general_ppl_after": end.get("general"),
                     "rise": end["general"] - start["general"],
@@ -315,10 +356,12 @@ def run(config: Config, ctx) -> None:
         meta["resumed_from"] = {"job": config.resume_job, "state": resume_from}
     ctx.log(f"domain perplexity {start['domain']:.3f} -> {end['domain']:.3f}; general "
             f"{start['general']:.3f} -> {end['general']:.3f} (peak {peak['general']:.3f} at "
-            f"step {peak['step']}); served {stream.served}")
+            f"step {peak['step']}); served {meta['served']}")
     ctx.progress(0.97, "writing checkpoint")
     out = ctx.new_checkpoint("continue_pretrain", parents=[ck], name=base_name, metadata=meta)
-    trainer.save_model(str(out.path))
+    trainer.save_model(str(out.path))  # every rank (a collective under FSDP); rank 0 writes
+    if not ctx.is_main_process:
+        return
     tokenizer.save_pretrained(out.path)
     details = {"block_size": block, "blocks": config.eval_blocks, "measured_by":
                "continue_pretrain"}

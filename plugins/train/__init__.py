@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -19,6 +19,51 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 MODEL_FILES = ("config.json", "generation_config.json", "adapter_config.json",
                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "chat_template.jinja")
+
+
+# Data-parallel settings shared with continue_pretrain. More than one process: app/worker.py
+# relaunches the job through `accelerate launch`, one process per GPU (or CPU process).
+GpuCount = Annotated[int, Field(ge=1, le=64, description=(
+    "GPUs this job uses. More than 1: one data-parallel process per GPU, launched through "
+    "accelerate launch as `distributed` says; batch_size is per GPU. The job waits until that "
+    "many GPUs are free."))]
+DistributedMode = Annotated[Literal["ddp", "fsdp"], Field(description=(
+    "With more than one process: ddp keeps a whole copy of the model on each GPU; fsdp "
+    "shards parameters, gradients and optimizer state across them (GPU only)."))]
+CpuProcesses = Annotated[int, Field(ge=1, le=64, description=(
+    "Lab without GPUs only: data-parallel CPU processes (DDP over gloo, launched through "
+    "accelerate launch); batch_size is per process. On a lab with GPUs use gpus."))]
+
+
+def data_parallel_problem(config) -> str | None:
+    """What is wrong with a config's gpus / cpu_processes / distributed, if anything."""
+    if config.gpus > 1 and config.cpu_processes > 1:
+        return "give gpus or cpu_processes, not both"
+    if config.distributed == "fsdp" and config.cpu_processes > 1:
+        return "distributed fsdp runs on GPUs; with cpu_processes use ddp"
+    return None
+
+
+def processes_on(config, device: str) -> int:
+    """Processes the job runs as on `device` (the scheduler's placement: cuda:0,1 or cpu)."""
+    if device.startswith("cuda"):
+        if config.cpu_processes > 1:
+            raise ValueError(f"cpu_processes: got {config.cpu_processes}, but this job runs on "
+                             f"{device}; use gpus for more processes on GPUs")
+        return config.gpus
+    return config.cpu_processes
+
+
+def cpu_processes_on_gpu_lab(config, lab_root) -> list[str]:
+    """The submit-time check (Config.lab_problems): cpu_processes > 1 on a lab with GPUs."""
+    if config.cpu_processes <= 1:
+        return []
+    from app.jobs import lab_gpus
+    from app.lab import Lab
+
+    gpus = lab_gpus(Lab(lab_root))
+    return [f"field 'cpu_processes': got {config.cpu_processes}; this lab has GPUs "
+            f"({', '.join(map(str, gpus))}), so jobs run there: use gpus"] if gpus else []
 
 
 def check_layer_list(value: str | None) -> str | None:
@@ -100,6 +145,9 @@ class Config(PluginConfig):
         "schedule, RNG and data position). The other settings must be the same."))
     merge_adapter: bool = Field(False, description=(
         "lora/dora: also register base + adapter merged into a full checkpoint."))
+    gpus: GpuCount = 1
+    distributed: DistributedMode = "ddp"
+    cpu_processes: CpuProcesses = 1
     name: Optional[str] = Field(None, min_length=1, max_length=100,
                                 description="Name of the new checkpoint. Empty: derived.")
 
@@ -116,14 +164,32 @@ class Config(PluginConfig):
             raise ValueError(f"merge_adapter applies to lora and dora, not {self.method}")
         if self.eval_data and self.eval_fraction:
             raise ValueError("give eval_data or eval_fraction, not both")
+        if self.method == "qlora" and self.distributed == "fsdp" and self.gpus > 1:
+            raise ValueError("method qlora runs with distributed ddp, not fsdp")
+        problem = data_parallel_problem(self)
+        if problem:
+            raise ValueError(problem)
         return self
 
     def gpu_requirement(self) -> tuple[str, str] | None:
-        """(field, why) when this config cannot run without a CUDA GPU."""
+        """(field, why) when this config cannot run without a CUDA GPU (gpu_count() of them)."""
+        if self.gpus > 1:
+            return "gpus", f"got {self.gpus}; the job needs {self.gpus} GPUs"
         if self.method == "qlora":
             return "method", "qlora loads the base in 4 bits through bitsandbytes, which " \
                              "needs a CUDA GPU"
         return None
+
+    def gpu_count(self) -> int:
+        """GPUs the scheduler must give this job at once."""
+        return self.gpus
+
+    def processes(self, device: str) -> int:
+        """Data-parallel processes on the assigned device (app/worker.py launches them)."""
+        return processes_on(self, device)
+
+    def lab_problems(self, lab_root) -> list[str]:
+        return cpu_processes_on_gpu_lab(self, lab_root)
 
 
 # ------------------------------------------------------------------------------ data
@@ -152,18 +218,24 @@ def _detect_format(config: Config, columns: list[str], field: str) -> str:
 
 
 def encoder(config: Config, fmt: str, tokenizer):
+    """A batched encoder for datasets.map(batched=True): columns of rows in, {"input_ids",
+    "labels"} lists out, the same as encoding the rows one by one."""
     from ops import training as T
 
-    def encode(row: dict) -> dict:
+    def encode(batch: dict) -> dict:
         if fmt == "prompt_completion":
-            return T.encode_prompt_completion(tokenizer, str(row[config.prompt_column]),
-                                              str(row[config.completion_column]),
-                                              config.completion_only_loss, config.max_length)
-        if fmt == "messages":
-            return T.encode_messages(tokenizer, row[config.messages_column],
-                                     config.completion_only_loss, config.max_length,
-                                     config.chat_template)
-        return T.encode_text(tokenizer, str(row[config.text_column]), config.max_length)
+            return T.encode_prompt_completion_batch(
+                tokenizer, [str(p) for p in batch[config.prompt_column]],
+                [str(c) for c in batch[config.completion_column]], config.completion_only_loss,
+                config.max_length)
+        if fmt == "messages":  # the chat template renders one conversation at a time
+            rows = [T.encode_messages(tokenizer, m, config.completion_only_loss,
+                                      config.max_length, config.chat_template)
+                    for m in batch[config.messages_column]]
+            return {"input_ids": [r["input_ids"] for r in rows],
+                    "labels": [r["labels"] for r in rows]}
+        return T.encode_text_batch(tokenizer, [str(t) for t in batch[config.text_column]],
+                                   config.max_length)
     return encode
 
 
@@ -256,7 +328,8 @@ def preview(config: Config, lab) -> str:
     limit = config.max_length or min(tokenizer.model_max_length, 2048)
     encode = encoder(config.model_copy(update={"max_length": 10 ** 9}), fmt, tokenizer)
     head = rows.select(range(min(len(rows), PREVIEW_ROWS)))
-    encoded = [encode(r) for r in head]
+    columns = encode(head[:])
+    encoded = [dict(zip(columns, row)) for row in zip(*columns.values())]
     out = [f"**{len(rows):,} rows** · format **{fmt}** · columns {rows.column_names}",
            length_table([len(e["input_ids"]) for e in encoded], config.max_length), ""]
     for i, e in enumerate(encoded[:3]):
@@ -364,10 +437,13 @@ def run(config: Config, ctx) -> None:
         load_kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
-        model = ck.load_model(device_map={"": 0}, **load_kwargs)
+        model = ck.load_model(device_map={"": torch.cuda.current_device()}, **load_kwargs)
     else:
         model = ck.load_model(device=ctx.device, dtype=torch.float32)
     meta: dict = {"method": config.method, "data": data_info}
+    if ctx.world_size > 1:
+        meta["processes"] = {"count": ctx.world_size, "distributed": config.distributed,
+                             "device": ctx.job.get("device")}
     if config.method in ADAPTER_METHODS:
         if config.method == "qlora":
             from peft import prepare_model_for_kbit_training
@@ -408,6 +484,8 @@ def run(config: Config, ctx) -> None:
                 ctx.metric(key, value, step=m.step)
 
     def on_save(step: int, folder: str) -> None:
+        if not ctx.is_main_process:  # the Trainer calls back on every rank
+            return
         pending = ctx.new_checkpoint(relation, parents=[_base_edge(ck, relation)],
                                      name=f"{base_name}-step{step}",
                                      metadata={**meta, "step": step, "intermediate": True})
@@ -454,17 +532,15 @@ def run(config: Config, ctx) -> None:
     ctx.progress(0.95, "writing checkpoint")
     out = ctx.new_checkpoint(relation, parents=[_base_edge(ck, relation)], name=base_name,
                              metadata=meta)
-    trainer.save_model(str(out.path))
+    trainer.save_model(str(out.path))  # every rank (a collective under FSDP); rank 0 writes
+    if not ctx.is_main_process:
+        return
     tokenizer.save_pretrained(out.path)
-    if config.merge_adapter:
-        adapter_row = ctx.publish(out)
-        merged = model.merge_and_unload()
-        both = ctx.new_checkpoint("adapter_merge", parents=[
-            {"checkpoint": adapter_row["id"], "role": "adapter"},
-            {"checkpoint": ck, "role": "base"}], name=f"{base_name}-merged",
-            metadata={"adapter": adapter_row["id"], "base": ck.id})
-        merged.save_pretrained(both.path)
-        tokenizer.save_pretrained(both.path)
+    if config.merge_adapter:  # what the merge_adapter plugin does, from the saved adapter
+        from plugins.merge_adapter import merge_into_base
+
+        adapter = ctx.open(ctx.publish(out)["id"])
+        merge_into_base(ctx, adapter, ck, f"{base_name}-merged")
     ctx.log(f"trained {trainer.state.global_step} steps; final loss "
             f"{meta['final_train_loss']}" + (f", eval loss {meta['final_eval_loss']:.4f}"
                                              if meta["final_eval_loss"] is not None else ""))

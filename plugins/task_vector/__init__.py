@@ -1,0 +1,351 @@
+"""task_vector: task vectors (tau = theta_ft - theta_base) as registry artifacts of kind
+`task_vector`, and the edits made with them (ops/task_vectors.py).
+
+- extract: tau from a fine-tune and its base, optionally only the top-k magnitudes of each
+  tensor, stored sparse; its norm per layer and its size are recorded.
+- apply: theta = theta_target + sum_i lambda_i * tau_i onto any shape-compatible checkpoint
+  (the chat-vector recipe), with per-layer and per-block coefficients (aTLAS).
+- learn: the same, with one coefficient per vector and block learned on a local text file,
+  the weights frozen; the loss before and after and the learned table are recorded.
+- graft: theta_base + mask (.) tau with a tiny mask (top-k magnitudes, or learned through a
+  sigmoid relaxation); the fraction of each layer the mask keeps says where the skill lives.
+
+mergekit's task_arithmetic merges models, not stored vectors, and has no per-block
+coefficients, learned coefficients or grafting, hence this plugin.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from plugins import CheckpointRef, LocalFile, Plugin, PluginConfig
+
+from app.textdata import check_text_file
+
+ACTIONS = {
+    "extract": "tau = finetuned - base, stored as a task_vector artifact",
+    "apply": "target + sum of lambda_i * vectors[i] (any shape-compatible target)",
+    "learn": "apply, with one lambda per vector and block learned on data_file",
+    "graft": "target + mask * vector, with a tiny top-k (or learned) mask",
+}
+DTYPES = ("float32", "bfloat16", "float16")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+class Config(PluginConfig):
+    action: Literal[tuple(ACTIONS)] = Field(
+        "extract", description="; ".join(f"{k}: {v}" for k, v in ACTIONS.items()))
+    finetuned: Optional[CheckpointRef] = Field(
+        None, description="extract: the fine-tuned checkpoint.")
+    base: Optional[CheckpointRef] = Field(
+        None, description="extract: the checkpoint the fine-tune started from.")
+    target: Optional[CheckpointRef] = Field(
+        None, description="apply, learn, graft: the checkpoint the vectors are added to. It "
+                          "need not be the vectors' base, only shape-compatible (chat vector: "
+                          "add instruct - base to a continually pre-trained model). graft, "
+                          "empty: the vector's own base.")
+    vectors: list[CheckpointRef] = Field(
+        default_factory=list, json_schema_extra={"x-weightsmith": "checkpoints"},
+        description="apply, learn: the task vectors (registry artifacts of kind task_vector). "
+                    "graft: exactly one.")
+    weights: Optional[list[float]] = Field(
+        None, description="apply: one lambda per vector, in order (learn: the starting "
+                          "lambdas). Empty: 1.0 each.")
+    layer_scales: Optional[list[float]] = Field(
+        None, description="apply: one factor per decoder layer, multiplying every vector's "
+                          "lambda on that layer's tensors (e.g. LiNeS: growing with depth). "
+                          "Empty: 1.0.")
+    block_scales: Optional[dict[str, float]] = Field(
+        None, description="apply: {regular expression: factor}; the first pattern found in a "
+                          "tensor's name multiplies its lambda, e.g. {'self_attn': 0.5, "
+                          "'mlp': 1.2, 'embed_tokens|lm_head': 0}. Empty: none.")
+    density: Optional[float] = Field(
+        None, gt=0, le=1, description="extract: keep only this fraction of each tensor's "
+                                      "entries, the largest in magnitude, stored as values and "
+                                      "indices. Empty: the whole vector.")
+    dtype: Literal[DTYPES] = Field("float32", description="extract: dtype tau is stored in "
+                                                          "(it is computed in float32).")
+    graft_density: float = Field(
+        0.01, gt=0, le=1, description="graft: fraction of the vector's entries kept "
+                                      "(the paper grafts about 0.0001 to 0.01).")
+    learn_mask: bool = Field(
+        False, description="graft: learn the mask on data_file (sigmoid relaxation, started "
+                           "from the top-k magnitudes) instead of the magnitudes alone.")
+    data_file: Optional[LocalFile] = Field(
+        None, description="learn, graft with learn_mask: UTF-8 text, or .jsonl with a 'text' "
+                          "field per line, on which the coefficients (or mask) are trained.")
+    steps: int = Field(50, ge=1, le=100000, description="learn, graft: optimiser steps.")
+    learning_rate: float = Field(0.05, gt=0, description="learn, graft: Adam's step "
+                                                                 "size.")
+    samples: int = Field(16, ge=1, le=4096, description="learn, graft: token windows drawn "
+                                                        "from data_file.")
+    length: int = Field(64, ge=8, le=8192, description="learn, graft: tokens per window.")
+    seed: int = Field(0, description="Random seed for the data windows.")
+    name: Optional[str] = Field(None, min_length=1, max_length=100,
+                                description="Name of the new checkpoint. Empty: derived.")
+
+    @field_validator("data_file")
+    @classmethod
+    def _readable(cls, value, info):
+        return check_text_file(value, info.field_name)
+
+    @field_validator("block_scales")
+    @classmethod
+    def _patterns(cls, value):
+        for pattern in value or {}:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{pattern!r} is not a regular expression ({e})") from None
+        return value
+
+    @model_validator(mode="after")
+    def _action_fields(self):
+        a = self.action
+        if a == "extract":
+            missing = [f for f in ("finetuned", "base") if not getattr(self, f)]
+            if missing:
+                raise ValueError(f"extract needs {' and '.join(missing)}")
+            if self.vectors or self.target:
+                raise ValueError("extract reads finetuned and base; vectors and target are for "
+                                 "apply, learn and graft")
+        else:
+            if not self.vectors:
+                raise ValueError(f"{a} needs vectors (task vectors made by extract)")
+            if a in ("apply", "learn") and not self.target:
+                raise ValueError(f"{a} needs a target checkpoint")
+            if a == "graft" and len(self.vectors) != 1:
+                raise ValueError(f"graft takes exactly one vector, got {len(self.vectors)}")
+            if self.finetuned or self.base:
+                raise ValueError(f"finetuned and base are for extract, not {a}")
+            if self.density is not None:
+                raise ValueError("density is for extract; graft uses graft_density")
+        if self.weights is not None and len(self.weights) != len(self.vectors):
+            raise ValueError(f"weights has {len(self.weights)} values for "
+                             f"{len(self.vectors)} vectors")
+        if (a == "learn" or (a == "graft" and self.learn_mask)) and not self.data_file:
+            raise ValueError(f"{a}{' with learn_mask' if a == 'graft' else ''} needs a "
+                             f"data_file to train on")
+        return self
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    from registry.folder import weight_files
+
+    files = weight_files(folder)
+    if any(f.suffix != ".safetensors" for f in files):
+        raise ValueError(f"{folder} stores pickled weights ({files[0].name}); task vectors "
+                         f"need safetensors")
+    return files
+
+
+def _open_vectors(ctx, refs: list[str]):
+    from ops.task_vectors import StoredVector
+
+    opened = [ctx.open(ref) for ref in refs]
+    return opened, [StoredVector(ck.path, label=ck.name) for ck in opened]
+
+
+def _copy_non_weights(source: Path, dest: Path) -> None:
+    """config, tokenizer, generation config and shard index of the target (not its card)."""
+    from ops.task_vectors import MANIFEST
+
+    for file in source.iterdir():
+        if file.is_file() and file.suffix not in WEIGHT_SUFFIXES and not \
+                file.name.startswith(".") and file.name not in ("README.md", MANIFEST):
+            shutil.copy2(file, dest / file.name)
+
+
+def _batches(target, config: Config, ctx) -> tuple[list, dict]:
+    from app.textdata import read_text_file, sample_windows, sha256_text
+
+    path, text = read_text_file(config.data_file, "data_file")
+    ids = target.load_tokenizer()(text)["input_ids"]
+    windows, digest = sample_windows(ids, config.samples, config.length, config.seed,
+                                     "data_file")
+    ctx.log(f"data: {config.samples} x {config.length} tokens from {path}")
+    info = {"file": str(path), "file_sha256": sha256_text(text), "tokens_sha256": digest,
+            "samples": config.samples, "length": config.length, "seed": config.seed}
+    return list(windows.split(4)), info
+
+
+def extract(config: Config, ctx) -> None:
+    import torch
+
+    from ops import task_vectors as T
+
+    ft, base = ctx.open(config.finetuned), ctx.open(config.base)
+    ctx.log(f"extracting tau = {ft.name} - {base.name}"
+            + (f", top {config.density:g} of each tensor" if config.density else ""))
+    out = ctx.new_checkpoint(
+        "task_vector", name=config.name or f"{ft.name}-task-vector",
+        parents=[{"checkpoint": ft, "role": "finetuned", "weight": 1.0},
+                 {"checkpoint": base, "role": "base", "weight": -1.0}])
+    stats = T.extract(_weight_files(ft.path), _weight_files(base.path), out.path,
+                      density=config.density, dtype=getattr(torch, config.dtype),
+                      labels=(f"fine-tune {ft.name}", f"base {base.name}"),
+                      progress=lambda d, n: ctx.progress(0.05 + 0.9 * d / n, "tensors"))
+    manifest = {"format": T.FORMAT, "version": 1, "dtype": config.dtype,
+                "density": config.density,
+                "finetuned": {"id": ft.id, "name": ft.name},
+                "base": {"id": base.id, "name": base.name}, "tensors": stats.pop("tensors")}
+    import json
+
+    (out.path / T.MANIFEST).write_text(json.dumps(manifest, indent=1))
+    shutil.copy2(ft.path / "config.json", out.path / "config.json")
+    out.metadata.update(stats, dtype=config.dtype, density=config.density,
+                        finetuned=ft.id, base=base.id,
+                        compression=stats["stored_bytes"] / max(stats["dense_bytes"], 1))
+    for i, value in enumerate(stats["norm_per_layer"]):
+        ctx.metric("norm", value, step=i)
+    ctx.log(f"||tau|| = {stats['norm']:.6g}; per layer "
+            + ", ".join(f"{v:.4g}" for v in stats["norm_per_layer"]))
+    ctx.log(f"{stats['kept']:,} of {stats['entries']:,} entries kept; "
+            f"{stats['stored_bytes']:,} bytes stored ({stats['dense_bytes']:,} dense)")
+    ctx.progress(1.0, "extracted")
+
+
+def apply(config: Config, ctx) -> None:
+    from ops import task_vectors as T
+
+    target = ctx.open(config.target)
+    opened, vectors = _open_vectors(ctx, config.vectors)
+    files = _weight_files(target.path)
+    weights = config.weights or [1.0] * len(vectors)
+    learned: Optional[list] = None
+
+    def lam(i: int, name: str) -> float:
+        return T.coefficient(name, weights[i], config.layer_scales, config.block_scales,
+                             learned[i] if learned else None)
+
+    # apply: a tensor whose lambda is 0 is left out, so it may differ in shape (a grown
+    # vocabulary); learn may move any lambda, so every tensor must fit
+    T.check_compatible(T.Shards(files), vectors, f"target {target.name}",
+                       used=None if config.action == "learn" else
+                       lambda i, name: lam(i, name) != 0)
+    learned_meta: dict = {}
+    if config.action == "learn":
+        learned, learned_meta = _learn(config, ctx, target, vectors, weights,
+                                       [ck.id for ck in opened])
+
+    out = ctx.new_checkpoint(
+        "task_vector_apply", name=config.name or f"{target.name}-plus-"
+                                                 f"{'-'.join(ck.name for ck in opened)}"[:100],
+        parents=[{"checkpoint": target, "role": "base"}]
+        + [{"checkpoint": ck, "role": "task_vector", "weight": w, "relation": "task_vector"}
+           for ck, w in zip(opened, weights)],
+        metadata={"action": config.action, "weights": weights,
+                  "layer_scales": config.layer_scales, "block_scales": config.block_scales,
+                  "vectors": [ck.id for ck in opened], **learned_meta})
+    ctx.log(f"writing {target.name} + " + " + ".join(
+        f"{w:g} * {ck.name}" for ck, w in zip(opened, weights)))
+    T.write_updated(files, out.path, T.combined_delta(vectors, lam),
+                    progress=lambda d, n: ctx.progress(0.6 + 0.35 * d / n, "tensors"))
+    _copy_non_weights(target.path, out.path)
+    ctx.progress(1.0, "applied")
+
+
+def _learn(config: Config, ctx, target, vectors, weights, ids):
+    import torch
+
+    from ops import task_vectors as T
+
+    batches, data = _batches(target, config, ctx)
+    model = target.load_model(device=ctx.device, dtype=torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    dense = [{n: v.get(n) for n in v.names()} for v in vectors]
+    init = [{T.block_of(n): T.coefficient(n, weights[i], config.layer_scales,
+                                          config.block_scales) for n in v}
+            for i, v in enumerate(dense)]
+    ctx.progress(0.1, "learning coefficients")
+    result = T.learn_coefficients(
+        model, dense, init, batches, steps=config.steps, lr=config.learning_rate,
+        log=lambda step, loss: ctx.metric("loss", loss, step=step))
+    del model, dense
+    ctx.log(f"loss on data_file: {result['loss_before']:.5f} -> {result['loss_after']:.5f} "
+            f"({len(result['coefficients'][0])} coefficients per vector)")
+    meta = {"data": data, "loss_before": result["loss_before"],
+            "loss_after": result["loss_after"], "steps": config.steps,
+            "learning_rate": config.learning_rate,
+            "coefficients": dict(zip(ids, result["coefficients"]))}
+    return result["coefficients"], meta
+
+
+def graft(config: Config, ctx) -> None:
+    import torch
+
+    from ops import task_vectors as T
+
+    opened, vectors = _open_vectors(ctx, config.vectors)
+    vector_ck, vector = opened[0], vectors[0]
+    target = ctx.open(config.target or vector.manifest["base"]["id"])
+    files = _weight_files(target.path)
+    T.check_compatible(T.Shards(files), vectors, f"target {target.name}")
+    tau = {n: vector.get(n) for n in vector.names()}
+    meta: dict = {"action": "graft", "graft_density": config.graft_density,
+                  "learn_mask": config.learn_mask, "vector": vector_ck.id}
+    if config.learn_mask:
+        batches, meta["data"] = _batches(target, config, ctx)
+        model = target.load_model(device=ctx.device, dtype=torch.float32)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        ctx.progress(0.1, "learning the mask")
+        result = T.learn_graft_mask(model, tau, config.graft_density, batches,
+                                    steps=config.steps, lr=config.learning_rate,
+                                    log=lambda step, loss: ctx.metric("loss", loss, step=step))
+        del model
+        mask = result["mask"]
+        meta.update(loss_magnitude_mask=result["loss_magnitude"],
+                    loss_learned_mask=result["loss_learned"])
+        ctx.log(f"loss of the graft: magnitude mask {result['loss_magnitude']:.5f}, learned "
+                f"mask {result['loss_learned']:.5f}")
+    else:
+        mask = T.top_mask({n: t.abs() for n, t in tau.items()}, config.graft_density)
+    per_layer, other = T.skill_per_layer(mask)
+    kept = int(sum(int(m.sum()) for m in mask.values()))
+    total = sum(m.numel() for m in mask.values())
+    meta.update(kept=kept, entries=total, skill_per_layer=per_layer, skill_other=other)
+    ctx.log(f"grafting {kept:,} of {total:,} entries; fraction kept per layer "
+            + ", ".join(f"{v:.2e}" for v in per_layer))
+    for i, value in enumerate(per_layer):
+        ctx.metric("skill", value, step=i)
+    out = ctx.new_checkpoint(
+        "graft", name=config.name or f"{target.name}-graft-{vector_ck.name}"[:100],
+        parents=[{"checkpoint": target, "role": "base"},
+                 {"checkpoint": vector_ck, "role": "task_vector", "relation": "task_vector",
+                  "density": kept / total}],
+        metadata=meta)
+
+    def delta(name: str):
+        return tau[name] * mask[name] if name in mask else None
+
+    T.write_updated(files, out.path, delta,
+                    progress=lambda d, n: ctx.progress(0.6 + 0.35 * d / n, "tensors"))
+    _copy_non_weights(target.path, out.path)
+    ctx.progress(1.0, "grafted")
+
+
+def run(config: Config, ctx) -> None:
+    if config.action == "extract":
+        extract(config, ctx)
+    elif config.action in ("apply", "learn"):
+        apply(config, ctx)
+    else:
+        graft(config, ctx)
+
+
+PLUGIN = Plugin(
+    name="task_vector",
+    title="Task vectors",
+    description="Extract a task vector (fine-tune - base) as a stored artifact, apply vectors "
+                "to any compatible checkpoint with per-layer/per-block coefficients (or learn "
+                "them on data), or graft a tiny mask of one.",
+    Config=Config,
+    run=run,
+)

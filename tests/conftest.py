@@ -68,10 +68,11 @@ def cli_env(lab_dir: Path) -> dict:
     return env
 
 
-def run_cli(lab_dir: Path, *args, timeout=300, check=False) -> subprocess.CompletedProcess:
+def run_cli(lab_dir: Path, *args, timeout=300, check=False,
+            input_text: str | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout,
-                          env=cli_env(lab_dir), cwd=str(REPO))
+                          env=cli_env(lab_dir), cwd=str(REPO), input=input_text)
     if check and proc.returncode != 0:
         raise AssertionError(f"weightsmith {' '.join(map(str, args))} exited "
                              f"{proc.returncode}\n{proc.stdout}\n{proc.stderr}")

@@ -16,10 +16,11 @@ import plugins
 from app import jobs as jobs_mod
 from app.lab import Lab, SettingsError
 from registry import CheckpointError, RefError, RegistryError
+from registry.hub import HubError, LocalParentError
 from registry.store import FINISHED
 
 
-READ_ONLY = {"jobs", "logs", "cancel", "registry"}  # these never create a lab
+READ_ONLY = {"jobs", "logs", "cancel", "registry", "audit"}  # these never create a lab
 
 
 def _lab(args) -> Lab:
@@ -46,6 +47,7 @@ def cmd_serve(args) -> int:
     from app.server import serve
 
     return serve(_lab(args), host=args.host, port=args.port, build_demo=not args.no_demo,
+                 demo_skills=not args.no_skills,
                  ui=not args.no_ui)
 
 
@@ -55,6 +57,21 @@ def cmd_demo(args) -> int:
     lab = _lab(args)
     result = build_demo(lab, force=args.force, pretrain_steps=args.pretrain_steps,
                         log=lambda m: print(m, file=sys.stderr, flush=True))
+    if not args.no_skills:
+        # the two skill fine-tunes, then the automatic evaluations they queue, run here
+        # unless a server schedules this lab (then _wait follows them)
+        from app.demo import SKILLS, queue_demo_skills
+
+        for job in queue_demo_skills(lab):
+            if _wait(lab, job["id"]) != 0:
+                return 1
+        with lab.registry() as reg:
+            auto = [j["id"] for j in reg.jobs(status="queued", limit=1000)
+                    if j["user"] == "auto-eval"]
+        for job_id in reversed(auto):  # oldest first
+            _wait(lab, job_id)
+        with lab.registry() as reg:
+            result["skills"] = {n: (reg.find_checkpoint(n) or {}).get("id") for n in SKILLS}
     _print_json(result)
     return 0
 
@@ -79,7 +96,7 @@ def cmd_plugins(args) -> int:
 def cmd_run(args) -> int:
     lab = _lab(args)
     data = jobs_mod.load_config_file(args.config)
-    job = jobs_mod.submit(lab, args.plugin, data, user=args.user)
+    job = jobs_mod.submit(lab, args.plugin, data, user=_acting_user(lab, args))
     print(f"queued {job['id']} ({job['plugin']})", file=sys.stderr)
     if not args.wait:
         from app.scheduler import Scheduler
@@ -189,9 +206,62 @@ def cmd_logs(args) -> int:
         time.sleep(0.3)
 
 
+def _acting_user(lab: Lab, args) -> str:
+    """Who a CLI command acts as: --user, else the lab's default user ($USER). In a lab with
+    users it must be one of them. (The CLI runs with access to the lab folder, so it is not
+    a security boundary: the web app's login is. It keeps honest users from acting on each
+    other's jobs by mistake, and records who did what.)"""
+    from app.auth import has_users, users
+
+    name = getattr(args, "user", None) or lab.settings.default_user
+    if has_users(lab) and name not in {u["name"] for u in users(lab)}:
+        raise SettingsError(f"--user {name!r} is not a user of this lab; the users are "
+                            f"{', '.join(u['name'] for u in users(lab))}")
+    return name
+
+
 def cmd_cancel(args) -> int:
-    job = jobs_mod.cancel(_lab(args), args.job)
+    from app.auth import NotAllowed
+
+    lab = _lab(args)
+    try:
+        job = jobs_mod.cancel(lab, args.job, user=_acting_user(lab, args))
+    except NotAllowed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps({"job": job["id"], "status": job["status"]}))
+    return 0
+
+
+def cmd_users(args) -> int:
+    from app import auth
+
+    lab = _lab(args)
+    if args.users_cmd == "list":
+        _print_json(auth.users(lab))
+        return 0
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        import getpass
+
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            print("error: the passwords differ", file=sys.stderr)
+            return 2
+    try:
+        _print_json(auth.add_user(lab, args.name, password, admin=args.admin,
+                                  by=lab.settings.default_user))
+    except auth.AuthError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from app.auth import audit_log
+
+    _print_json(audit_log(_lab(args), args.limit))
     return 0
 
 
@@ -203,6 +273,33 @@ def cmd_import(args) -> int:
         row = import_checkpoint(lab, reg, args.ref, name=args.name,
                                 log=lambda m: print(m, file=sys.stderr))
     _print_json(to_json(row))
+    return 0
+
+
+def cmd_hub(args) -> int:
+    from registry import hub
+
+    lab = _lab(args)
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if args.hub_cmd == "login":  # the token comes on stdin, never on the command line
+        import getpass
+
+        token = getpass.getpass("Hub token: ") if sys.stdin.isatty() else sys.stdin.readline()
+        path = hub.save_token(token, lab_root=lab.root)
+        print(json.dumps({"token_file": str(path)}))
+        return 0
+    with lab.registry() as reg:
+        if args.hub_cmd == "push":
+            result = hub.push_checkpoint(reg, args.checkpoint, args.repo, private=args.private,
+                                         omit_local_parents=args.omit_local_parents, log=log)
+        else:
+            repo = args.repo or lab.settings.hub_sync_repo
+            if not repo:
+                print("error: give --repo ORG/NAME (or set hub_sync_repo in lab.toml)",
+                      file=sys.stderr)
+                return 2
+            result = hub.sync_registry(reg, repo, private=args.private, log=log)
+    print(json.dumps(result, default=str))
     return 0
 
 
@@ -228,6 +325,17 @@ def cmd_registry(args) -> int:
             row["parents"] = reg.parents(row["id"])
             row["evaluations"] = reg.evaluations(row["id"])
             _print_json(row)
+        elif args.registry_cmd == "delete":
+            from app.auth import NotAllowed, delete_checkpoint
+
+            user = _acting_user(lab, args)
+            try:
+                row = delete_checkpoint(lab, args.id, user)
+            except NotAllowed as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            _print_json({"id": row["id"], "name": row["name"], "deleted_at": row["deleted_at"],
+                         "deleted_by": row["deleted_by"]})
         elif args.registry_cmd == "lineage":
             if args.mermaid:
                 print(reg.lineage_mermaid(args.id, args.depth))
@@ -253,12 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=7860)
     sp.add_argument("--no-demo", action="store_true", help="do not build the demo model")
+    sp.add_argument("--no-skills", action="store_true",
+                    help="do not queue the demo's two skill fine-tunes")
     sp.add_argument("--no-ui", action="store_true", help="run the job scheduler only")
 
     sp = add("demo", cmd_demo, "build (or with --force rebuild) the demo model; prints its id")
     sp.add_argument("--force", action="store_true")
     sp.add_argument("--pretrain-steps", type=int, default=None,
                     help="pre-training steps (default 300, about a minute on 2 cores)")
+    sp.add_argument("--no-skills", action="store_true",
+                    help="build the base model only, not its two skill fine-tunes")
 
     sp = add("plugins", cmd_plugins, "list plugins and their config fields")
     sp.add_argument("--json", action="store_true", help="with config JSON schemas")
@@ -287,10 +399,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("cancel", cmd_cancel, "cancel a job (stops its whole process tree)")
     sp.add_argument("job")
+    sp.add_argument("--user", default=None, help="act as this lab user (default: $USER)")
+
+    sp = add("users", cmd_users, "the lab's users (a lab with users requires a login)")
+    usub = sp.add_subparsers(dest="users_cmd", required=True)
+    ua = usub.add_parser("add", help="add a user with a salted scrypt password hash")
+    ua.add_argument("name")
+    ua.add_argument("--admin", action="store_true", help="may cancel and delete anything")
+    ua.add_argument("--password-stdin", action="store_true",
+                    help="read the password from the first line of stdin (no prompt)")
+    ul = usub.add_parser("list", help="list users")
+    for sp2 in (ua, ul):
+        sp2.add_argument("--lab", default=argparse.SUPPRESS, help=lab_help)
+
+    sp = add("audit", cmd_audit, "who did what and when, newest first")
+    sp.add_argument("--limit", type=int, default=200)
 
     sp = add("import", cmd_import, "register an HF checkpoint folder or Hub id (relation import)")
     sp.add_argument("ref", metavar="PATH_OR_HUB_ID")
     sp.add_argument("--name", default=None)
+
+    sp = add("hub", cmd_hub, "publish checkpoints to the Hub and sync the registry through it")
+    hsub = sp.add_subparsers(dest="hub_cmd", required=True)
+    hp = hsub.add_parser("push", help="publish a checkpoint with its model card (one commit)")
+    hp.add_argument("checkpoint", help="registry id or name")
+    hp.add_argument("--repo", required=True, help="Hub model repo, ORG/NAME")
+    hp.add_argument("--private", action="store_true", help="create the repo private")
+    hp.add_argument("--omit-local-parents", action="store_true",
+                    help="leave parents that are not on the Hub out of base_model (a warning) "
+                         "instead of failing")
+    hs = hsub.add_parser("sync", help="pull others' registry batches from a Hub dataset repo, "
+                                      "then push this lab's new rows")
+    hs.add_argument("--repo", default=None,
+                    help="Hub dataset repo, ORG/NAME (default: hub_sync_repo in lab.toml)")
+    hs.add_argument("--private", action="store_true", help="create the repo private")
+    hl = hsub.add_parser("login", help="store a Hub token (read from stdin) in the per-user "
+                                       "token file, mode 0600")
+    for sp2 in (hp, hs, hl):
+        sp2.add_argument("--lab", default=argparse.SUPPRESS, help=lab_help)
 
     sp = add("registry", cmd_registry, "list, show and trace checkpoints")
     rsub = sp.add_subparsers(dest="registry_cmd", required=True)
@@ -303,13 +449,17 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--json", action="store_true")
     shp = rsub.add_parser("show", help="one checkpoint with parents and evaluations")
     shp.add_argument("id")
+    rdel = rsub.add_parser("delete", help="soft-delete a checkpoint (creator or admin); its "
+                                          "lineage is kept")
+    rdel.add_argument("id")
+    rdel.add_argument("--user", default=None, help="act as this lab user (default: $USER)")
     lin = rsub.add_parser("lineage", help="ancestors and descendants of a checkpoint")
     lin.add_argument("id")
     lin.add_argument("--depth", type=int, default=None)
     fmt = lin.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="(default)")
     fmt.add_argument("--mermaid", action="store_true")
-    for sp2 in (lp, shp, lin):  # SUPPRESS: do not overwrite a --lab given before the verb
+    for sp2 in (lp, shp, lin, rdel):  # SUPPRESS: do not overwrite a --lab given before the verb
         sp2.add_argument("--lab", default=argparse.SUPPRESS, help=lab_help)
     return p
 
@@ -326,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
             CheckpointError, RegistryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except HubError as e:  # a parent not on the Hub is bad input; the rest failed remotely
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, LocalParentError) else 1
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

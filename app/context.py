@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator
 from app.checkpoints import import_checkpoint, publish
 from app.lab import Lab
 from registry import CheckpointError, Registry, inspect_checkpoint, resolve_ref
+from registry import hub
 
 
 class JobCancelled(BaseException):
@@ -69,6 +70,16 @@ class NewCheckpoint:
 
 
 class JobContext:
+    # A job launched as several data-parallel processes (app/worker.py) runs `run` in each;
+    # rank 0 has this context, the others a RankContext that records nothing.
+    rank = 0
+    world_size = 1
+
+    @property
+    def is_main_process(self) -> bool:
+        """Whether this process records the job's results (always, unless launched as many)."""
+        return self.rank == 0
+
     def __init__(self, lab: Lab, registry: Registry, job: dict, out=None):
         self.lab = lab
         self.registry = registry
@@ -154,6 +165,19 @@ class JobContext:
         self.registry.add_metric(name=f"{task}/{metric}", value=value, job_id=self.job_id,
                                  checkpoint_id=ck_id)
 
+    def reuse_scores(self, checkpoint: OpenCheckpoint, key: str) -> list[dict]:
+        """Copy onto `checkpoint` the scores measured before under the same `key` on a
+        checkpoint with identical weights (same content hash); returns the copied rows, or []
+        when there are none. Evaluation is won by not repeating it."""
+        row = self.registry.checkpoint(checkpoint.id)
+        found = self.registry.scores_by_key(row["content_hash"] or "", key)
+        for r in found:
+            details = json.loads(r["details"]) if r["details"] else {}
+            details["reused_from"] = {"checkpoint": r["checkpoint_id"], "job": r["job_id"]}
+            self.evaluation(checkpoint, r["task"], r["metric"], r["value"], r["stderr"],
+                            details=details)
+        return found
+
     # ----------------------------------------------------------------------- checkpoints
     def open(self, ref: str) -> OpenCheckpoint:
         """Open a checkpoint by registry id, name, local folder or Hub id.
@@ -168,6 +192,9 @@ class JobContext:
             row = import_checkpoint(self.lab, self.registry, ref, user=self.job.get("user"),
                                     log=self.log)
             self.log(f"registered {ref} as {row['id']} (import)")
+        if not row["path"] and hub.hub_id(row):  # a remote-only row: download it now
+            row = import_checkpoint(self.lab, self.registry, hub.hub_id(row),
+                                    user=self.job.get("user"), log=self.log)
         if not row["path"]:
             raise CheckpointError(f"checkpoint {row['id']} has no local files")
         info = inspect_checkpoint(row["path"], with_hash=False)  # validates headers and shards
@@ -216,6 +243,9 @@ class JobContext:
         self.log(f"registered checkpoint {row['id']} ({row['name']})")
         for task, metric, value, stderr, details in pending.evaluations:
             self.evaluation(row["id"], task, metric, value, stderr, details)
+        from app.jobs import queue_auto_eval  # app.jobs imports plugins: import when needed
+
+        queue_auto_eval(self.lab, row, source_plugin=self.job.get("plugin"), log=self.log)
         return row
 
     def publish_all(self) -> list[dict]:

@@ -57,13 +57,28 @@ def check_config(lab: Lab, plugin_name: str, data: dict):
                 problems.append(f"field '{field}': {e}")
     needs = getattr(config, "gpu_requirement", None)
     requirement = needs() if callable(needs) else None
-    if requirement and not lab_gpus(lab):
+    if requirement:
         field, why = requirement
-        problems.append(f"field '{field}': {why}, and this lab has none (set `gpus` in "
-                        f"lab.toml if it has)")
+        have = lab_gpus(lab)
+        wanted = gpu_count(config)
+        if not have:
+            problems.append(f"field '{field}': {why}, and this lab has none (set `gpus` in "
+                            f"lab.toml if it has)")
+        elif wanted > len(have):
+            problems.append(f"field '{field}': {why}, and this lab has {len(have)} "
+                            f"({', '.join(map(str, have))})")
+    lab_check = getattr(config, "lab_problems", None)  # optional: checks that need the lab
+    if callable(lab_check):
+        problems += lab_check(lab.root)
     if problems:
         raise plugins.ConfigError(plugin_name, problems)
     return plugin, config
+
+
+def gpu_count(config) -> int:
+    """GPUs a job needs at once: the Config's optional gpu_count(), else 1."""
+    count = getattr(config, "gpu_count", None)
+    return max(1, int(count())) if callable(count) else 1
 
 
 def lab_gpus(lab: Lab) -> list[int]:
@@ -81,11 +96,38 @@ def submit(lab: Lab, plugin_name: str, data: dict, *, user: str | None = None,
         job = reg.add_job(plugin=plugin.name, config=config_dict,
                           user=user or lab.settings.default_user, priority=priority,
                           versions=library_versions())
+        from app.auth import audit
+
+        audit(reg, job["user"], "job.submit", job["id"], {"plugin": plugin.name})
         job_dir = lab.job_dir(job["id"])
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
         reg.update_job(job["id"], job_dir=str(job_dir), log_path=str(job_dir / "log.txt"))
         return reg.job(job["id"])
+
+
+AUTO_EVAL_PRIORITY = -10  # behind user jobs (0): the scheduler starts higher priorities first
+
+
+def queue_auto_eval(lab: Lab, checkpoint: dict, *, source_plugin: str | None = None,
+                    log=None) -> dict | None:
+    """Queue the lab's automatic evaluation of a newly registered checkpoint, if the lab has
+    it on (`auto_eval` in lab.toml); returns the job row, or None. Never for an evaluation's
+    own imports, nor for artifacts that are not models (task vectors...)."""
+    if not lab.settings.auto_eval or source_plugin == "evaluate" or \
+            (checkpoint.get("kind") or "model") != "model" or not checkpoint.get("path"):
+        return None
+    data = {"checkpoint": checkpoint["id"], "suite": lab.settings.auto_eval_suite}
+    try:
+        job = submit(lab, "evaluate", data, user="auto-eval", priority=AUTO_EVAL_PRIORITY)
+    except plugins.ConfigError as e:  # a bad suite setting must not fail the producing job
+        if log:
+            log(f"auto-eval not queued for {checkpoint['id']}: {e}")
+        return None
+    if log:
+        log(f"auto-eval: queued {job['id']} (suite {lab.settings.auto_eval_suite}) for "
+            f"{checkpoint['id']}")
+    return job
 
 
 # ---------------------------------------------------------------------------- processes
@@ -153,13 +195,20 @@ def kill_tree(pid: int, grace: float) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-def cancel(lab: Lab, job_id: str) -> dict:
+def cancel(lab: Lab, job_id: str, user: str | None = None) -> dict:
     """Cancel a queued or running job; a running one loses its whole process tree.
 
     Works from any process (CLI, UI, scheduler): everything needed is in the registry.
+    `user`: who asks (None: the lab itself, e.g. the scheduler). Only the job's owner or an
+    admin may cancel it (app.auth.NotAllowed otherwise); the cancel is audited.
     """
+    from app.auth import audit, check_owner
+
     with lab.registry() as reg:
         job = reg.job(job_id)
+        check_owner(lab, user, job["user"], f"cancel job {job_id}")
+        if job["status"] in ("queued", "running"):
+            audit(reg, user or "lab", "job.cancel", job_id, {"status": job["status"]})
         if job["status"] == "queued":
             if reg.update_job(job_id, only_if_status=("queued",), status="cancelled",
                               cancel_requested=1, finished_at=now()):

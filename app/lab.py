@@ -32,7 +32,12 @@ class Settings:
     gpus: list[int] | None = None  # None: every GPU nvidia-smi reports
     cancel_grace_seconds: float = 10.0  # SIGTERM, then SIGKILL after this long
     allow_trust_remote_code: bool = False
+    # every checkpoint a job registers gets an evaluate job on this suite, at low priority
+    auto_eval: bool = False  # the demo lab turns it on in its lab.toml
+    auto_eval_suite: str = "demo"
     default_user: str = field(default_factory=lambda: os.environ.get("USER") or "local")
+    # a Hub dataset repo (ORG/NAME) the registry syncs with after every job; empty: off
+    hub_sync_repo: str = ""
 
     @classmethod
     def load(cls, lab_dir: Path) -> "Settings":
@@ -57,11 +62,16 @@ class Settings:
             value = getattr(settings, name)
             if name in ("cpu_slots", "jobs_per_gpu") and (not isinstance(value, int) or value < 1):
                 raise SettingsError(f"setting {name}: expected an integer >= 1, got {value!r}")
+            if name in ("allow_trust_remote_code", "auto_eval") and not isinstance(value, bool):
+                raise SettingsError(f"setting {name}: expected true or false, got {value!r}")
+            if name == "auto_eval_suite" and not (isinstance(value, str) and value.strip()):
+                raise SettingsError(f"setting {name}: expected a suite name or path, got "
+                                    f"{value!r}")
         return settings
 
 
 def _parse_env(name: str, raw: str):
-    if name == "allow_trust_remote_code":
+    if name in ("allow_trust_remote_code", "auto_eval"):
         if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
             raise SettingsError(f"WEIGHTSMITH_{name.upper()}: expected true or false, got {raw!r}")
         return raw.lower() in ("1", "true", "yes")

@@ -12,8 +12,9 @@ from pathlib import Path
 
 
 import plugins
-from app import forms
+from app import auth, forms
 from app import jobs as jobs_mod
+from app.auth import NotAllowed
 from app.checkpoints import import_checkpoint, to_json
 from app.lab import Lab
 from app.scheduler import log_tail
@@ -148,11 +149,31 @@ def plotted_metrics(names: list[str], chosen: list[str] | None) -> list[str]:
     return default or names
 
 
-def stop_job(lab: Lab, job_id: str | None) -> str:
+def stop_job(lab: Lab, job_id: str | None, user: str | None = None) -> str:
     if not job_id:
         return "Select a job first."
-    job = jobs_mod.cancel(lab, job_id)
+    try:
+        job = jobs_mod.cancel(lab, job_id, user=user)
+    except NotAllowed as e:
+        return f"**Not stopped.** {e}"
     return f"{job_id}: {job['status']}"
+
+
+def delete_checkpoint_form(lab: Lab, ck_id: str | None, user: str | None = None) -> str:
+    """Soft delete: hidden from the lists; its row, edges and scores stay for the lineage."""
+    if not ck_id:
+        return "Select a checkpoint first."
+    try:
+        row = auth.delete_checkpoint(lab, ck_id, user)
+    except (NotAllowed, RegistryError) as e:
+        return f"**Not deleted.** {e}"
+    return (f"Deleted {row['name']} ({row['id']}); its lineage is kept "
+            f"(deleted {row['deleted_at'][:19].replace('T', ' ')} by {row['deleted_by']}).")
+
+
+def request_user(request) -> str | None:
+    """The logged-in user of a request (None in a lab without users)."""
+    return getattr(request, "username", None) if request is not None else None
 
 
 def retry_job(lab: Lab, job_id: str | None) -> tuple[str, str]:
@@ -222,10 +243,24 @@ def checkpoint_detail(lab: Lab, ck_id: str | None) -> tuple[str, str, dict]:
             f"{p['parent_name']} ({p['relation']}"
             + (f", weight {p['weight']:g}" if p["weight"] is not None else "")
             + (f", {p['role']}" if p["role"] else "") + ")" for p in parents)
-    if deltas:
-        summary += "\n\nScores against parents: " + "; ".join(
-            f"{d['metric']} {d['value']:.4g} ({d['delta']:+.4g} vs {d['parent_name']})"
-            for d in deltas)
+    if row.get("hub_repo") or row.get("sync_status"):
+        summary += (f"\n\nHub: `{row['hub_repo'] or '-'}` · {row['sync_status'] or '-'}"
+                    + (f" at `{row['hub_commit'][:12]}`" if row.get("hub_commit") else "")
+                    + (f" · {row['sync_error']}" if row.get("sync_status") == "sync_failed"
+                       else ""))
+    if not row["path"]:
+        summary += "\n\nRemote only: no files in this lab (import its Hub id to get them)."
+    if deltas:  # a table: one row per metric, one column per parent
+        names = list(dict.fromkeys(d["parent_name"] for d in deltas))
+        table: dict[str, dict] = {}
+        for d in deltas:
+            table.setdefault(d["metric"], {"value": d["value"]})[d["parent_name"]] = d["delta"]
+        summary += ("\n\n**Scores against parents**\n\n| metric | value | "
+                    + " | ".join(f"vs {n}" for n in names) + " |\n|---|---|"
+                    + "---|" * len(names) + "\n"
+                    + "\n".join(f"| {m} | {v['value']:.4g} | " + " | ".join(
+                        f"{v[n]:+.4g}" if n in v else "" for n in names) + " |"
+                        for m, v in table.items()))
     meta = to_json(row).get("metadata")
     if isinstance(meta, dict) and isinstance(meta.get("layer_map"), list):
         lm = meta["layer_map"]
@@ -252,7 +287,11 @@ NEXT_STEP = {
                                    "`trainable_layers: new` to train only the new blocks, as "
                                    "LLaMA Pro does)."),
     "prune": ("train", "Fine-tuning can recover what pruning cost."),
-    "adapter": ("merge", "Merge it with other models, or set `merge_adapter` when training."),
+    "adapter": ("merge_adapter", "Fold it into its base for a full checkpoint that any "
+                                 "plugin can read (or merge it with other models)."),
+    "task_vector": ("task_vector", "A task vector is not a model: set `action: apply` (or "
+                                   "learn, graft), put its id in `vectors` and choose a "
+                                   "`target`."),
 }
 
 
@@ -270,7 +309,8 @@ def suggested_next(lab: Lab, ck_id: str | None) -> tuple[str | None, str]:
     return plugin, hint
 
 
-PER_LAYER_SERIES = ("block_influence", "sparsity_per_layer")  # metadata lists drawn per layer in the Registry
+PER_LAYER_SERIES = ("block_influence", "sparsity_per_layer", "norm_per_layer",
+                    "skill_per_layer")  # metadata lists drawn per layer in the Registry
 
 
 def per_layer_frame(lab: Lab, ck_id: str | None):
@@ -321,6 +361,34 @@ def compare(lab: Lab, ck_ids: list[str] | None) -> tuple[object, object]:
     return pd.DataFrame(data), pd.DataFrame(long) if long else bars
 
 
+def lineage_chain(lab: Lab, ck_id: str | None, from_id: str | None = None,
+                  metrics: list[str] | None = None) -> tuple[object, list[str], str]:
+    """Scores along a lineage path (e.g. base -> continue_pretrain -> train -> merge), to see
+    what each step gained and what it forgot: (long-form DataFrame step/value/metric for a
+    line plot, every metric scored somewhere on the path, the path as markdown)."""
+    import pandas as pd
+
+    empty = pd.DataFrame({"step": [], "value": [], "metric": []})
+    if not ck_id:
+        return empty, [], "Pick a checkpoint (and optionally an ancestor to start from)."
+    try:
+        with lab.registry() as reg:
+            path = reg.chain(ck_id, from_id or None)
+            scores = reg.latest_scores([r["id"] for r in path])
+    except RegistryError as e:
+        return empty, [], f"**{e}**"
+    available = sorted({m for r in path for m in scores.get(r["id"], {})})
+    chosen = [m for m in (metrics or []) if m in available] or available[:4]
+    rows = []
+    for i, r in enumerate(path):
+        # zero-padded labels: an ordered categorical axis that names each step
+        label = f"{i:02d} {r['name']}"
+        rows += [{"step": label, "value": scores[r["id"]][m], "metric": m}
+                 for m in chosen if m in scores.get(r["id"], {})]
+    text = " → ".join(f"{r['name']} ({r['relation']})" for r in path)
+    return (pd.DataFrame(rows) if rows else empty), available, text
+
+
 def import_form(lab: Lab, ref: str, name: str) -> str:
     if not (ref or "").strip():
         return "**Give a local folder or a Hub id (ORG/NAME).**"
@@ -330,6 +398,56 @@ def import_form(lab: Lab, ref: str, name: str) -> str:
     except (CheckpointError, RefError, RegistryError) as e:
         return f"**Not imported:** {e}"
     return f"Registered **{row['name']}** as `{row['id']}`."
+
+
+def publish_to_hub(lab: Lab, ck_id: str | None, repo: str, private: bool = False,
+                   omit_local_parents: bool = False) -> str:
+    """The "Publish to Hub" button: one commit with the checkpoint's files and model card."""
+    from registry import hub
+
+    if not ck_id:
+        return "Select a checkpoint first."
+    if not (repo or "").strip():
+        return "**Give a Hub repo (ORG/NAME).**"
+    warnings: list[str] = []
+    try:
+        with lab.registry() as reg:
+            result = hub.push_checkpoint(reg, ck_id, repo.strip(), private=bool(private),
+                                         omit_local_parents=bool(omit_local_parents),
+                                         log=warnings.append)
+    except (hub.HubError, RegistryError) as e:
+        return f"**Not published:** {e}"
+    done = (f"Published to [{result['repo']}]({result['url']}) at commit "
+            f"`{result['commit'][:12]}`." if result["new_commit"] else
+            f"Unchanged on [{result['repo']}]({result['url']}): no new commit.")
+    return "\n\n".join([done] + [f"_{w}_" for w in warnings])
+
+
+def save_hub_token(lab: Lab, token: str) -> str:
+    """Store the user's Hub token in the per-user token file (mode 0600), never in the lab."""
+    from registry import hub
+
+    try:
+        path = hub.save_token(token, lab_root=lab.root)
+    except hub.HubError as e:
+        return f"**Not saved:** {e}"
+    return f"Token saved to `{path}` (mode 0600)."
+
+
+def sync_registry_form(lab: Lab, repo: str) -> str:
+    from registry import hub
+
+    repo = (repo or "").strip() or lab.settings.hub_sync_repo
+    if not repo:
+        return "**Give the registry's Hub dataset repo (ORG/NAME).**"
+    try:
+        with lab.registry() as reg:
+            result = hub.sync_registry(reg, repo, log=lambda m: None)
+    except (hub.HubError, RegistryError) as e:
+        return f"**Not synced:** {e}"
+    added = ", ".join(f"{n} {t}" for t, n in result["added"].items() if n) or "nothing"
+    pushed = ", ".join(f"{n} {t}" for t, n in result["pushed"].items() if n) or "nothing"
+    return f"Synced with `{repo}`: pulled {added}; pushed {pushed}."
 
 
 # ---------------------------------------------------------------------------------- layout
@@ -464,7 +582,10 @@ def build_app(lab: Lab):
                     job_id = gr.Textbox(visible=False)
                     code = gr.Code(language="yaml", label="What will be submitted")
                     name = plugin.name
-                    run.click(lambda *v, name=name: submit_form(lab, name, v),
+                    def on_run(request: gr.Request, *v, name=name):
+                        return submit_form(lab, name, v, user=request_user(request))
+
+                    run.click(on_run,
                               inputs=inputs, outputs=[message, job_id], api_name=f"run_{name}")
                     show.click(lambda *v, name=name: preview(name, v), inputs=inputs,
                                outputs=code, api_name=f"preview_{name}")
@@ -505,8 +626,10 @@ def build_app(lab: Lab):
                 plot_metrics.change(lambda j, c: live_job(j, c)[3],
                                     inputs=[selected_job, plot_metrics], outputs=plot,
                                     api_visibility="private")
-                stop.click(lambda j: stop_job(lab, j), inputs=selected_job, outputs=action,
-                           api_name="stop_job")
+                def on_stop(request: gr.Request, j):
+                    return stop_job(lab, j, request_user(request))
+
+                stop.click(on_stop, inputs=selected_job, outputs=action, api_name="stop_job")
                 retry.click(lambda j: retry_job(lab, j), inputs=selected_job,
                             outputs=[action, selected_job], api_name="retry_job")
                 resume.click(lambda j: resume_job(lab, j), inputs=selected_job,
@@ -535,6 +658,30 @@ def build_app(lab: Lab):
                     imp_name = gr.Textbox(label="Name (optional)")
                     imp_go = gr.Button("Import")
                     imp_msg = gr.Markdown()
+                with gr.Accordion("Delete checkpoint", open=False):
+                    gr.Markdown("A soft delete: the checkpoint leaves the lists; its row, "
+                                "edges and scores stay so its descendants' lineage is whole. "
+                                "Only its creator or an admin may delete it.")
+                    del_go = gr.Button("Delete the selected checkpoint", variant="stop")
+                    del_msg = gr.Markdown()
+                with gr.Accordion("Publish to Hub", open=False):
+                    pub_repo = gr.Textbox(label="Hub repo (ORG/NAME)")
+                    with gr.Row():
+                        pub_private = gr.Checkbox(label="Private repo")
+                        pub_omit = gr.Checkbox(label="Leave parents that are not on the Hub "
+                                                     "out of base_model")
+                    pub_go = gr.Button("Publish to Hub")
+                    pub_msg = gr.Markdown(elem_id="publish-message")
+                with gr.Accordion("Hub settings", open=False):
+                    hub_token = gr.Textbox(
+                        label="Hub token", type="password",
+                        info="Kept in your per-user token file (mode 0600), never in the lab. "
+                             "HF_TOKEN, when set, is used instead.")
+                    token_go = gr.Button("Save token")
+                    sync_repo = gr.Textbox(label="Registry dataset repo (ORG/NAME)",
+                                           value=lab.settings.hub_sync_repo)
+                    sync_go = gr.Button("Sync registry")
+                    hub_msg = gr.Markdown()
                 search.submit(lambda s: checkpoint_table(lab, s), inputs=search, outputs=ck_df,
                               api_visibility="private")
                 refresh.click(lambda s: checkpoint_table(lab, s), inputs=search, outputs=ck_df,
@@ -553,6 +700,19 @@ def build_app(lab: Lab):
                 imp_go.click(lambda r, n: import_form(lab, r, n), inputs=[imp_ref, imp_name],
                              outputs=imp_msg, api_name="import_checkpoint")
 
+                def on_delete(request: gr.Request, c):
+                    return delete_checkpoint_form(lab, c, request_user(request))
+
+                del_go.click(on_delete, inputs=selected_ck, outputs=del_msg,
+                             api_name="delete_checkpoint")
+                pub_go.click(lambda c, r, p, o: publish_to_hub(lab, c, r, p, o),
+                             inputs=[selected_ck, pub_repo, pub_private, pub_omit],
+                             outputs=pub_msg, api_name="publish_to_hub")
+                token_go.click(lambda t: (save_hub_token(lab, t), ""), inputs=hub_token,
+                               outputs=[hub_msg, hub_token], api_visibility="private")
+                sync_go.click(lambda r: sync_registry_form(lab, r), inputs=sync_repo,
+                              outputs=hub_msg, api_name="sync_registry")
+
             with gr.Tab("Compare", id="compare"):
                 picks = gr.Dropdown(choices=choices, multiselect=True, filterable=True,
                                     label="Checkpoints to compare (two or more)")
@@ -564,6 +724,30 @@ def build_app(lab: Lab):
                 compare_go.click(lambda c: compare(lab, c), inputs=picks,
                                  outputs=[compare_table, compare_plot], api_name="compare")
                 checkpoint_widgets.append(picks)
+                gr.Markdown("### Scores along a lineage chain\nWhat each step gained, and "
+                            "what it forgot, from an ancestor down to a checkpoint.")
+                with gr.Row():
+                    chain_to = gr.Dropdown(choices=choices, filterable=True,
+                                           label="Checkpoint (end of the chain)")
+                    chain_from = gr.Dropdown(choices=choices, filterable=True,
+                                             label="Ancestor to start from (empty: follow "
+                                                   "first parents to the root)")
+                    chain_metrics = gr.Dropdown(choices=[], multiselect=True,
+                                                label="Metrics (empty: the first four)")
+                chain_go = gr.Button("Plot chain")
+                chain_text = gr.Markdown()
+                chain_plot = gr.LinePlot(x="step", y="value", color="metric",
+                                         label="Scores along the chain", x_label_angle=-30)
+                checkpoint_widgets += [chain_to, chain_from]
+
+                def plot_chain(to, start, chosen):
+                    frame, available, text = lineage_chain(lab, to, start, chosen)
+                    return frame, gr.Dropdown(choices=available, value=[
+                        m for m in (chosen or []) if m in available]), text
+
+                chain_go.click(plot_chain, inputs=[chain_to, chain_from, chain_metrics],
+                               outputs=[chain_plot, chain_metrics, chain_text],
+                               api_name="lineage_chain")
 
         # Live updates: poll the registry (state lives there, not in this process).
         timer = gr.Timer(1.5)

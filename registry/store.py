@@ -32,9 +32,16 @@ def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# Random bytes per id. Checkpoint ids are merged across labs by Hub sync, so they get 48 bits
+# (a collision among a million synced checkpoints is about 0.2 % likely; 32 bits made one
+# certain); older 8-digit ids stay valid. Job ids keep 32 bits.
+ID_BYTES = {"ck": 6, "job": 4}
+
+
 def new_id(prefix: str) -> str:
-    """Short, human-friendly id such as `ck-1a2b3c4d`; callers retry on the (rare) collision."""
-    return f"{prefix}-{secrets.token_hex(4)}"
+    """Short, human-friendly id such as `ck-1a2b3c4d5e6f`; callers retry on the (rare)
+    collision."""
+    return f"{prefix}-{secrets.token_hex(ID_BYTES.get(prefix, 4))}"
 
 
 # ---------------------------------------------------------------------------------- migrations
@@ -96,8 +103,41 @@ def _v2(db: sqlite_utils.Database) -> None:
     db["edges"].add_column("density", float)
 
 
+def _v3(db: sqlite_utils.Database) -> None:
+    # Hub sync (registry/hub.py): where a checkpoint was published and how its last push went
+    for column in ("hub_repo", "hub_commit", "hub_pushed_at", "sync_status", "sync_error"):
+        db["checkpoints"].add_column(column, str)
+    db["checkpoints"].create_index(["hub_repo"])
+    db["checkpoints"].create_index(["source"])
+    # evaluations are keyed by a local integer; synced rows need a globally unique key
+    db["evaluations"].add_column("uid", str)
+    db.execute("UPDATE evaluations SET uid = 'ev-' || lower(hex(randomblob(8))) "
+               "WHERE uid IS NULL")
+    db["evaluations"].create_index(["uid"], unique=True)
+    # local sync state, never synced itself: which batches of a registry repo this lab has
+    # merged or written, and which row versions it has pushed there
+    db["hub_batches"].create({"repo": str, "batch": str, "direction": str, "at": str},
+                             pk=("repo", "batch"))
+    db["hub_rows"].create({"repo": str, "tbl": str, "key": str, "digest": str},
+                          pk=("repo", "tbl", "key", "digest"))
+
+
+def _v4(db: sqlite_utils.Database) -> None:
+    # shared labs (app/auth.py): users with salted scrypt hashes, an append-only audit log,
+    # and soft deletes that keep a checkpoint's row and edges for the lineage
+    db["users"].create({"name": str, "salt": str, "hash": str, "admin": int,
+                        "created_at": str}, pk="name", not_null={"salt", "hash"},
+                       defaults={"admin": 0})
+    db["audit"].create({"id": int, "at": str, "user": str, "action": str, "target": str,
+                        "details": str}, pk="id", not_null={"at", "action"})
+    db["audit"].create_index(["at"])
+    db["audit"].create_index(["target"])
+    db["checkpoints"].add_column("deleted_at", str)
+    db["checkpoints"].add_column("deleted_by", str)
+
+
 # Forward migrations, applied in order; never edit one that has shipped, append a new one.
-MIGRATIONS: list[tuple[int, Any]] = [(1, _v1), (2, _v2)]
+MIGRATIONS: list[tuple[int, Any]] = [(1, _v1), (2, _v2), (3, _v3), (4, _v4)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
@@ -262,9 +302,8 @@ class Registry:
             if value:
                 where.append(f"{column} = ?")
                 params.append(value)
-        sql = "SELECT * FROM checkpoints"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        where.append("deleted_at IS NULL")  # soft-deleted rows stay for the lineage only
+        sql = "SELECT * FROM checkpoints WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC LIMIT ? OFFSET ?"
         rows = list(self.db.query(sql, params + [limit, offset]))
         ids = [r["id"] for r in rows]
@@ -383,6 +422,52 @@ class Registry:
                 f"WHERE checkpoint_id IN ({marks}) ORDER BY id", ids):
             out.setdefault(r["checkpoint_id"], {})[f"{r['task']}/{r['metric']}"] = r["value"]
         return out
+
+    def scores_by_key(self, content_hash: str, key: str) -> list[dict]:
+        """Evaluation rows of the newest evaluation with this `key` (details.key: what the
+        scores depend on besides the weights) of any checkpoint with these exact weights."""
+        if not content_hash:
+            return []
+        rows = list(self.db.query(
+            "SELECT e.* FROM evaluations e JOIN checkpoints c ON c.id = e.checkpoint_id "
+            "WHERE c.content_hash = ? AND json_extract(e.details, '$.key') = ? "
+            "ORDER BY e.id DESC", [content_hash, key]))
+        if not rows:
+            return []
+        newest = rows[0]["job_id"], rows[0]["checkpoint_id"]
+        return [r for r in reversed(rows) if (r["job_id"], r["checkpoint_id"]) == newest]
+
+    def chain(self, ck_id: str, from_id: str | None = None) -> list[dict]:
+        """The lineage path from an ancestor down to `ck_id`, oldest first (rows of
+        checkpoints). With no `from_id`, follow each checkpoint's first parent up to a root;
+        otherwise the shortest path from that ancestor (first parents preferred)."""
+        target = self.checkpoint(ck_id)
+        start = self.checkpoint(from_id) if from_id else None
+        came_from: dict[str, str | None] = {target["id"]: None}
+        frontier, found = [target["id"]], None
+        while frontier and found is None:
+            nxt = []
+            for node in frontier:
+                if start is not None and node == start["id"]:
+                    found = node
+                    break
+                parents = self.parents(node)
+                if start is None and not parents:
+                    found = node
+                    break
+                for p in parents[:1] if start is None else parents:
+                    if p["parent_id"] not in came_from:
+                        came_from[p["parent_id"]] = node
+                        nxt.append(p["parent_id"])
+            frontier = nxt
+        if found is None:
+            raise RegistryError(f"{start['name']} ({start['id']}) is not an ancestor of "
+                                f"{target['name']} ({target['id']})")
+        path, node = [], found
+        while node is not None:
+            path.append(self.checkpoint(node))
+            node = came_from[node]
+        return path
 
     def score_deltas(self, ck_id: str) -> list[dict]:
         """For each parent and each metric both have: the checkpoint's latest value, the

@@ -26,6 +26,10 @@ EXAMPLES = {
               "max_steps": 10, "save_steps": 0},
     "scale_layers": {"checkpoint": "ck-12345678", "method": "widen_mlp",
                      "intermediate_size": 512, "noise": 0.01},
+    "merge_adapter": {"adapter": "ck-12345678", "dtype": "float32"},
+    "task_vector": {"action": "apply", "target": "ck-12345678", "vectors": ["ck-11111111"],
+                    "weights": [0.7], "layer_scales": [0.5, 1.0],
+                    "block_scales": {"mlp": 1.2}},
 }
 
 

@@ -21,10 +21,10 @@ threads, so the peak memory is a bounded working set rather than the inputs.
 Equality with mergekit (same YAML, same dtype):
 - linear, task_arithmetic, ties: bit-identical. The element-wise steps are mergekit's torch
   operations applied to chunks (element-wise results do not depend on the chunking). TIES'
-  magnitude trim uses the same full `torch.argsort` of |delta| as mergekit, so equal
-  magnitudes at the threshold are broken the same way; where that argsort would not fit the
-  working-set budget, `introsort_top` replays the same sort on the path to position k only,
-  in half the memory.
+  magnitude trim keeps what mergekit's full `torch.argsort` of |delta| keeps, equal
+  magnitudes at the threshold included: on CPU `introsort_keep` replays that sort on the
+  path to position k only (see there why that is exact), at a fraction of its time and in
+  half its memory; elsewhere it is torch.argsort itself.
 - dare_linear, dare_ties: bit-identical for the same seed. mergekit seeds the global torch
   generator with the seed (`transformers.set_seed`) and draws one `torch.bernoulli` mask per
   (tensor, model) in its execution order, which is the tensors sorted by name. This engine
@@ -266,6 +266,65 @@ def _sign_consensus(deltas: torch.Tensor, mask_dtype: torch.dtype) -> torch.Tens
     return sign == majority_sign
 
 
+# TIES with two models, in bit operations. The float dtypes whose sign elections it does, with
+# the integer type of the same width, its sign-bit shift and its magnitude mask.
+_SIGN_BITS = {torch.bfloat16: (torch.int16, 15, 0x7FFF), torch.float16: (torch.int16, 15, 0x7FFF),
+              torch.float32: (torch.int32, 31, 0x7FFFFFFF)}
+
+
+def _pair_divisors(weights_t: torch.Tensor, ints) -> list[int]:
+    """mergekit's TIES divisor `(weights * mask).sum(dim=0)`, 0 made 1, for each of the four
+    masks of two models (none, first, second, both), as the dtype's bits (signed ints).
+    weights_t: (2, 1) compute dtype; the mask is bool, as get_mask returns it."""
+    masks = torch.tensor([[False, True, False, True], [False, False, True, True]],
+                         device=weights_t.device)  # (2, 4)
+    divisor = (weights_t * masks).sum(dim=0)  # (4,) compute dtype, the same ops as mergekit
+    divisor[divisor == 0] = 1
+    return [int(v) for v in divisor.view(ints).tolist()]
+
+
+def _ties_pair(base: torch.Tensor, deltas: torch.Tensor, weights: list[float],
+               divisors: Optional[list[int]], lam: float, out: torch.Tensor) -> torch.Tensor:
+    """_gta_chunk for TIES with two models whose deltas (2, m) (overwritten) are finite, on
+    the bits of the float dtype; equal to mergekit bit for bit:
+    - mergekit's sign_weight `deltas.sum(dim=0)` of two rows is one rounding of d0 + d1 (the
+      reduction's +0 start only turns -0 into +0, and -0 >= 0 as +0 does), so it is `total`.
+    - Its mask `sign(d) == majority` (majority +1 where total >= 0) is True exactly where d is
+      nonzero and has total's sign bit: a nonzero finite sum of two dtype values never rounds
+      to zero, and total is -0 only where both d are zeros, which the nonzero test drops.
+    - `(deltas * mask).sum(dim=0)` adds d * mask from +0, so a masked-out d (±0) never changes
+      the sum nor its sign of zero: it equals d0' + d1' with masked-out values set to +0.
+    - `(weights * mask).sum(dim=0)`, 0 made 1, takes one of four values by the mask pair
+      (`divisors`, computed by mergekit's own ops), picked here with bit masks.
+    divisors: None when mergekit does not normalize."""
+    ints, shift, magnitude = _SIGN_BITS[deltas.dtype]
+    deltas[0].mul_(weights[0])
+    deltas[1].mul_(weights[1])
+    total = torch.add(deltas[0], deltas[1])  # (m,) mergekit's sign_weight
+    if not bool(torch.isfinite(total.sum())):
+        return None  # d * w overflowed: the caller takes mergekit's own steps
+    bits = deltas.view(ints)  # (2, m)
+    agree = bits & magnitude  # (2, m): 0 / -1 where the delta is zero / nonzero
+    agree.neg_().bitwise_right_shift_(shift)
+    same = bits ^ total.view(ints)  # sign bit set where the signs differ
+    agree &= same.bitwise_right_shift_(shift).bitwise_not_()
+    del same
+    bits &= agree  # masked-out deltas become +0
+    mixed = deltas[0].add_(deltas[1])  # (m,)
+    if divisors is not None:
+        none, first, second, both = divisors
+        a0, a1 = agree[0], agree[1]
+        pick = a0 & a1  # the divisor's bits: XOR of the differences by mask
+        pick &= both ^ first ^ second ^ none
+        pick ^= a0 & (first ^ none)
+        pick ^= a1 & (second ^ none)
+        pick ^= none
+        mixed /= pick.view(deltas.dtype)
+    if lam != 1:
+        mixed *= lam
+    return torch.add(base, mixed, out=out)
+
+
 def _gta_chunk(base: torch.Tensor, deltas: torch.Tensor, weights: list[float],
                weights_t: torch.Tensor, consensus: bool, int8_mask: bool, normalize: bool,
                lam: float, divisor_all: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -303,12 +362,13 @@ def _gta_chunk(base: torch.Tensor, deltas: torch.Tensor, weights: list[float],
     return torch.add(base, mixed, out=out)
 
 
-def _magnitude_keep(delta: torch.Tensor, density: float, in_place: bool = False,
-                    low_memory: bool = False) -> Optional[torch.Tensor]:
+def _magnitude_keep(delta: torch.Tensor, density: float,
+                    in_place: bool = False) -> Optional[torch.Tensor]:
     """TIES trim (mergekit sparsify.magnitude): the k = max(1, int(density * n)) largest |delta|
     as a bool mask (n,), ties broken exactly as mergekit's full `torch.argsort` breaks them.
-    None: keep everything (density >= 1). in_place: |delta| overwrites delta. low_memory:
-    select with `introsort_top` (about 8 bytes an element instead of argsort's 17)."""
+    None: keep everything (density >= 1). in_place: |delta| overwrites delta. On CPU the
+    selection is `introsort_keep` (a few passes and 9 bytes an element where argsort takes
+    n log n comparisons and 17 bytes), torch.argsort where that cannot replay the sort."""
     n = delta.numel()
     if density >= 1:
         return None
@@ -326,13 +386,9 @@ def _magnitude_keep(delta: torch.Tensor, density: float, in_place: bool = False,
             keys = bits if int(bits.max()) <= limit else keys.float()  # NaN: as mergekit
         else:
             keys = keys.float()  # as mergekit (float64 keys are rounded to float32 too)
-        if low_memory and not (keys.is_floating_point() and bool(torch.isnan(keys).any())):
-            top = introsort_top(keys.numpy(), k)  # keys are ours: |delta|, permuted in place
-            if top is not None:
-                import numpy as np
-
-                kept = np.zeros(n, dtype=np.bool_)
-                kept[top] = True
+        if not (keys.is_floating_point() and bool(torch.isnan(keys).any())):
+            kept = introsort_keep(keys.numpy(), k)
+            if kept is not None:
                 keep = torch.from_numpy(kept)
     if keep is None:
         top = torch.argsort(keys, descending=True)[:k]  # (k,) int64
@@ -343,20 +399,36 @@ def _magnitude_keep(delta: torch.Tensor, density: float, in_place: bool = False,
 
 
 # ---------------------------------------------------------------------------------------------
-# The first k of torch's CPU argsort, in less memory.
+# The first k of torch's CPU argsort, without the sort.
 #
 # torch.argsort(x, descending=True) on CPU is libstdc++'s std::sort (introsort) over
 # (key, index) pairs compared by key alone; which of the equal keys at the k-th place end up
-# among the first k is a product of its partitioning. introsort_top replays that algorithm
+# among the first k is a product of its partitioning. introsort_keep replays that algorithm
 # (median-of-three pivot moved to the front, Hoare's unguarded partition, a depth limit of
-# 2*floor(log2 n), segments of 16 or fewer left to a final insertion sort) but follows only
-# the segment that holds position k: the elements left of it are among the first k in any
-# order, those right of it are not. One partition is done with numpy on boolean masks: the
-# left scan stops at keys <= pivot, the right scan at keys >= pivot, and the m-th stop from
-# the left is swapped with the m-th stop from the right for as long as they have not
-# crossed. It needs the keys, int32 positions and two boolean masks (8 bytes an element for
-# 16-bit keys) where torch.sort needs about 17. It is checked against torch.argsort once per
-# process, and falls back to it (None) where the real sort would switch to heapsort.
+# 2*floor(log2 n), segments of 16 or fewer left to a final insertion sort, which is stable)
+# but follows only the segment that holds position k: the elements left of it are among the
+# first k in any order, those right of it are not. One partition is done with numpy on
+# boolean masks: the left scan stops at keys <= pivot, the right scan at keys >= pivot, and
+# the m-th stop from the left is swapped with the m-th stop from the right for as long as
+# they have not crossed.
+#
+# Why the shortcuts below give the same k elements as the full sort:
+# - Only the keys matter to std::sort, so any map that keeps their order and their ties
+#   (int16 bits of a 16-bit |x|, a dense rank, the ordered bits of a float32) sorts alike.
+# - With t the k-th largest key, every key > t is kept and every key < t is not; only which
+#   of the keys equal to t are kept depends on the partitioning. So each key carries a tag
+#   only if it equals t (packed = key * unit + tag), and the result is key > t plus the
+#   tagged keys that the replay leaves among the first k.
+# - After a partition with pivot p the left part holds keys >= p and the right part keys
+#   <= p. Only the part that holds position k is partitioned again, so only its elements are
+#   swapped into place; the other part is dropped (right: none of it is kept) or kept whole
+#   (left: it can hold keys equal to t only when p == t, and then it is swapped into place
+#   and its tagged keys are recorded).
+# It needs the keys, 4-byte packed keys (8 when the tags do not fit 32 bits), two boolean
+# masks and the result (9 bytes an element for 16-bit keys) where torch.sort needs about
+# 17, and runs in a few passes over the data instead of n log n comparisons. It is checked
+# against torch.argsort once per process, and gives None (use torch.argsort) where the real
+# sort would switch to heapsort. test_merge_stream checks it on many ties.
 
 _BLOCK = 1 << 16  # counting granularity
 _PAIRS = 1 << 20  # swaps done at once
@@ -388,13 +460,65 @@ def _nth_true(flags, prefix, m: int) -> int:
     return start + int(np.flatnonzero(flags[start:start + _BLOCK])[m - int(prefix[j])])
 
 
-def _introsort_top_unchecked(key, k: int):
+def _pack(key, k: int):
+    """(keep, packed, unit, t, decode) for the k largest of key (1-D numpy int16 or float32,
+    no NaN): t is the k-th largest key (as an ordered integer), keep = key > t (n,) bool,
+    packed (n,) int32 or int64 = the key's order * unit + tag, where the keys equal to t have
+    tags 1.. (int32) or their positions (int64), and decode(tags) gives their positions."""
     import numpy as np
 
     n = key.shape[0]
-    idx = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+    if key.dtype == np.float32:
+        ik = (key + np.float32(0)).view(np.int32)  # -0 + +0 = +0: equal keys, equal bits
+        ik ^= (ik >> 31) & np.int32(0x7FFFFFFF)  # negative floats order backwards as bits
+    else:
+        ik = key
+    if ik.dtype == np.int16 and int(ik.min()) >= 0:
+        counts = torch.bincount(torch.from_numpy(ik)).numpy()  # (max + 1,)
+        above = np.cumsum(counts[::-1])[::-1]  # above[v]: keys >= v
+        t = int(np.flatnonzero(above >= k)[-1])
+        keep = ik > t
+        tpos = np.flatnonzero(ik == t)
+        unit = len(tpos) + 1
+        ranks = None
+        if len(counts) * unit >= 2**31:  # dense ranks instead of the keys themselves
+            ranks = (np.cumsum(counts > 0) - 1).astype(np.int32)
+        if (len(counts) if ranks is None else int(ranks[-1]) + 1) * unit < 2**31:
+            if ranks is None:
+                packed = ik.astype(np.int32)
+            else:
+                packed, t = ranks[ik], int(ranks[t])
+            packed *= np.int32(unit)
+            packed[tpos] += np.arange(1, unit, dtype=np.int32)
+            return keep, packed, unit, t, lambda tags: tpos[tags - 1]
+    else:
+        t = int(np.partition(ik, n - k)[n - k])
+        keep = ik > t
+    packed = ik.astype(np.int64)
+    packed <<= 32
+    packed |= np.arange(n, dtype=np.int64)
+    return keep, packed, 1 << 32, t, lambda tags: tags
+
+
+def _introsort_keep_unchecked(key, k: int):
+    import numpy as np
+
+    n = key.shape[0]
     if k >= n:
-        return idx
+        return np.ones(n, dtype=np.bool_)
+    if k <= 0:
+        return np.zeros(n, dtype=np.bool_)
+    keep, packed, unit, t, decode = _pack(key, k)
+    t_lo, t_hi = t * unit, t * unit + unit - 1
+    found = []
+
+    def record(part):  # the keys equal to t in part: all kept
+        for s in range(0, part.shape[0], _PAIRS):
+            piece = part[s:s + _PAIRS]
+            hit = piece[(piece >= t_lo) & (piece <= t_hi)]
+            if hit.size:
+                found.append(decode(hit - t_lo))
+
     first, last = 0, n
     depth = 2 * (n.bit_length() - 1)
     le_buf, ge_buf = np.empty(n, dtype=np.bool_), np.empty(n, dtype=np.bool_)
@@ -405,7 +529,7 @@ def _introsort_top_unchecked(key, k: int):
             return None  # std::sort would heapsort this segment
         depth -= 1
         a, b, c = first + 1, first + (last - first) // 2, last - 1
-        ka, kb, kc = key[a], key[b], key[c]
+        ka, kb, kc = int(packed[a]) // unit, int(packed[b]) // unit, int(packed[c]) // unit
         if ka > kb:
             m = b if kb > kc else (c if ka > kc else a)
         elif ka > kc:
@@ -414,13 +538,12 @@ def _introsort_top_unchecked(key, k: int):
             m = c
         else:
             m = b
-        key[first], key[m] = key[m], key[first]
-        idx[first], idx[m] = idx[m], idx[first]
-        pivot, size = key[first], last - first
-        seg, iseg = key[first:last], idx[first:last]
-        le = np.less_equal(seg, pivot, out=le_buf[:size])  # where the left scan stops
+        packed[first], packed[m] = packed[m], packed[first]
+        pivot, size = int(packed[first]) // unit, last - first
+        seg = packed[first:last]
+        le = np.less_equal(seg, pivot * unit + unit - 1, out=le_buf[:size])  # left scan stops
         le[0] = False  # (it starts after the pivot)
-        ge = np.greater_equal(seg, pivot, out=ge_buf[:size])  # where the right scan stops
+        ge = np.greater_equal(seg, pivot * unit, out=ge_buf[:size])  # right scan stops
         pl, pr = _true_counts(le, pl_buf), _true_counts(ge, pr_buf)
         total_l, total_r = int(pl[-1]), int(pr[-1])
         right = total_r - pr  # right stops at or after each block boundary
@@ -440,43 +563,65 @@ def _introsort_top_unchecked(key, k: int):
         else:
             last_right = _nth_true(ge, pr, total_r - swaps)
             cut = last_right if swaps >= total_l else min(_nth_true(le, pl, swaps), last_right)
-            for m0 in range(0, swaps, _PAIRS):
+            # the left stops all lie before cut, the right stops from cut on
+            into_left, into_right = k < first + cut or pivot == t, k >= first + cut
+            for m0 in range(0, swaps, _PAIRS):  # pairs m0..m1-1 (bounded temporaries)
                 m1 = min(swaps, m0 + _PAIRS)
                 la, lb = _nth_true(le, pl, m0), _nth_true(le, pl, m1 - 1) + 1
-                ra, rb = _nth_true(ge, pr, total_r - m1), _nth_true(ge, pr, total_r - 1 - m0) + 1
-                ml, mr = le[la:lb], ge[ra:rb]
-                for arr in (seg, iseg):
-                    left, right_part = arr[la:lb], arr[ra:rb]
-                    from_left, from_right = left[ml], right_part[mr]
-                    left[ml] = from_right[::-1]
-                    right_part[mr] = from_left[::-1]
+                ra = _nth_true(ge, pr, total_r - m1)
+                rb = _nth_true(ge, pr, total_r - 1 - m0) + 1
+                lpos = np.flatnonzero(le[la:lb])  # left stops m0.. in order
+                lpos += la
+                rpos = np.flatnonzero(ge[ra:rb])[::-1]  # right stops m0.. from the right
+                rpos += ra
+                if into_left:
+                    from_right = seg[rpos]
+                if into_right:
+                    seg[rpos] = seg[lpos]
+                if into_left:
+                    seg[lpos] = from_right
         cut += first
-        if cut == k:
-            return idx[:k]
         if k < cut:
             last = cut
-        else:
-            first = cut
-    order = np.argsort(-key[first:last].astype(np.float64), kind="stable")  # insertion sort
-    idx[first:last] = idx[first:last][order]
-    return idx[:k]
+            continue
+        if pivot == t:
+            record(packed[first:cut])
+        first = cut
+        if cut == k:
+            last = cut
+    if last > first:
+        part = packed[first:last]
+        order = np.argsort(-(part // unit), kind="stable")  # the final insertion sort
+        record(part[order[:k - first]])
+    if found:
+        keep[np.concatenate(found)] = True
+    return keep
 
 
-def introsort_top(key, k: int):
-    """The positions torch.argsort(key, descending=True)[:k] holds on CPU, as a numpy int
-    array, or None (use torch.argsort). key: a 1-D numpy int16 or float32 array without NaN,
-    permuted in place."""
+def introsort_keep(key, k: int):
+    """torch.argsort(key, descending=True)[:k] on CPU as a (n,) numpy bool mask, or None
+    (use torch.argsort). key: a 1-D numpy int16 or float32 array without NaN (not
+    modified)."""
     global _INTROSORT_OK
     if _INTROSORT_OK is None:
         gen = torch.Generator().manual_seed(0)
         probe = torch.randint(0, 7, (50_000,), generator=gen, dtype=torch.int16)
-        expected = torch.argsort(probe, descending=True)[:20_000].sort().values
-        got = _introsort_top_unchecked(probe.numpy().copy(), 20_000)
-        _INTROSORT_OK = got is not None and torch.equal(
-            torch.from_numpy(got.astype("int64")).sort().values, expected)
+        expected = torch.zeros(50_000, dtype=torch.bool)
+        expected[torch.argsort(probe, descending=True)[:20_000]] = True
+        got = _introsort_keep_unchecked(probe.numpy(), 20_000)
+        _INTROSORT_OK = got is not None and torch.equal(torch.from_numpy(got), expected)
     if not _INTROSORT_OK:
         return None
-    return _introsort_top_unchecked(key, k)
+    return _introsort_keep_unchecked(key, k)
+
+
+def introsort_top(key, k: int):
+    """The positions torch.argsort(key, descending=True)[:k] holds on CPU, in ascending
+    order (numpy), or None; see introsort_keep."""
+    import numpy as np
+
+    keep = introsort_keep(key, k)
+    return None if keep is None else np.flatnonzero(keep)
 
 
 def _bernoulli_rescaled(delta: torch.Tensor, density: float, rescale: bool,
@@ -712,8 +857,7 @@ class _Engine:
                 delta = self._full_delta(self.inputs[i].open(item.keys[i]).reshape(-1),
                                          base_ck.open(base_key).reshape(-1), cdt)
             if self.method == "ties":
-                keep = _magnitude_keep(delta, self.densities[i], in_place=not rescale,
-                                       low_memory=self._argsort_bytes(item) > self.budget.limit)
+                keep = _magnitude_keep(delta, self.densities[i], in_place=not rescale)
                 if not rescale:
                     keeps.append(keep)
                     del delta
@@ -746,6 +890,9 @@ class _Engine:
             divisor = w.sum(dim=0)  # (1,) compute dtype
             divisor[divisor.abs() < 1e-8] = 1
             consensus = self.method in CONSENSUS
+            pair = consensus and n == 2 and cdt in _SIGN_BITS  # see _ties_pair
+            pair_divisors = _pair_divisors(w, _SIGN_BITS[cdt][0]) if pair and p["normalize"] \
+                else None
         # Results go to a staging buffer written with one pwrite per part_elements: fewer,
         # larger writes, so two workers rarely queue on the file's lock.
         stage = self._buffer("stage", (min(hi - lo, self.part_elements),), item.out)
@@ -762,17 +909,35 @@ class _Engine:
             else:
                 b = self._cast(base[s:e], cdt)
                 deltas = self._buffer("deltas", (n, e - s), cdt)  # (N, m) compute dtype
-                for i, x in enumerate(models):
-                    if sparse is not None:
-                        deltas[i].copy_(sparse[i][s:e])
-                        continue
-                    torch.sub(self._cast(x[s:e], cdt), b, out=deltas[i])
-                    if keeps is not None and keeps[i] is not None:
-                        deltas[i].mul_(keeps[i][s:e])  # mergekit: delta * mask
                 direct = item.out == cdt and dest.device == self.device
-                out = _gta_chunk(b, deltas, wf, w, consensus, p["int8_mask"], p["normalize"],
-                                 p["lambda"], divisor,
-                                 dest if direct else self._buffer("out", (e - s,), cdt))
+                target = dest if direct else self._buffer("out", (e - s,), cdt)
+                out = None
+                if pair:  # TIES, two models: the same numbers in bit operations
+                    ints, shift, _ = _SIGN_BITS[cdt]
+                    for i, x in enumerate(models):
+                        if sparse is not None:
+                            deltas[i].copy_(sparse[i][s:e])
+                        else:
+                            torch.sub(self._cast(x[s:e], cdt), b, out=deltas[i])
+                    # finite deltas only (NaN * 0 is NaN, but masking bits would make +0)
+                    if bool(torch.isfinite(deltas.sum())):
+                        for i in range(n):
+                            if sparse is None and keeps is not None and keeps[i] is not None:
+                                # delta * mask, as +0 where dropped (see _ties_pair)
+                                keep = self._buffer(f"keep{i}", (e - s,), ints)
+                                keep.copy_(keeps[i][s:e]).neg_()  # 0 / -1
+                                deltas[i].view(ints).bitwise_and_(keep)
+                        out = _ties_pair(b, deltas, wf, pair_divisors, p["lambda"], target)
+                if out is None:
+                    for i, x in enumerate(models):
+                        if sparse is not None:
+                            deltas[i].copy_(sparse[i][s:e])
+                            continue
+                        torch.sub(self._cast(x[s:e], cdt), b, out=deltas[i])
+                        if keeps is not None and keeps[i] is not None:
+                            deltas[i].mul_(keeps[i][s:e])  # mergekit: delta * mask
+                    out = _gta_chunk(b, deltas, wf, w, consensus, p["int8_mask"],
+                                     p["normalize"], p["lambda"], divisor, target)
             if out is not dest:
                 dest.copy_(out)  # mergekit's SaveTensor cast to out_dtype (same rounding)
             self._check(item, dest)
@@ -816,23 +981,16 @@ class _Engine:
                 if not self.stop.is_set():
                     self.finished.append(item.name)
 
-    def _argsort_bytes(self, item: _Item) -> int:
-        """What torch.argsort of |delta| holds: 16- or 32-bit keys, their sorted copy and
-        two int64 index buffers."""
-        return item.numel * (2 * min(item.compute.itemsize, 4) + 16)
-
     def _estimate(self, item: _Item) -> int:
         """Working bytes of one tensor. Element-wise methods: its mapped inputs (the chunk
-        buffers are small). TIES: the selection of the largest |delta| (argsort, or
-        introsort_top's keys, int32 positions and two masks when argsort would not fit the
-        budget) and a keep-mask per model. Rescaled or random methods: the dense deltas,
-        DARE's mask and probabilities."""
+        buffers are small). TIES: the selection of the largest |delta| (introsort_keep: the
+        keys, 4- or 8-byte packed keys, two masks and the result) and a keep-mask per model.
+        Rescaled or random methods: the dense deltas, DARE's mask and probabilities."""
         n = item.numel
         inputs = sum(d.itemsize for d in item.in_dtypes) * n
         c = item.compute.itemsize
-        select = self._argsort_bytes(item)
-        if select > self.budget.limit:
-            select = n * (min(c, 4) + 6)
+        # 16-bit: int32 packed keys; float32 keys: their ordered bits, then int64 packed
+        select = n * (c + 7) if c <= 2 else n * (c + 13 + (4 if c > 4 else 0))
         if self.method == "ties" and not self.params["rescale"]:
             return max(inputs, select) + n * self.n_models
         if self.method == "ties":

@@ -156,19 +156,53 @@ def test_parameters_and_mixed_dtypes_equal_mergekit(sharded, tmp_path, method, p
     assert_bit_identical(tmp_path / "ours", tmp_path / "theirs")
 
 
+@pytest.mark.parametrize("method,tag,dtype,names,weights,params", [
+    ("ties", "bf16", "bfloat16", ("ft-a", "ft-c"), [0.6, 0.4], {}),  # opposed signs
+    ("ties", "bf16", "bfloat16", ("ft-a", "ft-b"), [0.6, -0.6], {}),  # divisors 0 and < 0
+    ("ties", "bf16", "bfloat16", ("ft-c", "ft-b"), [0.5, 0.5],
+     {"normalize": False, "lambda": 0.7}),
+    ("ties", "bf16", "float16", ("ft-a", "ft-c"), [0.3, 0.9], {"int8_mask": True}),
+    ("ties", "f32", "float32", ("ft-a", "ft-c"), [0.6, 0.4], {}),
+    ("ties", "bf16", "bfloat16", ("ft-a", "ft-c"), [0.6, 0.4], {"rescale": True}),
+    ("dare_ties", "bf16", "bfloat16", ("ft-a", "ft-c"), [0.6, 0.4], {}),
+])
+def test_ties_of_two_models_equals_mergekit(sharded, tmp_path, monkeypatch, method, tag, dtype,
+                                            names, weights, params):
+    """Two models take TIES' bit-operation path (_ties_pair): sign conflicts, zero task
+    vectors, negative and cancelling weights, each dtype it covers."""
+    import ops.merge_stream as engine
+
+    done = []
+    real = engine._ties_pair
+    monkeypatch.setattr(engine, "_ties_pair",
+                        lambda *a: done.append(1) or real(*a))
+    data = {"merge_method": method, "dtype": dtype, "base_model": str(sharded[tag, "base"]),
+            "models": [{"model": str(sharded[tag, name]),
+                        "parameters": {"weight": w, "density": d}}
+                       for name, w, d in zip(names, weights, (0.5, 0.7))]}
+    if params:
+        data["parameters"] = params
+    run_native(data, tmp_path / "ours")
+    assert done  # the path under test was taken
+    run_mergekit(data, tmp_path / "theirs")
+    assert_bit_identical(tmp_path / "ours", tmp_path / "theirs")
+
+
 @pytest.mark.parametrize("tag,dtype", [("f32", "float32"), ("bf16", "bfloat16")])
 def test_ties_in_low_memory_equals_mergekit(sharded, tmp_path, monkeypatch, tag, dtype):
-    """With a budget too small for torch.argsort, TIES selects with introsort_top."""
+    """With a tiny budget, TIES still selects with introsort_keep (on CPU it always does) and
+    reserves less than torch.argsort would take."""
     import ops.merge_stream as engine
 
     calls = []
-    real = engine.introsort_top
-    monkeypatch.setattr(engine, "introsort_top",
+    real = engine.introsort_keep
+    monkeypatch.setattr(engine, "introsort_keep",
                         lambda key, k: calls.append(k) or real(key, k))
     data = mergekit_yaml("ties", sharded, tag, dtype)
     stats = run_native(data, tmp_path / "ours", max_working_bytes=20_000)
-    assert len(calls) == 3 * (2 * 7 + 2)  # 3 models x (7 matrices x 2 layers + embeddings)
-    assert stats.peak_reserved_bytes < 384 * 48 * 20  # argsort alone would take 24 B/element
+    # 3 models x (7 matrices and 2 norms x 2 layers, 2 embeddings and the final norm)
+    assert len(calls) == 3 * (2 * 9 + 3)
+    assert stats.peak_reserved_bytes < 384 * 48 * 24  # argsort alone would take 24 B/element
     run_mergekit(data, tmp_path / "theirs")
     assert_bit_identical(tmp_path / "ours", tmp_path / "theirs")
 
@@ -176,9 +210,15 @@ def test_ties_in_low_memory_equals_mergekit(sharded, tmp_path, monkeypatch, tag,
 @pytest.mark.parametrize("n,distinct,dtype", [(70_000, 3, torch.int16), (200_001, 40, torch.int16),
                                               (5_000, 1, torch.int16), (17, 2, torch.int16),
                                               (150_000, 1000, torch.float32)])
-def test_introsort_top_keeps_what_torch_argsort_keeps(n, distinct, dtype):
-    """The first k of torch's (introsort) argsort, ties at the k-th place included."""
+@pytest.mark.parametrize("pairs", [None, 777])
+def test_introsort_top_keeps_what_torch_argsort_keeps(n, distinct, dtype, pairs, monkeypatch):
+    """The first k of torch's (introsort) argsort, ties at the k-th place included (pairs:
+    swaps done in many batches)."""
+    import ops.merge_stream as engine
     from ops.merge_stream import introsort_top
+
+    if pairs:
+        monkeypatch.setattr(engine, "_PAIRS", pairs)
 
     gen = torch.Generator().manual_seed(n)
     keys = torch.randint(0, distinct, (n,), generator=gen).to(dtype)
@@ -188,6 +228,36 @@ def test_introsort_top_keeps_what_torch_argsort_keeps(n, distinct, dtype):
         assert got is not None
         assert torch.equal(torch.from_numpy(got.astype("int64")).sort().values,
                            expected.sort().values), k
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("case", ["noise", "few", "equal", "zeros", "wide"])
+def test_magnitude_keep_breaks_ties_as_mergekit_argsort(dtype, case):
+    """TIES' trim keeps exactly the elements of mergekit's argsort of |delta| in float32,
+    with thousands of equal magnitudes at the k-th place (16-bit deltas have few distinct
+    values), over each packing introsort_keep uses (int32 keys, dense ranks, int64)."""
+    from ops.merge_stream import _magnitude_keep
+
+    gen = torch.Generator().manual_seed(7)
+    if case == "noise":  # bf16 task vectors as the bench makes them: ~1000 distinct values
+        delta = 0.002 * torch.randn(300_001, generator=gen)
+    elif case == "few":  # a handful of magnitudes, both signs and -0
+        delta = torch.randint(-3, 4, (100_000,), generator=gen).float() * 0.25
+        delta[::7] = -0.0
+    elif case == "equal":  # one magnitude: the tags outnumber 16 bits (dense ranks)
+        delta = torch.where(torch.rand(200_000, generator=gen) < 0.5, 1.0, -1.0)
+    elif case == "zeros":
+        delta = torch.zeros(50_000)
+    else:  # many distinct keys and a large block of ties (int64 packing)
+        delta = torch.rand(1_200_000, generator=gen) * 60_000
+        delta[::2] = 20_000.0
+    delta = delta.to(dtype)
+    for density in (0.5, 0.3, 0.9, 1e-5):
+        k = max(1, int(density * delta.numel()))
+        expected = torch.zeros(delta.numel(), dtype=torch.bool)
+        expected[torch.argsort(delta.abs().float(), descending=True)[:k]] = True
+        got = _magnitude_keep(delta.clone(), density, in_place=True)
+        assert torch.equal(got, expected), (case, density, int((got != expected).sum()))
 
 
 def test_dare_depends_on_the_seed_and_keeps_density_on_average(sharded, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import plugins
 from app import jobs as jobs_mod
-from app.lab import Lab, SettingsError
+from app.lab import Lab, SettingsError, hub_repo
 from registry import CheckpointError, RefError, RegistryError
 from registry.hub import HubError, LocalParentError
 from registry.store import FINISHED
@@ -258,6 +258,27 @@ def cmd_users(args) -> int:
     return 0
 
 
+def cmd_retention(args) -> int:
+    from app.retention import apply_retention
+
+    lab = _lab(args)
+    days = args.days if args.days is not None else lab.settings.retention_days
+    if not days:
+        print("error: give --days N (or set retention_days in lab.toml): intermediate "
+              "checkpoints older than N days lose their files", file=sys.stderr)
+        return 2
+    user = _acting_user(lab, args)
+    from app.auth import is_admin
+
+    if not is_admin(lab, user):
+        print(f"error: {user} may not apply retention: only an admin may", file=sys.stderr)
+        return 2
+    removed = apply_retention(lab, days, dry_run=args.dry_run, user=user)
+    _print_json({"dry_run": args.dry_run, "days": days, "checkpoints": removed,
+                 "bytes": sum(r["bytes"] for r in removed)})
+    return 0
+
+
 def cmd_audit(args) -> int:
     from app.auth import audit_log
 
@@ -268,7 +289,13 @@ def cmd_audit(args) -> int:
 def cmd_import(args) -> int:
     from app.checkpoints import import_checkpoint, to_json
 
+    from app.paths import import_problem
+
     lab = _lab(args)
+    refused = import_problem(lab, args.ref)
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
     with lab.registry() as reg:
         row = import_checkpoint(lab, reg, args.ref, name=args.name,
                                 log=lambda m: print(m, file=sys.stderr))
@@ -290,10 +317,11 @@ def cmd_hub(args) -> int:
         return 0
     with lab.registry() as reg:
         if args.hub_cmd == "push":
-            result = hub.push_checkpoint(reg, args.checkpoint, args.repo, private=args.private,
+            result = hub.push_checkpoint(reg, args.checkpoint, hub_repo(lab.settings, args.repo),
+                                         private=args.private,
                                          omit_local_parents=args.omit_local_parents, log=log)
         else:
-            repo = args.repo or lab.settings.hub_sync_repo
+            repo = hub_repo(lab.settings, args.repo or lab.settings.hub_sync_repo)
             if not repo:
                 print("error: give --repo ORG/NAME (or set hub_sync_repo in lab.toml)",
                       file=sys.stderr)
@@ -411,6 +439,14 @@ def build_parser() -> argparse.ArgumentParser:
     ul = usub.add_parser("list", help="list users")
     for sp2 in (ua, ul):
         sp2.add_argument("--lab", default=argparse.SUPPRESS, help=lab_help)
+
+    sp = add("retention", cmd_retention, "remove the files of intermediate training "
+                                         "checkpoints older than N days (never one with "
+                                         "descendants or one published to the Hub)")
+    sp.add_argument("--days", type=float, default=None,
+                    help="age in days (default: retention_days in lab.toml)")
+    sp.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    sp.add_argument("--user", default=None, help="act as this lab user (default: $USER)")
 
     sp = add("audit", cmd_audit, "who did what and when, newest first")
     sp.add_argument("--limit", type=int, default=200)

@@ -67,8 +67,11 @@ def check_config(lab: Lab, plugin_name: str, data: dict):
         elif wanted > len(have):
             problems.append(f"field '{field}': {why}, and this lab has {len(have)} "
                             f"({', '.join(map(str, have))})")
+    from app.paths import config_problems
+
+    problems += config_problems(lab, config)  # a shared lab reads only inside its roots
     lab_check = getattr(config, "lab_problems", None)  # optional: checks that need the lab
-    if callable(lab_check):
+    if callable(lab_check) and not problems:
         problems += lab_check(lab.root)
     if problems:
         raise plugins.ConfigError(plugin_name, problems)

@@ -35,6 +35,12 @@ class Settings:
     # every checkpoint a job registers gets an evaluate job on this suite, at low priority
     auto_eval: bool = False  # the demo lab turns it on in its lab.toml
     auto_eval_suite: str = "demo"
+    # shared labs (app/paths.py): folders configs may read besides the lab and assets/; a lab
+    # with users or with roots reads nothing else
+    allowed_roots: list[str] = field(default_factory=list)
+    max_upload_mb: int = 1024  # the largest file the web app accepts
+    hub_org: str = ""  # the Hub organisation a bare repo name is published under
+    retention_days: float = 0  # `weightsmith retention` default; 0: only when --days is given
     default_user: str = field(default_factory=lambda: os.environ.get("USER") or "local")
     # a Hub dataset repo (ORG/NAME) the registry syncs with after every job; empty: off
     hub_sync_repo: str = ""
@@ -60,7 +66,12 @@ class Settings:
         settings = cls(**data)
         for name, f in known.items():
             value = getattr(settings, name)
-            if name in ("cpu_slots", "jobs_per_gpu") and (not isinstance(value, int) or value < 1):
+            if name == "allowed_roots" and not (isinstance(value, list) and
+                                                all(isinstance(v, str) and v for v in value)):
+                raise SettingsError(f"setting allowed_roots: expected a list of folder paths, "
+                                    f"got {value!r}")
+            if name in ("cpu_slots", "jobs_per_gpu", "max_upload_mb") and \
+                    (not isinstance(value, int) or value < 1):
                 raise SettingsError(f"setting {name}: expected an integer >= 1, got {value!r}")
             if name in ("allow_trust_remote_code", "auto_eval") and not isinstance(value, bool):
                 raise SettingsError(f"setting {name}: expected true or false, got {value!r}")
@@ -77,15 +88,25 @@ def _parse_env(name: str, raw: str):
         return raw.lower() in ("1", "true", "yes")
     if name == "gpus":
         return [int(x) for x in raw.split(",") if x.strip()] if raw.strip() else []
-    if name in ("cpu_slots", "jobs_per_gpu"):
+    if name == "allowed_roots":
+        return [p for p in raw.split(os.pathsep) if p.strip()]
+    if name in ("cpu_slots", "jobs_per_gpu", "max_upload_mb"):
         try:
             return int(raw)
         except ValueError:
             raise SettingsError(f"WEIGHTSMITH_{name.upper()}: expected an integer, got {raw!r}") \
                 from None
-    if name == "cancel_grace_seconds":
+    if name in ("cancel_grace_seconds", "retention_days"):
         return float(raw)
     return raw
+
+
+def hub_repo(settings: Settings, repo: str) -> str:
+    """ORG/NAME for a repo typed as NAME in a lab with `hub_org`; ORG/NAME is kept."""
+    repo = (repo or "").strip()
+    if repo and "/" not in repo and settings.hub_org:
+        return f"{settings.hub_org}/{repo}"
+    return repo
 
 
 class Lab:

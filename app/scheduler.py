@@ -48,6 +48,35 @@ def detect_gpus() -> list[int]:
     return [int(x) for x in out.stdout.split() if x.strip().isdigit()]
 
 
+def gpu_status() -> list[dict]:
+    """Memory and utilisation of each GPU from nvidia-smi: [{"index", "name", "memory_used_mib",
+    "memory_total_mib", "utilization_pct"}]; [] without nvidia-smi (no torch, no NVML import
+    in the server)."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=index,name,memory.used,memory.total,"
+                              "utilization.gpu", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    rows = []
+    for line in out.stdout.splitlines() if out.returncode == 0 else []:
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 5 and parts[0].isdigit():
+            def number(x):
+                try:
+                    return float(x)
+                except ValueError:  # "[N/A]" on some boards
+                    return None
+            rows.append({"index": int(parts[0]), "name": parts[1],
+                         "memory_used_mib": number(parts[2]),
+                         "memory_total_mib": number(parts[3]),
+                         "utilization_pct": number(parts[4])})
+    return rows
+
+
 def device_list(device: str | None) -> list[str]:
     """The devices a job's placement holds: `cuda:0,2` -> [cuda:0, cuda:2]; `cpu` -> [cpu]."""
     if not device:
@@ -70,6 +99,46 @@ def log_tail(path: str | None, lines: int = 20) -> str:
         f.seek(max(0, f.tell() - 16384))
         text = f.read().decode("utf-8", "replace")
     return "\n".join(text.splitlines()[-lines:])
+
+
+def fair_order(queued: list[dict], running: list[dict], last_start: dict[str, str]
+               ) -> list[dict]:
+    """The order in which queued jobs get free slots: higher priority first; within a
+    priority, round-robin between users: the user with the fewest running jobs, then the one
+    who was served longest ago, then that user's oldest job. One user's twenty queued jobs
+    thus never starve another user's single job (each start counts against its user).
+
+    Pure: `queued` and `running` are job rows, `last_start` maps user -> the latest
+    started_at of their jobs."""
+    counts = Counter(j["user"] for j in running)
+    last = dict(last_start)
+    pending = sorted(queued, key=lambda j: j["created_at"])
+    order, tick = [], 0
+    while pending:
+        pick = min(pending, key=lambda j: (-(j["priority"] or 0), counts[j["user"]],
+                                          last.get(j["user"]) or "", j["created_at"]))
+        pending.remove(pick)
+        order.append(pick)
+        counts[pick["user"]] += 1
+        tick += 1
+        last[pick["user"]] = f"~{tick:09d}"  # sorts after every real timestamp, in pick order
+    return order
+
+
+def queue_positions(registry) -> dict[str, int]:
+    """{queued job id: its place in the queue, 1 = next to start} by fair_order."""
+    queued = list(registry.db.query("SELECT * FROM jobs WHERE status = 'queued'"))
+    if not queued:
+        return {}
+    order = fair_order(queued, registry.jobs(status="running", limit=10_000),
+                       _last_starts(registry))
+    return {j["id"]: i + 1 for i, j in enumerate(order)}
+
+
+def _last_starts(registry) -> dict[str, str]:
+    return {r["user"]: r["last"] for r in registry.db.query(
+        "SELECT user, MAX(started_at) AS last FROM jobs WHERE started_at IS NOT NULL "
+        "GROUP BY user")}
 
 
 class Scheduler:
@@ -167,12 +236,12 @@ class Scheduler:
     def _start_queued(self, only: str | None) -> None:
         import plugins
 
-        queued = list(self.registry.db.query(
-            "SELECT * FROM jobs WHERE status = 'queued' ORDER BY priority DESC, created_at"))
+        queued = list(self.registry.db.query("SELECT * FROM jobs WHERE status = 'queued'"))
         if not queued:
             return
-        busy = Counter(d for j in self.registry.jobs(status="running", limit=10_000)
-                       for d in device_list(j["device"]))
+        running = self.registry.jobs(status="running", limit=10_000)
+        queued = fair_order(queued, running, _last_starts(self.registry))
+        busy = Counter(d for j in running for d in device_list(j["device"]))
         gpu_waiting = False  # a GPU job is waiting: later ones must not take its GPUs
         for job in queued:
             if only and job["id"] != only:

@@ -64,6 +64,7 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
                 login = lambda name, password: authenticate(lab, name, password)  # noqa: E731
             app.queue().launch(server_name=host, server_port=port, prevent_thread_lock=True,
                                show_error=True, css=CSS, auth=login,
+                               max_file_size=f"{lab.settings.max_upload_mb}mb",
                                auth_message=f"Weightsmith lab {lab.root.name}: log in")
             log.info("serving %s at http://%s:%d", lab.root, host, port)
         else:
@@ -80,3 +81,81 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
         scheduler.release()
         log.info("stopped")
     return 0
+
+
+# ------------------------------------------------------------------ behind an OAuth proxy
+PROXY_USER_HEADERS = ("x-forwarded-user", "x-forwarded-email")  # oauth2-proxy's names
+
+
+def proxy_user(request) -> str | None:
+    """The user an authenticating reverse proxy (oauth2-proxy and the like) names in its
+    request headers, or None, which refuses the request (401). Trust this only when the app
+    is reachable through the proxy alone, and the proxy overwrites these headers."""
+    for header in PROXY_USER_HEADERS:
+        value = (request.headers.get(header) or "").strip()
+        if value:
+            return value[:256]
+    return None
+
+
+def _schedule(lab: Lab, stop: threading.Event) -> None:
+    """Run the lab's job scheduler until `stop`. Another process may hold the lab's scheduler
+    lock (`weightsmith serve --no-ui`, or another uvicorn worker): then wait, and take over
+    if it stops, so that exactly one process schedules the lab at any time."""
+    scheduler = Scheduler(lab)
+    while not scheduler.acquire():
+        if stop.wait(5.0):
+            return
+    try:
+        lost = scheduler.recover()
+        if lost:
+            log.warning("marked %d job(s) interrupted: %s", len(lost), ", ".join(lost))
+        log.info("scheduler running for %s", lab.root)
+        scheduler.run_forever(stop)
+    finally:
+        scheduler.release()
+
+
+def asgi_app(lab: Lab | str | None = None, auth_dependency=proxy_user, path: str = "/",
+             schedule: bool = True):
+    """The workbench as an ASGI app (FastAPI), to run under uvicorn behind an authenticating
+    proxy. `auth_dependency(request)` returns the user's name, or None to refuse the request
+    (HTTP 401); the default reads the proxy's X-Forwarded-User (else X-Forwarded-Email).
+    Handlers get that name as `request.username`, so jobs and checkpoints record it.
+
+    `lab`: a Lab or a folder (default: $WEIGHTSMITH_LAB, else ./lab). With `schedule`, the
+    app's lifespan runs the lab's job scheduler in a thread (see `_schedule`).
+
+        WEIGHTSMITH_LAB=/srv/lab uvicorn --factory app.server:asgi_app --host 127.0.0.1
+    """
+    import contextlib
+
+    import gradio as gr
+    from fastapi import FastAPI
+
+    from app.ui import CSS, build_app
+
+    lab = lab if isinstance(lab, Lab) else Lab(lab)  # as `weightsmith serve` opens it
+    if auth_dependency is None:
+        raise ValueError("asgi_app needs an auth_dependency: behind no proxy, use "
+                         "`weightsmith serve`, which has its own login")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        stop = threading.Event()
+        thread = None
+        if schedule:
+            thread = threading.Thread(target=_schedule, args=(lab, stop), daemon=True,
+                                      name="weightsmith-scheduler")
+            thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            if thread is not None:
+                thread.join(timeout=10)
+
+    blocks = build_app(lab).queue()
+    return gr.mount_gradio_app(FastAPI(lifespan=lifespan), blocks, path=path,
+                               auth_dependency=auth_dependency, css=CSS, show_error=True,
+                               max_file_size=f"{lab.settings.max_upload_mb}mb")

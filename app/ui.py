@@ -97,10 +97,32 @@ def _duration(job: dict) -> str:
     return f"{(end - start).total_seconds():.0f} s"
 
 
+def gpu_summary() -> str:
+    """One line per GPU for the Jobs view (nvidia-smi), or a note that there is none."""
+    from app.scheduler import gpu_status
+
+    rows = gpu_status()
+    if not rows:
+        return "GPUs: none found (nvidia-smi absent or reports none); jobs run on the CPU."
+
+    def fmt(x, unit):
+        return ("?" if x is None else f"{x:.0f}") + unit
+
+    return "GPUs: " + " · ".join(
+        f"**{r['index']}** {r['name']}: {fmt(r['memory_used_mib'], '')}/"
+        f"{fmt(r['memory_total_mib'], ' MiB')}, {fmt(r['utilization_pct'], '%')} busy"
+        for r in rows)
+
+
 def job_table(lab: Lab) -> list[list]:
+    from app.scheduler import queue_positions
+
     with lab.registry() as reg:
         rows = reg.jobs(limit=200)
-    return [[r["id"], r["plugin"], r["status"], f"{(r['progress'] or 0):.0%}", r["user"] or "",
+        places = queue_positions(reg)
+    return [[r["id"], r["plugin"],
+             f"queued #{places[r['id']]}" if r["id"] in places else r["status"],
+             f"{(r['progress'] or 0):.0%}", r["user"] or "",
              r["device"] or "", _duration(r), r["created_at"][:19].replace("T", " ")]
             for r in rows]
 
@@ -392,6 +414,11 @@ def lineage_chain(lab: Lab, ck_id: str | None, from_id: str | None = None,
 def import_form(lab: Lab, ref: str, name: str) -> str:
     if not (ref or "").strip():
         return "**Give a local folder or a Hub id (ORG/NAME).**"
+    from app.paths import import_problem
+
+    refused = import_problem(lab, ref)
+    if refused:
+        return f"**Not imported:** {refused}"
     try:
         with lab.registry() as reg:
             row = import_checkpoint(lab, reg, ref.strip(), name=name.strip() or None)
@@ -412,7 +439,10 @@ def publish_to_hub(lab: Lab, ck_id: str | None, repo: str, private: bool = False
     warnings: list[str] = []
     try:
         with lab.registry() as reg:
-            result = hub.push_checkpoint(reg, ck_id, repo.strip(), private=bool(private),
+            from app.lab import hub_repo
+
+            result = hub.push_checkpoint(reg, ck_id, hub_repo(lab.settings, repo),
+                                         private=bool(private),
                                          omit_local_parents=bool(omit_local_parents),
                                          log=warnings.append)
     except (hub.HubError, RegistryError) as e:
@@ -497,6 +527,10 @@ def save_upload(lab: Lab, temp_path: str | None) -> str:
     import shutil
     import uuid
 
+    size = Path(temp_path).stat().st_size
+    if size > lab.settings.max_upload_mb * 2 ** 20:  # the web server refuses them first
+        raise ValueError(f"upload of {size / 2 ** 20:.0f} MiB refused: this lab accepts files "
+                         f"up to {lab.settings.max_upload_mb} MiB (max_upload_mb in lab.toml)")
     uploads = lab.root / "uploads"
     uploads.mkdir(exist_ok=True)
     target = uploads / f"{uuid.uuid4().hex[:8]}-{Path(temp_path).name}"
@@ -599,6 +633,7 @@ def build_app(lab: Lab):
                                   api_visibility="private")
 
             with gr.Tab("Jobs", id="jobs"):
+                gpus_md = gr.Markdown(gpu_summary, elem_id="gpus")
                 jobs_df = gr.Dataframe(headers=JOB_COLUMNS, value=lambda: job_table(lab),
                                        interactive=False, label="Jobs")
                 with gr.Row():
@@ -764,6 +799,8 @@ def build_app(lab: Lab):
         slow = gr.Timer(5.0)
         slow.tick(refresh_registry, inputs=search, outputs=[ck_df] + checkpoint_widgets,
                   api_visibility="private", show_progress="hidden")
+        slow.tick(gpu_summary, outputs=gpus_md, api_visibility="private",
+                  show_progress="hidden")
         # each page load gets the registry as it is now, not as it was at server start
         app.load(refresh_registry, inputs=search, outputs=[ck_df] + checkpoint_widgets,
                  api_visibility="private", show_progress="hidden")

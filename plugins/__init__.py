@@ -34,6 +34,10 @@ CheckpointList = Annotated[list[CheckpointRef],
                            Field(min_length=1, json_schema_extra={"x-weightsmith": "checkpoints"})]
 LocalFile = Annotated[str, Field(min_length=1, json_schema_extra={"x-weightsmith": "file"})]
 LongText = Annotated[str, Field(json_schema_extra={"x-weightsmith": "multiline"})]
+# A local file or folder (a text box, not an upload), checked against a shared lab's roots.
+LocalPath = Annotated[str, Field(min_length=1, json_schema_extra={"x-weightsmith": "path"})]
+# A local file or folder, or a Hub dataset id (ORG/NAME).
+DataRef = Annotated[str, Field(min_length=1, json_schema_extra={"x-weightsmith": "data"})]
 
 
 class PluginConfig(BaseModel):

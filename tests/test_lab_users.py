@@ -156,3 +156,160 @@ def test_the_app_asks_for_a_login_and_jobs_belong_to_who_submitted_them(lab_dir)
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_fair_order_round_robins_users_within_a_priority():
+    from app.scheduler import fair_order
+
+    def job(i, user, priority=0):
+        return {"id": f"{user}{i}", "user": user, "priority": priority,
+                "created_at": f"2026-01-01T00:00:{i:02d}"}
+
+    queued = [job(i, "a") for i in range(5)] + [job(10, "b"), job(11, "b"), job(12, "c"),
+                                                job(13, "auto", priority=-10),
+                                                job(14, "d", priority=5)]
+    order = [j["id"] for j in fair_order(queued, running=[], last_start={})]
+    assert order == ["d14", "a0", "b10", "c12", "a1", "b11", "a2", "a3", "a4", "auto13"]
+    # a user with a job running yields to one without; the user served longest ago goes first
+    running = [{"user": "a"}]
+    order = [j["id"] for j in fair_order(queued[:7], running, {"b": "2026-01-02"})]
+    assert order[:3] == ["b10", "a0", "b11"]
+
+
+def test_one_users_ten_jobs_do_not_starve_anothers_one(lab, tmp_path):
+    """User A queues 10 jobs, then user B queues 1: B's job starts before A's third."""
+    from app import jobs
+    from app.scheduler import Scheduler, queue_positions
+    from tests.conftest import wait_for
+
+    a_jobs = [jobs.submit(lab, "test_sleep", {"seconds": 0.1,
+                                              "pid_file": str(tmp_path / f"a{i}")},
+                          user="alice") for i in range(10)]
+    b_job = jobs.submit(lab, "test_sleep", {"seconds": 0.1, "pid_file": str(tmp_path / "b")},
+                        user="bob")
+    with lab.registry() as reg:  # the place the Jobs view shows: bob's job is second
+        assert queue_positions(reg)[b_job["id"]] == 2
+    scheduler = Scheduler(lab, poll_seconds=0.05)
+    assert scheduler.acquire()
+    try:
+        def third_a_started():
+            scheduler.tick()
+            with lab.registry() as reg:
+                return reg.job(a_jobs[2]["id"])["started_at"]
+
+        wait_for(third_a_started, 120, interval=0.05, what="A's third job to start")
+        with lab.registry() as reg:
+            b_started = reg.job(b_job["id"])["started_at"]
+            a_started = [reg.job(j["id"])["started_at"] for j in a_jobs[:3]]
+        assert b_started is not None and a_started[0] < b_started < a_started[1]
+    finally:
+        for j in a_jobs + [b_job]:
+            jobs.cancel(lab, j["id"])
+        scheduler.tick()
+        scheduler.release()
+
+
+def test_paths_outside_the_roots_escaping_symlinks_and_dot_dot_are_refused(lab_dir, tmp_path,
+                                                                         tiny_model_dir):
+    from app import auth, jobs
+    from app.lab import Lab
+    from app.paths import import_problem
+    from plugins import ConfigError
+
+    data = tmp_path / "shared-data"
+    data.mkdir()
+    (data / "text.txt").write_text("some text to score " * 50)
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    (lab_dir / "lab.toml").write_text(f"allowed_roots = [{str(data)!r}]\n")
+    lab = Lab(lab_dir)
+    auth.add_user(lab, "alice", "long enough")
+    (lab_dir / "escape").symlink_to("/etc")
+
+    def refused(**fields):
+        with pytest.raises(ConfigError) as e:
+            jobs.submit(lab, "evaluate", {"checkpoint": "org/model", **fields})
+        return str(e.value)
+
+    msg = refused(text_file="/etc/hostname")
+    assert "field 'text_file': '/etc/hostname' is outside the lab's allowed roots" in msg
+    assert str(data) in msg and "allowed_roots" in msg
+    msg = refused(text_file=str(lab_dir / "escape" / "hostname"))
+    assert "(which is /etc/hostname) is outside the lab's allowed roots" in msg
+    msg = refused(text_file="../../etc/passwd")
+    assert "field 'text_file': '../../etc/passwd' climbs out with '..'" in msg
+    msg = refused(text_file=str(data / ".." / "shared-data" / "text.txt"))  # inside, but '..'
+    assert "climbs out with '..'" in msg
+    assert "outside the lab's allowed roots" in refused(suite="/etc/suite.yaml")
+    # a model folder outside the roots, given directly or inside a pasted mergekit YAML
+    with pytest.raises(ConfigError, match="field 'checkpoint': .* is outside"):
+        jobs.submit(lab, "evaluate", {"checkpoint": str(tiny_model_dir)})
+    with pytest.raises(ConfigError, match=r"field 'mergekit_yaml \(model\)': .* is outside"):
+        jobs.submit(lab, "merge", {"mergekit_yaml": f"merge_method: linear\nmodels:\n"
+                                                    f"  - model: {tiny_model_dir}\n"})
+    assert "is outside" in import_problem(lab, str(tiny_model_dir))
+    # configs cannot carry environment variables or command lines: unknown fields are errors
+    assert "field 'env': unknown field" in refused(env={"LD_PRELOAD": "x"})
+    # inside the roots, and Hub ids, are fine
+    job = jobs.submit(lab, "evaluate", {"checkpoint": "org/model",
+                                        "text_file": str(data / "text.txt")})
+    assert job["status"] == "queued"
+    assert import_problem(lab, "org/model") is None
+
+
+def test_retention_removes_old_intermediates_but_never_parents_or_published(lab_dir, lab):
+    from app.retention import apply_retention
+
+    def add(name, created_at, parents=(), intermediate=True, **fields):
+        folder = lab.checkpoints_dir / name
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x" * 100)
+        with lab.registry() as reg:
+            row = reg.add_checkpoint(name=name, relation="finetune", path=str(folder),
+                                     parents=[{"id": p} for p in parents],
+                                     metadata={"intermediate": intermediate, "step": 10},
+                                     **fields)
+            reg.db["checkpoints"].update(row["id"], {"created_at": created_at})
+        return row["id"], folder
+
+    old = "2020-01-01T00:00:00.000000Z"
+    gone, gone_dir = add("run-step10", old)
+    parent, parent_dir = add("run-step20", old)
+    add("built-on-it", old, parents=[parent], intermediate=False)
+    published, published_dir = add("run-step30", old, hub_repo="org/run")
+    fresh, fresh_dir = add("run-step40", "2999-01-01T00:00:00.000000Z")
+    with lab.registry() as reg:
+        final = reg.add_checkpoint(name="run", relation="finetune")  # not intermediate
+        reg.db["checkpoints"].update(final["id"], {"created_at": old})
+
+    planned = apply_retention(lab, days=30, dry_run=True)
+    assert [r["name"] for r in planned] == ["run-step10"] and gone_dir.exists()
+    removed = run_cli(lab_dir, "retention", "--days", "30", check=True)
+    assert [r["id"] for r in json.loads(removed.stdout)["checkpoints"]] == [gone]
+    assert not gone_dir.exists()
+    assert parent_dir.exists() and published_dir.exists() and fresh_dir.exists()
+    with lab.registry() as reg:
+        row = reg.checkpoint(gone)
+        assert row["deleted_at"] and row["path"] is None  # the row stays for the lineage
+    assert apply_retention(lab, days=30) == []  # idempotent
+
+
+def test_gpu_memory_and_utilisation_come_from_nvidia_smi(tmp_path, monkeypatch):
+    from app.ui import gpu_summary
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi
+    assert gpu_summary().startswith("GPUs: none found")
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho '0, NVIDIA H100, 1200, 81559, 37'\n"
+                    "echo '1, NVIDIA H100, 80000, 81559, [N/A]'\n")
+    fake.chmod(0o755)
+    assert gpu_summary() == ("GPUs: **0** NVIDIA H100: 1200/81559 MiB, 37% busy · "
+                             "**1** NVIDIA H100: 80000/81559 MiB, ?% busy")
+
+
+def test_hub_org_names_bare_repos(lab_dir, monkeypatch):
+    from app.lab import Lab, hub_repo
+
+    monkeypatch.setenv("WEIGHTSMITH_HUB_ORG", "my-lab")
+    settings = Lab(lab_dir).settings
+    assert hub_repo(settings, "run-7") == "my-lab/run-7"
+    assert hub_repo(settings, "other/run-7") == "other/run-7"

@@ -10,7 +10,7 @@ from typing import Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from plugins import CheckpointRef, LocalFile, Plugin, PluginConfig
+from plugins import CheckpointRef, DataRef, LocalFile, Plugin, PluginConfig
 from plugins.train import (CpuProcesses, DistributedMode, GpuCount, cpu_processes_on_gpu_lab,
                            data_parallel_problem, processes_on)
 
@@ -20,12 +20,12 @@ from app.demo import HELDOUT as DEMO_HELDOUT  # the shipped held-out text (cheap
 class Config(PluginConfig):
     checkpoint: CheckpointRef = Field(description="Checkpoint to continue: registry id, name, "
                                                   "local folder or Hub id.")
-    data: str = Field(min_length=1, description=(
+    data: DataRef = Field(description=(
         "Domain text: a local .txt, .jsonl, .json, .csv or .parquet file, a folder of them, "
         "or a Hub dataset id. Each row of text_column is one document."))
     text_column: str = Field("text", min_length=1, description="Column holding the text "
                                                                "(plain .txt: 'text').")
-    replay_data: Optional[str] = Field(None, description=(
+    replay_data: Optional[DataRef] = Field(None, description=(
         "General (upstream) text mixed into the domain stream, same forms as data."))
     replay_ratio: float = Field(0.0, ge=0, le=0.9, description=(
         "Fraction of training blocks drawn from replay_data (0.25: one in four)."))

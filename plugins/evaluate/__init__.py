@@ -14,7 +14,7 @@ from typing import Optional
 
 from pydantic import Field, model_validator
 
-from plugins import CheckpointRef, LocalFile, Plugin, PluginConfig
+from plugins import CheckpointRef, DataRef, LocalFile, LocalPath, Plugin, PluginConfig
 
 from app.demo import HELDOUT as DEMO_TEXT  # the shipped held-out text (cheap import)
 
@@ -25,8 +25,8 @@ LM_EVAL_MISSING = ("lm-eval is not installed; install the extra with "
 class Config(PluginConfig):
     checkpoint: CheckpointRef = Field(
         description="Checkpoint to evaluate: registry id, name, local folder or Hub id.")
-    suite: Optional[str] = Field(
-        None, min_length=1, description="Local task suite: a built-in name (`demo`), a name in "
+    suite: Optional[DataRef] = Field(
+        None, description="Local task suite: a built-in name (`demo`), a name in "
                                         "the lab's suites/ folder, or a path to a suite YAML. "
                                         "Empty: no suite.")
     tasks: list[str] = Field(
@@ -56,8 +56,8 @@ class Config(PluginConfig):
         default_factory=list, description="lm-evaluation-harness tasks by name (needs the "
                                           "`lm-eval` extra), e.g. [hellaswag] or the name of a "
                                           "task YAML in lm_eval_include_path.")
-    lm_eval_include_path: Optional[str] = Field(
-        None, min_length=1, description="Folder of lm-eval task YAMLs to add to the task "
+    lm_eval_include_path: Optional[LocalPath] = Field(
+        None, description="Folder of lm-eval task YAMLs to add to the task "
                                         "index (works offline for local data).")
     lm_eval_num_fewshot: Optional[int] = Field(
         None, ge=0, le=64, description="lm-eval few-shot examples. Empty: each task's default.")

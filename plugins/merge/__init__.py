@@ -105,6 +105,23 @@ class Config(PluginConfig):
         return self
 
 
+def _referenced_paths(self) -> list[tuple[str, str]]:
+    """The models a pasted mergekit_yaml reads (app/paths.py checks them in a shared lab)."""
+    import yaml
+
+    if not self.mergekit_yaml:
+        return []
+    try:
+        data = yaml.safe_load(self.mergekit_yaml)
+    except yaml.YAMLError:
+        return []
+    return [(f"mergekit_yaml ({role})", ref) for ref, role, _ in model_refs(data)
+            if isinstance(ref, str)] if isinstance(data, dict) else []
+
+
+Config.referenced_paths = _referenced_paths
+
+
 def build_mergekit_config(config: Config) -> dict:
     """The mergekit configuration the form's fields describe."""
     entries = []

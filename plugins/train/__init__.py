@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from plugins import CheckpointRef, LongText, Plugin, PluginConfig
+from plugins import CheckpointRef, DataRef, LongText, Plugin, PluginConfig
 
 ADAPTER_METHODS = ("lora", "dora", "qlora")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -79,7 +79,7 @@ def check_layer_list(value: str | None) -> str | None:
 class Config(PluginConfig):
     checkpoint: CheckpointRef = Field(description="Base checkpoint to fine-tune: registry id, "
                                                   "name, local folder or Hub id.")
-    data: str = Field(min_length=1, description=(
+    data: DataRef = Field(description=(
         "Training data: a local .jsonl, .json, .csv, .parquet or .txt file, a folder of "
         "them, or a Hub dataset id."))
     data_format: Literal["auto", "prompt_completion", "messages", "text"] = Field(
@@ -97,7 +97,7 @@ class Config(PluginConfig):
     completion_only_loss: bool = Field(True, description=(
         "Learn only the completion (prompt_completion) or the assistant turns (messages); "
         "the prompt tokens get no loss."))
-    eval_data: Optional[str] = Field(None, description=(
+    eval_data: Optional[DataRef] = Field(None, description=(
         "Held-out data in the same format, for eval loss. Empty: none, unless eval_fraction."))
     eval_fraction: float = Field(0.0, ge=0, lt=0.5, description=(
         "Fraction of the training rows held out for eval loss (seeded split)."))

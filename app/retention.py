@@ -1,0 +1,57 @@
+"""Retention: remove the files of old intermediate training checkpoints.
+
+Intermediate checkpoints (the train and continue_pretrain plugins' `save_steps` saves, with
+`intermediate: true` in their metadata) pile up. `weightsmith retention --days N` removes the
+files of those older than N days and soft-deletes their rows; the rows, edges and scores stay
+for the lineage. It never touches a checkpoint that has descendants (something was built on
+it) or that was published to the Hub.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from app.auth import audit
+from app.lab import Lab
+from registry.store import now
+
+
+def candidates(lab: Lab, days: float) -> list[dict]:
+    cutoff = (datetime.now(timezone.utc) - timedelta(days=days)).strftime(
+        "%Y-%m-%dT%H:%M:%S.%fZ")
+    with lab.registry() as reg:
+        return list(reg.db.query(
+            "SELECT * FROM checkpoints c WHERE json_extract(c.metadata, '$.intermediate') = 1 "
+            "AND c.created_at < ? AND c.deleted_at IS NULL AND c.hub_repo IS NULL "
+            "AND NOT EXISTS (SELECT 1 FROM edges e WHERE e.parent_id = c.id) "
+            "ORDER BY c.created_at", [cutoff]))
+
+
+def apply_retention(lab: Lab, days: float, dry_run: bool = False,
+                    user: str | None = None) -> list[dict]:
+    """Remove the files of old intermediate checkpoints; returns what was (or would be)
+    removed: [{"id", "name", "created_at", "path", "bytes"}]."""
+    if days < 0:
+        raise ValueError(f"days: expected a number >= 0, got {days}")
+    out = []
+    for row in candidates(lab, days):
+        folder = Path(row["path"]) if row["path"] else None
+        inside = folder is not None and folder.resolve().is_relative_to(
+            lab.checkpoints_dir.resolve())
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) \
+            if inside and folder.exists() else 0
+        out.append({"id": row["id"], "name": row["name"], "created_at": row["created_at"],
+                    "path": row["path"] if inside else None, "bytes": size})
+        if dry_run:
+            continue
+        if inside:  # never delete files the lab does not own (an imported folder)
+            shutil.rmtree(folder, ignore_errors=True)
+        with lab.registry() as reg:
+            reg.db["checkpoints"].update(row["id"], {
+                "deleted_at": now(), "deleted_by": user or "retention",
+                "path": None if inside else row["path"]})
+            audit(reg, user or "retention", "checkpoint.retention", row["id"],
+                  {"name": row["name"], "bytes": size})
+    return out

@@ -183,26 +183,43 @@ def start_sleeper(lab, pid_file, seconds):
     return server, job, int(pid_file.read_text().split()[0])
 
 
-def test_kill_9_server_and_worker_marks_job_interrupted(lab, tmp_path):
-    server, job, worker = start_sleeper(lab, tmp_path / "pids", 120)
+def test_kill_9_server_and_three_workers_marks_jobs_interrupted(lab, tmp_path):
+    """A machine crash during three running jobs: the server and each job's whole process
+    group die at once (a server killed alone leaves its jobs running; see the next test).
+    After a restart the jobs are interrupted, the database is intact, and none of the three
+    half-written checkpoints is registered or left on disk."""
+    (lab.root / "lab.toml").write_text("cpu_slots = 3\n")
+    server = start_server(lab.root)
     try:
-        assert job_row(lab, job["id"])["status"] == "running"
-        # a machine crash: the server and the job's whole process group die at once
+        started = [jobs.submit(lab, "test_sleep", {"seconds": 120,
+                                                   "pid_file": str(tmp_path / f"pids{i}")})
+                   for i in range(3)]
+        pid_files = [tmp_path / f"pids{i}" for i in range(3)]
+        wait_for(lambda: all(f.exists() and f.read_text() for f in pid_files), 90,
+                 what="three workers")
+        workers = [int(f.read_text().split()[0]) for f in pid_files]
+        assert {job_row(lab, j["id"])["status"] for j in started} == {"running"}
+        assert len(list(lab.checkpoints_dir.glob(".tmp-*"))) == 3  # each one half-written
         os.kill(server.pid, signal.SIGKILL)
-        os.killpg(worker, signal.SIGKILL)
+        for worker in workers:
+            os.killpg(worker, signal.SIGKILL)
         server.wait(10)
-        wait_for(lambda: gone(worker), 10, what="worker to die")
+        wait_for(lambda: all(gone(w) for w in workers), 10, what="workers to die")
         conn = sqlite3.connect(lab.db_path)
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         conn.close()
-        assert job_row(lab, job["id"])["status"] == "running"  # nobody has noticed yet
+        assert {job_row(lab, j["id"])["status"] for j in started} == {"running"}  # unnoticed
         server = start_server(lab.root)
-        row = wait_for(lambda: (r := job_row(lab, job["id"]))["status"] == "interrupted" and r,
-                       60, what="interrupted status")
-        assert "restart" in row["error"]
+        rows = wait_for(lambda: (rs := [job_row(lab, j["id"]) for j in started]) and all(
+            r["status"] == "interrupted" for r in rs) and rs, 60, what="interrupted status")
+        assert all("restart" in r["error"] for r in rows)
         assert not list(lab.checkpoints_dir.glob(".tmp-*"))
+        conn = sqlite3.connect(lab.db_path)
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        conn.close()
         with lab.registry() as reg:
-            assert reg.job_checkpoints(job["id"]) == []
+            assert all(reg.job_checkpoints(j["id"]) == [] for j in started)
+            assert list(reg.db.query("SELECT id FROM checkpoints")) == []
     finally:
         server.kill()
         server.wait(10)

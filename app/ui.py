@@ -428,8 +428,10 @@ def import_form(lab: Lab, ref: str, name: str) -> str:
 
 
 def publish_to_hub(lab: Lab, ck_id: str | None, repo: str, private: bool = False,
-                   omit_local_parents: bool = False) -> str:
-    """The "Publish to Hub" button: one commit with the checkpoint's files and model card."""
+                   omit_local_parents: bool = False, user: str | None = None) -> str:
+    """The "Publish to Hub" button: one commit with the checkpoint's files and model card,
+    with the logged-in user's own token when they saved one (see hub.load_token)."""
+    from app.auth import audit
     from registry import hub
 
     if not ck_id:
@@ -444,7 +446,9 @@ def publish_to_hub(lab: Lab, ck_id: str | None, repo: str, private: bool = False
             result = hub.push_checkpoint(reg, ck_id, hub_repo(lab.settings, repo),
                                          private=bool(private),
                                          omit_local_parents=bool(omit_local_parents),
-                                         log=warnings.append)
+                                         token=hub.load_token(user), log=warnings.append)
+            audit(reg, user, "checkpoint.publish", result.get("checkpoint", ck_id),
+                  {"repo": result["repo"], "commit": result["commit"]})
     except (hub.HubError, RegistryError) as e:
         return f"**Not published:** {e}"
     done = (f"Published to [{result['repo']}]({result['url']}) at commit "
@@ -453,18 +457,19 @@ def publish_to_hub(lab: Lab, ck_id: str | None, repo: str, private: bool = False
     return "\n\n".join([done] + [f"_{w}_" for w in warnings])
 
 
-def save_hub_token(lab: Lab, token: str) -> str:
-    """Store the user's Hub token in the per-user token file (mode 0600), never in the lab."""
+def save_hub_token(lab: Lab, token: str, user: str | None = None) -> str:
+    """Store the Hub token (mode 0600, never in the lab): the logged-in lab user's own file,
+    or without users the token file of the account the server runs as."""
     from registry import hub
 
     try:
-        path = hub.save_token(token, lab_root=lab.root)
+        path = hub.save_token(token, lab_root=lab.root, user=user)
     except hub.HubError as e:
         return f"**Not saved:** {e}"
     return f"Token saved to `{path}` (mode 0600)."
 
 
-def sync_registry_form(lab: Lab, repo: str) -> str:
+def sync_registry_form(lab: Lab, repo: str, user: str | None = None) -> str:
     from registry import hub
 
     repo = (repo or "").strip() or lab.settings.hub_sync_repo
@@ -472,7 +477,8 @@ def sync_registry_form(lab: Lab, repo: str) -> str:
         return "**Give the registry's Hub dataset repo (ORG/NAME).**"
     try:
         with lab.registry() as reg:
-            result = hub.sync_registry(reg, repo, log=lambda m: None)
+            result = hub.sync_registry(reg, repo, token=hub.load_token(user),
+                                       log=lambda m: None)
     except (hub.HubError, RegistryError) as e:
         return f"**Not synced:** {e}"
     added = ", ".join(f"{n} {t}" for t, n in result["added"].items() if n) or "nothing"
@@ -710,8 +716,9 @@ def build_app(lab: Lab):
                 with gr.Accordion("Hub settings", open=False):
                     hub_token = gr.Textbox(
                         label="Hub token", type="password",
-                        info="Kept in your per-user token file (mode 0600), never in the lab. "
-                             "HF_TOKEN, when set, is used instead.")
+                        info="Kept in your own token file (mode 0600), never in the lab, and "
+                             "used when you publish or sync. Without one, the server's "
+                             "HF_TOKEN or token file is used.")
                     token_go = gr.Button("Save token")
                     sync_repo = gr.Textbox(label="Registry dataset repo (ORG/NAME)",
                                            value=lab.settings.hub_sync_repo)
@@ -740,13 +747,21 @@ def build_app(lab: Lab):
 
                 del_go.click(on_delete, inputs=selected_ck, outputs=del_msg,
                              api_name="delete_checkpoint")
-                pub_go.click(lambda c, r, p, o: publish_to_hub(lab, c, r, p, o),
-                             inputs=[selected_ck, pub_repo, pub_private, pub_omit],
+                def on_publish(request: gr.Request, c, r, p, o):
+                    return publish_to_hub(lab, c, r, p, o, user=request_user(request))
+
+                def on_token(request: gr.Request, t):
+                    return save_hub_token(lab, t, user=request_user(request)), ""
+
+                def on_sync(request: gr.Request, r):
+                    return sync_registry_form(lab, r, user=request_user(request))
+
+                pub_go.click(on_publish, inputs=[selected_ck, pub_repo, pub_private, pub_omit],
                              outputs=pub_msg, api_name="publish_to_hub")
-                token_go.click(lambda t: (save_hub_token(lab, t), ""), inputs=hub_token,
-                               outputs=[hub_msg, hub_token], api_visibility="private")
-                sync_go.click(lambda r: sync_registry_form(lab, r), inputs=sync_repo,
-                              outputs=hub_msg, api_name="sync_registry")
+                token_go.click(on_token, inputs=hub_token, outputs=[hub_msg, hub_token],
+                               api_visibility="private")
+                sync_go.click(on_sync, inputs=sync_repo, outputs=hub_msg,
+                              api_name="sync_registry")
 
             with gr.Tab("Compare", id="compare"):
                 picks = gr.Dropdown(choices=choices, multiselect=True, filterable=True,

@@ -68,21 +68,35 @@ def endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
-def token_file() -> Path:
-    """Per-user token file: $WEIGHTSMITH_HUB_TOKEN_FILE, else
-    $XDG_CONFIG_HOME/weightsmith/hub_token (~/.config by default). Never in a lab folder."""
+_USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
+
+
+def token_file(user: str | None = None) -> Path:
+    """The token file: $WEIGHTSMITH_HUB_TOKEN_FILE, else
+    $XDG_CONFIG_HOME/weightsmith/hub_token (~/.config by default), of the account the process
+    runs as. Never in a lab folder. With `user` (a lab user logged in to a shared server),
+    that user's own file beside it, `hub_token.USER`, so that lab users who share one server
+    account publish with their own tokens."""
     if os.environ.get(TOKEN_FILE_ENV):
-        return Path(os.environ[TOKEN_FILE_ENV]).expanduser()
-    config = os.environ.get("XDG_CONFIG_HOME") or "~/.config"
-    return Path(config).expanduser() / "weightsmith" / "hub_token"
+        path = Path(os.environ[TOKEN_FILE_ENV]).expanduser()
+    else:
+        config = os.environ.get("XDG_CONFIG_HOME") or "~/.config"
+        path = Path(config).expanduser() / "weightsmith" / "hub_token"
+    if user is None:
+        return path
+    if not _USER_NAME.match(user):
+        raise HubError(f"user name {user!r} cannot name a token file (letters, digits and "
+                       f"._@+- expected)")
+    return path.with_name(f"{path.name}.{user}")
 
 
-def save_token(token: str, lab_root: Path | None = None) -> Path:
-    """Store the token in the per-user token file with mode 0600; returns the file."""
+def save_token(token: str, lab_root: Path | None = None, user: str | None = None) -> Path:
+    """Store the token with mode 0600 in the token file (`user`'s own with a user); returns
+    the file."""
     token = (token or "").strip()
     if not token:
         raise HubError("the Hub token is empty")
-    path = token_file()
+    path = token_file(user)
     if lab_root is not None and path.resolve().is_relative_to(Path(lab_root).resolve()):
         raise HubError(f"{TOKEN_FILE_ENV} points into the lab folder ({path}); the token "
                        f"must live outside it")
@@ -96,8 +110,13 @@ def save_token(token: str, lab_root: Path | None = None) -> Path:
     return path
 
 
-def load_token() -> str | None:
-    """HF_TOKEN when set, else the token file; None lets huggingface_hub use its own login."""
+def load_token(user: str | None = None) -> str | None:
+    """With `user`: that user's token file when it exists. Otherwise HF_TOKEN when set, else
+    the token file; None lets huggingface_hub use its own login."""
+    if user is not None:
+        path = token_file(user)
+        if path.is_file():
+            return path.read_text().strip() or None
     if os.environ.get("HF_TOKEN"):
         return os.environ["HF_TOKEN"].strip()
     path = token_file()

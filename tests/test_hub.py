@@ -352,6 +352,29 @@ def test_ui_publish_button_token_setting_and_sync(lab, tiny_model_dir, fake_hub,
     assert "pushed 3 checkpoints" in ui.sync_registry_form(lab, "org/lab-registry")
 
 
+def test_each_lab_user_publishes_with_their_own_token(lab, tiny_model_dir, fake_hub):
+    """On a shared server, a token saved in the UI belongs to the logged-in lab user: alice
+    publishes with hers while the server's own token is wrong, bob (no token of his own)
+    falls back to the server's and is refused; the publish is audited."""
+    from app import auth, ui
+
+    base, _, _ = make_lineage(lab, tiny_model_dir)
+    hub.save_token("hf_the_servers_stale_token")  # the account the server runs as
+    assert "mode 0600" in ui.save_hub_token(lab, TOKEN, user="alice")
+    alice_file = hub.token_file("alice")
+    assert alice_file.name == "hub_token.alice" and alice_file.read_text().strip() == TOKEN
+    assert stat.S_IMODE(alice_file.stat().st_mode) == 0o600
+    assert hub.load_token("alice") == TOKEN and hub.load_token("bob") != TOKEN
+    assert "Not published" in ui.publish_to_hub(lab, base, "org/base", user="bob")
+    assert "Published to [org/base]" in ui.publish_to_hub(lab, base, "org/base", user="alice")
+    entry = auth.audit_log(lab)[0]
+    assert (entry["action"], entry["user"], entry["target"]) == ("checkpoint.publish", "alice",
+                                                                 base)
+    assert "Not saved" in ui.save_hub_token(lab, TOKEN, user="../x")
+    assert TOKEN not in "".join(p.read_text(errors="ignore") for p in lab.root.rglob("*")
+                                if p.is_file() and p.stat().st_size < 10_000_000)
+
+
 def test_cli_login_and_auto_sync_after_a_job(lab, lab_dir, tiny_model_dir, fake_hub, tmp_path,
                                              monkeypatch):
     import subprocess

@@ -398,6 +398,33 @@ def _magnitude_keep(delta: torch.Tensor, density: float,
     return keep
 
 
+def _magnitude_keep_owned(make_delta: Callable[[], torch.Tensor],
+                          density: float) -> Optional[torch.Tensor]:
+    """_magnitude_keep(make_delta(), density, in_place=True), with the same result, in less
+    memory: the delta is made here, and for 16-bit deltas on CPU its storage (the |delta|
+    keys) is freed once the keys are packed, before the replay allocates its masks. That is
+    2 bytes an element less at the peak, which the largest tensors (the embeddings) set.
+    Where the replay gives way to torch.argsort, the delta is made again."""
+    if density >= 1:
+        return None
+    delta = make_delta().reshape(-1)
+    n = delta.numel()
+    k = max(1, int(density * n))
+    if (density <= 0 or k >= n or delta.device.type != "cpu"
+            or delta.dtype not in (torch.bfloat16, torch.float16) or not _introsort_ok()):
+        return _magnitude_keep(delta, density, in_place=True)
+    bits = delta.abs_().view(torch.int16)
+    if int(bits.max()) > (0x7F80 if delta.dtype == torch.bfloat16 else 0x7C00):
+        del bits
+        return _magnitude_keep(delta, density, in_place=True)  # NaN: as mergekit
+    packed_keys = _pack(bits.numpy(), k)
+    del delta, bits  # nothing else holds the keys now: their memory is freed
+    kept = _replay(packed_keys, n, k)
+    if kept is None:  # std::sort would heapsort: torch.argsort decides, on a fresh delta
+        return _magnitude_keep(make_delta(), density, in_place=True)
+    return torch.from_numpy(kept)
+
+
 # ---------------------------------------------------------------------------------------------
 # The first k of torch's CPU argsort, without the sort.
 #
@@ -508,7 +535,17 @@ def _introsort_keep_unchecked(key, k: int):
         return np.ones(n, dtype=np.bool_)
     if k <= 0:
         return np.zeros(n, dtype=np.bool_)
-    keep, packed, unit, t, decode = _pack(key, k)
+    return _replay(_pack(key, k), n, k)
+
+
+def _replay(packed_keys: tuple, n: int, k: int):
+    """The replay of introsort on _pack's result for the k largest of n keys (0 < k < n):
+    the (n,) numpy bool mask, or None where std::sort would switch to heapsort. It needs
+    only the packed keys, so the caller may drop the keys first."""
+    import numpy as np
+
+    keep, packed, unit, t, decode = packed_keys
+    del packed_keys
     t_lo, t_hi = t * unit, t * unit + unit - 1
     found = []
 
@@ -602,6 +639,13 @@ def introsort_keep(key, k: int):
     """torch.argsort(key, descending=True)[:k] on CPU as a (n,) numpy bool mask, or None
     (use torch.argsort). key: a 1-D numpy int16 or float32 array without NaN (not
     modified)."""
+    if not _introsort_ok():
+        return None
+    return _introsort_keep_unchecked(key, k)
+
+
+def _introsort_ok() -> bool:
+    """Whether the replay equals this torch's argsort (checked once per process)."""
     global _INTROSORT_OK
     if _INTROSORT_OK is None:
         gen = torch.Generator().manual_seed(0)
@@ -610,9 +654,7 @@ def introsort_keep(key, k: int):
         expected[torch.argsort(probe, descending=True)[:20_000]] = True
         got = _introsort_keep_unchecked(probe.numpy(), 20_000)
         _INTROSORT_OK = got is not None and torch.equal(torch.from_numpy(got), expected)
-    if not _INTROSORT_OK:
-        return None
-    return _introsort_keep_unchecked(key, k)
+    return _INTROSORT_OK
 
 
 def introsort_top(key, k: int):
@@ -853,9 +895,15 @@ class _Engine:
         base_ck, base_key = self.inputs[-1], item.keys[-1]
         keeps, sparse = [], []
         for i in range(self.n_models):
-            with _single_intraop(self.threads <= 1):
-                delta = self._full_delta(self.inputs[i].open(item.keys[i]).reshape(-1),
-                                         base_ck.open(base_key).reshape(-1), cdt)
+            def make_delta(i=i) -> torch.Tensor:
+                with _single_intraop(self.threads <= 1):
+                    return self._full_delta(self.inputs[i].open(item.keys[i]).reshape(-1),
+                                            base_ck.open(base_key).reshape(-1), cdt)
+
+            if self.method == "ties" and not rescale:
+                keeps.append(_magnitude_keep_owned(make_delta, self.densities[i]))
+                continue
+            delta = make_delta()
             if self.method == "ties":
                 keep = _magnitude_keep(delta, self.densities[i], in_place=not rescale)
                 if not rescale:

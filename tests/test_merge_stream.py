@@ -190,19 +190,26 @@ def test_ties_of_two_models_equals_mergekit(sharded, tmp_path, monkeypatch, meth
 
 @pytest.mark.parametrize("tag,dtype", [("f32", "float32"), ("bf16", "bfloat16")])
 def test_ties_in_low_memory_equals_mergekit(sharded, tmp_path, monkeypatch, tag, dtype):
-    """With a tiny budget, TIES still selects with introsort_keep (on CPU it always does) and
-    reserves less than torch.argsort would take."""
+    """With a tiny budget, TIES still selects by replaying the sort (on CPU it always does;
+    16-bit deltas are freed before the replay) and reserves less than torch.argsort would
+    take."""
     import ops.merge_stream as engine
 
+    assert engine._introsort_ok()  # its own probe is a replay too: done before counting
     calls = []
-    real = engine.introsort_keep
-    monkeypatch.setattr(engine, "introsort_keep",
-                        lambda key, k: calls.append(k) or real(key, k))
+    real = engine._replay
+    monkeypatch.setattr(engine, "_replay",
+                        lambda packed, n, k: calls.append(k) or real(packed, n, k))
+    argsorts = []
+    real_argsort = torch.argsort
+    monkeypatch.setattr(torch, "argsort", lambda *a, **kw: argsorts.append(1) or
+                        real_argsort(*a, **kw))
     data = mergekit_yaml("ties", sharded, tag, dtype)
     stats = run_native(data, tmp_path / "ours", max_working_bytes=20_000)
     # 3 models x (7 matrices and 2 norms x 2 layers, 2 embeddings and the final norm)
-    assert len(calls) == 3 * (2 * 9 + 3)
+    assert len(calls) == 3 * (2 * 9 + 3) and not argsorts
     assert stats.peak_reserved_bytes < 384 * 48 * 24  # argsort alone would take 24 B/element
+    monkeypatch.setattr(torch, "argsort", real_argsort)
     run_mergekit(data, tmp_path / "theirs")
     assert_bit_identical(tmp_path / "ours", tmp_path / "theirs")
 
@@ -258,6 +265,36 @@ def test_magnitude_keep_breaks_ties_as_mergekit_argsort(dtype, case):
         expected[torch.argsort(delta.abs().float(), descending=True)[:k]] = True
         got = _magnitude_keep(delta.clone(), density, in_place=True)
         assert torch.equal(got, expected), (case, density, int((got != expected).sum()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_magnitude_keep_that_frees_the_delta_keeps_the_same(dtype, monkeypatch):
+    """_magnitude_keep_owned (which drops the delta before the replay) keeps exactly what
+    _magnitude_keep keeps: any density, NaN, and where the replay gives way to argsort."""
+    import ops.merge_stream as engine
+
+    gen = torch.Generator().manual_seed(3)
+    delta = (0.002 * torch.randn(50_001, generator=gen)).to(dtype)
+    with_nan = delta.clone()
+    with_nan[17] = float("nan")
+    made = []
+
+    def maker(x):
+        return lambda: made.append(1) or x.clone()
+
+    for x in (delta, with_nan):
+        for density in (0.0, 1e-5, 0.3, 0.5, 0.999, 1.0):
+            expected = engine._magnitude_keep(x.clone(), density)
+            got = engine._magnitude_keep_owned(maker(x), density)
+            assert (got is None) == (expected is None), density
+            assert got is None or torch.equal(got, expected), (density, x is with_nan)
+    assert len(made) == 10  # density 1 needs no delta
+    monkeypatch.setattr(engine, "_replay", lambda packed, n, k: None)  # "would heapsort"
+    made.clear()
+    expected = torch.zeros(delta.numel(), dtype=torch.bool)
+    expected[torch.argsort(delta.abs().float(), descending=True)[:25_000]] = True
+    assert torch.equal(engine._magnitude_keep_owned(maker(delta), 0.5), expected)
+    assert len(made) == (2 if dtype != torch.float32 else 1)  # the delta was made again
 
 
 def test_dare_depends_on_the_seed_and_keeps_density_on_average(sharded, tmp_path):

@@ -114,9 +114,17 @@ def delete_checkpoint(lab: Lab, ref: str, user: str | None) -> dict:
         if row.get("deleted_at"):
             return row
         check_owner(lab, user, row["created_by"], f"delete checkpoint {row['id']}")
-        reg.db["checkpoints"].update(row["id"], {"deleted_at": now(), "deleted_by": user})
-        audit(reg, user, "checkpoint.delete", row["id"], {"name": row["name"]})
+        soft_delete(reg, row["id"], user, "checkpoint.delete", {"name": row["name"]})
         return reg.checkpoint(row["id"])
+
+
+def soft_delete(reg, checkpoint_id: str, user: str | None, action: str, details: dict,
+                **fields) -> None:
+    """Mark a checkpoint deleted (its row, edges and scores stay) and audit it; `fields`:
+    other columns to set at the same time."""
+    reg.db["checkpoints"].update(checkpoint_id, {"deleted_at": now(), "deleted_by": user,
+                                                 **fields})
+    audit(reg, user, action, checkpoint_id, details)
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

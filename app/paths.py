@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 import plugins
 from app.lab import Lab
-from registry.refs import HUB_ID
+from registry.refs import is_hub_id
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -55,8 +55,9 @@ def path_values(config: BaseModel, prefix: str = "") -> Iterator[tuple[str, str,
             yield field, value, "checkpoint"
 
 
-def looks_like_hub_id(value: str) -> bool:
-    return bool(HUB_ID.match(value)) and not value.startswith((".", "/", "~"))
+def _hub_id_not_path(value: str) -> bool:
+    """A Hub id (ORG/NAME) that is not also an existing local path."""
+    return is_hub_id(value) and not Path(value).expanduser().exists()
 
 
 def check_path(lab: Lab, field: str, value: str) -> str | None:
@@ -80,7 +81,7 @@ def _roots_text(lab: Lab) -> str:
 def import_problem(lab: Lab, ref: str) -> str | None:
     """Why importing `ref` (a folder or Hub id) is refused in this lab, or None."""
     ref = (ref or "").strip()
-    if not restricted(lab) or (looks_like_hub_id(ref) and not Path(ref).expanduser().exists()):
+    if not restricted(lab) or _hub_id_not_path(ref):
         return None
     return check_path(lab, "ref", ref)
 
@@ -95,10 +96,9 @@ def config_problems(lab: Lab, config: BaseModel) -> list[str]:
             if marker == "checkpoint":
                 if reg.find_checkpoint(value) is not None:
                     continue  # registered: its files are the lab's own
-                if looks_like_hub_id(value) and not Path(value).expanduser().exists():
+                if _hub_id_not_path(value):
                     continue  # resolve_ref has checked the Hub id's form
-            elif marker == "data" and looks_like_hub_id(value) and \
-                    not Path(value).expanduser().exists():
+            elif marker == "data" and _hub_id_not_path(value):
                 continue  # a Hub dataset id
             elif marker == "data" and "/" not in value and "\\" not in value and \
                     not Path(value).expanduser().exists():

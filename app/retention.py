@@ -13,9 +13,8 @@ import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from app.auth import audit
+from app.auth import soft_delete
 from app.lab import Lab
-from registry.store import now
 
 
 def candidates(lab: Lab, days: float) -> list[dict]:
@@ -36,22 +35,21 @@ def apply_retention(lab: Lab, days: float, dry_run: bool = False,
     if days < 0:
         raise ValueError(f"days: expected a number >= 0, got {days}")
     out = []
-    for row in candidates(lab, days):
-        folder = Path(row["path"]) if row["path"] else None
-        inside = folder is not None and folder.resolve().is_relative_to(
-            lab.checkpoints_dir.resolve())
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) \
-            if inside and folder.exists() else 0
-        out.append({"id": row["id"], "name": row["name"], "created_at": row["created_at"],
-                    "path": row["path"] if inside else None, "bytes": size})
-        if dry_run:
-            continue
-        if inside:  # never delete files the lab does not own (an imported folder)
-            shutil.rmtree(folder, ignore_errors=True)
-        with lab.registry() as reg:
-            reg.db["checkpoints"].update(row["id"], {
-                "deleted_at": now(), "deleted_by": user or "retention",
-                "path": None if inside else row["path"]})
-            audit(reg, user or "retention", "checkpoint.retention", row["id"],
-                  {"name": row["name"], "bytes": size})
+    rows = candidates(lab, days)
+    with lab.registry() as reg:
+        for row in rows:
+            folder = Path(row["path"]) if row["path"] else None
+            inside = folder is not None and folder.resolve().is_relative_to(
+                lab.checkpoints_dir.resolve())
+            size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) \
+                if inside and folder.exists() else 0
+            out.append({"id": row["id"], "name": row["name"], "created_at": row["created_at"],
+                        "path": row["path"] if inside else None, "bytes": size})
+            if dry_run:
+                continue
+            if inside:  # never delete files the lab does not own (an imported folder)
+                shutil.rmtree(folder, ignore_errors=True)
+            soft_delete(reg, row["id"], user or "retention", "checkpoint.retention",
+                        {"name": row["name"], "bytes": size},
+                        path=None if inside else row["path"])
     return out

@@ -96,12 +96,19 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 def global_masks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
     """One threshold over all matrices: exactly floor(sparsity * total) weights pruned.
     Holds every score at once (4 bytes per weight on the scores' device)."""
-    names = list(scores)
+    k = int(sum(s.numel() for s in scores.values()) * sparsity)
+    return global_topk_masks(scores, list(scores), k, largest=False)
+
+
+def global_topk_masks(scores: dict[str, torch.Tensor], names: list[str], k: int,
+                      largest: bool) -> dict[str, torch.Tensor]:
+    """Bool masks (each tensor's shape) of the k largest (or smallest) scores over all the
+    tensors together, concatenated in `names` order (which decides equal scores). Holds
+    every score at once (4 bytes an entry, on the scores' device)."""
     flat = torch.cat([scores[n].reshape(-1).float() for n in names])
     mask = torch.zeros_like(flat, dtype=torch.bool)
-    k = int(flat.numel() * sparsity)
     if k:
-        mask[torch.topk(flat, k, largest=False).indices] = True
+        mask[torch.topk(flat, k, largest=largest, sorted=False).indices] = True
     out, start = {}, 0
     for n in names:
         size = scores[n].numel()

@@ -373,6 +373,27 @@ def _lm_loss(model, params: dict, batch: torch.Tensor) -> torch.Tensor:
                                                             "labels": batch}).loss
 
 
+def _mean_loss(model, params: dict, batches: Sequence[torch.Tensor], device) -> float:
+    """The mean language-model loss over all batches, without gradients."""
+    with torch.no_grad():
+        return sum(float(_lm_loss(model, params, b.to(device))) for b in batches) / len(batches)
+
+
+def _descend(trainable: list[torch.Tensor], params_of: Callable[[], dict], model,
+             batches: Sequence[torch.Tensor], device, steps: int, lr: float,
+             log: Optional[Callable[[int, float], None]]) -> None:
+    """Adam on `trainable` for `steps` steps, one batch a step in turn, of the loss of the
+    model run with params_of() (which builds the parameters from `trainable`)."""
+    optimizer = torch.optim.Adam(trainable, lr=lr)
+    for step in range(steps):
+        loss = _lm_loss(model, params_of(), batches[step % len(batches)].to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if log:
+            log(step, float(loss.detach()))
+
+
 def learn_coefficients(model, vectors: Sequence[dict[str, torch.Tensor]],
                        init: Sequence[dict[str, float]], batches: Sequence[torch.Tensor], *,
                        steps: int, lr: float,
@@ -400,21 +421,9 @@ def learn_coefficients(model, vectors: Sequence[dict[str, torch.Tensor]],
                 out[name] = out[name] + coeffs[i, column[block_of(name)]].to(t.dtype) * t
         return out
 
-    def mean_loss() -> float:
-        with torch.no_grad():
-            p = merged(lam)
-            return sum(float(_lm_loss(model, p, b.to(device))) for b in batches) / len(batches)
-
-    before = mean_loss()
-    optimizer = torch.optim.Adam([lam], lr=lr)
-    for step in range(steps):
-        loss = _lm_loss(model, merged(lam), batches[step % len(batches)].to(device))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if log:
-            log(step, float(loss.detach()))
-    after = mean_loss()
+    before = _mean_loss(model, merged(lam), batches, device)
+    _descend([lam], lambda: merged(lam), model, batches, device, steps, lr, log)
+    after = _mean_loss(model, merged(lam), batches, device)
     table = [{b: float(lam.detach()[i, j]) for b, j in column.items()}
              for i in range(len(vectors))]
     return {"coefficients": table, "loss_before": before, "loss_after": after}
@@ -424,17 +433,10 @@ def learn_coefficients(model, vectors: Sequence[dict[str, torch.Tensor]],
 def top_mask(scores: dict[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
     """Global top-k of the scores over all tensors: bool masks with exactly
     kept_count(total, density) entries set. Holds every score at once (float32)."""
-    names = sorted(scores)
-    flat = torch.cat([scores[n].reshape(-1).float() for n in names])
-    k = kept_count(flat.numel(), density)
-    keep = torch.zeros(flat.numel(), dtype=torch.bool)
-    keep[torch.topk(flat, k, sorted=False).indices] = True
-    out, start = {}, 0
-    for n in names:
-        size = scores[n].numel()
-        out[n] = keep[start:start + size].view(scores[n].shape)
-        start += size
-    return out
+    from ops.prune import global_topk_masks
+
+    k = kept_count(sum(s.numel() for s in scores.values()), density)
+    return global_topk_masks(scores, sorted(scores), k, largest=True)
 
 
 def learn_graft_mask(model, tau: dict[str, torch.Tensor], density: float,
@@ -459,19 +461,12 @@ def learn_graft_mask(model, tau: dict[str, torch.Tensor], density: float,
         return out
 
     def mean_loss(mask: dict) -> float:
-        with torch.no_grad():
-            p = grafted({n: m.to(device).float() for n, m in mask.items()})
-            return sum(float(_lm_loss(model, p, b.to(device))) for b in batches) / len(batches)
+        return _mean_loss(model, grafted({n: m.to(device).float() for n, m in mask.items()}),
+                          batches, device)
 
-    optimizer = torch.optim.Adam(list(scores.values()), lr=lr)
-    for step in range(steps):
-        gates = {n: torch.sigmoid(s) for n, s in scores.items()}
-        loss = _lm_loss(model, grafted(gates), batches[step % len(batches)].to(device))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if log:
-            log(step, float(loss.detach()))
+    _descend(list(scores.values()),
+             lambda: grafted({n: torch.sigmoid(s) for n, s in scores.items()}),
+             model, batches, device, steps, lr, log)
     mask = top_mask({n: s.detach().cpu() for n, s in scores.items()}, density)
     return {"mask": mask, "loss_magnitude": mean_loss(start), "loss_learned": mean_loss(mask)}
 

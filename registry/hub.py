@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from registry.refs import is_hub_id
 from registry.store import FINISHED, Registry, mermaid, now
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TOKEN_FILE_ENV = "WEIGHTSMITH_HUB_TOKEN_FILE"  # where the token file lives (tests redirect it)
 RETRY_WAIT_ENV = "WEIGHTSMITH_HUB_RETRY_WAIT"  # first backoff in seconds (doubles each time)
 RETRY_ATTEMPTS = 4
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
 # The Hub's documented base_model_relation values. Ours that have no Hub word (prune, scale,
 # continue_pretrain, a plugin's own) are closest to "finetune": weights derived from the
@@ -212,7 +212,7 @@ def find_hub_row(reg: Registry, repo_id: str) -> dict | None:
 
 def check_repo_id(repo_id: str) -> str:
     repo_id = (repo_id or "").strip()
-    if not HUB_ID.match(repo_id):
+    if not is_hub_id(repo_id):
         raise HubError(f"repo {repo_id!r}: expected a Hub repo id of the form ORG/NAME")
     return repo_id
 
@@ -241,7 +241,7 @@ def _datasets(config: Any) -> list[str]:
             if isinstance(value, (dict, list)):
                 found += _datasets(value)
             elif isinstance(value, str) and ("data" in key or key == "dataset") \
-                    and HUB_ID.match(value) and not looks_local(value):
+                    and is_hub_id(value):
                 found.append(value)
     elif isinstance(config, list):
         for value in config:
@@ -315,7 +315,7 @@ def read_card_lineage(card_text: str) -> tuple[list[str], str]:
     if "weightsmith" in tags:  # our own cards name our relation in the tag after ours
         ours = [t for t in tags if t not in ("weightsmith", "merge", "mergekit")]
         relation = ours[0] if ours else relation
-    return [b for b in base if isinstance(b, str) and HUB_ID.match(b)], relation
+    return [b for b in base if isinstance(b, str) and is_hub_id(b)], relation
 
 
 # ---------------------------------------------------------------------------------- publish

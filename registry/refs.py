@@ -13,6 +13,11 @@ from registry.store import Registry
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
 
+def is_hub_id(value: str) -> bool:
+    """ORG/NAME in the Hub's spelling (a path starting with /, ~ or . never matches)."""
+    return bool(HUB_ID.match(value))
+
+
 class RefError(Exception):
     """A checkpoint reference that names nothing usable."""
 
@@ -41,7 +46,7 @@ def resolve_ref(registry: Registry, ref: str) -> Ref:
         except CheckpointError as e:
             raise RefError(str(e)) from None
         return Ref("path", str(path.resolve()))
-    if HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+    if is_hub_id(ref):
         return Ref("hub", ref)
     raise RefError(f"unknown checkpoint {ref!r}: not a registry id or name, not an existing "
                    f"folder, and not a Hub id of the form ORG/NAME")

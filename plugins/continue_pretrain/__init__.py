@@ -11,13 +11,13 @@ from typing import Optional
 from pydantic import Field, field_validator, model_validator
 
 from plugins import CheckpointRef, DataRef, LocalFile, Plugin, PluginConfig
-from plugins.train import (CpuProcesses, DistributedMode, GpuCount, cpu_processes_on_gpu_lab,
-                           data_parallel_problem, processes_on)
+from plugins.train import (CpuProcesses, DataParallel, DistributedMode, GpuCount,
+                           data_parallel_problem)
 
 from app.demo import HELDOUT as DEMO_HELDOUT  # the shipped held-out text (cheap import)
 
 
-class Config(PluginConfig):
+class Config(DataParallel, PluginConfig):
     checkpoint: CheckpointRef = Field(description="Checkpoint to continue: registry id, name, "
                                                   "local folder or Hub id.")
     data: DataRef = Field(description=(
@@ -92,22 +92,6 @@ class Config(PluginConfig):
         if problem:
             raise ValueError(problem)
         return self
-
-    def gpu_requirement(self) -> tuple[str, str] | None:
-        """(field, why) when this config cannot run without gpu_count() CUDA GPUs."""
-        if self.gpus > 1:
-            return "gpus", f"got {self.gpus}; the job needs {self.gpus} GPUs"
-        return None
-
-    def gpu_count(self) -> int:
-        return self.gpus
-
-    def processes(self, device: str) -> int:
-        """Data-parallel processes on the assigned device (app/worker.py launches them)."""
-        return processes_on(self, device)
-
-    def lab_problems(self, lab_root) -> list[str]:
-        return cpu_processes_on_gpu_lab(self, lab_root)
 
 
 class _Stream:

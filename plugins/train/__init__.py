@@ -44,26 +44,40 @@ def data_parallel_problem(config) -> str | None:
     return None
 
 
-def processes_on(config, device: str) -> int:
-    """Processes the job runs as on `device` (the scheduler's placement: cuda:0,1 or cpu)."""
-    if device.startswith("cuda"):
-        if config.cpu_processes > 1:
-            raise ValueError(f"cpu_processes: got {config.cpu_processes}, but this job runs on "
-                             f"{device}; use gpus for more processes on GPUs")
-        return config.gpus
-    return config.cpu_processes
+class DataParallel:
+    """The scheduler's side of a config with `gpus`, `cpu_processes` and `distributed` fields
+    (train, continue_pretrain): what it needs and how many processes it runs as."""
 
+    def gpu_requirement(self) -> tuple[str, str] | None:
+        """(field, why) when this config cannot run without gpu_count() CUDA GPUs."""
+        if self.gpus > 1:
+            return "gpus", f"got {self.gpus}; the job needs {self.gpus} GPUs"
+        return None
 
-def cpu_processes_on_gpu_lab(config, lab_root) -> list[str]:
-    """The submit-time check (Config.lab_problems): cpu_processes > 1 on a lab with GPUs."""
-    if config.cpu_processes <= 1:
-        return []
-    from app.jobs import lab_gpus
-    from app.lab import Lab
+    def gpu_count(self) -> int:
+        """GPUs the scheduler must give this job at once."""
+        return self.gpus
 
-    gpus = lab_gpus(Lab(lab_root))
-    return [f"field 'cpu_processes': got {config.cpu_processes}; this lab has GPUs "
-            f"({', '.join(map(str, gpus))}), so jobs run there: use gpus"] if gpus else []
+    def processes(self, device: str) -> int:
+        """Data-parallel processes on the assigned device (the scheduler's placement:
+        cuda:0,1 or cpu); app/worker.py launches them."""
+        if device.startswith("cuda"):
+            if self.cpu_processes > 1:
+                raise ValueError(f"cpu_processes: got {self.cpu_processes}, but this job runs "
+                                 f"on {device}; use gpus for more processes on GPUs")
+            return self.gpus
+        return self.cpu_processes
+
+    def lab_problems(self, lab_root) -> list[str]:
+        """The submit-time check: cpu_processes > 1 on a lab with GPUs."""
+        if self.cpu_processes <= 1:
+            return []
+        from app.jobs import lab_gpus
+        from app.lab import Lab
+
+        gpus = lab_gpus(Lab(lab_root))
+        return [f"field 'cpu_processes': got {self.cpu_processes}; this lab has GPUs "
+                f"({', '.join(map(str, gpus))}), so jobs run there: use gpus"] if gpus else []
 
 
 def check_layer_list(value: str | None) -> str | None:
@@ -76,7 +90,7 @@ def check_layer_list(value: str | None) -> str | None:
     return value
 
 
-class Config(PluginConfig):
+class Config(DataParallel, PluginConfig):
     checkpoint: CheckpointRef = Field(description="Base checkpoint to fine-tune: registry id, "
                                                   "name, local folder or Hub id.")
     data: DataRef = Field(description=(
@@ -173,23 +187,10 @@ class Config(PluginConfig):
 
     def gpu_requirement(self) -> tuple[str, str] | None:
         """(field, why) when this config cannot run without a CUDA GPU (gpu_count() of them)."""
-        if self.gpus > 1:
-            return "gpus", f"got {self.gpus}; the job needs {self.gpus} GPUs"
-        if self.method == "qlora":
+        if self.method == "qlora" and self.gpus <= 1:
             return "method", "qlora loads the base in 4 bits through bitsandbytes, which " \
                              "needs a CUDA GPU"
-        return None
-
-    def gpu_count(self) -> int:
-        """GPUs the scheduler must give this job at once."""
-        return self.gpus
-
-    def processes(self, device: str) -> int:
-        """Data-parallel processes on the assigned device (app/worker.py launches them)."""
-        return processes_on(self, device)
-
-    def lab_problems(self, lab_root) -> list[str]:
-        return cpu_processes_on_gpu_lab(self, lab_root)
+        return super().gpu_requirement()
 
 
 # ------------------------------------------------------------------------------ data
@@ -325,7 +326,6 @@ def preview(config: Config, lab) -> str:
     if fmt == "messages" and not (config.chat_template or tokenizer.chat_template):
         raise ValueError("data is in chat 'messages' format but the tokenizer has no chat "
                          "template; set chat_template")
-    limit = config.max_length or min(tokenizer.model_max_length, 2048)
     encode = encoder(config.model_copy(update={"max_length": 10 ** 9}), fmt, tokenizer)
     head = rows.select(range(min(len(rows), PREVIEW_ROWS)))
     columns = encode(head[:])

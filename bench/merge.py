@@ -251,30 +251,30 @@ def main() -> int:
 
         config_path = work / f"{method}.yml"
         config_path.write_text(yaml.safe_dump(merge_config(method, paths), sort_keys=False))
-        results = {}
         engines = ([] if args.skip_cli else ["mergekit-yaml"]) + ["run_merge", "native"]
-        for engine in engines:
+        runs: dict[str, list] = {engine: [] for engine in engines}
+        # The repeats take turns (a, b, c, a, b, c, ...): this machine's write speed drifts
+        # (a VM's fresh page-cache pages cost several times more than reused ones), and
+        # taking turns gives every engine a share of each state.
+        for engine in [e for _ in range(args.repeats) for e in engines]:
             out = work / f"{method}-{engine}"
-            runs = []
-            for _ in range(args.repeats):
-                shutil.rmtree(out, ignore_errors=True)
-                settle()
-                if engine == "mergekit-yaml":
-                    wall, rss, cpu, _ = spawn([str(cli), str(config_path), str(out),
-                                               "--random-seed", "0", "--quiet",
-                                               "--no-copy-tokenizer", "--no-write-model-card"])
-                    seconds = wall
-                else:
-                    wall, rss, cpu, stdout = spawn([sys.executable, __file__, "--child", engine,
-                                                    "--config", str(config_path), "--out",
-                                                    str(out)])
-                    timed = json.loads(stdout.strip().splitlines()[-1])
-                    seconds, cpu = timed["seconds"], timed["cpu"]
-                runs.append((seconds, rss, cpu, wall))
-            results[engine] = min(runs)
-            seconds, rss, cpu, wall = results[engine]
+            shutil.rmtree(out, ignore_errors=True)
+            settle()
+            if engine == "mergekit-yaml":
+                wall, rss, cpu, _ = spawn([str(cli), str(config_path), str(out),
+                                           "--random-seed", "0", "--quiet",
+                                           "--no-copy-tokenizer", "--no-write-model-card"])
+                seconds = wall
+            else:
+                wall, rss, cpu, stdout = spawn([sys.executable, __file__, "--child", engine,
+                                                "--config", str(config_path), "--out",
+                                                str(out)])
+                timed = json.loads(stdout.strip().splitlines()[-1])
+                seconds, cpu = timed["seconds"], timed["cpu"]
+            runs[engine].append((seconds, rss, cpu, wall))
             print(f"  {method:16} {engine:14} {seconds:7.2f} s (CPU {cpu:.1f} s, process "
                   f"{wall:.2f} s), peak RSS {rss:.0f} MiB", flush=True)
+        results = {engine: min(runs[engine]) for engine in engines}  # the best of each
         same = differing_tensors(work / f"{method}-native", work / f"{method}-run_merge")
         reference = results["run_merge"][0]
         for engine, (seconds, rss, cpu, wall) in results.items():

@@ -24,7 +24,10 @@ Equality with mergekit (same YAML, same dtype):
   magnitude trim keeps what mergekit's full `torch.argsort` of |delta| keeps, equal
   magnitudes at the threshold included: on CPU `introsort_keep` replays that sort on the
   path to position k only (see there why that is exact), at a fraction of its time and in
-  half its memory; elsewhere it is torch.argsort itself.
+  half its memory; elsewhere it is torch.argsort itself. The replay, and for bf16 task
+  arithmetic and two-model TIES the element-wise steps, run as C kernels (ops/native) where
+  a C compiler built them: the same roundings in one pass; the tests compare both forms
+  with mergekit.
 - dare_linear, dare_ties: bit-identical for the same seed. mergekit seeds the global torch
   generator with the seed (`transformers.set_seed`) and draws one `torch.bernoulli` mask per
   (tensor, model) in its execution order, which is the tensors sorted by name. This engine
@@ -52,6 +55,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+
+from ops import native
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 RANDOM = ("dare_linear", "dare_ties")
@@ -414,9 +419,17 @@ def _magnitude_keep_owned(make_delta: Callable[[], torch.Tensor],
             or delta.dtype not in (torch.bfloat16, torch.float16) or not _introsort_ok()):
         return _magnitude_keep(delta, density, in_place=True)
     bits = delta.abs_().view(torch.int16)
-    if int(bits.max()) > (0x7F80 if delta.dtype == torch.bfloat16 else 0x7C00):
+    limit = 0x7F80 if delta.dtype == torch.bfloat16 else 0x7C00
+    if int(bits.max()) > limit:
         del bits
         return _magnitude_keep(delta, density, in_place=True)  # NaN: as mergekit
+    if native.library() is not None:  # the same selection in C (ops/native/topk.c)
+        rc, keep = native.topk_keep_16(bits, k, limit)
+        if rc == native.OK:
+            return keep.bool()
+        if rc == native.HEAPSORT:
+            del bits
+            return _magnitude_keep(make_delta(), density, in_place=True)
     packed_keys = _pack(bits.numpy(), k)
     del delta, bits  # nothing else holds the keys now: their memory is freed
     kept = _replay(packed_keys, n, k)
@@ -639,8 +652,17 @@ def introsort_keep(key, k: int):
     """torch.argsort(key, descending=True)[:k] on CPU as a (n,) numpy bool mask, or None
     (use torch.argsort). key: a 1-D numpy int16 or float32 array without NaN (not
     modified)."""
+    import numpy as np
+
     if not _introsort_ok():
         return None
+    if 0 < k < key.shape[0] and key.dtype == np.int16 and native.library() is not None:
+        # the same replay in C (ops/native/topk.c); it takes non-negative keys only
+        rc, keep = native.topk_keep_16(torch.from_numpy(key), k, 0x7FFF)
+        if rc == native.OK:
+            return keep.bool().numpy()
+        if rc == native.HEAPSORT:
+            return None
     return _introsort_keep_unchecked(key, k)
 
 
@@ -800,7 +822,7 @@ def _one_intraop_thread():
 class _Engine:
     def __init__(self, method, inputs, n_models, items, writer, *, weights, densities,
                  params, seed, device, threads, budget, chunk_elements, part_elements,
-                 check_finite, labels):
+                 check_finite, labels, native_kernels=True):
         self.method, self.inputs, self.n_models = method, inputs, n_models
         self.items, self.writer = items, writer
         self.weights, self.densities, self.params = weights, densities, params
@@ -808,6 +830,8 @@ class _Engine:
         self.threads, self.budget = threads, budget
         self.chunk_elements, self.part_elements = chunk_elements, part_elements
         self.check_finite, self.labels = check_finite, labels
+        # The C kernels (ops/native), where they built; None: the numpy/torch forms
+        self.native = native.library() if self.device.type == "cpu" and native_kernels else None
         self.generator = None
         if method in RANDOM:
             self.generator = torch.Generator(device=self.device)
@@ -824,7 +848,11 @@ class _Engine:
     def _open(self, item: _Item) -> list[torch.Tensor]:
         """Flat views (n,) of every input of item in its stored dtype, memory-mapped on CPU:
         nothing is copied here; chunks are cast to the compute dtype when used."""
-        return [ck.open(key).reshape(-1) for ck, key in zip(self.inputs, item.keys)]
+        xs = [ck.open(key).reshape(-1) for ck, key in zip(self.inputs, item.keys)]
+        if self.native is not None:
+            for x in xs:
+                native.populate(x)
+        return xs
 
     def _cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         x = x.to(self.device)
@@ -886,7 +914,7 @@ class _Engine:
             torch.sub(self._cast(x[s:e], cdt), self._cast(base[s:e], cdt), out=out[s:e])
         return out
 
-    def _sparsify(self, item: _Item):
+    def _sparsify(self, item: _Item, xs=None):
         """Whole-tensor sparsification: (keeps, sparse). ties without rescale: bool keep-masks
         (n,) from the argsort of |delta| (the deltas are recomputed chunk by chunk later);
         otherwise the sparsified deltas themselves (n,) in the compute dtype. Each model's
@@ -901,7 +929,10 @@ class _Engine:
                                             base_ck.open(base_key).reshape(-1), cdt)
 
             if self.method == "ties" and not rescale:
-                keeps.append(_magnitude_keep_owned(make_delta, self.densities[i]))
+                keep = self._native_keep(item, i, xs)
+                if keep is False:
+                    keep = _magnitude_keep_owned(make_delta, self.densities[i])
+                keeps.append(keep)
                 continue
             delta = make_delta()
             if self.method == "ties":
@@ -922,6 +953,47 @@ class _Engine:
             del delta
         return (keeps or None), (sparse or None)
 
+    def _native_keep(self, item: _Item, i: int, xs=None):
+        """TIES' trim of model i by the C kernel, straight from the bf16 inputs (the same
+        mask as _magnitude_keep_owned): native.KeepBits, None (keep all), or False where
+        the kernel does not apply (not bf16 in and out of the computation, NaN, ties past
+        32-bit packing, a sort that would heapsort): then the caller's path decides."""
+        density, n = self.densities[i], item.numel
+        if density >= 1:
+            return None
+        k = max(1, int(density * n)) if density > 0 else 0
+        if (self.native is None or not 0 < k < n or item.compute != torch.bfloat16
+                or any(d != torch.bfloat16 for d in (item.in_dtypes[i], item.in_dtypes[-1]))):
+            return False
+        if xs is None:
+            xs = self._open(item)
+        rc, keep = native.ties_keep_bf16(xs[i], xs[-1], k)
+        return keep if rc == native.OK else False
+
+    def _native_chunk(self, item: _Item, models, base, s: int, e: int, keeps, wf,
+                      pair_divisors, dest) -> bool:
+        """The chunk [s, e) of a two-model TIES or a one- or two-model task arithmetic by the
+        C kernels (elementwise.c), written into dest (m,) bf16 and already checked finite.
+        False where they do not apply or met a NaN or Inf: the torch path redoes it."""
+        p = self.params
+        if (self.native is None or item.compute != torch.bfloat16
+                or dest.dtype != torch.bfloat16 or dest.device.type != "cpu"
+                or any(d != torch.bfloat16 for d in item.in_dtypes)):
+            return False
+        xs = [x[s:e] for x in models]
+        if self.method == "ties" and len(xs) == 2 and p["normalize"] == (pair_divisors is not None):
+            k0, k1 = (None, None) if keeps is None else keeps
+            if k0 is not None or k1 is not None:  # both as bits, from a whole byte on
+                if not (isinstance(k0, native.KeepBits) and isinstance(k1, native.KeepBits)
+                        and s % 8 == 0):
+                    return False
+                k0, k1 = k0.bits[s // 8:], k1.bits[s // 8:]
+            return native.ties_pair_bf16(xs[0], xs[1], base[s:e], k0, k1, wf, pair_divisors,
+                                         p["lambda"], dest)
+        if self.method == "task_arithmetic" and len(xs) <= 2 and not p["normalize"]:
+            return native.task_arithmetic_bf16(xs, base[s:e], wf, p["lambda"], dest)
+        return False
+
     def _elementwise(self, item: _Item, lo: int, hi: int, xs, keeps=None, sparse=None):
         """The element-wise part of the merge for elements [lo, hi), chunk by chunk."""
         models, base = self._split(xs)
@@ -941,6 +1013,10 @@ class _Engine:
             pair = consensus and n == 2 and cdt in _SIGN_BITS  # see _ties_pair
             pair_divisors = _pair_divisors(w, _SIGN_BITS[cdt][0]) if pair and p["normalize"] \
                 else None
+        fused = self.native is not None and sparse is None and self.method in (
+            "ties", "task_arithmetic") and native.element_wise()
+        if self.method == "task_arithmetic":
+            pair_divisors = None
         # Results go to a staging buffer written with one pwrite per part_elements: fewer,
         # larger writes, so two workers rarely queue on the file's lock.
         stage = self._buffer("stage", (min(hi - lo, self.part_elements),), item.out)
@@ -951,6 +1027,10 @@ class _Engine:
                 self._write(item, start, stage[:filled])
                 start, filled = s, 0
             dest = stage[filled:filled + e - s]  # (m,) out dtype
+            if fused and self._native_chunk(item, models, base, s, e, keeps, wf, pair_divisors,
+                                            dest):
+                filled += e - s
+                continue
             if self.method == "linear":
                 out = _linear_chunk([self._cast(x[s:e], cdt) for x in models], w,
                                     p["normalize"], denominator)
@@ -996,17 +1076,26 @@ class _Engine:
     def _work(self, item: _Item, lo: int, hi: int, state: dict) -> None:
         keeps = sparse = None
         floating = all(d.is_floating_point for d in item.loaded)
+        # The C trim reads the inputs the element-wise pass reads next: map them once.
+        # (The other trims map each model's inputs only while its delta is made.)
+        early = self.native is not None and self.method == "ties" and not self.params["rescale"]
+        xs = self._inputs(item, state) if early else None
         if floating and self.method not in ("linear", "task_arithmetic"):
-            keeps, sparse = self._sparsify(item)
-        with state["lock"]:
-            if "xs" not in state:
-                state["xs"] = self._open(item)
-            xs = state["xs"]
+            keeps, sparse = self._sparsify(item, xs)
+        if xs is None:
+            xs = self._inputs(item, state)
         if not floating:
             self._copy_buffer(item, xs)
             return
         with _single_intraop(self.threads <= 1):
             self._elementwise(item, lo, hi, xs, keeps, sparse)
+
+    def _inputs(self, item: _Item, state: dict) -> list[torch.Tensor]:
+        """item's opened inputs, shared by its parts (state["xs"])."""
+        with state["lock"]:
+            if "xs" not in state:
+                state["xs"] = self._open(item)
+            return state["xs"]
 
     def _part(self, item: _Item, lo: int, hi: int, state: dict) -> None:
         """One part of one tensor (the whole tensor unless it is split for an element-wise
@@ -1143,7 +1232,8 @@ def stream_merge(method: str, models: Sequence, base=None, *, weights: Sequence[
                  check_finite: bool = True, write_config_json: bool = True, donor=None,
                  progress: Optional[Callable[[float, str], None]] = None,
                  log: Optional[Callable[[str], None]] = None,
-                 on_tensor: Optional[Callable[[str], None]] = None) -> MergeStats:
+                 on_tensor: Optional[Callable[[str], None]] = None,
+                 native_kernels: bool = True) -> MergeStats:
     """Merge `models` (folders of safetensors shards; `base` too for the task-vector methods)
     into out_dir, tensor by tensor, as mergekit would with the same configuration.
 
@@ -1210,11 +1300,14 @@ def stream_merge(method: str, models: Sequence, base=None, *, weights: Sequence[
                                                max_shard_bytes))
     log(f"native engine: {method}, {len(items)} tensors into {len(writer.names)} shard(s), "
         f"{threads} thread(s), working set <= {max_working_bytes / 2**20:.0f} MiB")
+    if method in ("ties", "task_arithmetic") and torch.device(device).type == "cpu":
+        log("kernels: " + (native.status() if native_kernels else "numpy/torch forms (asked)"))
     budget = _Budget(max_working_bytes)
     engine = _Engine(method, inputs, len(models), items, writer, weights=list(weights),
                      densities=densities, params=params, seed=seed, device=device,
                      threads=threads, budget=budget, chunk_elements=chunk_elements,
-                     part_elements=part_elements, check_finite=check_finite, labels=labels)
+                     part_elements=part_elements, check_finite=check_finite, labels=labels,
+                     native_kernels=native_kernels)
     done = 0
 
     def report(name: str) -> None:

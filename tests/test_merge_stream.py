@@ -156,6 +156,58 @@ def test_parameters_and_mixed_dtypes_equal_mergekit(sharded, tmp_path, method, p
     assert_bit_identical(tmp_path / "ours", tmp_path / "theirs")
 
 
+@pytest.fixture
+def no_c_kernels(monkeypatch):
+    """The numpy/torch forms of what ops/native does in C (as on a machine without cc)."""
+    from ops import native
+
+    monkeypatch.setattr(native, "library", lambda: None)
+
+
+def c_kernels():
+    from ops import native
+
+    if native.library() is None:
+        pytest.skip(f"no C kernels here: {native.status()}")
+    return native
+
+
+@pytest.fixture(scope="module")
+def portable_build(tmp_path_factory):
+    """The kernels built without -march=native (what a compiler that refuses it gives:
+    4-lane vectors and the scalar partition), into a folder of their own."""
+    from ops import native
+
+    lib, status = native.build(tmp_path_factory.mktemp("kernels"), [native.FLAGS])
+    if lib is None:
+        pytest.skip(status)
+    return lib, status
+
+
+@pytest.fixture(params=["native", "portable"])
+def kernel_build(request, monkeypatch):
+    """Each C test runs on the cached (native) build and on the portable one."""
+    from ops import native
+
+    if request.param == "portable":
+        lib, status = request.getfixturevalue("portable_build")
+        monkeypatch.setattr(native, "_LIB", lib)
+        monkeypatch.setattr(native, "_STATUS", status)
+    return c_kernels()
+
+
+def test_without_a_compiler_the_kernels_say_why(monkeypatch, tmp_path):
+    from ops import native
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    lib, status = native.build(tmp_path)
+    assert lib is None and "no C compiler" in status and "no-such-cc" in status
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    lib, status = native.build(tmp_path)
+    assert lib is None and "failed" in status
+    assert not list(tmp_path.iterdir())  # nothing half-written left in the cache
+
+
 @pytest.mark.parametrize("method,tag,dtype,names,weights,params", [
     ("ties", "bf16", "bfloat16", ("ft-a", "ft-c"), [0.6, 0.4], {}),  # opposed signs
     ("ties", "bf16", "bfloat16", ("ft-a", "ft-b"), [0.6, -0.6], {}),  # divisors 0 and < 0
@@ -165,34 +217,58 @@ def test_parameters_and_mixed_dtypes_equal_mergekit(sharded, tmp_path, method, p
     ("ties", "f32", "float32", ("ft-a", "ft-c"), [0.6, 0.4], {}),
     ("ties", "bf16", "bfloat16", ("ft-a", "ft-c"), [0.6, 0.4], {"rescale": True}),
     ("dare_ties", "bf16", "bfloat16", ("ft-a", "ft-c"), [0.6, 0.4], {}),
+    ("task_arithmetic", "bf16", "bfloat16", ("ft-a", "ft-c"), [0.6, -0.3], {"lambda": 0.7}),
+    ("task_arithmetic", "bf16", "bfloat16", ("ft-b",), [1.3], {}),
 ])
 def test_ties_of_two_models_equals_mergekit(sharded, tmp_path, monkeypatch, method, tag, dtype,
                                             names, weights, params):
-    """Two models take TIES' bit-operation path (_ties_pair): sign conflicts, zero task
-    vectors, negative and cancelling weights, each dtype it covers."""
+    """Two models take TIES' bit-operation path (_ties_pair), and bf16 throughout the C
+    kernels' (ops/native: the trim and the element-wise steps in one pass, as do one or two
+    models of task arithmetic): sign conflicts, zero task vectors, negative and cancelling
+    weights, each dtype they cover. Each path is checked bit for bit against mergekit."""
     import ops.merge_stream as engine
+    from ops import native
 
-    done = []
+    calls = {"pair": 0, "c": 0, "c_keep": 0}
     real = engine._ties_pair
     monkeypatch.setattr(engine, "_ties_pair",
-                        lambda *a: done.append(1) or real(*a))
+                        lambda *a: calls.__setitem__("pair", calls["pair"] + 1) or real(*a))
+    for name, key in (("ties_pair_bf16", "c"), ("task_arithmetic_bf16", "c"),
+                      ("ties_keep_bf16", "c_keep")):
+        def counted(*a, _real=getattr(native, name), _key=key):
+            result = _real(*a)
+            ok = result if isinstance(result, bool) else result[0] == native.OK
+            calls[_key] += bool(ok)
+            return result
+        monkeypatch.setattr(native, name, counted)
     data = {"merge_method": method, "dtype": dtype, "base_model": str(sharded[tag, "base"]),
             "models": [{"model": str(sharded[tag, name]),
                         "parameters": {"weight": w, "density": d}}
                        for name, w, d in zip(names, weights, (0.5, 0.7))]}
     if params:
         data["parameters"] = params
-    run_native(data, tmp_path / "ours")
-    assert done  # the path under test was taken
     run_mergekit(data, tmp_path / "theirs")
-    assert_bit_identical(tmp_path / "ours", tmp_path / "theirs")
+    run_native(data, tmp_path / "torch", native_kernels=False)
+    assert calls["c"] == calls["c_keep"] == 0
+    if method != "task_arithmetic":
+        assert calls["pair"]  # the path under test was taken
+    assert_bit_identical(tmp_path / "torch", tmp_path / "theirs")
+    if native.library() is not None:
+        calls.update(pair=0)
+        run_native(data, tmp_path / "c")
+        c_applies = dtype == "bfloat16" and tag == "bf16" and not params.get("rescale") \
+            and method != "dare_ties"
+        assert bool(calls["c"]) == c_applies
+        assert bool(calls["c_keep"]) == (c_applies and method == "ties")
+        assert_bit_identical(tmp_path / "c", tmp_path / "theirs")
 
 
 @pytest.mark.parametrize("tag,dtype", [("f32", "float32"), ("bf16", "bfloat16")])
-def test_ties_in_low_memory_equals_mergekit(sharded, tmp_path, monkeypatch, tag, dtype):
-    """With a tiny budget, TIES still selects by replaying the sort (on CPU it always does;
-    16-bit deltas are freed before the replay) and reserves less than torch.argsort would
-    take."""
+def test_ties_in_low_memory_equals_mergekit(sharded, tmp_path, monkeypatch, no_c_kernels,
+                                           tag, dtype):
+    """With a tiny budget, TIES still selects by replaying the sort in numpy (on CPU it
+    always does; 16-bit deltas are freed before the replay) and reserves less than
+    torch.argsort would take."""
     import ops.merge_stream as engine
 
     assert engine._introsort_ok()  # its own probe is a replay too: done before counting
@@ -205,7 +281,7 @@ def test_ties_in_low_memory_equals_mergekit(sharded, tmp_path, monkeypatch, tag,
     monkeypatch.setattr(torch, "argsort", lambda *a, **kw: argsorts.append(1) or
                         real_argsort(*a, **kw))
     data = mergekit_yaml("ties", sharded, tag, dtype)
-    stats = run_native(data, tmp_path / "ours", max_working_bytes=20_000)
+    stats = run_native(data, tmp_path / "ours", max_working_bytes=20_000, native_kernels=False)
     # 3 models x (7 matrices and 2 norms x 2 layers, 2 embeddings and the final norm)
     assert len(calls) == 3 * (2 * 9 + 3) and not argsorts
     assert stats.peak_reserved_bytes < 384 * 48 * 24  # argsort alone would take 24 B/element
@@ -217,14 +293,21 @@ def test_ties_in_low_memory_equals_mergekit(sharded, tmp_path, monkeypatch, tag,
 @pytest.mark.parametrize("n,distinct,dtype", [(70_000, 3, torch.int16), (200_001, 40, torch.int16),
                                               (5_000, 1, torch.int16), (17, 2, torch.int16),
                                               (150_000, 1000, torch.float32)])
-@pytest.mark.parametrize("pairs", [None, 777])
+@pytest.mark.parametrize("pairs", [None, 777, "C"])
 def test_introsort_top_keeps_what_torch_argsort_keeps(n, distinct, dtype, pairs, monkeypatch):
-    """The first k of torch's (introsort) argsort, ties at the k-th place included (pairs:
-    swaps done in many batches)."""
+    """The first k of torch's (introsort) argsort, ties at the k-th place included, in numpy
+    (pairs: swaps done in many batches) and in C (the int16 keys)."""
     import ops.merge_stream as engine
+    from ops import native
     from ops.merge_stream import introsort_top
 
-    if pairs:
+    if pairs == "C":
+        if dtype != torch.int16:
+            pytest.skip("the C replay takes 16-bit keys")
+        c_kernels()
+    else:
+        monkeypatch.setattr(native, "library", lambda: None)
+    if isinstance(pairs, int):
         monkeypatch.setattr(engine, "_PAIRS", pairs)
 
     gen = torch.Generator().manual_seed(n)
@@ -237,13 +320,60 @@ def test_introsort_top_keeps_what_torch_argsort_keeps(n, distinct, dtype, pairs,
                            expected.sort().values), k
 
 
+def test_c_replay_equals_argsort_on_random_and_ordered_keys(kernel_build):
+    """ws_topk_keep_u16 on 400 small arrays (random, sorted either way, organ pipes, runs of
+    one key) at random k: the first k of torch.argsort each time, or, where it says the sort
+    would heapsort, the numpy replay says so too."""
+    import numpy as np
+
+    from ops.merge_stream import _introsort_keep_unchecked
+
+    native = kernel_build
+    rng = np.random.default_rng(11)
+    for case in range(400):
+        n = int(rng.integers(17, 5000))
+        keys = rng.integers(0, int(rng.integers(1, 60)), n)
+        kind = case % 5
+        if kind == 1:
+            keys.sort()
+        elif kind == 2:
+            keys = -np.sort(-keys)
+        elif kind == 3:
+            keys = np.concatenate([np.sort(keys[: n // 2]), -np.sort(-keys[n // 2:])])
+        elif kind == 4:
+            keys = np.repeat(keys[: n // 50 + 1], 50)[:n]
+        keys = torch.from_numpy(keys.astype(np.int16))
+        k = int(rng.integers(1, n))
+        rc, keep = native.topk_keep_16(keys, k, 0x7FFF)
+        if rc == native.HEAPSORT:
+            assert _introsort_keep_unchecked(keys.numpy().copy(), k) is None, case
+            continue
+        assert rc == native.OK, (case, rc)
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[torch.argsort(keys, descending=True)[:k]] = True
+        assert torch.equal(keep.bool(), expected), (case, n, k)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("case", ["noise", "few", "equal", "zeros", "wide"])
-def test_magnitude_keep_breaks_ties_as_mergekit_argsort(dtype, case):
+@pytest.mark.parametrize("kernels", ["C", "C-portable", "numpy"])
+def test_magnitude_keep_breaks_ties_as_mergekit_argsort(dtype, case, kernels, monkeypatch,
+                                                        request):
     """TIES' trim keeps exactly the elements of mergekit's argsort of |delta| in float32,
     with thousands of equal magnitudes at the k-th place (16-bit deltas have few distinct
-    values), over each packing introsort_keep uses (int32 keys, dense ranks, int64)."""
-    from ops.merge_stream import _magnitude_keep
+    values), over each packing introsort_keep uses (int32 keys, dense ranks, int64), in numpy
+    and in C; for bf16 also C's trim from the model and its base (ties_keep_bf16)."""
+    from ops import native
+    from ops.merge_stream import _magnitude_keep, _magnitude_keep_owned
+
+    if kernels == "C-portable":
+        lib, status = request.getfixturevalue("portable_build")
+        monkeypatch.setattr(native, "_LIB", lib)
+        monkeypatch.setattr(native, "_STATUS", status)
+    if kernels.startswith("C"):
+        c_kernels()
+    else:
+        monkeypatch.setattr(native, "library", lambda: None)
 
     gen = torch.Generator().manual_seed(7)
     if case == "noise":  # bf16 task vectors as the bench makes them: ~1000 distinct values
@@ -265,6 +395,69 @@ def test_magnitude_keep_breaks_ties_as_mergekit_argsort(dtype, case):
         expected[torch.argsort(delta.abs().float(), descending=True)[:k]] = True
         got = _magnitude_keep(delta.clone(), density, in_place=True)
         assert torch.equal(got, expected), (case, density, int((got != expected).sum()))
+        got = _magnitude_keep_owned(lambda: delta.clone(), density)
+        assert torch.equal(got, expected), (case, density, int((got != expected).sum()))
+        if kernels != "numpy" and dtype == torch.bfloat16 and k < delta.numel():
+            # a base and a model whose bf16 difference is delta (a base of 0 and of 1s)
+            for base in (torch.zeros_like(delta), torch.ones_like(delta)):
+                model = (base.float() + delta.float()).bfloat16()
+                made = model - base  # torch's bf16 subtraction: the delta the trim sorts
+                expected = torch.zeros(delta.numel(), dtype=torch.bool)
+                expected[torch.argsort(made.abs().float(), descending=True)[:k]] = True
+                rc, got = native.ties_keep_bf16(model, base, k)
+                assert rc == native.OK and torch.equal(got.bool(), expected), (case, density)
+
+
+def test_c_element_wise_kernels_equal_the_torch_steps_on_every_kind_of_value(kernel_build):
+    """elementwise.c against the torch functions it mirrors (_ties_pair, _gta_chunk) on all
+    65536 bf16 values of x0 against random bases and models: subnormals, signed zeros,
+    values near overflow, Inf and NaN (where the kernels give False and the torch path takes
+    over), with and without the trim masks, normalize and lambda."""
+    import numpy as np
+
+    from ops.merge_stream import _gta_chunk, _pair_divisors, _ties_pair
+
+    native = kernel_build
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    m = x0.numel()
+    base = (torch.randn(m, generator=gen) * torch.logspace(-40, 38, m)[torch.randperm(
+        m, generator=gen)]).bfloat16()
+    x1 = (base.float() + 0.01 * torch.randn(m, generator=gen)).bfloat16()
+    keeps = (torch.rand(m, generator=gen) < 0.5, torch.rand(m, generator=gen) < 0.5)
+    finite = torch.isfinite(x0.float()) & torch.isfinite(x1.float())
+    for weights, lam, normalize, keep in [([0.6, 0.4], 1.0, True, True),
+                                          ([0.3, -0.7], 0.7, True, False),
+                                          ([1.0, 1.0], 1.0, False, True),
+                                          ([2.5, 1e-3], 1.3, False, True)]:
+        w = torch.tensor(weights, dtype=torch.bfloat16).unsqueeze(-1)  # (2, 1)
+        wf = [float(v) for v in w[:, 0].tolist()]
+        divisors = _pair_divisors(w, torch.int16) if normalize else None
+        for rows in (finite, ~finite):
+            a, b, c = x0[rows].contiguous(), x1[rows].contiguous(), base[rows].contiguous()
+            k0, k1 = (keeps[0][rows].contiguous(), keeps[1][rows].contiguous()) if keep \
+                else (None, None)
+            deltas = torch.stack([a - c, b - c])  # (2, m')
+            for i, kk in enumerate((k0, k1)):
+                if kk is not None:
+                    deltas[i].view(torch.int16).bitwise_and_(-kk.to(torch.int16))
+            out = torch.empty_like(a)
+            expected = _ties_pair(c, deltas, wf, divisors, lam, torch.empty_like(a))
+            bits = [None if kk is None else  # the masks as the kernel takes them
+                    torch.from_numpy(np.packbits(kk.numpy(), bitorder="little")) for kk in (k0, k1)]
+            ok = native.ties_pair_bf16(a, b, c, *bits, wf, divisors, lam, out)
+            if rows is finite and expected is not None and bool(torch.isfinite(expected).all()):
+                assert ok and torch.equal(out.view(torch.int16), expected.view(torch.int16))
+            if rows is not finite:
+                assert not ok  # NaN or Inf in: the torch path decides
+            for xs in ([a, b], [a]):
+                deltas = torch.stack([x - c for x in xs])
+                expected = _gta_chunk(c, deltas, wf, w[:len(xs)], False, False, False, lam,
+                                      None, torch.empty_like(a))
+                ok = native.task_arithmetic_bf16(xs, c, wf, lam, out)
+                assert ok == bool(torch.isfinite(expected).all())
+                if ok:
+                    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -290,6 +483,9 @@ def test_magnitude_keep_that_frees_the_delta_keeps_the_same(dtype, monkeypatch):
             assert got is None or torch.equal(got, expected), (density, x is with_nan)
     assert len(made) == 10  # density 1 needs no delta
     monkeypatch.setattr(engine, "_replay", lambda packed, n, k: None)  # "would heapsort"
+    from ops import native
+
+    monkeypatch.setattr(native, "library", lambda: None)  # (the numpy replay)
     made.clear()
     expected = torch.zeros(delta.numel(), dtype=torch.bool)
     expected[torch.argsort(delta.abs().float(), descending=True)[:25_000]] = True

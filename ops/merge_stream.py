@@ -184,10 +184,11 @@ class ShardWriter:
         self.where: dict[str, tuple[int, int]] = {}  # tensor -> (fd, absolute byte offset)
         self.weight_map: dict[str, str] = {}
         self.fds: list[int] = []
+        self.maps: dict = {}  # fd -> its shared mmap (see mapped), made on first use
         self.total = 0
         for filename, tensors in zip(self.names, shards):
             head, offsets, size = _header(tensors)
-            fd = os.open(self.out_dir / filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(self.out_dir / filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self.fds.append(fd)
             os.pwrite(fd, head, 0)
             os.ftruncate(fd, len(head) + size)
@@ -195,6 +196,24 @@ class ShardWriter:
                 self.where[name] = (fd, len(head) + offsets[name])
                 self.weight_map[name] = filename
             self.total += size
+
+    def mapped(self, name: str, dtype: torch.dtype, numel: int) -> Optional[torch.Tensor]:
+        """Tensor `name`'s place in its shard as a writable (numel,) dtype tensor over a
+        shared mapping of the file (what is written there is the file's data), or None
+        where the file cannot be mapped."""
+        import mmap
+
+        fd, start = self.where[name]
+        if fd not in self.maps:
+            try:
+                self.maps[fd] = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED,
+                                          prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except (OSError, ValueError, AttributeError):  # (no MAP_SHARED on Windows)
+                self.maps[fd] = None
+        if self.maps[fd] is None or numel == 0:
+            return None
+        return torch.frombuffer(self.maps[fd], dtype=torch.uint8, count=numel * dtype.itemsize,
+                                offset=start).view(dtype)
 
     def write(self, name: str, byte_offset: int, tensor: torch.Tensor) -> int:
         """Write a contiguous CPU tensor's bytes at byte_offset inside tensor `name`."""
@@ -206,6 +225,9 @@ class ShardWriter:
         return done
 
     def close(self, ok: bool = True) -> None:
+        # The mappings go when the last tensor over them does (closing one that is still
+        # viewed is an error); their pages are the page cache's either way.
+        self.maps = {}
         for fd in self.fds:
             os.close(fd)
         self.fds = []
@@ -1020,17 +1042,22 @@ class _Engine:
         # Results go to a staging buffer written with one pwrite per part_elements: fewer,
         # larger writes, so two workers rarely queue on the file's lock.
         stage = self._buffer("stage", (min(hi - lo, self.part_elements),), item.out)
+        # The C kernels write straight into the output file's pages (a shared mapping): no
+        # staging copy, and no pwrite, whose file lock the workers would queue on.
+        mapped = self.writer.mapped(item.name, item.out, item.numel) if fused else None
         start, filled = lo, 0
         for s in range(lo, hi, self.chunk_elements):
             e = min(hi, s + self.chunk_elements)
+            if mapped is not None and self._native_chunk(item, models, base, s, e, keeps, wf,
+                                                         pair_divisors, mapped[s:e]):
+                if filled:
+                    self._write(item, start, stage[:filled])
+                start, filled = e, 0
+                continue
             if filled + e - s > stage.numel():
                 self._write(item, start, stage[:filled])
                 start, filled = s, 0
             dest = stage[filled:filled + e - s]  # (m,) out dtype
-            if fused and self._native_chunk(item, models, base, s, e, keeps, wf, pair_divisors,
-                                            dest):
-                filled += e - s
-                continue
             if self.method == "linear":
                 out = _linear_chunk([self._cast(x[s:e], cdt) for x in models], w,
                                     p["normalize"], denominator)

@@ -184,7 +184,7 @@ class ShardWriter:
         self.where: dict[str, tuple[int, int]] = {}  # tensor -> (fd, absolute byte offset)
         self.weight_map: dict[str, str] = {}
         self.fds: list[int] = []
-        self.maps: dict = {}  # fd -> its shared mmap (see mapped), made on first use
+        self.maps: dict = {}  # fd -> a shared mapping of the shard (see mapped)
         self.total = 0
         for filename, tensors in zip(self.names, shards):
             head, offsets, size = _header(tensors)
@@ -197,23 +197,40 @@ class ShardWriter:
                 self.weight_map[name] = filename
             self.total += size
 
-    def mapped(self, name: str, dtype: torch.dtype, numel: int) -> Optional[torch.Tensor]:
-        """Tensor `name`'s place in its shard as a writable (numel,) dtype tensor over a
-        shared mapping of the file (what is written there is the file's data), or None
-        where the file cannot be mapped."""
+    def mapped(self, name: str, dtype: torch.dtype, lo: int, hi: int) -> Optional[torch.Tensor]:
+        """Elements [lo, hi) of tensor `name` as a writable (hi - lo,) dtype tensor over a
+        shared mapping of its shard (what is written there is the file's data), or None
+        where the file cannot be mapped. Call release() with the same range when done."""
         import mmap
 
         fd, start = self.where[name]
         if fd not in self.maps:
-            try:
+            try:  # the whole shard, once: one mapping per range was slower (ext4's faults)
                 self.maps[fd] = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED,
                                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
             except (OSError, ValueError, AttributeError):  # (no MAP_SHARED on Windows)
                 self.maps[fd] = None
-        if self.maps[fd] is None or numel == 0:
+        if self.maps[fd] is None or hi <= lo:
             return None
-        return torch.frombuffer(self.maps[fd], dtype=torch.uint8, count=numel * dtype.itemsize,
-                                offset=start).view(dtype)
+        return torch.frombuffer(self.maps[fd], dtype=torch.uint8,
+                                count=(hi - lo) * dtype.itemsize,
+                                offset=start + lo * dtype.itemsize).view(dtype)
+
+    def release(self, name: str, dtype: torch.dtype, lo: int, hi: int) -> None:
+        """Unmap the whole pages of a written range from this process (MADV_DONTNEED): they
+        stay in the page cache, dirty, as pwrite's would, but leave the process's RSS,
+        which would otherwise grow by the model's size."""
+        import mmap
+
+        fd, start = self.where[name]
+        mapping = self.maps.get(fd)
+        if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        first, last = start + lo * dtype.itemsize, start + hi * dtype.itemsize
+        first += -first % mmap.PAGESIZE
+        last -= last % mmap.PAGESIZE
+        if last > first:
+            mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def write(self, name: str, byte_offset: int, tensor: torch.Tensor) -> int:
         """Write a contiguous CPU tensor's bytes at byte_offset inside tensor `name`."""
@@ -225,9 +242,7 @@ class ShardWriter:
         return done
 
     def close(self, ok: bool = True) -> None:
-        # The mappings go when the last tensor over them does (closing one that is still
-        # viewed is an error); their pages are the page cache's either way.
-        self.maps = {}
+        self.maps = {}  # (torch.frombuffer does not pin them: no view may outlive this)
         for fd in self.fds:
             os.close(fd)
         self.fds = []
@@ -1044,12 +1059,12 @@ class _Engine:
         stage = self._buffer("stage", (min(hi - lo, self.part_elements),), item.out)
         # The C kernels write straight into the output file's pages (a shared mapping): no
         # staging copy, and no pwrite, whose file lock the workers would queue on.
-        mapped = self.writer.mapped(item.name, item.out, item.numel) if fused else None
+        mapped = self.writer.mapped(item.name, item.out, lo, hi) if fused else None
         start, filled = lo, 0
         for s in range(lo, hi, self.chunk_elements):
             e = min(hi, s + self.chunk_elements)
             if mapped is not None and self._native_chunk(item, models, base, s, e, keeps, wf,
-                                                         pair_divisors, mapped[s:e]):
+                                                         pair_divisors, mapped[s - lo:e - lo]):
                 if filled:
                     self._write(item, start, stage[:filled])
                 start, filled = e, 0
@@ -1099,6 +1114,8 @@ class _Engine:
             filled += e - s
         if filled:
             self._write(item, start, stage[:filled])
+        if mapped is not None:
+            self.writer.release(item.name, item.out, lo, hi)
 
     def _work(self, item: _Item, lo: int, hi: int, state: dict) -> None:
         keeps = sparse = None

@@ -1292,6 +1292,8 @@ def stream_merge(method: str, models: Sequence, base=None, *, weights: Sequence[
     than that runs alone. on_tensor(name) is called once a tensor's bytes are all written,
     progress(fraction, name) likewise, both on the calling thread. donor: the folder whose
     config.json is copied (default: the base, else the first model, as mergekit).
+    native_kernels: use ops/native's C kernels where they built and apply (False: the
+    numpy/torch forms throughout, as on a machine without a C compiler; same results).
     Raises Unsupported, before anything is written, for what mergekit must do instead.
     """
     if method not in METHODS:

@@ -446,27 +446,21 @@ def _magnitude_keep_owned(make_delta: Callable[[], torch.Tensor],
     memory: the delta is made here, and for 16-bit deltas on CPU its storage (the |delta|
     keys) is freed once the keys are packed, before the replay allocates its masks. That is
     2 bytes an element less at the peak, which the largest tensors (the embeddings) set.
-    Where the replay gives way to torch.argsort, the delta is made again."""
+    Where the replay gives way to torch.argsort, the delta is made again. With the C
+    kernels this is _magnitude_keep: their replay packs the keys in a scratch of its own."""
     if density >= 1:
         return None
     delta = make_delta().reshape(-1)
     n = delta.numel()
     k = max(1, int(density * n))
     if (density <= 0 or k >= n or delta.device.type != "cpu"
-            or delta.dtype not in (torch.bfloat16, torch.float16) or not _introsort_ok()):
+            or delta.dtype not in (torch.bfloat16, torch.float16) or not _introsort_ok()
+            or native.library() is not None):  # (the C replay needs no packed keys here)
         return _magnitude_keep(delta, density, in_place=True)
     bits = delta.abs_().view(torch.int16)
-    limit = 0x7F80 if delta.dtype == torch.bfloat16 else 0x7C00
-    if int(bits.max()) > limit:
+    if int(bits.max()) > (0x7F80 if delta.dtype == torch.bfloat16 else 0x7C00):
         del bits
         return _magnitude_keep(delta, density, in_place=True)  # NaN: as mergekit
-    if native.library() is not None:  # the same selection in C (ops/native/topk.c)
-        rc, keep = native.topk_keep_16(bits, k, limit)
-        if rc == native.OK:
-            return keep.bool()
-        if rc == native.HEAPSORT:
-            del bits
-            return _magnitude_keep(make_delta(), density, in_place=True)
     packed_keys = _pack(bits.numpy(), k)
     del delta, bits  # nothing else holds the keys now: their memory is freed
     kept = _replay(packed_keys, n, k)
@@ -990,9 +984,10 @@ class _Engine:
             del delta
         return (keeps or None), (sparse or None)
 
-    def _native_keep(self, item: _Item, i: int, xs=None):
+    def _native_keep(self, item: _Item, i: int, xs):
         """TIES' trim of model i by the C kernel, straight from the bf16 inputs (the same
-        mask as _magnitude_keep_owned): native.KeepBits, None (keep all), or False where
+        mask as _magnitude_keep_owned; xs: item's opened inputs, which _work maps before the
+        trim whenever the kernels exist): native.KeepBits, None (keep all), or False where
         the kernel does not apply (not bf16 in and out of the computation, NaN, ties past
         32-bit packing, a sort that would heapsort): then the caller's path decides."""
         density, n = self.densities[i], item.numel
@@ -1002,8 +997,6 @@ class _Engine:
         if (self.native is None or not 0 < k < n or item.compute != torch.bfloat16
                 or any(d != torch.bfloat16 for d in (item.in_dtypes[i], item.in_dtypes[-1]))):
             return False
-        if xs is None:
-            xs = self._open(item)
         rc, keep = native.ties_keep_bf16(xs[i], xs[-1], k)
         return keep if rc == native.OK else False
 
@@ -1011,12 +1004,9 @@ class _Engine:
                       pair_divisors, dest) -> bool:
         """The chunk [s, e) of a two-model TIES or a one- or two-model task arithmetic by the
         C kernels (elementwise.c), written into dest (m,) bf16 and already checked finite.
-        False where they do not apply or met a NaN or Inf: the torch path redoes it."""
+        False where they do not apply or met a NaN or Inf: the torch path redoes it. The
+        caller has checked the rest (_elementwise's `fused`: bf16 throughout, on CPU)."""
         p = self.params
-        if (self.native is None or item.compute != torch.bfloat16
-                or dest.dtype != torch.bfloat16 or dest.device.type != "cpu"
-                or any(d != torch.bfloat16 for d in item.in_dtypes)):
-            return False
         xs = [x[s:e] for x in models]
         if self.method == "ties" and len(xs) == 2 and p["normalize"] == (pair_divisors is not None):
             k0, k1 = (None, None) if keeps is None else keeps
@@ -1050,10 +1040,9 @@ class _Engine:
             pair = consensus and n == 2 and cdt in _SIGN_BITS  # see _ties_pair
             pair_divisors = _pair_divisors(w, _SIGN_BITS[cdt][0]) if pair and p["normalize"] \
                 else None
-        fused = self.native is not None and sparse is None and self.method in (
-            "ties", "task_arithmetic") and native.element_wise()
-        if self.method == "task_arithmetic":
-            pair_divisors = None
+        fused = (self.native is not None and sparse is None and native.element_wise()
+                 and self.method in ("ties", "task_arithmetic")
+                 and all(d == torch.bfloat16 for d in (*item.in_dtypes, cdt, item.out)))
         # Results go to a staging buffer written with one pwrite per part_elements: fewer,
         # larger writes, so two workers rarely queue on the file's lock.
         stage = self._buffer("stage", (min(hi - lo, self.part_elements),), item.out)

@@ -142,8 +142,9 @@ def status() -> str:
     return _STATUS or ""
 
 
-# ws_topk_keep_u16's results (topk.c)
-OK, HEAPSORT, TOO_MANY, NOT_FINITE, NO_MEMORY, BAD_ARGS = range(6)
+# The results of ws_topk_keep_u16 and ws_ties_keep_bf16 that callers tell apart (topk.c's
+# enum has the others: each means "use the numpy/torch form").
+OK, HEAPSORT = 0, 1
 
 
 def populate(tensor: torch.Tensor) -> None:
@@ -159,9 +160,6 @@ class KeepBits:
 
     def __init__(self, bits: torch.Tensor, n: int):
         self.bits, self.n = bits, n  # ((n + 7) // 8,) uint8
-
-    def numel(self) -> int:
-        return self.n
 
     def __getitem__(self, part: slice) -> torch.Tensor:
         import numpy as np

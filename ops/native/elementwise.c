@@ -15,30 +15,8 @@
 #include <stdint.h>
 #include <string.h>
 
-typedef union {
-    float f;
-    uint32_t u;
-} ws_bits; /* type punning through a union (defined behaviour in C) */
-
-static inline float bf(uint16_t h) {
-    ws_bits v;
-    v.u = (uint32_t)h << 16;
-    return v.f;
-}
-
-/* float -> bf16, rounding to nearest even, NaN to 0x7FC0: c10::BFloat16's conversion. */
-static inline uint16_t rnd(float f) {
-    ws_bits v;
-    v.f = f;
-    uint32_t rounded = (v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16;
-    return (uint16_t)((v.u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded); /* a select */
-}
-
-/* 0x7F80 where the bf16 value is NaN or Inf. */
-#define WS_NONFINITE(h) (((h)&0x7F80u) == 0x7F80u)
-
-/* The same, 4 or 8 lanes at a time, in GCC/Clang vector extensions (the compiler's own
- * vectorizer gives up on the float <-> bits punning). In the lanes a bf16 value stays a
+/* 4 or 8 lanes at a time, in GCC/Clang vector extensions (the compiler's own vectorizer
+ * gives up on the float <-> bits punning). In the lanes a bf16 value stays a
  * float32 whose low 16 bits are zero: rounding to bf16 is done in place (round to nearest
  * even, then clear the low half), so nothing is narrowed between steps. A comparison gives
  * 0 / all ones per lane. */
@@ -52,14 +30,19 @@ typedef uint32_t vNu32 __attribute__((vector_size(4 * WS_LANES)));
 typedef int32_t vNi32 __attribute__((vector_size(4 * WS_LANES)));
 typedef float vNf __attribute__((vector_size(4 * WS_LANES)));
 
-static inline vNu32 loadv(const uint16_t *p) { /* bf16 bits -> float32 bits */
-    vNu16 v;
-    memcpy(&v, p, sizeof v);
+/* bf16 bits -> float32 bits, for the `left` elements from p on: a whole vector, or the
+ * last few with +0 in the lanes past the end (they compute finite values nobody stores). */
+static inline vNu32 loadv(const uint16_t *p, int64_t left) {
+    vNu16 v = {0};
+    if (left >= WS_LANES)
+        memcpy(&v, p, sizeof v);
+    else
+        memcpy(&v, p, (size_t)left * sizeof *p);
     return __builtin_convertvector(v, vNu32) << 16;
 }
 
 /* All ones in the lanes whose bit is set: keep bits i .. i + WS_LANES - 1 (i a multiple of
- * WS_LANES), bit i % 8 of byte i / 8. */
+ * WS_LANES, and element i exists, so byte i / 8 does), bit i % 8 of byte i / 8. */
 static inline vNu32 loadv_keep(const uint8_t *bits, int64_t i) {
 #if WS_LANES == 8
     const vNu32 lane = {1, 2, 4, 8, 16, 32, 64, 128};
@@ -70,9 +53,12 @@ static inline vNu32 loadv_keep(const uint8_t *bits, int64_t i) {
     return (vNu32)((byte & lane) != 0);
 }
 
-static inline void storev(uint16_t *p, vNu32 u) {
+static inline void storev(uint16_t *p, vNu32 u, int64_t left) { /* loadv's counterpart */
     vNu16 v = __builtin_convertvector(u >> 16, vNu16);
-    memcpy(p, &v, sizeof v);
+    if (left >= WS_LANES)
+        memcpy(p, &v, sizeof v);
+    else
+        memcpy(p, &v, (size_t)left * sizeof *p);
 }
 
 static inline vNu32 rndv(vNf f) { /* float32 -> the float32 bits of its bf16 rounding */
@@ -84,7 +70,14 @@ static inline vNu32 rndv(vNf f) { /* float32 -> the float32 bits of its bf16 rou
 }
 
 #define F(u) ((vNf)(u))
+/* all ones in the lanes whose value is NaN or Inf */
 #define WS_NONFINITE_V(u) ((vNu32)(((u)&0x7F800000u) == 0x7F800000u))
+
+static inline unsigned any_lane(vNu32 v) {
+    unsigned any = 0;
+    for (int lane = 0; lane < WS_LANES; ++lane) any |= v[lane] != 0;
+    return any;
+}
 
 /* _ties_pair after the trim: x0, x1, base: (m,) bf16 bits; keep0/keep1: the trim's masks as
  * bits (bit i % 8 of byte i / 8 clear where it dropped element i), or NULL (density 1);
@@ -95,25 +88,25 @@ static inline __attribute__((always_inline)) unsigned ties_pair(
     const uint16_t *x0, const uint16_t *x1, const uint16_t *base, const uint8_t *keep0,
     const uint8_t *keep1, int64_t m, float w0, float w1, const uint16_t *divisors, float lam,
     const int has_keep, const int has_div, const int has_lam, uint16_t *out) {
-    unsigned bad = 0;
     uint16_t none = 0, first = 0, second = 0, both = 0;
     if (has_div) none = divisors[0], first = divisors[1], second = divisors[2], both = divisors[3];
-    int64_t i = 0;
-    vNu32 badv = {0};
     const uint32_t dn = (uint32_t)none << 16, df = (uint32_t)first << 16,
                    ds = (uint32_t)second << 16, db = (uint32_t)both << 16;
-    for (; i + WS_LANES <= m; i += WS_LANES) {
-        vNu32 b = loadv(base + i);
-        vNu32 d0 = rndv(F(loadv(x0 + i)) - F(b)), d1 = rndv(F(loadv(x1 + i)) - F(b));
-        badv |= WS_NONFINITE_V(d0) | WS_NONFINITE_V(d1);
-        if (has_keep) {
+    vNu32 bad = {0};
+    for (int64_t i = 0; i < m; i += WS_LANES) {
+        int64_t left = m - i;
+        vNu32 b = loadv(base + i, left);
+        vNu32 d0 = rndv(F(loadv(x0 + i, left)) - F(b)), d1 = rndv(F(loadv(x1 + i, left)) - F(b));
+        bad |= WS_NONFINITE_V(d0) | WS_NONFINITE_V(d1);
+        if (has_keep) { /* dropped: +0 */
             d0 &= loadv_keep(keep0, i);
             d1 &= loadv_keep(keep1, i);
         }
         d0 = rndv(F(d0) * w0);
         d1 = rndv(F(d1) * w1);
-        vNu32 total = rndv(F(d0) + F(d1));
-        badv |= WS_NONFINITE_V(d0) | WS_NONFINITE_V(d1) | WS_NONFINITE_V(total);
+        vNu32 total = rndv(F(d0) + F(d1)); /* the elected sign is total's */
+        bad |= WS_NONFINITE_V(d0) | WS_NONFINITE_V(d1) | WS_NONFINITE_V(total);
+        /* all ones where the delta is nonzero and has total's sign */
         vNu32 a0 = (vNu32)((d0 & 0x7FFFFFFFu) != 0) & (vNu32)(((d0 ^ total) >> 31) == 0);
         vNu32 a1 = (vNu32)((d1 & 0x7FFFFFFFu) != 0) & (vNu32)(((d1 ^ total) >> 31) == 0);
         vNu32 mixed = rndv(F(d0 & a0) + F(d1 & a1));
@@ -123,39 +116,10 @@ static inline __attribute__((always_inline)) unsigned ties_pair(
         }
         if (has_lam) mixed = rndv(F(mixed) * lam);
         vNu32 o = rndv(F(b) + F(mixed));
-        badv |= WS_NONFINITE_V(o);
-        storev(out + i, o);
+        bad |= WS_NONFINITE_V(o);
+        storev(out + i, o, left);
     }
-    for (int lane = 0; lane < WS_LANES; ++lane) bad |= badv[lane];
-    for (; i < m; ++i) {
-        float b = bf(base[i]);
-        uint16_t d0 = rnd(bf(x0[i]) - b), d1 = rnd(bf(x1[i]) - b);
-        bad |= WS_NONFINITE(d0) | WS_NONFINITE(d1);
-        if (has_keep) { /* dropped: +0 */
-            d0 &= (uint16_t)(0u - ((keep0[i >> 3] >> (i & 7)) & 1u));
-            d1 &= (uint16_t)(0u - ((keep1[i >> 3] >> (i & 7)) & 1u));
-        }
-        d0 = rnd(bf(d0) * w0);
-        d1 = rnd(bf(d1) * w1);
-        uint16_t total = rnd(bf(d0) + bf(d1)); /* the elected sign is total's */
-        bad |= WS_NONFINITE(d0) | WS_NONFINITE(d1) | WS_NONFINITE(total);
-        /* 0xFFFF where the delta is nonzero and has total's sign */
-        uint16_t a0 = (uint16_t)(((d0 & 0x7FFFu) != 0) & (((d0 ^ total) & 0x8000u) == 0));
-        uint16_t a1 = (uint16_t)(((d1 & 0x7FFFu) != 0) & (((d1 ^ total) & 0x8000u) == 0));
-        a0 = (uint16_t)(0u - a0);
-        a1 = (uint16_t)(0u - a1);
-        uint16_t mixed = rnd(bf(d0 & a0) + bf(d1 & a1));
-        if (has_div) {
-            uint16_t pick = (uint16_t)((a0 & a1 & (both ^ first ^ second ^ none)) ^
-                                       (a0 & (first ^ none)) ^ (a1 & (second ^ none)) ^ none);
-            mixed = rnd(bf(mixed) / bf(pick));
-        }
-        if (has_lam) mixed = rnd(bf(mixed) * lam);
-        uint16_t o = rnd(b + bf(mixed));
-        bad |= WS_NONFINITE(o);
-        out[i] = o;
-    }
-    return bad;
+    return any_lane(bad);
 }
 
 int ws_ties_pair_bf16(const uint16_t *x0, const uint16_t *x1, const uint16_t *base,
@@ -180,31 +144,20 @@ int ws_ties_pair_bf16(const uint16_t *x0, const uint16_t *x1, const uint16_t *ba
 static inline __attribute__((always_inline)) unsigned task_arithmetic(
     const uint16_t *x0, const uint16_t *x1, const uint16_t *base, int64_t m, float w0,
     float w1, float lam, const int two, const int has_lam, uint16_t *out) {
-    unsigned bad = 0;
-    int64_t i = 0;
-    vNu32 badv = {0};
-    for (; i + WS_LANES <= m; i += WS_LANES) {
-        vNu32 b = loadv(base + i);
-        vNu32 mixed = rndv(F(rndv(F(loadv(x0 + i)) - F(b))) * w0);
-        if (two) mixed = rndv(F(mixed) + F(rndv(F(rndv(F(loadv(x1 + i)) - F(b))) * w1)));
+    vNu32 bad = {0};
+    for (int64_t i = 0; i < m; i += WS_LANES) {
+        int64_t left = m - i;
+        vNu32 b = loadv(base + i, left);
+        vNu32 mixed = rndv(F(rndv(F(loadv(x0 + i, left)) - F(b))) * w0);
+        if (two)
+            mixed = rndv(F(mixed) + F(rndv(F(rndv(F(loadv(x1 + i, left)) - F(b))) * w1)));
         mixed = rndv(F(mixed) + 0.0f);
         if (has_lam) mixed = rndv(F(mixed) * lam);
         vNu32 o = rndv(F(b) + F(mixed));
-        badv |= WS_NONFINITE_V(o) | WS_NONFINITE_V(mixed);
-        storev(out + i, o);
+        bad |= WS_NONFINITE_V(o) | WS_NONFINITE_V(mixed);
+        storev(out + i, o, left);
     }
-    for (int lane = 0; lane < WS_LANES; ++lane) bad |= badv[lane];
-    for (; i < m; ++i) {
-        float b = bf(base[i]);
-        uint16_t mixed = rnd(bf(rnd(bf(x0[i]) - b)) * w0);
-        if (two) mixed = rnd(bf(mixed) + bf(rnd(bf(rnd(bf(x1[i]) - b)) * w1)));
-        mixed = rnd(bf(mixed) + 0.0f);
-        if (has_lam) mixed = rnd(bf(mixed) * lam);
-        uint16_t o = rnd(b + bf(mixed));
-        bad |= WS_NONFINITE(o) | WS_NONFINITE(mixed);
-        out[i] = o;
-    }
-    return bad;
+    return any_lane(bad);
 }
 
 int ws_task_arithmetic_bf16(const uint16_t *x0, const uint16_t *x1, const uint16_t *base,

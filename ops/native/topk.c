@@ -155,7 +155,8 @@ static int64_t ws_partition(int32_t *a, int64_t first, int64_t last, int32_t lo,
 
 /* The selection once the keys are counted. key: (n,) 16-bit keys; it may be the first half
  * of packed's memory (the packing runs from the last element down, so it never overwrites a
- * key it has yet to read). counts: (65536,) the number of each key (freed here). */
+ * key it has yet to read). counts: the number of each key in its first 65536 entries (the
+ * block is freed here). */
 static int topk_counted(const uint16_t *key, int64_t n, int64_t k, uint16_t limit,
                         int64_t *counts, uint8_t *keep, int32_t *packed) {
     int top = 65535;
@@ -293,25 +294,22 @@ done:
     return rc;
 }
 
-static int64_t *new_counts(void) { return calloc(65536, sizeof(int64_t)); }
-
-/* Counting with two tables: runs of equal keys do not wait on one counter. */
-#define WS_COUNT(KEY_OF)                                              \
-    do {                                                              \
-        int64_t *c1 = calloc(65536, sizeof(int64_t));                 \
-        if (!c1) {                                                    \
-            free(counts);                                             \
-            return WS_NO_MEMORY;                                      \
-        }                                                             \
-        int64_t i = 0;                                                \
-        for (; i + 1 < n; i += 2) {                                   \
-            counts[KEY_OF(i)]++;                                      \
-            c1[KEY_OF(i + 1)]++;                                      \
-        }                                                             \
-        if (i < n) counts[KEY_OF(i)]++;                               \
-        for (int v = 0; v < 65536; ++v) counts[v] += c1[v];           \
-        free(c1);                                                     \
-    } while (0)
+/* Count the keys, then select (topk_counted). Two count tables, for alternate elements, so
+ * that runs of equal keys do not wait on one counter; they are added up before use. */
+static int topk_keys(const uint16_t *key, int64_t n, int64_t k, uint16_t limit,
+                     uint8_t *keep, int32_t *packed) {
+    int64_t *counts = calloc(2 * 65536, sizeof(int64_t));
+    if (!counts) return WS_NO_MEMORY;
+    int64_t *odd = counts + 65536;
+    int64_t i = 0;
+    for (; i + 1 < n; i += 2) {
+        counts[key[i]]++;
+        odd[key[i + 1]]++;
+    }
+    if (i < n) counts[key[i]]++;
+    for (int v = 0; v < 65536; ++v) counts[v] += odd[v];
+    return topk_counted(key, n, k, limit, counts, keep, packed);
+}
 
 /* The packed keys' scratch, 4 bytes an element: mapped for the call and returned after.
  * Fresh memory costs a page fault per page touched; asking for huge pages (where the
@@ -345,18 +343,10 @@ int ws_topk_keep_u16(const uint16_t *key, int64_t n, int64_t k, uint16_t limit,
                      uint8_t *keep) {
     if (n <= 0 || k <= 0 || k >= n) return WS_BAD_ARGS;
     if (n >= ((int64_t)1 << 31)) return WS_TOO_MANY;
-    int64_t *counts = new_counts();
-    if (!counts) return WS_NO_MEMORY;
-#define WS_KEY(i) key[i]
-    WS_COUNT(WS_KEY);
-#undef WS_KEY
     size_t bytes;
     int32_t *packed = scratch_new(n, &bytes);
-    if (!packed) {
-        free(counts);
-        return WS_NO_MEMORY;
-    }
-    int rc = topk_counted(key, n, k, limit, counts, keep, packed);
+    if (!packed) return WS_NO_MEMORY;
+    int rc = topk_keys(key, n, k, limit, keep, packed);
     scratch_free(packed, bytes);
     return rc;
 }
@@ -384,21 +374,13 @@ int ws_ties_keep_bf16(const uint16_t *x, const uint16_t *base, int64_t n, int64_
                       uint8_t *keep) {
     if (n <= 0 || k <= 0 || k >= n) return WS_BAD_ARGS;
     if (n >= ((int64_t)1 << 31)) return WS_TOO_MANY;
-    int64_t *counts = new_counts();
-    if (!counts) return WS_NO_MEMORY;
     size_t bytes;
     int32_t *packed = scratch_new(n, &bytes);
-    if (!packed) {
-        free(counts);
-        return WS_NO_MEMORY;
-    }
+    if (!packed) return WS_NO_MEMORY;
     uint16_t *key = (uint16_t *)packed;
     for (int64_t i = 0; i < n; ++i)
         key[i] = float_to_bf16(bf16_to_float(x[i]) - bf16_to_float(base[i])) & 0x7FFFu;
-#define WS_KEY(i) key[i]
-    WS_COUNT(WS_KEY);
-#undef WS_KEY
-    int rc = topk_counted(key, n, k, 0x7F80, counts, keep, packed);
+    int rc = topk_keys(key, n, k, 0x7F80, keep, packed);
     scratch_free(packed, bytes);
     return rc;
 }

@@ -6,9 +6,9 @@ the sort's partitioning: a sequential loop that numpy can only express in many p
 (topk.c replays it). And torch runs each of mergekit's bf16 steps as a pass of its own,
 rounding in between; elementwise.c does the same roundings in one pass (task arithmetic and
 two-model TIES). torch's `cpp_extension` would build these too, but against the torch
-headers (about a minute, and ninja); these are two C99 files that need only libc, built
-with the system C compiler in about a second and loaded with ctypes (which releases the GIL
-during a call, so the merge's worker threads run them at once).
+headers, with ninja; these are two C99 files that need only libc, built with the system C
+compiler in about half a second and loaded with ctypes (which releases the GIL during a
+call, so the merge's worker threads run them at once).
 
 The build is cached under $WEIGHTSMITH_KERNEL_DIR, else $XDG_CACHE_HOME/weightsmith/kernels
 (~/.cache/...), named by a hash of the sources, the flags and the CPU, written to a

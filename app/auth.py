@@ -7,15 +7,28 @@ it serves on the loopback interface only, and every action is the local user's.
 Members see the whole lab. Only a job's owner or an admin may cancel it; only a checkpoint's
 creator or an admin may delete it, and a delete is soft: the row and its lineage edges stay.
 Every such action is appended to the `audit` table.
+
+Logins are throttled twice over. Per name: after LOCK_AFTER failures within FAILURE_WINDOW,
+the name is locked for LOCKOUT (its password is not even checked), counted in the registry's
+`login_failures` table, so the count survives restarts and holds across processes. Per
+process: a token bucket (RateLimit) bounds all login checks together, which slows spraying
+many names. Failed, refused and successful logins are audited, with the name tried and never
+the password.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import ipaddress
 import json
+import logging
 import re
 import secrets
+import threading
+import time
+from datetime import datetime, timezone
 
 from app.lab import Lab
 from registry.store import now
@@ -24,6 +37,17 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # scrypt cost: 16 MiB and about 50 ms per check on one core; slows guessing, not logins
 SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1, "maxmem": 64 * 2 ** 20, "dklen": 32}
 MIN_PASSWORD = 8
+# login lockout, per name (users or not, so a lock tells nothing about who exists)
+LOCK_AFTER = 5            # failures of one name within FAILURE_WINDOW lock it ...
+FAILURE_WINDOW = 15 * 60  # seconds
+LOCKOUT = 15 * 60         # ... for this many seconds after its last failure
+# login rate, per process, all names together: LOGIN_RATE checks a second on average, bursts
+# of LOGIN_BURST; a login waits for its turn up to LOGIN_MAX_WAIT seconds, else is refused
+LOGIN_RATE = 2.0
+LOGIN_BURST = 10
+LOGIN_MAX_WAIT = 5.0
+
+log = logging.getLogger("weightsmith")
 
 
 class AuthError(ValueError):
@@ -68,14 +92,112 @@ def has_users(lab: Lab) -> bool:
 
 
 def authenticate(lab: Lab, name: str, password: str) -> bool:
+    """Check a login. A locked name (LOCK_AFTER failures within FAILURE_WINDOW, for LOCKOUT
+    seconds) is refused without checking its password. Every outcome is audited:
+    `login.ok`, `login.failed` or `login.locked`, with the name tried as target."""
+    name = name or ""
+    shown = _shown(name)
+    t = time.time()
     with lab.registry() as reg:
-        rows = list(reg.db.query("SELECT * FROM users WHERE name = ?", [name or ""]))
-    if not rows:
-        hash_password(password or "", b"0" * 16)  # same work whether or not the user exists
-        return False
-    row = rows[0]
-    return hmac.compare_digest(hash_password(password or "", bytes.fromhex(row["salt"])),
-                               row["hash"])
+        with reg.write():  # the lock check and this attempt's count, in one transaction
+            reg.db.execute("DELETE FROM login_failures WHERE at < ?",
+                           [t - FAILURE_WINDOW - LOCKOUT])
+            until = _locked_until(reg, name, t)
+            if until is not None:
+                audit(reg, None, "login.locked", shown, {"until": _iso(until)})
+                return False
+            # counted as a failure up front, so parallel guesses cannot slip past the lock;
+            # a success deletes it again
+            reg.db["login_failures"].insert({"name": name, "at": t})
+            rows = list(reg.db.query("SELECT salt, hash FROM users WHERE name = ?", [name]))
+        if rows:
+            ok = hmac.compare_digest(
+                hash_password(password or "", bytes.fromhex(rows[0]["salt"])), rows[0]["hash"])
+        else:
+            hash_password(password or "", b"0" * 16)  # same work whether or not the user exists
+            ok = False
+        with reg.write():
+            if ok:
+                reg.db.execute("DELETE FROM login_failures WHERE name = ?", [name])
+                audit(reg, name, "login.ok", name)
+            else:
+                failures = reg.db["login_failures"].count_where(
+                    "name = ? AND at > ?", [name, t - FAILURE_WINDOW])
+                audit(reg, None, "login.failed", shown, {"failures": failures})
+    return ok
+
+
+def _locked_until(reg, name: str, t: float) -> float | None:
+    """When `name`'s lock ends, or None if it is not locked at time `t`: locked while its
+    last LOCK_AFTER failures lie within FAILURE_WINDOW and the latest is under LOCKOUT old."""
+    last = [r[0] for r in reg.db.execute(
+        "SELECT at FROM login_failures WHERE name = ? ORDER BY at DESC LIMIT ?",
+        [name, LOCK_AFTER])]
+    if len(last) == LOCK_AFTER and last[0] - last[-1] <= FAILURE_WINDOW \
+            and t - last[0] < LOCKOUT:
+        return last[0] + LOCKOUT
+    return None
+
+
+def _shown(name: str) -> str:
+    """A name as tried, fit for the audit log: at most 128 characters, none unprintable."""
+    return "".join(c if c.isprintable() else "?" for c in name[:128])
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class RateLimit:
+    """A token bucket (written out: a dozen lines, and Gradio has no hook for a limiter):
+    `rate` tokens a second, at most `burst` saved up. `reserve()` takes the next token and
+    says how long to wait for it, or refuses (None, nothing taken) if that is over
+    `max_wait`. Thread-safe; one per process, so it slows guesses, it does not count them."""
+
+    def __init__(self, rate: float = LOGIN_RATE, burst: int = LOGIN_BURST,
+                 max_wait: float = LOGIN_MAX_WAIT, clock=time.monotonic):
+        self.rate, self.burst, self.max_wait, self.clock = rate, burst, max_wait, clock
+        self.tokens = float(burst)  # below 0: tokens already promised to waiting logins
+        self.stamp = clock()
+        self._lock = threading.Lock()
+
+    def reserve(self) -> float | None:
+        with self._lock:
+            t = self.clock()
+            self.tokens = min(self.burst, self.tokens + (t - self.stamp) * self.rate)
+            self.stamp = t
+            wait = max(0.0, (1.0 - self.tokens) / self.rate)
+            if wait > self.max_wait:
+                return None
+            self.tokens -= 1.0
+            return wait
+
+
+def login_checker(lab: Lab, limit: RateLimit | None = None):
+    """The `auth=` callable for Gradio's `launch`: (name, password) -> bool, throttled by
+    `limit` (default: a new RateLimit with the LOGIN_* constants) and then `authenticate`.
+    It is a coroutine function, so Gradio awaits it: neither the wait nor scrypt blocks the
+    event loop that serves everyone else."""
+    limit = limit or RateLimit()
+    warned = [0.0]
+
+    async def login(name: str, password: str) -> bool:
+        wait = limit.reserve()
+        if wait is None:  # logged, not audited: a flood must not flood the audit table
+            if time.monotonic() - warned[0] > 60:
+                warned[0] = time.monotonic()
+                log.warning("login refused: over %g logins a second; someone may be "
+                            "guessing passwords", limit.rate)
+            return False
+        if wait:
+            await asyncio.sleep(wait)
+        try:
+            return await asyncio.to_thread(authenticate, lab, name, password)
+        except Exception:  # a locked registry, say: refuse the login, show no traceback
+            log.exception("login check failed")
+            return False
+
+    return login
 
 
 def is_admin(lab: Lab, name: str | None) -> bool:
@@ -127,16 +249,31 @@ def soft_delete(reg, checkpoint_id: str, user: str | None, action: str, details:
     audit(reg, user, action, checkpoint_id, details)
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+def is_loopback(host: str) -> bool:
+    """Whether `host` names the loopback interface: a literal loopback IP address
+    (127.0.0.0/8, ::1, with or without brackets) or exactly `localhost`. Any other name,
+    such as `127.0.0.1.nip.io` or `localhost.evil.com`, is not: DNS decides where it goes."""
+    host = (host or "").strip()
+    if host.lower() == "localhost":
+        return True
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
 
 
 def serve_check(lab: Lab, host: str) -> str | None:
     """Why serving on `host` is refused, or None. A non-loopback address needs users."""
-    if host in LOOPBACK or host.startswith("127."):
+    if is_loopback(host):
         return None
     if has_users(lab):
         return None
-    return (f"refusing to serve {lab.root} on {host}: anyone who can reach it could run jobs "
+    return (f"refusing to serve {lab.root} on {host!r} (expected a loopback address: "
+            f"127.0.0.1, ::1 or localhost): anyone who can reach it could run jobs "
             f"and read the lab, and this lab has no users. Add one first, e.g.\n"
             f"  weightsmith users add alice --admin\n"
             f"then start again: the app will ask for a login. (Or serve on 127.0.0.1 behind "

@@ -12,7 +12,9 @@ from registry import CheckpointError, Registry, inspect_checkpoint, resolve_ref
 from registry import hub
 
 # Files of a Hub repo that make up an HF checkpoint (skip other formats a repo may carry).
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.md"]
+# Python files (a repo's custom modelling code) only come along in a lab that allows remote
+# code (allow_trust_remote_code): elsewhere they could only ever be a way to smuggle code in.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.md"]
 
 
 def row_fields(info) -> dict:
@@ -53,14 +55,23 @@ def import_checkpoint(lab: Lab, reg: Registry, ref: str, *, name: str | None = N
     try:
         log(f"downloading {resolved.value} from the Hub")
         try:
-            snapshot_download(resolved.value, local_dir=str(tmp), allow_patterns=HUB_PATTERNS,
-                              endpoint=hub.endpoint(), token=hub.load_token())
+            token = hub.load_token(user)  # the submitting user's own token when they saved one
+        except hub.HubError:
+            token = hub.load_token()
+        patterns = HUB_PATTERNS + (["*.py"] if lab.settings.allow_trust_remote_code else [])
+        try:
+            snapshot_download(resolved.value, local_dir=str(tmp), allow_patterns=patterns,
+                              endpoint=hub.endpoint(), token=token)
         except Exception as e:  # network, auth, missing repo: say which repo and why
-            raise CheckpointError(f"could not download {resolved.value} from the Hub: "
-                                  f"{type(e).__name__}: {e}") from None
+            raise CheckpointError(hub.redact(f"could not download {resolved.value} from the "
+                                             f"Hub: {type(e).__name__}: {e}",
+                                             [token or ""] + hub.known_tokens())) from None
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
         info = inspect_checkpoint(tmp)
-        parents = hub.card_parents(reg, tmp / "README.md", resolved.value)
+        try:
+            parents = hub.card_parents(reg, tmp / "README.md", resolved.value)
+        except hub.HubError as e:
+            raise CheckpointError(f"{resolved.value}: {e}") from None
         os.rename(tmp, final)
         if known is not None:
             return hub.fill_stub(reg, ck_id, str(final), row_fields(info), parents)

@@ -128,18 +128,26 @@ def cmd_preview(args) -> int:
 
 def _wait(lab: Lab, job_id: str) -> int:
     """Follow a job to its end, streaming its log to stderr. If no server schedules this lab,
-    this process schedules the job itself (and only that job)."""
+    this process schedules the job itself (and only that job): each poll it tries the lab's
+    scheduler lock without blocking, and if it gets it, runs one scheduler pass for its job
+    (start it, or reap its worker) and lets go at once. So any number of `run --wait` at
+    once each see their job run (as many at a time as the lab has slots), and a server that
+    starts meanwhile takes over."""
+    import subprocess
+
     from app.scheduler import Scheduler
 
     scheduler = Scheduler(lab, poll_seconds=0.2)
-    own = scheduler.acquire()
     log_pos = 0
     log_path = lab.job_dir(job_id) / "log.txt"
     reg = lab.registry()  # one connection for the whole wait, not one per poll
     try:
         while True:
-            if own:
-                scheduler.tick(only=job_id)
+            if scheduler.acquire():  # else a server, or another waiter's pass, holds it
+                try:
+                    scheduler.tick(only=job_id)
+                finally:
+                    scheduler.release()
             if log_path.exists():
                 with open(log_path, "rb") as f:
                     f.seek(log_pos)
@@ -150,9 +158,11 @@ def _wait(lab: Lab, job_id: str) -> int:
                     sys.stderr.flush()
             status = reg.job(job_id)["status"]
             if status in FINISHED:
-                if own:  # let the scheduler reap the worker process
-                    for proc in scheduler.children.values():
+                for proc in scheduler.children.values():  # reap the worker we started
+                    try:
                         proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:  # it recorded its end; let it finish
+                        pass
                 break
             time.sleep(0.2)
     except KeyboardInterrupt:
@@ -500,6 +510,101 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# ------------------------------------------------------------------------------ errors
+DEBUG_ENV = "WEIGHTSMITH_DEBUG"  # set to 1: an unexpected error prints its traceback too
+LOCK_PROBE_SECONDS = 5.0  # how long a read-only command waits on a locked registry (not 30 s)
+MAX_ARG_CHARS = 4096
+MAX_ARG_INT = 2 ** 53
+
+
+class UsageError(ValueError):
+    """A command-line argument that cannot mean anything (exit 2)."""
+
+
+def _error(message: object) -> None:
+    """Print `error: ...` to stderr, printable and bounded whatever the message holds (a
+    value from a hostile file can be 100,000 characters or carry control characters)."""
+    lines = []
+    for line in str(message).splitlines()[:60]:
+        line = "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in line[:1001])
+        lines.append(line if len(line) <= 1000 else line[:997] + "...")
+    try:
+        print("error: " + "\n".join(lines), file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # stderr closed: nothing more to say
+        pass
+
+
+def _check_args(args) -> None:
+    """Arguments are input too: bound their text and integers before any command sees them."""
+    for name, value in vars(args).items():
+        if isinstance(value, str) and (len(value) > MAX_ARG_CHARS or
+                                       any(c < " " and c != "\t" for c in value)):
+            raise UsageError(f"argument {name}: got {value[:40]!r}... ({len(value)} "
+                             f"characters); expected at most {MAX_ARG_CHARS} characters, "
+                             f"without control characters")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_ARG_INT:
+            raise UsageError(f"argument {name}: got {value}; expected an integer of at most "
+                             f"2**53")
+
+
+def _registry_path(args) -> Path:
+    from app.lab import DEFAULT_LAB, LAB_ENV
+
+    root = getattr(args, "lab", None) or os.environ.get(LAB_ENV) or DEFAULT_LAB
+    return Path(root).expanduser() / "registry.db"
+
+
+def _probe_registry(args) -> None:
+    """Read-only commands: a registry another process holds locked fails in seconds here
+    (sqlite3.OperationalError, reported by main), rather than after the registry's 30 s
+    busy timeout. In WAL mode readers never wait on writers, so a read that waits this long
+    means a process holds the file exclusively."""
+    import sqlite3
+
+    db = _registry_path(args)
+    if not db.is_file():
+        return  # the command itself says there is no lab
+    conn = sqlite3.connect(str(db), timeout=LOCK_PROBE_SECONDS)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    finally:
+        conn.close()
+
+
+def _unexpected(e: BaseException, args) -> int:
+    """The exit code and message for an error no command handled: never a traceback, unless
+    WEIGHTSMITH_DEBUG asks for one."""
+    import errno
+    import sqlite3
+
+    if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+        import traceback
+
+        traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+    text = str(e)
+    db = _registry_path(args)
+    if isinstance(e, sqlite3.OperationalError) and "locked" in text.lower():
+        _error(f"the lab's registry ({db}) is locked by another process: wait for it to "
+               f"finish and try again. If no other weightsmith command or server should be "
+               f"running, find what holds the file (`fuser {db}`) and stop it.")
+        return 1
+    full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+        (isinstance(e, sqlite3.OperationalError) and "disk is full" in text.lower())
+    if full:
+        where = getattr(e, "filename", None) or db
+        _error(f"no space left on the device (writing {where}). Free some space "
+               f"(`weightsmith retention --days N` removes old intermediate checkpoints' "
+               f"files) and try again.")
+        return 1
+    if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
+        _error(f"a path is too long: {getattr(e, 'filename', None) or text}; expected a "
+               f"path whose parts are at most 255 bytes")
+        return 2
+    _error(f"{type(e).__name__}: {text}\n(an unexpected error; set {DEBUG_ENV}=1 to see the "
+           f"traceback, and report it)")
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo" and args.pretrain_steps is None:
@@ -507,17 +612,25 @@ def main(argv: list[str] | None = None) -> int:
 
         args.pretrain_steps = DEFAULT_STEPS
     try:
+        _check_args(args)
+        if args.command in READ_ONLY:
+            _probe_registry(args)
         return args.func(args)
     except (plugins.ConfigError, plugins.PluginError, RefError, SettingsError,
-            CheckpointError, RegistryError) as e:
-        print(f"error: {e}", file=sys.stderr)
+            CheckpointError, RegistryError, UsageError) as e:
+        _error(e)
         return 2
     except HubError as e:  # a parent not on the Hub is bad input; the rest failed remotely
-        print(f"error: {e}", file=sys.stderr)
+        _error(e)
         return 2 if isinstance(e, LocalParentError) else 1
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as e:  # noqa: BLE001 -- the last line: a message, never a traceback
+        return _unexpected(e, args)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,12 @@ from registry import CheckpointError, Registry, inspect_checkpoint, resolve_ref
 from registry import hub
 
 
+# Any of these makes a folder's tokenizer loadable (fast, sentencepiece, tiktoken-style, or a
+# config that names its class and files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json",
+                   "tokenizer.tiktoken")
+
+
 class JobCancelled(BaseException):
     """Raised in the worker when it receives SIGTERM (BaseException: plugins' `except
     Exception` blocks must not swallow a cancel)."""
@@ -34,6 +40,7 @@ class OpenCheckpoint:
     name: str
     path: Path
     trust_remote_code: bool = False
+    kind: str = "model"
 
     def config(self) -> dict:
         return json.loads((self.path / "config.json").read_text())
@@ -51,6 +58,11 @@ class OpenCheckpoint:
     def load_tokenizer(self, **kwargs):
         from transformers import AutoTokenizer
 
+        if not any((self.path / f).is_file() for f in TOKENIZER_FILES):
+            raise CheckpointError(
+                f"checkpoint {self.name} ({self.id}) has no tokenizer: {self.path} holds none "
+                f"of {', '.join(TOKENIZER_FILES)}. Copy its tokenizer files into the folder "
+                f"(tokenizer.save_pretrained) and import it again")
         return AutoTokenizer.from_pretrained(str(self.path),
                                              trust_remote_code=self.trust_remote_code, **kwargs)
 
@@ -186,6 +198,12 @@ class JobContext:
         `import`), so that everything a job reads appears in the lineage.
         """
         resolved = resolve_ref(self.registry, ref)
+        if resolved.kind == "path":  # checked at submit too; here nothing can slip past
+            from app.paths import check_path, restricted
+
+            problem = check_path(self.lab, "checkpoint", ref) if restricted(self.lab) else None
+            if problem:
+                raise CheckpointError(problem)
         if resolved.kind == "registry":
             row = resolved.row
         else:
@@ -204,8 +222,18 @@ class JobContext:
                 f"{Path(row['path']) / 'config.json'} asks for custom code (auto_map); loading "
                 f"it needs trust_remote_code, which this lab does not allow. Set "
                 f"allow_trust_remote_code = true in {self.lab.root / 'lab.toml'} if you trust it")
+        pickled = [f for f in info.weight_files if not f.endswith(".safetensors")]
+        if pickled and not trust:
+            from app.paths import restricted
+
+            if restricted(self.lab):  # a pickle can run code when loaded; safetensors cannot
+                raise CheckpointError(
+                    f"checkpoint {row['id']} stores pickled weights ({', '.join(pickled[:3])}), "
+                    f"which can run code when loaded; this shared lab reads safetensors only. "
+                    f"Convert it (save_pretrained(..., safe_serialization=True)) and import "
+                    f"the result")
         return OpenCheckpoint(id=row["id"], name=row["name"], path=Path(row["path"]),
-                              trust_remote_code=trust)
+                              trust_remote_code=trust, kind=row.get("kind") or "model")
 
     def new_checkpoint(self, relation: str, parents: list[Any], name: str | None = None,
                        metadata: dict | None = None) -> NewCheckpoint:

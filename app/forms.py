@@ -13,6 +13,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from ops import safe_yaml
+
 # widget kinds
 CHECKBOX, SLIDER, NUMBER, DROPDOWN = "checkbox", "slider", "number", "dropdown"
 CHECKPOINT, CHECKPOINTS, TEXT, FILE, YAML, GROUP = (
@@ -139,9 +141,9 @@ def _from_widget(spec: FieldSpec, value: Any) -> tuple[bool, Any]:
         return True, int(value)
     if spec.kind == YAML:
         try:
-            return True, yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise FormError(f"field '{spec.path}': not valid YAML ({e})") from None
+            return True, safe_yaml.load(value, what=f"field '{spec.path}'")
+        except safe_yaml.YamlError as e:
+            raise FormError(str(e)) from None
     if spec.kind in (CHECKPOINT, FILE):
         return True, str(value).strip()
     return True, value

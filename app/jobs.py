@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -13,6 +14,7 @@ import yaml
 
 import plugins
 from app.lab import Lab
+from ops import safe_yaml
 from registry import RefError, resolve_ref
 from registry.store import now
 
@@ -31,14 +33,50 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
+MAX_CONFIG_BYTES = 1 << 20  # 1 MiB: a config file is settings; data lives in its own files
+
+
+def _read_text_config(path: Path) -> bytes:
+    """The bytes of a config file, once they are known to be UTF-8 text of at most
+    MAX_CONFIG_BYTES: a folder, a device, a binary file or a NUL byte is a ConfigError naming
+    the file, found before anything parses it (and a huge file is never read whole)."""
+    def refuse(why: str) -> plugins.ConfigError:
+        return plugins.ConfigError("config", [f"config file {path}: {why}"])
+
+    try:
+        if not path.is_file():  # a folder, a FIFO or a device (/dev/zero) never ends well
+            raise refuse("not a regular file; expected a YAML file")
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise refuse(f"{size} bytes; expected at most {MAX_CONFIG_BYTES} (1 MiB)")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # the file may have grown since stat
+    except OSError as e:
+        raise refuse(f"cannot be read ({e.strerror or e}); expected a readable YAML "
+                     f"file") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise refuse(f"more than {MAX_CONFIG_BYTES} bytes; expected at most 1 MiB")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise refuse(f"contains a NUL byte at byte {nul}; expected a YAML text file, not a "
+                     f"binary one")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise refuse(f"not UTF-8 text (invalid byte at {e.start}); expected a YAML text "
+                     f"file, not a binary one") from None
+    return raw
+
+
 def load_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise plugins.ConfigError("config", [f"config file {path} does not exist"])
+    raw = _read_text_config(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise plugins.ConfigError("config", [f"{path}: invalid YAML ({e})"]) from None
+        data = safe_yaml.load(raw, what=str(path)) or {}
+    except safe_yaml.YamlError as e:
+        raise plugins.ConfigError("config", [str(e)]) from None
     if not isinstance(data, dict):
         raise plugins.ConfigError("config", [f"{path}: expected a mapping of field: value"])
     return data
@@ -67,9 +105,11 @@ def check_config(lab: Lab, plugin_name: str, data: dict):
         elif wanted > len(have):
             problems.append(f"field '{field}': {why}, and this lab has {len(have)} "
                             f"({', '.join(map(str, have))})")
-    from app.paths import config_problems
+    from app.paths import config_problems, missing_paths
 
     problems += config_problems(lab, config)  # a shared lab reads only inside its roots
+    if not problems:
+        problems += missing_paths(config)
     lab_check = getattr(config, "lab_problems", None)  # optional: checks that need the lab
     if callable(lab_check) and not problems:
         problems += lab_check(lab.root)
@@ -95,17 +135,35 @@ def submit(lab: Lab, plugin_name: str, data: dict, *, user: str | None = None,
     """Validate and queue a job; returns its registry row. Raises ConfigError on bad input."""
     plugin, config = check_config(lab, plugin_name, data)
     config_dict = config.model_dump(mode="json")
+    resumed = getattr(config, "resume_job", None)
+    if resumed:  # resuming reads that job's saved state: its owner's or an admin's to do
+        from app.auth import NotAllowed, check_owner
+
+        with lab.registry() as reg:
+            prior = reg.job(resumed, missing_ok=True)
+        if prior is None:
+            raise plugins.ConfigError(plugin_name, [f"field 'resume_job': no job {resumed}"])
+        try:
+            check_owner(lab, user or lab.settings.default_user, prior["user"],
+                        f"resume job {resumed}")
+        except NotAllowed as e:
+            raise plugins.ConfigError(plugin_name, [f"field 'resume_job': {e}"]) from None
     with lab.registry() as reg:
         job = reg.add_job(plugin=plugin.name, config=config_dict,
                           user=user or lab.settings.default_user, priority=priority,
                           versions=library_versions())
         from app.auth import audit
 
-        audit(reg, job["user"], "job.submit", job["id"], {"plugin": plugin.name})
         job_dir = lab.job_dir(job["id"])
-        job_dir.mkdir(parents=True, exist_ok=True)
-        (job_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
-        reg.update_job(job["id"], job_dir=str(job_dir), log_path=str(job_dir / "log.txt"))
+        try:  # nothing half-queued: a full disk here takes the row back out
+            job_dir.mkdir(parents=True, exist_ok=True)
+            (job_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+            reg.update_job(job["id"], job_dir=str(job_dir), log_path=str(job_dir / "log.txt"))
+            audit(reg, job["user"], "job.submit", job["id"], {"plugin": plugin.name})
+        except BaseException:
+            reg.db["jobs"].delete_where("id = ? AND status = 'queued'", [job["id"]])
+            shutil.rmtree(job_dir, ignore_errors=True)
+            raise
         return reg.job(job["id"])
 
 
@@ -258,5 +316,8 @@ def preview(lab: Lab, plugin_name: str, data: dict, timeout: float = 180) -> str
         os.unlink(f.name)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
-        return "**Preview failed:** " + (lines[-1] if lines else f"exit {proc.returncode}")
+        from plugins.kit import markup
+
+        return "**Preview failed:** " + markup.md(lines[-1] if lines else
+                                                 f"exit {proc.returncode}")
     return proc.stdout

@@ -38,6 +38,10 @@ class Settings:
     # shared labs (app/paths.py): folders configs may read besides the lab and assets/; a lab
     # with users or with roots reads nothing else
     allowed_roots: list[str] = field(default_factory=list)
+    # folders whose files may become code in a job (lm-eval task folders, whose YAMLs can
+    # import Python with !function): only what the admin lists here. In a shared lab no
+    # config may name a code folder outside them, and never the lab's uploads/.
+    code_roots: list[str] = field(default_factory=list)
     max_upload_mb: int = 1024  # the largest file the web app accepts
     hub_org: str = ""  # the Hub organisation a bare repo name is published under
     retention_days: float = 0  # `weightsmith retention` default; 0: only when --days is given
@@ -66,9 +70,9 @@ class Settings:
         settings = cls(**data)
         for name, f in known.items():
             value = getattr(settings, name)
-            if name == "allowed_roots" and not (isinstance(value, list) and
-                                                all(isinstance(v, str) and v for v in value)):
-                raise SettingsError(f"setting allowed_roots: expected a list of folder paths, "
+            if name in ("allowed_roots", "code_roots") and not (
+                    isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
+                raise SettingsError(f"setting {name}: expected a list of folder paths, "
                                     f"got {value!r}")
             if name in ("cpu_slots", "jobs_per_gpu", "max_upload_mb") and \
                     (not isinstance(value, int) or value < 1):
@@ -88,7 +92,7 @@ def _parse_env(name: str, raw: str):
         return raw.lower() in ("1", "true", "yes")
     if name == "gpus":
         return [int(x) for x in raw.split(",") if x.strip()] if raw.strip() else []
-    if name == "allowed_roots":
+    if name in ("allowed_roots", "code_roots"):
         return [p for p in raw.split(os.pathsep) if p.strip()]
     if name in ("cpu_slots", "jobs_per_gpu", "max_upload_mb"):
         try:

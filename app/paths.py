@@ -43,7 +43,7 @@ def path_values(config: BaseModel, prefix: str = "") -> Iterator[tuple[str, str,
         marker = plugins._marker(props.get(name, {}))
         if isinstance(value, BaseModel):
             yield from path_values(value, prefix + name + ".")
-        elif marker in ("file", "path", "data", "checkpoint") and isinstance(value, str) \
+        elif marker in ("file", "path", "data", "checkpoint", "code") and isinstance(value, str) \
                 and value:
             yield prefix + name, value, marker
         elif marker == "checkpoints" and value:
@@ -74,6 +74,31 @@ def check_path(lab: Lab, field: str, value: str) -> str | None:
     return None
 
 
+def code_roots(lab: Lab) -> list[Path]:
+    return [Path(r).expanduser().resolve() for r in lab.settings.code_roots]
+
+
+def check_code_path(lab: Lab, field: str, value: str) -> str | None:
+    """Why a job of this lab may not load code from `value` (a folder whose files can become
+    code, such as lm-eval task YAMLs with !function), or None. A shared lab takes only the
+    folders its admin lists in code_roots, and never anything uploaded."""
+    if ".." in Path(value).parts:
+        return f"field '{field}': {value!r} climbs out with '..'; give the folder directly"
+    real = Path(value).expanduser().resolve()
+    uploads = (lab.root / "uploads").resolve()
+    if real == uploads or real.is_relative_to(uploads) or uploads.is_relative_to(real):
+        return (f"field '{field}': {value!r} holds uploaded files, which are data and never "
+                f"code; an admin can put reviewed task folders in a folder listed in "
+                f"code_roots in {lab.root / 'lab.toml'}")
+    if not any(real == r or real.is_relative_to(r) for r in code_roots(lab)):
+        listed = ", ".join(str(r) for r in code_roots(lab)) or "none are listed"
+        return (f"field '{field}': {value!r} may hold code (its files are imported by the "
+                f"job), and this shared lab loads code only from the admin's code_roots "
+                f"({listed}); an admin can add a reviewed folder to code_roots in "
+                f"{lab.root / 'lab.toml'}")
+    return None
+
+
 def _roots_text(lab: Lab) -> str:
     return ", ".join(str(r) for r in roots(lab))
 
@@ -84,6 +109,31 @@ def import_problem(lab: Lab, ref: str) -> str | None:
     if not restricted(lab) or _hub_id_not_path(ref):
         return None
     return check_path(lab, "ref", ref)
+
+
+# A data value ending like this names a local file (no Hub dataset id ends in a file suffix).
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".tsv", ".parquet", ".arrow",
+                      ".yaml", ".yml")
+
+
+def missing_paths(config: BaseModel) -> list[str]:
+    """Local files and folders a config names that do not exist, in any lab: found at
+    submit, not when the job runs."""
+    problems = []
+    for field, value, marker in path_values(config):
+        if marker == "checkpoint":
+            continue  # resolved against the registry by check_config
+        path = Path(value).expanduser()
+        if path.exists():
+            if marker == "file" and not path.is_file():
+                problems.append(f"field '{field}': {value!r} is a folder; expected a file")
+            continue
+        if marker == "data" and not value.lower().endswith(DATA_FILE_SUFFIXES):
+            continue  # a Hub dataset id, or a bare name (a suite) the plugin resolves
+        what = {"file": "file", "data": "file"}.get(marker, "file or folder")
+        problems.append(f"field '{field}': {value!r} does not exist; expected an existing "
+                        f"{what} on the server")
+    return problems
 
 
 def config_problems(lab: Lab, config: BaseModel) -> list[str]:
@@ -103,7 +153,8 @@ def config_problems(lab: Lab, config: BaseModel) -> list[str]:
             elif marker == "data" and "/" not in value and "\\" not in value and \
                     not Path(value).expanduser().exists():
                 continue  # a bare name (e.g. a suite in LAB/suites or assets/suites)
-            problem = check_path(lab, field, value)
+            problem = check_code_path(lab, field, value) if marker == "code" else \
+                check_path(lab, field, value)
             if problem:
                 problems.append(problem)
     return problems

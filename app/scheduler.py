@@ -23,6 +23,7 @@ import psutil
 
 from app.jobs import gpu_count, process_alive
 from app.lab import Lab
+from registry import hub
 from registry.store import now
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,7 @@ class Scheduler:
 
     def _finish_lost(self, job: dict, status: str, reason: str, code: int | None = None) -> None:
         tail = log_tail(job["log_path"])
-        error = reason + (f"\nlast log lines:\n{tail}" if tail else "")
+        error = hub.redact(reason + (f"\nlast log lines:\n{tail}" if tail else ""))
         if self.registry.update_job(job["id"], only_if_status=("running",), status=status,
                                     finished_at=now(), error=error, exit_code=code):
             removed = self.lab.remove_job_tmp(job["id"])

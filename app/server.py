@@ -20,6 +20,9 @@ log = logging.getLogger("weightsmith")
 def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool = True,
           ui: bool = True, demo_skills: bool = True) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from registry.hub import install_log_redaction
+
+    install_log_redaction()  # no Hub token in the server's log, whatever a library echoes
     from app.auth import has_users, serve_check
 
     refused = serve_check(lab, host) if ui else None
@@ -57,15 +60,24 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
             from app.ui import CSS, build_app
 
             app = build_app(lab)
-            login = None
+            login, middleware = None, []
             if has_users(lab):  # a shared lab: every page and API call needs a login
-                from app.auth import authenticate
+                from app.auth import login_checker
 
-                login = lambda name, password: authenticate(lab, name, password)  # noqa: E731
+                login = login_checker(lab)  # throttled, locks a name, audited
+            else:  # a single-user lab on loopback: answer only to loopback names (rebinding)
+                from starlette.middleware import Middleware
+
+                middleware = [Middleware(LoopbackHostOnly)]
+            # app_kwargs go to the FastAPI constructor (gradio.routes.App.create_app)
             app.queue().launch(server_name=host, server_port=port, prevent_thread_lock=True,
                                show_error=True, css=CSS, auth=login,
                                max_file_size=f"{lab.settings.max_upload_mb}mb",
-                               auth_message=f"Weightsmith lab {lab.root.name}: log in")
+                               auth_message=f"Weightsmith lab {lab.root.name}: log in",
+                               # per-page memory bound (app.ui.bound_sessions); launch
+                               # would otherwise reset it to Gradio's 10,000
+                               state_session_capacity=app.state_session_capacity,
+                               app_kwargs={"middleware": middleware})
             log.info("serving %s at http://%s:%d", lab.root, host, port)
         else:
             log.info("scheduler running for %s (no UI)", lab.root)
@@ -81,6 +93,53 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
         scheduler.release()
         log.info("stopped")
     return 0
+
+
+# --------------------------------------------------------------------------- Host check
+def loopback_host_header(value: str | None) -> bool:
+    """Whether a Host header names the loopback: `localhost`, a 127.x.x.x address or `[::1]`,
+    with or without a port."""
+    from app.auth import is_loopback
+
+    value = (value or "").strip()
+    if value.startswith("["):  # [::1] or [::1]:7860
+        host, closed, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else None if rest else ""
+        return bool(closed) and port is not None and (port == "" or port.isdigit()) \
+            and is_loopback(host)
+    if value.count(":") == 1:  # name:port, ipv4:port
+        host, port = value.split(":")
+        return port.isdigit() and is_loopback(host)
+    return is_loopback(value)
+
+
+class LoopbackHostOnly:
+    """ASGI middleware: refuse (HTTP 403, plain text) any HTTP request or websocket whose Host
+    header does not name the loopback. A lab with no users has no login, and a web page on
+    any site could otherwise reach it by DNS rebinding (its own name, re-pointed at
+    127.0.0.1, sends that name as Host). Written out because Starlette's
+    TrustedHostMiddleware matches exact names only (not 127.0.0.0/8) and splits `[::1]:7860`
+    at the first colon."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        host = next((v.decode("latin-1") for k, v in scope.get("headers") or ()
+                     if k == b"host"), None)
+        if loopback_host_header(host):
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        shown = "no Host header" if host is None else f"Host {host[:100]!r}"
+        body = (f"refused: {shown}; expected localhost, 127.x.x.x or [::1] (this lab has no "
+                f"users, so it answers to loopback names only)\n").encode()
+        await send({"type": "http.response.start", "status": 403,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 # ------------------------------------------------------------------ behind an OAuth proxy
@@ -117,14 +176,16 @@ def _schedule(lab: Lab, stop: threading.Event) -> None:
 
 
 def asgi_app(lab: Lab | str | None = None, auth_dependency=proxy_user, path: str = "/",
-             schedule: bool = True):
+             schedule: bool = True, loopback_host_only: bool = False):
     """The workbench as an ASGI app (FastAPI), to run under uvicorn behind an authenticating
     proxy. `auth_dependency(request)` returns the user's name, or None to refuse the request
     (HTTP 401); the default reads the proxy's X-Forwarded-User (else X-Forwarded-Email).
     Handlers get that name as `request.username`, so jobs and checkpoints record it.
 
     `lab`: a Lab or a folder (default: $WEIGHTSMITH_LAB, else ./lab). With `schedule`, the
-    app's lifespan runs the lab's job scheduler in a thread (see `_schedule`).
+    app's lifespan runs the lab's job scheduler in a thread (see `_schedule`). With
+    `loopback_host_only`, requests whose Host is not a loopback name are refused
+    (LoopbackHostOnly); off by default, since the proxy in front sets Host.
 
         WEIGHTSMITH_LAB=/srv/lab uvicorn --factory app.server:asgi_app --host 127.0.0.1
     """
@@ -135,6 +196,9 @@ def asgi_app(lab: Lab | str | None = None, auth_dependency=proxy_user, path: str
 
     from app.ui import CSS, build_app
 
+    from registry.hub import install_log_redaction
+
+    install_log_redaction()  # uvicorn's handlers are set up by now
     lab = lab if isinstance(lab, Lab) else Lab(lab)  # as `weightsmith serve` opens it
     if auth_dependency is None:
         raise ValueError("asgi_app needs an auth_dependency: behind no proxy, use "
@@ -156,6 +220,12 @@ def asgi_app(lab: Lab | str | None = None, auth_dependency=proxy_user, path: str
                 thread.join(timeout=10)
 
     blocks = build_app(lab).queue()
-    return gr.mount_gradio_app(FastAPI(lifespan=lifespan), blocks, path=path,
+    middleware = []
+    if loopback_host_only:
+        from starlette.middleware import Middleware
+
+        middleware = [Middleware(LoopbackHostOnly)]
+    return gr.mount_gradio_app(FastAPI(lifespan=lifespan, middleware=middleware), blocks,
+                               path=path,
                                auth_dependency=auth_dependency, css=CSS, show_error=True,
                                max_file_size=f"{lab.settings.max_upload_mb}mb")

@@ -18,6 +18,7 @@ from app.auth import NotAllowed
 from app.checkpoints import import_checkpoint, to_json
 from app.lab import Lab
 from app.scheduler import log_tail
+from plugins.kit import markup
 from registry import CheckpointError, RefError, RegistryError
 
 JOB_COLUMNS = ["id", "plugin", "status", "progress", "user", "device", "duration", "created"]
@@ -32,10 +33,9 @@ def preview_data(lab: Lab, plugin_name: str, values: list) -> str:
     try:
         return jobs_mod.preview(lab, plugin_name, forms.values_to_config(specs, list(values)))
     except forms.FormError as e:
-        return f"**No preview.**\n\n- {e}"
+        return f"**No preview.**\n\n- {markup.md(e)}"
     except plugins.ConfigError as e:
-        return "**No preview: fix these fields.**\n\n" + "\n".join(f"- {p}"
-                                                                    for p in e.problems)
+        return "**No preview: fix these fields.**\n\n" + markup.lines(e.problems)
 
 
 def submit_form(lab: Lab, plugin_name: str, values: list,
@@ -47,10 +47,9 @@ def submit_form(lab: Lab, plugin_name: str, values: list,
         data = forms.values_to_config(specs, list(values))
         job = jobs_mod.submit(lab, plugin_name, data, user=user)
     except forms.FormError as e:
-        return f"**Not submitted.**\n\n- {e}", ""
+        return f"**Not submitted.**\n\n- {markup.md(e)}", ""
     except plugins.ConfigError as e:
-        return "**Not submitted: fix these fields.**\n\n" + "\n".join(
-            f"- {p}" for p in e.problems), ""
+        return "**Not submitted: fix these fields.**\n\n" + markup.lines(e.problems), ""
     return f"Queued **{job['id']}**. Follow it in the Jobs tab.", job["id"]
 
 
@@ -73,11 +72,11 @@ def load_yaml(plugin_name: str, path: str | None) -> tuple[list | None, str]:
     try:
         data = jobs_mod.load_config_file(path)  # the same reader as `weightsmith run`
     except plugins.ConfigError as e:
-        return None, "**Could not load the file:** " + "; ".join(e.problems)
+        return None, "**Could not load the file:** " + markup.md("; ".join(e.problems))
     unknown = forms.unknown_keys(specs, data)
-    note = f"Loaded {Path(path).name}."
+    note = f"Loaded {markup.md(Path(path).name)}."
     if unknown:
-        note += f" **Not in this form (ignored): {', '.join(unknown)}**"
+        note += f" **Not in this form (ignored): {markup.md(', '.join(unknown))}**"
     return forms.config_to_values(specs, data), note
 
 
@@ -137,21 +136,24 @@ def job_detail(lab: Lab, job_id: str | None) -> tuple[str, str, str, object]:
     with lab.registry() as reg:
         job = reg.job(job_id, missing_ok=True)
         if job is None:
-            return f"No job {job_id}.", "", "", empty
+            return f"No job {markup.md(job_id)}.", "", "", empty
         metrics = reg.metrics(job_id)
         made = reg.job_checkpoints(job_id)
     pct = (job["progress"] or 0) * 100
-    status = (f"**{job['id']}** · {job['plugin']} · **{job['status']}** · device "
-              f"{job['device'] or '-'} · {_duration(job)}")
+    status = (f"**{markup.md(job['id'])}** · {markup.md(job['plugin'])} · "
+              f"**{markup.md(job['status'])}** · device {markup.md(job['device'] or '-')} · "
+              f"{_duration(job)}")
     if made:
-        status += f"\n\nCheckpoints: {', '.join(made)}"
+        status += f"\n\nCheckpoints: {markup.md(', '.join(made))}"
     scores = [m for m in metrics if m["step"] is None]  # final numbers, e.g. evaluations
     if scores:
-        status += "\n\n" + " · ".join(f"{m['name']} = {m['value']:.4g}" for m in scores[-8:])
+        status += "\n\n" + " · ".join(f"{markup.md(m['name'])} = {m['value']:.4g}"
+                                        for m in scores[-8:])
     if job["error"] and job["status"] != "succeeded":
-        status += f"\n\n```\n{job['error'][-2000:]}\n```"
+        status += "\n\n" + markup.code_block(job["error"][-2000:])
+    pct = min(max(float(pct), 0.0), 100.0)
     bar = (f"<div class='ws-progress'><div style='width:{pct:.1f}%'></div></div>"
-           f"<div>{pct:.0f}% {job['progress_message'] or ''}</div>")
+           f"<div>{pct:.0f}% {markup.html(job['progress_message'] or '')}</div>")
     log = ""
     if job["log_path"] and Path(job["log_path"]).exists():
         log = log_tail(job["log_path"], LOG_LINES)
@@ -177,8 +179,10 @@ def stop_job(lab: Lab, job_id: str | None, user: str | None = None) -> str:
     try:
         job = jobs_mod.cancel(lab, job_id, user=user)
     except NotAllowed as e:
-        return f"**Not stopped.** {e}"
-    return f"{job_id}: {job['status']}"
+        return f"**Not stopped.** {markup.md(e)}"
+    except RegistryError as e:
+        return f"**Not stopped.** {markup.md(e)}"
+    return f"{markup.md(job_id)}: {markup.md(job['status'])}"
 
 
 def delete_checkpoint_form(lab: Lab, ck_id: str | None, user: str | None = None) -> str:
@@ -188,9 +192,10 @@ def delete_checkpoint_form(lab: Lab, ck_id: str | None, user: str | None = None)
     try:
         row = auth.delete_checkpoint(lab, ck_id, user)
     except (NotAllowed, RegistryError) as e:
-        return f"**Not deleted.** {e}"
-    return (f"Deleted {row['name']} ({row['id']}); its lineage is kept "
-            f"(deleted {row['deleted_at'][:19].replace('T', ' ')} by {row['deleted_by']}).")
+        return f"**Not deleted.** {markup.md(e)}"
+    return (f"Deleted {markup.md(row['name'])} ({markup.md(row['id'])}); its lineage is kept "
+            f"(deleted {row['deleted_at'][:19].replace('T', ' ')} by "
+            f"{markup.md(row['deleted_by'])}).")
 
 
 def request_user(request) -> str | None:
@@ -198,37 +203,46 @@ def request_user(request) -> str | None:
     return getattr(request, "username", None) if request is not None else None
 
 
-def retry_job(lab: Lab, job_id: str | None) -> tuple[str, str]:
+def retry_job(lab: Lab, job_id: str | None, user: str | None = None) -> tuple[str, str]:
+    """Submit the selected job's config again, as a new job of whoever clicks (`user`),
+    audited as theirs: a member's Retry of another's job is their own job."""
     if not job_id:
         return "Select a job first.", ""
-    with lab.registry() as reg:
-        job = reg.job(job_id)
     try:
-        new = jobs_mod.submit(lab, job["plugin"], json.loads(job["config"]), user=job["user"])
-    except (plugins.ConfigError, plugins.PluginError) as e:
-        return f"Could not retry: {e}", job_id
-    return f"Re-submitted {job_id} as **{new['id']}**.", new["id"]
+        with lab.registry() as reg:
+            job = reg.job(job_id)
+        new = jobs_mod.submit(lab, job["plugin"], json.loads(job["config"]), user=user)
+    except (plugins.ConfigError, plugins.PluginError, RegistryError) as e:
+        return f"**Could not retry:** {markup.md(e)}", job_id
+    return f"Re-submitted {markup.md(job_id)} as **{markup.md(new['id'])}**.", new["id"]
 
 
-def resume_job(lab: Lab, job_id: str | None) -> tuple[str, str]:
+def resume_job(lab: Lab, job_id: str | None, user: str | None = None) -> tuple[str, str]:
     """Continue a cancelled or failed training job from its last saved state: the same
-    config with `resume_job` set (plugins whose Config has that field)."""
+    config with `resume_job` set (plugins whose Config has that field). It reads the job's
+    own saved state, so only the job's owner or an admin may resume it; the new job is the
+    resumer's."""
     if not job_id:
         return "Select a job first.", ""
-    with lab.registry() as reg:
-        job = reg.job(job_id)
+    try:
+        with lab.registry() as reg:
+            job = reg.job(job_id)
+        auth.check_owner(lab, user, job["user"], f"resume job {job_id}")
+    except (NotAllowed, RegistryError) as e:
+        return f"**Not resumed.** {markup.md(e)}", job_id
     plugin = plugins.get(job["plugin"])
     if "resume_job" not in plugin.Config.model_fields:
-        return f"{job['plugin']} jobs cannot be resumed; use Retry.", job_id
+        return f"{markup.md(job['plugin'])} jobs cannot be resumed; use Retry.", job_id
     if job["status"] not in ("cancelled", "failed", "interrupted"):
-        return f"{job_id} is {job['status']}; only a stopped job can be resumed.", job_id
+        return (f"{markup.md(job_id)} is {markup.md(job['status'])}; only a stopped job can be "
+                f"resumed."), job_id
     config = json.loads(job["config"])
     config["resume_job"] = job_id
     try:
-        new = jobs_mod.submit(lab, job["plugin"], config, user=job["user"])
+        new = jobs_mod.submit(lab, job["plugin"], config, user=user)
     except (plugins.ConfigError, plugins.PluginError) as e:
-        return f"Could not resume: {e}", job_id
-    return f"Resuming {job_id} as **{new['id']}**.", new["id"]
+        return f"**Could not resume:** {markup.md(e)}", job_id
+    return f"Resuming {markup.md(job_id)} as **{markup.md(new['id'])}**.", new["id"]
 
 
 # -------------------------------------------------------------------------------- registry
@@ -254,21 +268,23 @@ def checkpoint_detail(lab: Lab, ck_id: str | None) -> tuple[str, str, dict]:
             deltas = reg.score_deltas(row["id"])
             graph = reg.lineage_mermaid(row["id"], max_depth=20)
     except RegistryError as e:
-        return str(e), "", {}
-    summary = (f"### {row['name']}  `{row['id']}`\n{row['relation']} · "
-               f"{row['architecture'] or ''} · "
-               f"{(row['param_count'] or 0) / 1e6:.2f}M params · {row['dtype'] or ''} · "
-               f"created {row['created_at'][:19].replace('T', ' ')} by {row['created_by'] or '-'}"
-               + (f" · job {row['job_id']}" if row["job_id"] else ""))
+        return markup.md(e), "", {}
+    md = markup.md  # every value below may be a member's text: shown literally
+    summary = (f"### {md(row['name'])}  ({md(row['id'])})\n{md(row['relation'])} · "
+               f"{md(row['architecture'] or '')} · "
+               f"{(row['param_count'] or 0) / 1e6:.2f}M params · {md(row['dtype'] or '')} · "
+               f"created {row['created_at'][:19].replace('T', ' ')} by "
+               f"{md(row['created_by'] or '-')}"
+               + (f" · job {md(row['job_id'])}" if row["job_id"] else ""))
     if parents:
         summary += "\n\nParents: " + ", ".join(
-            f"{p['parent_name']} ({p['relation']}"
+            f"{md(p['parent_name'])} ({md(p['relation'])}"
             + (f", weight {p['weight']:g}" if p["weight"] is not None else "")
-            + (f", {p['role']}" if p["role"] else "") + ")" for p in parents)
+            + (f", {md(p['role'])}" if p["role"] else "") + ")" for p in parents)
     if row.get("hub_repo") or row.get("sync_status"):
-        summary += (f"\n\nHub: `{row['hub_repo'] or '-'}` · {row['sync_status'] or '-'}"
-                    + (f" at `{row['hub_commit'][:12]}`" if row.get("hub_commit") else "")
-                    + (f" · {row['sync_error']}" if row.get("sync_status") == "sync_failed"
+        summary += (f"\n\nHub: {md(row['hub_repo'] or '-')} · {md(row['sync_status'] or '-')}"
+                    + (f" at {md(row['hub_commit'][:12])}" if row.get("hub_commit") else "")
+                    + (f" · {md(row['sync_error'])}" if row.get("sync_status") == "sync_failed"
                        else ""))
     if not row["path"]:
         summary += "\n\nRemote only: no files in this lab (import its Hub id to get them)."
@@ -278,20 +294,22 @@ def checkpoint_detail(lab: Lab, ck_id: str | None) -> tuple[str, str, dict]:
         for d in deltas:
             table.setdefault(d["metric"], {"value": d["value"]})[d["parent_name"]] = d["delta"]
         summary += ("\n\n**Scores against parents**\n\n| metric | value | "
-                    + " | ".join(f"vs {n}" for n in names) + " |\n|---|---|"
+                    + " | ".join(f"vs {md(n)}" for n in names) + " |\n|---|---|"
                     + "---|" * len(names) + "\n"
-                    + "\n".join(f"| {m} | {v['value']:.4g} | " + " | ".join(
+                    + "\n".join(f"| {md(m)} | {v['value']:.4g} | " + " | ".join(
                         f"{v[n]:+.4g}" if n in v else "" for n in names) + " |"
                         for m, v in table.items()))
     meta = to_json(row).get("metadata")
-    if isinstance(meta, dict) and isinstance(meta.get("layer_map"), list):
-        lm = meta["layer_map"]
+    numbers = lambda v: isinstance(v, list) and all(type(i) is int for i in v)  # noqa: E731
+    if isinstance(meta, dict) and numbers(meta.get("layer_map")) and \
+            numbers(meta.get("new_layers") or []):
+        lm = meta["layer_map"]  # numbers only, so the code span shows them as they are
         summary += (f"\n\nLayer map ({len(lm)} layers; new layer i is a copy of old layer "
                     f"map[i]): `{lm}`" + (f" · new blocks {meta['new_layers']}"
                                           if meta.get("new_layers") else ""))
     if isinstance(meta, dict) and isinstance(meta.get("sparsity"), (int, float)):
-        summary += (f"\n\n{meta.get('method', '')} sparsity {meta['sparsity']:.1%}"
-                    + (f" ({meta['pattern']})" if meta.get("pattern") else ""))
+        summary += (f"\n\n{md(meta.get('method', ''))} sparsity {meta['sparsity']:.1%}"
+                    + (f" ({md(meta['pattern'])})" if meta.get("pattern") else ""))
     files = sorted(p.name for p in Path(row["path"]).iterdir()) if row["path"] and \
         Path(row["path"]).is_dir() else []
     details = {"config": row.get("config"), "versions": row.get("versions"),
@@ -398,7 +416,7 @@ def lineage_chain(lab: Lab, ck_id: str | None, from_id: str | None = None,
             path = reg.chain(ck_id, from_id or None)
             scores = reg.latest_scores([r["id"] for r in path])
     except RegistryError as e:
-        return empty, [], f"**{e}**"
+        return empty, [], f"**{markup.md(e)}**"
     available = sorted({m for r in path for m in scores.get(r["id"], {})})
     chosen = [m for m in (metrics or []) if m in available] or available[:4]
     rows = []
@@ -407,24 +425,25 @@ def lineage_chain(lab: Lab, ck_id: str | None, from_id: str | None = None,
         label = f"{i:02d} {r['name']}"
         rows += [{"step": label, "value": scores[r["id"]][m], "metric": m}
                  for m in chosen if m in scores.get(r["id"], {})]
-    text = " → ".join(f"{r['name']} ({r['relation']})" for r in path)
+    text = " → ".join(f"{markup.md(r['name'])} ({markup.md(r['relation'])})" for r in path)
     return (pd.DataFrame(rows) if rows else empty), available, text
 
 
-def import_form(lab: Lab, ref: str, name: str) -> str:
+def import_form(lab: Lab, ref: str, name: str, user: str | None = None) -> str:
     if not (ref or "").strip():
         return "**Give a local folder or a Hub id (ORG/NAME).**"
     from app.paths import import_problem
 
     refused = import_problem(lab, ref)
     if refused:
-        return f"**Not imported:** {refused}"
+        return f"**Not imported:** {markup.md(refused)}"
     try:
         with lab.registry() as reg:
-            row = import_checkpoint(lab, reg, ref.strip(), name=name.strip() or None)
+            row = import_checkpoint(lab, reg, ref.strip(), name=(name or "").strip() or None,
+                                    user=user)
     except (CheckpointError, RefError, RegistryError) as e:
-        return f"**Not imported:** {e}"
-    return f"Registered **{row['name']}** as `{row['id']}`."
+        return f"**Not imported:** {markup.md(e)}"
+    return f"Registered **{markup.md(row['name'])}** as {markup.md(row['id'])}."
 
 
 def publish_to_hub(lab: Lab, ck_id: str | None, repo: str, private: bool = False,
@@ -450,11 +469,11 @@ def publish_to_hub(lab: Lab, ck_id: str | None, repo: str, private: bool = False
             audit(reg, user, "checkpoint.publish", result.get("checkpoint", ck_id),
                   {"repo": result["repo"], "commit": result["commit"]})
     except (hub.HubError, RegistryError) as e:
-        return f"**Not published:** {e}"
-    done = (f"Published to [{result['repo']}]({result['url']}) at commit "
-            f"`{result['commit'][:12]}`." if result["new_commit"] else
-            f"Unchanged on [{result['repo']}]({result['url']}): no new commit.")
-    return "\n\n".join([done] + [f"_{w}_" for w in warnings])
+        return f"**Not published:** {markup.md(e)}"
+    link = f"[{markup.md(result['repo'])}](<{markup.html(result['url'])}>)"
+    done = (f"Published to {link} at commit {markup.md(result['commit'][:12])}."
+            if result["new_commit"] else f"Unchanged on {link}: no new commit.")
+    return "\n\n".join([done] + [f"_{markup.md(w)}_" for w in warnings])
 
 
 def save_hub_token(lab: Lab, token: str, user: str | None = None) -> str:
@@ -465,8 +484,8 @@ def save_hub_token(lab: Lab, token: str, user: str | None = None) -> str:
     try:
         path = hub.save_token(token, lab_root=lab.root, user=user)
     except hub.HubError as e:
-        return f"**Not saved:** {e}"
-    return f"Token saved to `{path}` (mode 0600)."
+        return f"**Not saved:** {markup.md(e)}"
+    return f"Token saved to {markup.md(path)} (mode 0600)."
 
 
 def sync_registry_form(lab: Lab, repo: str, user: str | None = None) -> str:
@@ -480,10 +499,10 @@ def sync_registry_form(lab: Lab, repo: str, user: str | None = None) -> str:
             result = hub.sync_registry(reg, repo, token=hub.load_token(user),
                                        log=lambda m: None)
     except (hub.HubError, RegistryError) as e:
-        return f"**Not synced:** {e}"
+        return f"**Not synced:** {markup.md(e)}"
     added = ", ".join(f"{n} {t}" for t, n in result["added"].items() if n) or "nothing"
     pushed = ", ".join(f"{n} {t}" for t, n in result["pushed"].items() if n) or "nothing"
-    return f"Synced with `{repo}`: pulled {added}; pushed {pushed}."
+    return f"Synced with {markup.md(repo)}: pulled {added}; pushed {pushed}."
 
 
 # ---------------------------------------------------------------------------------- layout
@@ -525,23 +544,51 @@ def _widget(gr, spec: forms.FieldSpec, value, choices):
                       lines=10 if spec.multiline else 1, max_lines=40 if spec.multiline else 1)
 
 
+# What an upload may be: data files that plugins read as data. Uploads are never code: no
+# Python, pickles or shared objects, and code fields (lm-eval task folders) refuse uploads/.
+UPLOAD_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".tsv", ".yaml", ".yml", ".parquet",
+                   ".md")
+
+
+class UploadError(ValueError):
+    """An upload refused: too big, or not a data file."""
+
+
 def save_upload(lab: Lab, temp_path: str | None) -> str:
-    """Keep an uploaded file in the lab (uploads/), so jobs read it from there; returns its
-    path for the form's path box."""
+    """Keep an uploaded file in the lab (uploads/, mode 0600), so jobs read it from there;
+    returns its path for the form's path box. Only data files are kept."""
     if not temp_path:
         return ""
+    import re
     import shutil
     import uuid
 
     size = Path(temp_path).stat().st_size
     if size > lab.settings.max_upload_mb * 2 ** 20:  # the web server refuses them first
-        raise ValueError(f"upload of {size / 2 ** 20:.0f} MiB refused: this lab accepts files "
-                         f"up to {lab.settings.max_upload_mb} MiB (max_upload_mb in lab.toml)")
+        raise UploadError(f"upload of {size / 2 ** 20:.0f} MiB refused: this lab accepts files "
+                          f"up to {lab.settings.max_upload_mb} MiB (max_upload_mb in lab.toml)")
+    name = Path(temp_path).name
+    if not name.lower().endswith(UPLOAD_SUFFIXES):
+        raise UploadError(f"upload {name!r} refused: expected a data file "
+                          f"({', '.join(UPLOAD_SUFFIXES)})")
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[-100:].lstrip(".") or "upload"
     uploads = lab.root / "uploads"
     uploads.mkdir(exist_ok=True)
-    target = uploads / f"{uuid.uuid4().hex[:8]}-{Path(temp_path).name}"
-    shutil.copy(temp_path, target)
+    target = uploads / f"{uuid.uuid4().hex[:8]}-{safe}"
+    shutil.copyfile(temp_path, target)
+    target.chmod(0o600)
     return str(target)
+
+
+def upload_to_box(lab: Lab, temp_path: str | None):
+    """The Upload button: the kept file's path, or the box unchanged and a warning toast."""
+    import gradio as gr
+
+    try:
+        return save_upload(lab, temp_path)
+    except UploadError as e:
+        gr.Warning(str(e))
+        return gr.skip()
 
 
 def _build_widgets(gr, lab, specs, values, choices, out):
@@ -555,7 +602,7 @@ def _build_widgets(gr, lab, specs, values, choices, out):
             with gr.Row(equal_height=True):
                 box = _widget(gr, spec, values[len(out)], choices)
                 upload = gr.UploadButton("Upload", type="filepath", size="sm", scale=0)
-                upload.upload(lambda f: save_upload(lab, f), inputs=upload, outputs=box,
+                upload.upload(lambda f: upload_to_box(lab, f), inputs=upload, outputs=box,
                               api_visibility="private")
             out.append((spec, box))
         else:
@@ -653,8 +700,9 @@ def build_app(lab: Lab):
                     log = gr.Textbox(label="Log (live tail)", lines=16, max_lines=16,
                                      autoscroll=True, scale=3, elem_id="job-log")
                     with gr.Column(scale=2):
-                        plot_metrics = gr.Dropdown(
+                        plot_metrics = gr.Dropdown(  # custom values: see bound_sessions
                             choices=[], multiselect=True, label="Plot", visible=False,
+                            allow_custom_value=True,
                             info="Curves to draw (empty: the losses and perplexities).")
                         plot = gr.LinePlot(x="step", y="value", color="name",
                                            label="Metrics", visible=False)
@@ -671,9 +719,15 @@ def build_app(lab: Lab):
                     return stop_job(lab, j, request_user(request))
 
                 stop.click(on_stop, inputs=selected_job, outputs=action, api_name="stop_job")
-                retry.click(lambda j: retry_job(lab, j), inputs=selected_job,
+                def on_retry(request: gr.Request, j):
+                    return retry_job(lab, j, request_user(request))
+
+                def on_resume(request: gr.Request, j):
+                    return resume_job(lab, j, request_user(request))
+
+                retry.click(on_retry, inputs=selected_job,
                             outputs=[action, selected_job], api_name="retry_job")
-                resume.click(lambda j: resume_job(lab, j), inputs=selected_job,
+                resume.click(on_resume, inputs=selected_job,
                              outputs=[action, selected_job], api_name="resume_job")
 
             with gr.Tab("Registry", id="registry") as registry_tab:
@@ -739,7 +793,10 @@ def build_app(lab: Lab):
                                    outputs=[use_plugin, next_hint], api_name="next_step")
                 selected_ck.change(lambda c: show_per_layer(c), inputs=selected_ck,
                                    outputs=per_layer, api_visibility="private")
-                imp_go.click(lambda r, n: import_form(lab, r, n), inputs=[imp_ref, imp_name],
+                def on_import(request: gr.Request, r, n):
+                    return import_form(lab, r, n, user=request_user(request))
+
+                imp_go.click(on_import, inputs=[imp_ref, imp_name],
                              outputs=imp_msg, api_name="import_checkpoint")
 
                 def on_delete(request: gr.Request, c):
@@ -783,6 +840,7 @@ def build_app(lab: Lab):
                                              label="Ancestor to start from (empty: follow "
                                                    "first parents to the root)")
                     chain_metrics = gr.Dropdown(choices=[], multiselect=True,
+                                                allow_custom_value=True,
                                                 label="Metrics (empty: the first four)")
                 chain_go = gr.Button("Plot chain")
                 chain_text = gr.Markdown()
@@ -819,9 +877,39 @@ def build_app(lab: Lab):
         # each page load gets the registry as it is now, not as it was at server start
         app.load(refresh_registry, inputs=search, outputs=[ck_df] + checkpoint_widgets,
                  api_visibility="private", show_progress="hidden")
+        bound_sessions(app)  # per-page server memory is capped (see there)
 
         # "Use as input": open the plugin's tab with the checkpoint in its first checkpoint
         # field.
         use.click(use_as_input, inputs=[use_plugin, selected_ck],
                   outputs=[tabs] + list(first_checkpoint.values()), api_visibility="private")
     return app
+
+
+# ------------------------------------------------------------------ per-page server memory
+# Gradio keeps a SessionState per page (session_hash) from its first event on: a copy of every
+# component's config (~0.75 MiB for this app's ~350 components) plus what handlers returned.
+# By default it drops one only past 10,000 pages, closed pages included, so a long-running
+# server grew ~0.95 MiB per page load (bench/load.py --connections). The app keeps no state
+# of its own per page (it all lives in the registry), so Gradio holds at most
+# SESSION_CAPACITY, the least recently active out first: an open page's timer touches its
+# session every 1.5 s, so closed pages and idle API clients go first. An evicted page still
+# works; its next event starts from the initial config (a dropdown whose choices a handler
+# set then checks values against its initial choices, unless it allows custom values).
+# Not freed on disconnect (an unload listener): that makes every page hold Gradio's heartbeat
+# stream open, and a uvicorn shutdown (asgi_app) then waits for every open tab.
+# Gradio's queue also keeps its last GRADIO_ANALYTICS_MAX_EVENTS events (default 10,000, about
+# 1,400 page loads) and rebuilds a pandas frame of them after every event: another ~60 MiB
+# over 1,000 page loads, and CPU per event; the app keeps 1,000 unless the environment says.
+SESSION_CAPACITY = 64
+ANALYTICS_EVENTS = 1000
+
+
+def bound_sessions(app) -> None:
+    """Cap the per-page sessions `app` (a gr.Blocks, before `.queue()`) keeps, and Gradio's
+    event records. `launch()` must get `state_session_capacity=app.state_session_capacity`
+    (it overwrites the attribute); gr.mount_gradio_app reads the attribute."""
+    import os
+
+    app.state_session_capacity = SESSION_CAPACITY
+    os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", str(ANALYTICS_EVENTS))  # for .queue()

@@ -28,7 +28,25 @@ import plugins
 from app.context import JobCancelled, JobContext, NewCheckpoint
 from app.lab import Lab
 from app.scheduler import log_tail
+from registry import hub
 from registry.store import now
+
+
+class _Redacting:
+    """stdout/stderr of a job (its log.txt) with Hub tokens blanked in every write: a
+    traceback or a library's message that echoes a request must not put a token in a log
+    that lab members can read."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._tokens = hub.known_tokens()
+
+    def write(self, text: str) -> int:
+        self._stream.write(hub.redact(text, self._tokens))
+        return len(text)
+
+    def __getattr__(self, name):  # flush, fileno, isatty, encoding...
+        return getattr(self._stream, name)
 
 
 def _on_sigterm(signum, frame):
@@ -41,8 +59,6 @@ def _on_sigterm(signum, frame):
 def _auto_sync(lab: Lab, reg, ctx: JobContext) -> None:
     """Registry sync after a job (lab setting hub_sync_repo); a failure is logged, and the
     job still succeeded: the next sync sends the rows."""
-    from registry import hub
-
     try:
         hub.sync_registry(reg, lab.settings.hub_sync_repo, log=ctx.log)
     except Exception as e:  # noqa: BLE001 - the Hub being down must not fail the job
@@ -103,6 +119,18 @@ class RankContext(JobContext):
     def discard_all(self) -> None:  # only this rank's scratch: rank 0 owns the job's folders
         shutil.rmtree(self.work_dir / f"rank{self.rank}", ignore_errors=True)
         self._pending.clear()
+
+
+def _explained(error: BaseException) -> bool:
+    """Whether an error is the job's own account of bad input (a checkpoint, data or
+    setting that does not fit, raised as ValueError or CheckpointError with a message that
+    says what is wrong): its message is the whole story, and a traceback in the log would
+    only bury it. Anything else gets its traceback; WEIGHTSMITH_DEBUG=1 prints them all."""
+    from registry import CheckpointError
+
+    if os.environ.get("WEIGHTSMITH_DEBUG"):
+        return False
+    return isinstance(error, (ValueError, CheckpointError, FileNotFoundError, RankFailed))
 
 
 def processes_for(config, device: str) -> int:
@@ -197,7 +225,8 @@ def run_rank(lab: Lab, job_id: str) -> int:
     except BaseException as e:  # noqa: BLE001 - the launching worker reports it
         ctx.discard_all()
         traceback.print_exc()
-        (ctx.work_dir / f"error-rank{rank}.txt").write_text(f"{type(e).__name__}: {e}")
+        (ctx.work_dir / f"error-rank{rank}.txt").write_text(
+            hub.redact(f"{type(e).__name__}: {e}"))
         return 1
     finally:
         _distributed("destroy_process_group")
@@ -220,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     signal.signal(signal.SIGTERM, _on_sigterm)
+    sys.stdout, sys.stderr = _Redacting(sys.stdout), _Redacting(sys.stderr)
     lab = Lab(args.lab)
     if args.rank:
         return run_rank(lab, args.job_id)
@@ -251,14 +281,16 @@ def main(argv: list[str] | None = None) -> int:
         return 143
     except BaseException as e:  # noqa: BLE001 - every failure must be recorded on the job
         ctx.discard_all()
-        traceback.print_exc()
+        if not _explained(e):
+            traceback.print_exc()
         what = str(e) if isinstance(e, RankFailed) else f"{type(e).__name__}: {e}"
         ctx.log(f"job failed: {what}")
         sys.stdout.flush()
         status = "cancelled" if reg.job(job["id"])["cancel_requested"] else "failed"
         reg.update_job(job["id"], only_if_status=("running",), status=status,
-                       finished_at=now(), error=f"{what}\nlast log lines:\n"
-                       + log_tail(job["log_path"]), exit_code=1)
+                       finished_at=now(), error=hub.redact(f"{what}\nlast log lines:\n"
+                                                           + log_tail(job["log_path"])),
+                       exit_code=1)
         return 1
     finally:
         reg.close()

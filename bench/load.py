@@ -1,6 +1,7 @@
 """Load test of a shared lab: concurrent API clients against one `weightsmith serve`.
 
     python bench/load.py [--clients 20] [--seconds 60] [--polls 3] [--reuse-scores]
+                         [--connections 1000] [--connection-threads 4]
 
 Builds a fresh temporary lab (cpu_slots = 2) with a tiny locally built Llama registered as
 `tiny`, starts `weightsmith serve --no-demo` on a random 127.0.0.1 port, then runs
@@ -13,6 +14,15 @@ Prints the request count, the error count (target 0) with the first error messag
 latency per endpoint and overall, and the job throughput from the registry at the end (jobs
 finished per minute; jobs still queued or running are counted separately). The server, its
 job processes and the temporary lab are removed at the end, also on Ctrl-C.
+
+Before the clients start, a separate phase measures the server's memory across
+`--connections` new browser pages (0: skips it; `--clients 0` runs it alone). Each does what
+a browser does when it opens the page: a new session_hash, GET /config, Gradio's heartbeat
+connection (when the config asks for one), every `load` event and one tick of every timer
+through the queue; then the page closes (the heartbeat connection ends). Prints the server
+process's RSS (its threads included, its job processes not) after a warm-up and after the
+pages, as `server RSS: before X MiB, after Y MiB (+Z MiB over N new connections)`; target:
+within 50 MiB over 1,000 connections.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from collections import defaultdict
 from pathlib import Path
 
@@ -38,6 +49,11 @@ sys.path.insert(0, str(REPO))
 CALL_TIMEOUT_S = 60.0  # the longest any one API call may take before it counts as an error
 MAX_LOOPS = 10_000  # per client; the deadline ends the loops long before this
 START_TIMEOUT_S = 120.0
+MEMORY_TARGET_MIB = 50.0  # server RSS growth over 1,000 new browser connections
+SETTLE_S = 5.0  # after the connections, before reading RSS: the last events finish
+# pages opened before the memory phase's "before" figure: more than the app keeps sessions
+# for (app.ui.SESSION_CAPACITY), so the figure is the steady state's
+WARM_UP_PAGES = 100
 
 
 def free_port() -> int:
@@ -152,6 +168,124 @@ def client_loop(url: str, values: list, deadline: float, polls: int,
             pass
 
 
+def page_load(http, url: str, ticks: bool = True, config: dict | None = None,
+              session: str | None = None) -> str:
+    """One new browser page against the app at `url`, as the browser does it (Gradio's sse_v3
+    protocol): GET /config, a new session_hash, the heartbeat connection when the config asks
+    for one, every `load` event (and, with `ticks`, one tick of every gr.Timer) queued through
+    /gradio_api/queue/join and read back from /gradio_api/queue/data until all completed; then
+    the page closes, which ends the heartbeat connection. With `config`, that one instead of a
+    GET /config; with `session`, that session_hash instead of a new one (the same page's later
+    events). Returns the session_hash; raises on any failure."""
+    import json
+
+    if config is None:
+        config = http.get(url + "config")
+        config.raise_for_status()
+        config = config.json()
+    components = {c["id"]: c for c in config["components"]}
+
+    def value(i):  # the value the page sends for input component i: its initial one
+        props = components[i].get("props", {})
+        v = props.get("value")
+        return "" if v is None and components[i]["type"] == "textbox" else v
+
+    events = [d for d in config["dependencies"]
+              if any(t[1] == "load" or (ticks and t[1] == "tick") for t in d["targets"])]
+    session = session or uuid.uuid4().hex[:11]
+    alive = None
+    try:
+        if config.get("connect_heartbeat"):
+            alive = http.send(http.build_request(
+                "GET", f"{url}gradio_api/heartbeat/{session}"), stream=True)
+            alive.raise_for_status()
+        pending = set()
+        for dep in events:
+            r = http.post(url + "gradio_api/queue/join", json={
+                "data": [value(i) for i in dep["inputs"]], "event_data": None,
+                "fn_index": dep["id"], "trigger_id": dep["targets"][0][0],
+                "session_hash": session})
+            r.raise_for_status()
+            pending.add(r.json()["event_id"])
+        with http.stream("GET", url + "gradio_api/queue/data",
+                         params={"session_hash": session}) as stream:
+            stream.raise_for_status()
+            for line in stream.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                message = json.loads(line[5:])
+                if message.get("msg") == "process_completed":
+                    if not message.get("success"):
+                        raise RuntimeError(f"event failed: {str(message)[:300]}")
+                    pending.discard(message.get("event_id"))
+                if not pending or message.get("msg") == "close_stream":
+                    break
+        if pending:
+            raise RuntimeError(f"{len(pending)} event(s) never completed")
+    finally:
+        if alive is not None:
+            alive.close()  # the tab is closed
+    return session
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of process `pid` (all its threads; not its child processes)."""
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def connections_phase(url: str, pid: int, n: int, threads: int, stop: threading.Event,
+                      warm_up: int = WARM_UP_PAGES) -> tuple[float, float, int, list[str]]:
+    """`n` new browser pages (page_load), `threads` at a time, after `warm_up` pages opened
+    the same way (first-use imports and caches, and the allocator's per-thread pools, are not
+    per-connection); the server's RSS before and after the `n`, how many were opened, the
+    errors."""
+    import httpx
+
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def pages(count: int, report: bool) -> int:
+        counter = iter(range(count))
+        done = 0
+
+        def worker():
+            nonlocal done
+            with httpx.Client(timeout=CALL_TIMEOUT_S) as http:
+                while not stop.is_set():
+                    with lock:
+                        if next(counter, None) is None:
+                            return
+                    try:
+                        page_load(http, url)
+                    except Exception as e:  # counted; the phase goes on
+                        with lock:
+                            errors.append(f"{type(e).__name__}: {str(e)[:300]}")
+                    with lock:
+                        done += 1
+                        if report and done % 100 == 0:
+                            print(f"  {done} connections: server RSS {rss_mib(pid):.0f} MiB",
+                                  flush=True)
+
+        pool = [threading.Thread(target=worker, daemon=True, name=f"page-{i}")
+                for i in range(max(1, threads))]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        stop.wait(SETTLE_S)
+        return done
+
+    start = rss_mib(pid)
+    pages(warm_up, report=False)
+    before = rss_mib(pid)
+    print(f"  warm-up: {warm_up} connections, server RSS {start:.0f} -> {before:.0f} MiB",
+          flush=True)
+    done = pages(n, report=True)
+    return before, rss_mib(pid), done, errors
+
+
 def cpu_seconds(pid: int) -> float:
     import psutil
 
@@ -212,6 +346,10 @@ def main() -> int:
                         help="let jobs reuse earlier scores of the same model (default: every "
                              "job evaluates)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary lab")
+    parser.add_argument("--connections", type=int, default=1000,
+                        help="new browser pages for the server-memory phase (0: skip it)")
+    parser.add_argument("--connection-threads", type=int, default=4,
+                        help="pages opened at a time in that phase")
     args = parser.parse_args()
 
     for sig in (signal.SIGINT, signal.SIGTERM):  # both end the run through `finally` below
@@ -255,6 +393,25 @@ def main() -> int:
         print(f"set-up (model, lab, server start) {time.perf_counter() - t0:.1f} s; "
               f"{args.clients} clients for {args.seconds:.0f} s against {url}", flush=True)
 
+        memory_ok = True
+        if args.connections > 0:
+            print(f"\nserver memory: {args.connections} new browser connections, "
+                  f"{args.connection_threads} at a time", flush=True)
+            start = time.monotonic()
+            before, after, opened, page_errors = connections_phase(
+                url, server.pid, args.connections, args.connection_threads, stop)
+            growth = after - before
+            print(f"server RSS: before {before:.0f} MiB, after {after:.0f} MiB "
+                  f"({growth:+.0f} MiB over {opened} new connections)")
+            print(f"  {time.monotonic() - start:.0f} s; errors: {len(page_errors)}; target: "
+                  f"within {MEMORY_TARGET_MIB:.0f} MiB over 1,000 connections")
+            for e in page_errors[:5]:
+                print(f"  {e}")
+            memory_ok = not page_errors and growth <= MEMORY_TARGET_MIB
+        if args.clients <= 0 or args.seconds <= 0:
+            return 0 if memory_ok else 1
+        print(flush=True)
+
         import plugins
         from app import forms
 
@@ -288,7 +445,7 @@ def main() -> int:
               f"process) {own_cpu / elapsed:.2f} cores, on average; machine: "
               f"{os.cpu_count()} cores, load average {load_before[0]:.1f} at the start, "
               f"{os.getloadavg()[0]:.1f} at the end")
-        return 0 if not stats.errors and not counts["failed"] else 1
+        return 0 if memory_ok and not stats.errors and not counts["failed"] else 1
     except KeyboardInterrupt:
         print("interrupted; cleaning up", file=sys.stderr)
         return 130

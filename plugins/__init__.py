@@ -10,15 +10,19 @@ imported inside `run`, never at module level, so discovery costs nothing at app 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
+import math
 import os
 import re
+import reprlib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Optional, Annotated, Any, Callable, Iterator
+from typing import Optional, Annotated, Any, Callable, Iterator, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +42,177 @@ LongText = Annotated[str, Field(json_schema_extra={"x-weightsmith": "multiline"}
 LocalPath = Annotated[str, Field(min_length=1, json_schema_extra={"x-weightsmith": "path"})]
 # A local file or folder, or a Hub dataset id (ORG/NAME).
 DataRef = Annotated[str, Field(min_length=1, json_schema_extra={"x-weightsmith": "data"})]
+# A local folder whose files a job may turn into code (lm-eval task YAMLs with !function).
+# In a shared lab it must lie in a folder the admin lists in lab.toml's code_roots.
+CodePath = Annotated[str, Field(min_length=1, json_schema_extra={"x-weightsmith": "code"})]
+
+
+# ------------------------------------------------------------------ limits on every value
+# Every config value is hostile until checked: these hold for every field of every plugin, on
+# top of the field's own type and bounds, so that a value that cannot mean anything is refused
+# at submit, naming the field, instead of failing (or hanging) the job at run time.
+MAX_TEXT = 4096              # characters in an ordinary string (a name, an id, a path)
+MAX_LONG_TEXT = 1_000_000    # characters in a LongText field (x-weightsmith: multiline)
+MAX_PATH_PART = 255          # bytes in one part of a path (NAME_MAX on Linux and macOS)
+MAX_INT = 2 ** 53            # the largest integer a JSON reader (the browser) keeps exactly
+MAX_DEPTH = 32               # nesting of lists and mappings inside one value
+MAX_ITEMS = 200_000          # values (list items, mapping entries) in one config
+LIMIT_ERROR = "weightsmith_limit"  # the pydantic error type of the checks below
+# C0 controls but tab, newline and carriage return; and lone surrogates, which no file,
+# database or terminal can store
+_BAD_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+_PATH_MARKERS = {"checkpoint", "checkpoints", "file", "path", "data", "code"}
+
+
+@dataclass(frozen=True)
+class _FieldRule:
+    max_text: int                        # longest string anywhere in the value
+    path: bool                           # strings are paths (parts of at most MAX_PATH_PART)
+    model: Optional[type[BaseModel]]     # a mapping value is this nested model
+
+
+def _annotation_facts(annotation: Any) -> tuple[set[str], list[type[BaseModel]]]:
+    """The x-weightsmith markers and the pydantic models anywhere inside a type annotation
+    (through Optional, Union, list, dict and Annotated)."""
+    markers: set[str] = set()
+    models: list[type[BaseModel]] = []
+    stack, seen = [annotation], 0
+    while stack and seen < 200:
+        ann = stack.pop()
+        seen += 1
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            models.append(ann)
+            continue
+        if get_origin(ann) is Annotated:
+            for meta in getattr(ann, "__metadata__", ()):
+                extra = getattr(meta, "json_schema_extra", None)
+                if isinstance(extra, dict) and isinstance(extra.get("x-weightsmith"), str):
+                    markers.add(extra["x-weightsmith"])
+            stack.append(ann.__origin__)
+            continue
+        stack.extend(a for a in get_args(ann) if not isinstance(a, (str, int, float, bool)))
+    return markers, models
+
+
+@functools.lru_cache(maxsize=None)
+def _field_rules(model: type[BaseModel]) -> dict[str, _FieldRule]:
+    rules = {}
+    for name, info in model.model_fields.items():
+        markers, models = _annotation_facts(info.annotation)
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and isinstance(extra.get("x-weightsmith"), str):
+            markers.add(extra["x-weightsmith"])
+        rule = _FieldRule(max_text=MAX_LONG_TEXT if "multiline" in markers else MAX_TEXT,
+                          path=bool(markers & _PATH_MARKERS),
+                          model=models[0] if len(models) == 1 else None)
+        rules[name] = rule
+        if info.alias:
+            rules[info.alias] = rule
+    return rules
+
+
+def _show_int(value: int) -> str:
+    if abs(value) < 10 ** 30:
+        return str(value)
+    return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+
+
+def _limit_error(path: str, got: str, expected: str) -> PydanticCustomError:
+    message = f"field '{path or '(config)'}': got {got}; expected: {expected}"
+    return PydanticCustomError(LIMIT_ERROR, "{message}", {"message": message})
+
+
+def _check_text(text: str, path: str, rule: _FieldRule) -> None:
+    if len(text) > rule.max_text:
+        raise _limit_error(path, f"{_describe(text)} ({len(text)} characters)",
+                           f"at most {rule.max_text} characters")
+    bad = _BAD_CHAR.search(text)
+    if bad:
+        raise _limit_error(path, _describe(text),
+                           f"text without control characters (found {bad.group()!r} at "
+                           f"character {bad.start() + 1})")
+    if rule.path:
+        for part in re.split(r"[/\\]", text):
+            if len(part.encode("utf-8", "replace")) > MAX_PATH_PART:
+                raise _limit_error(path, f"{_describe(text)} ({len(text)} characters)",
+                                   f"a path whose every part (between slashes) is at most "
+                                   f"{MAX_PATH_PART} bytes")
+
+
+def _check_values(value: Any, model: type[BaseModel]) -> None:
+    """Walk a config (the raw input, or the validated model) and raise a
+    LIMIT_ERROR naming the first value that breaks a limit above."""
+    rules_of = _field_rules
+    top = _FieldRule(MAX_TEXT, False, model)
+    stack: list[tuple[Any, str, _FieldRule, int]] = [(value, "", top, 0)]
+    items = 0
+    while stack:
+        value, path, rule, depth = stack.pop()
+        items += 1
+        if items > MAX_ITEMS:
+            raise _limit_error(path.split(".")[0], f"more than {MAX_ITEMS} values",
+                               "a smaller config")
+        if depth > MAX_DEPTH:
+            raise _limit_error(path, f"a value nested more than {MAX_DEPTH} levels deep",
+                               "a flatter value")
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, str):
+            _check_text(value, path, rule)
+        elif isinstance(value, (bytes, bytearray)):
+            _check_text(bytes(value).decode("utf-8", "replace"), path, rule)
+        elif isinstance(value, int):
+            if abs(value) > MAX_INT:
+                raise _limit_error(path, _show_int(value), "an integer of at most 2**53 "
+                                                           "(9007199254740992) either side of 0")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise _limit_error(path, repr(value), "a finite number")
+        elif isinstance(value, BaseModel) or (isinstance(value, dict) and rule.model is not None):
+            cls = type(value) if isinstance(value, BaseModel) else rule.model
+            rules = rules_of(cls)
+            forbid = cls.model_config.get("extra") == "forbid"
+            entries = ((n, getattr(value, n, None)) for n in type(value).model_fields) \
+                if isinstance(value, BaseModel) else value.items()
+            for key, item in entries:
+                if not isinstance(key, str):
+                    continue  # pydantic refuses a key that is not a string
+                if key not in rules and forbid:
+                    continue  # pydantic refuses it as an unknown field, by name
+                sub = rules.get(key, _FieldRule(MAX_TEXT, False, None))
+                stack.append((item, f"{path}.{key}" if path else key, sub, depth + 1))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{_loc_part(key)}" if path else _loc_part(key)
+                if isinstance(key, str):
+                    _check_text(key, where, _FieldRule(MAX_TEXT, False, None))
+                stack.append((item, where, rule, depth + 1))
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            for i, item in enumerate(value):
+                stack.append((item, f"{path}.{i}", rule, depth + 1))
 
 
 class PluginConfig(BaseModel):
-    """Base for plugin configs: unknown fields are errors, so a typo never silently does nothing."""
+    """Base for plugin configs: unknown fields are errors, so a typo never silently does nothing.
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    Every value of every field, nested ones and list items included, must also keep the limits
+    above (no control characters, bounded text, finite floats, integers of at most 2**53):
+    checked on the raw input before the fields' own validators run, and on the validated
+    values (a "1e30" that became an int) before the plugin's model validators run."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _weightsmith_limits_raw(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            _check_values(data, cls)
+        return data
+
+    @model_validator(mode="after")
+    def _weightsmith_limits_validated(self):
+        _check_values(self, type(self))
+        return self
 
 
 @dataclass(frozen=True)
@@ -166,9 +335,33 @@ class ConfigError(ValueError):
         super().__init__(f"invalid {plugin} config:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong, _REPR.maxlevel = 80, 80, 40, 3
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+
+
 def _describe(value: Any) -> str:
-    text = repr(value)
+    """A short, printable repr of a (possibly hostile) value: at most 80 characters."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _show_int(value)
+    try:  # reprlib: a huge list or mapping is cut short before it is printed, not after
+        text = _REPR.repr(value)
+    except Exception:  # e.g. an int too long to print: never let the message itself fail
+        text = f"a {type(value).__name__}"
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _loc_part(part: Any) -> str:
+    """One step of a field path, printable and short (a hostile key is neither)."""
+    text = str(part)
+    if _BAD_CHAR.search(text) or not text.isprintable():
+        text = repr(text)[1:-1]
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text[:limit + 1])
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def validate_config(plugin: Plugin, data: Any) -> BaseModel:
@@ -183,15 +376,24 @@ def validate_config(plugin: Plugin, data: Any) -> BaseModel:
     except ValidationError as e:
         problems = []
         fields = sorted(plugin.Config.model_fields)
-        for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(config)"
-            if err["type"] == "extra_forbidden":
+        for err in e.errors()[:20]:
+            loc = ".".join(_loc_part(p) for p in err["loc"])
+            if err["type"] == LIMIT_ERROR:  # its message names the field path inside the model
+                message = _short(err["ctx"]["message"], 400)
+                problems.append(message.replace("field '", f"field '{loc}.", 1) if loc else
+                                message)
+            elif err["type"] == "extra_forbidden":
                 problems.append(f"field '{loc}': unknown field; expected one of: "
                                 f"{', '.join(fields)}")
             elif err["type"] == "missing":
                 problems.append(f"field '{loc}': missing; it is required")
+            elif err["type"] == "invalid_key":
+                problems.append(f"field {_describe(err.get('input'))}: expected a field name "
+                                f"(a string)")
+            elif not loc:  # a model validator: the input is the whole config, never shown
+                problems.append(f"config: {_short(err['msg'][0].lower() + err['msg'][1:], 600)}")
             else:
-                expected = err["msg"][0].lower() + err["msg"][1:]
+                expected = _short(err["msg"][0].lower() + err["msg"][1:], 600)
                 problems.append(f"field '{loc}': got {_describe(err.get('input'))}; "
                                 f"expected: {expected}")
         raise ConfigError(plugin.name, problems) from None

@@ -125,6 +125,87 @@ def load_token(user: str | None = None) -> str | None:
     return None
 
 
+# Hub tokens (hf_ and the organisation tokens api_org_), in any text: a download error that
+# echoes a request, a traceback, a log line.
+TOKEN_PATTERN = re.compile(r"\b(?:hf|api_org)_[A-Za-z0-9]{16,}\b")
+
+
+def known_tokens() -> list[str]:
+    """Every Hub token this process could use: HF_TOKEN (and its old name), the server's token
+    file and each lab user's `hub_token.USER` beside it. Longest first, so that a token that
+    contains another is blanked whole."""
+    found = {os.environ.get(name, "").strip() for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    try:
+        base = token_file()
+        files = [base] + sorted(base.parent.glob(base.name + ".*")) if base.parent.is_dir() \
+            else []
+    except OSError:
+        files = []
+    for path in files:
+        try:
+            if path.is_file() and not path.name.endswith(".tmp"):
+                found.add(path.read_text().strip())
+        except OSError:
+            continue
+    return sorted((t for t in found if len(t) >= 8), key=len, reverse=True)
+
+
+def redact(text, tokens: list[str] | None = None) -> str:
+    """`text` with every Hub token blanked (`***`): the known tokens' values and anything
+    shaped like a Hub token. The one formatter for log lines and stored errors."""
+    text = "" if text is None else str(text)
+    for token in known_tokens() if tokens is None else tokens:
+        if token:
+            text = text.replace(token, "***")
+    return TOKEN_PATTERN.sub("***", text)
+
+
+class RedactingFilter:
+    """A logging filter that blanks Hub tokens in every record (logging.Filter protocol): in
+    its message, in each argument (kept as they are when clean, so formatters that read the
+    arguments, such as uvicorn's access log, still work) and in its traceback."""
+
+    def __init__(self):
+        self._tokens = known_tokens()
+
+    def _clean(self, value):
+        text = value if isinstance(value, str) else str(value)
+        clean = redact(text, self._tokens)
+        return value if clean == text else clean
+
+    def filter(self, record) -> bool:
+        try:
+            if isinstance(record.msg, str):
+                record.msg = redact(record.msg, self._tokens)
+            if isinstance(record.args, tuple):
+                record.args = tuple(self._clean(a) for a in record.args)
+            elif isinstance(record.args, dict):
+                record.args = {k: self._clean(v) for k, v in record.args.items()}
+            if record.exc_info and record.exc_info[1] is not None:
+                import traceback
+
+                record.exc_text = redact("".join(
+                    traceback.format_exception(*record.exc_info)).rstrip("\n"), self._tokens)
+        except Exception:  # noqa: BLE001 - a record logging cannot format is logging's to report
+            pass
+        return True
+
+
+def install_log_redaction() -> None:
+    """Blank Hub tokens in everything this process logs: a filter on every handler that
+    exists now (filters on a logger do not see its children's records; handlers see all
+    that reach them)."""
+    import logging
+
+    loggers = [logging.getLogger()] + [logger for logger in
+                                       list(logging.Logger.manager.loggerDict.values())
+                                       if isinstance(logger, logging.Logger)]
+    for logger in loggers:  # uvicorn's loggers have handlers of their own
+        for handler in logger.handlers:
+            if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+                handler.addFilter(RedactingFilter())
+
+
 def client(token: str | None = None):
     from huggingface_hub import HfApi
 
@@ -161,7 +242,7 @@ def _message(error: Exception, token: str | None) -> str:
     """One line about an error, with the token blanked should a server echo it."""
     text = f"{type(error).__name__}: {error}".strip().splitlines()
     text = " ".join(line.strip() for line in text if line.strip())[:1000]
-    return text.replace(token, "***") if token else text
+    return redact(text, [token] + known_tokens() if token else None)
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -277,9 +358,10 @@ def build_card(reg: Registry, row: dict, repo_id: str, base_models: list[str]):
     keep = {row["id"]} | {a["id"] for a in reg.ancestors(row["id"])}
     graph["nodes"] = [n for n in graph["nodes"] if n["id"] in keep]
     graph["edges"] = [e for e in graph["edges"] if e["child"] in keep and e["parent"] in keep]
-    lines = [f"# {repo_id.split('/')[-1]}", "",
-             f"`{row['name']}` (`{row['id']}`), relation **{relation}**, made with Weightsmith"
-             + (f" by the `{row['plugin']}` plugin" if row["plugin"] else "") + ".",
+    lines = [f"# {_card_text(repo_id.split('/')[-1])}", "",
+             f"{_card_text(row['name'])} ({_card_text(row['id'])}), relation "
+             f"**{_card_text(relation)}**, made with Weightsmith"
+             + (f" by the {_card_text(row['plugin'])} plugin" if row["plugin"] else "") + ".",
              "", "## Lineage", "", "```mermaid", mermaid(graph), "```", ""]
     deltas = reg.score_deltas(row["id"])
     if scores:
@@ -288,13 +370,15 @@ def build_card(reg: Registry, row: dict, repo_id: str, base_models: list[str]):
         for key, value in sorted(scores.items()):
             mine = [d for d in deltas if d["metric"] == key] or [None]
             for d in mine:
-                lines.append(f"| {key} | {value:.6g} | " + (
-                    f"{d['parent_name']} | {d['parent_value']:.6g} | {d['delta']:+.4g} |"
+                lines.append(f"| {_card_text(key)} | {value:.6g} | " + (
+                    f"{_card_text(d['parent_name'])} | {d['parent_value']:.6g} | "
+                    f"{d['delta']:+.4g} |"
                     if d else "| | |"))
         lines.append("")
     if config:
-        lines += ["## Producing config", "", "```yaml",
-                  yaml.safe_dump(config, sort_keys=True).strip(), "```", ""]
+        text = yaml.safe_dump(config, sort_keys=True).strip()
+        fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", text)), default=0))
+        lines += ["## Producing config", "", fence + "yaml", text, fence, ""]
     versions = _loads(row["versions"])
     if isinstance(versions, dict) and versions:
         lines += ["## Library versions", "", "| library | version |", "|---|---|"]
@@ -303,10 +387,28 @@ def build_card(reg: Registry, row: dict, repo_id: str, base_models: list[str]):
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
+def _card_text(text) -> str:
+    """A registry value as literal text in the card's Markdown (names and task labels are lab
+    members' text): HTML escaped, Markdown punctuation and table pipes backslash-escaped.
+    (plugins.kit.markup does this for the app; the registry may not import plugins.)"""
+    import html
+
+    text = " ".join(html.escape(str(text), quote=True).splitlines())
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~>])", r"\\\1", text)
+
+
 def read_card_lineage(card_text: str) -> tuple[list[str], str]:
     """(base_model ids, our relation) from a model card's metadata."""
     from huggingface_hub import ModelCard
 
+    from ops import safe_yaml
+
+    front = re.match(r"^---\s*\n(.*?)\n---\s*\n", card_text, re.S)
+    if front:  # a card from the Hub is anyone's text: its YAML goes through the bounded loader
+        try:
+            safe_yaml.load(front.group(1), what="the model card's metadata")
+        except safe_yaml.YamlError as e:
+            raise HubError(str(e)) from None
     data = ModelCard(card_text).data
     base = data.base_model or []
     base = [base] if isinstance(base, str) else list(base)

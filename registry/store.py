@@ -136,8 +136,14 @@ def _v4(db: sqlite_utils.Database) -> None:
     db["checkpoints"].add_column("deleted_by", str)
 
 
+def _v5(db: sqlite_utils.Database) -> None:
+    # login lockout (app/auth.py): one row per failed login, `at` in Unix seconds
+    db["login_failures"].create({"name": str, "at": float}, not_null={"name", "at"})
+    db["login_failures"].create_index(["name", "at"])
+
+
 # Forward migrations, applied in order; never edit one that has shipped, append a new one.
-MIGRATIONS: list[tuple[int, Any]] = [(1, _v1), (2, _v2), (3, _v3), (4, _v4)]
+MIGRATIONS: list[tuple[int, Any]] = [(1, _v1), (2, _v2), (3, _v3), (4, _v4), (5, _v5)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
@@ -549,32 +555,49 @@ def check_relation(relation: str) -> None:
             f"relation {relation!r} must be a lowercase word such as {', '.join(RELATIONS)}")
 
 
+_MERMAID_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 "
+                           "_.,:=+-/@*")
+
+
+def mermaid_text(text) -> str:
+    """`text` as the literal characters of a quoted Mermaid label: every character outside
+    a small plain set becomes Mermaid's entity code (`#60;` for `<`), so that quotes,
+    brackets, pipes, parentheses, `#`, HTML and unicode all show as typed and none ends the
+    label or becomes markup."""
+    return "".join(c if c in _MERMAID_PLAIN else f"#{ord(c)};" for c in str(text))
+
+
 def mermaid(graph: dict) -> str:
-    """Mermaid flowchart text for a lineage graph: nodes carry names and scores."""
+    """Mermaid flowchart text for a lineage graph: nodes carry names and scores. Every text
+    from the registry (names, tasks, relations, roles) is quoted and escaped (mermaid_text);
+    only the <br/> and <b> this function writes itself are markup."""
     lines = ["graph TD"]
     for n in graph["nodes"]:
-        label = n["name"]
+        label = mermaid_text(n["name"])
         if n["id"] != n["name"]:
-            label += f"<br/>{n['id']}"
+            label += f"<br/>{mermaid_text(n['id'])}"
         tasks: dict[str, list[str]] = {}
         for key, value in sorted(n.get("scores", {}).items()):
             task, _, metric = key.rpartition("/")
-            tasks.setdefault(task, []).append(f"{metric} = {value:.4g}")
+            tasks.setdefault(task, []).append(f"{mermaid_text(metric)} = {value:.4g}")
         for task, scores in list(tasks.items())[:3]:  # keep nodes readable
-            label += f"<br/><b>{task}</b><br/>" + "<br/>".join(scores[:4])
-        label = label.replace('"', "'")
+            label += f"<br/><b>{mermaid_text(task)}</b><br/>" + "<br/>".join(scores[:4])
         style = ":::root" if n["id"] == graph["root"] else ""
         lines.append(f'    {_mermaid_id(n["id"])}["{label}"]{style}')
     for e in graph["edges"]:
-        tag = e["relation"]
+        tag = str(e["relation"])
         if e.get("weight") is not None:
             tag += f" {e['weight']:g}"
         if e.get("role"):
             tag += f" ({e['role']})"
-        lines.append(f"    {_mermaid_id(e['parent'])} -->|{tag}| {_mermaid_id(e['child'])}")
+        lines.append(f'    {_mermaid_id(e["parent"])} -->|"{mermaid_text(tag)}"| '
+                     f'{_mermaid_id(e["child"])}')
     lines.append("    classDef root stroke-width:3px")
     return "\n".join(lines)
 
 
 def _mermaid_id(ck_id: str) -> str:
-    return ck_id.replace("-", "_")
+    """A node id Mermaid accepts whatever the checkpoint id (synced ids come from other labs):
+    letters, digits and `_`, prefixed so that no id is a Mermaid keyword (`end`, `graph`)."""
+    return "n_" + "".join(c if c.isascii() and c.isalnum() else f"_{ord(c):x}_"
+                          for c in str(ck_id))

@@ -66,3 +66,23 @@ CRASHER = Plugin(name="test_crash", title="Crash", description="Crashes (tests).
                  Config=CrashConfig, run=crash_run, uses_gpu=False)
 COPIER = Plugin(name="test_copy", title="Copy", description="Copies a checkpoint (tests).",
                 Config=CopyConfig, run=copy_run, uses_gpu=False)
+
+
+class LeakConfig(PluginConfig):
+    message: str = Field("download failed", description="Text of the error to raise.")
+
+
+def leak_run(config, ctx):
+    # Like a library error that echoes a request: the Hub token in a log line, on stderr, in
+    # a traceback and in the job's error. None of it may reach the log or jobs.error.
+    import os
+    import sys
+
+    token = os.environ.get("HF_TOKEN", "")
+    ctx.log(f"GET /api/models with Authorization: Bearer {token}")
+    print(f"stderr says {token}", file=sys.stderr, flush=True)
+    raise RuntimeError(f"{config.message}: 401 for token {token}")
+
+
+LEAKER = Plugin(name="test_leak", title="Leak", description="Echoes the Hub token (tests).",
+                Config=LeakConfig, run=leak_run, uses_gpu=False)

@@ -25,7 +25,8 @@ def test_behind_a_proxy_the_header_names_the_user_and_no_header_is_refused(lab_d
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory",
-                             "app.server:asgi_app", "--host", "127.0.0.1", "--port", str(port)],
+                             "app.server:asgi_app", "--host", "127.0.0.1", "--port", str(port),
+                             "--timeout-graceful-shutdown", "3"],
                             env=cli_env(lab_dir), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
 

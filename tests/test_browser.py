@@ -157,3 +157,90 @@ def test_reload_mid_job_shows_the_same_live_job(page, tmp_path):
     shot(page, "6-jobs-after-reload")
     page.get_by_role("button", name="Stop").click()
     expect(status).to_contain_text(f"{job_id} · test_sleep · cancelled", timeout=30_000)
+
+
+@pytest.fixture
+def hostile_page(lab_dir):
+    """A served lab whose registry carries markup in every text a member controls (a
+    checkpoint name, a parent role, a task and metric label, a job's progress message and
+    error), before the browser opens it. No users: the same pages an admin sees."""
+    from app.lab import Lab
+    from tests.test_security import hostile_lab_rows
+
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    (lab_dir / "lab.toml").write_text("auto_eval = false\n")
+    ck, job = hostile_lab_rows(Lab(lab_dir))
+    port = free_port()
+    env = dict(cli_env(lab_dir), WEIGHTSMITH_PLUGINS="tests.plugins_for_tests:SLEEPER")
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port),
+                             "--no-demo"], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    import urllib.request
+
+    def up():
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status == 200
+        except OSError:
+            assert proc.poll() is None, "the server exited"
+            return False
+
+    wait_for(up, 120, interval=0.5, what="the server")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.set_default_timeout(30_000)
+            # a payload that ran would set window.__xss (or open a dialog)
+            page.add_init_script("window.__xss = 0")
+            dialogs = []
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.get_by_role("button", name="Run").first.wait_for()
+            yield page, ck, job, dialogs
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_markup_a_member_types_shows_as_text_and_never_runs(hostile_page):
+    from tests.test_security import XSS_IMG, XSS_SCRIPT
+
+    page, ck, job, dialogs = hostile_page
+    # a form field: the refusal repeats the value (no checkpoint name matches it, so the
+    # dropdown keeps it as typed)
+    open_tab(page, "Evaluate")
+    field = page.get_by_label("checkpoint *").locator("visible=true").first
+    field.click()
+    page.keyboard.type(XSS_SCRIPT)
+    page.keyboard.press("Enter")
+    run_button(page).click()
+    message = page.locator("#message-evaluate")
+    expect(message).to_contain_text("Not submitted")
+    expect(message).to_contain_text(XSS_SCRIPT)
+    shot(page, "xss-1-form-message")
+
+    open_tab(page, "Jobs")
+    page.get_by_label("Selected job").fill(job["id"])
+    page.get_by_label("Selected job").press("Enter")
+    expect(page.locator("#job-progress")).to_contain_text(f"scoring {XSS_IMG}")
+    expect(page.locator("#job-status")).to_contain_text(XSS_SCRIPT)  # the error, verbatim
+    expect(page.locator("#job-status")).to_contain_text(f"{XSS_IMG}/acc")
+    shot(page, "xss-2-job")
+
+    open_tab(page, "Registry")
+    page.get_by_label("Selected checkpoint").fill(ck["id"])
+    page.get_by_label("Selected checkpoint").press("Enter")
+    graph = page.locator("#lineage svg[aria-roledescription]").first
+    graph.wait_for()
+    text = wait_for(lambda: "evil" in (t := graph.text_content() or "") and t, 30,
+                    what="the lineage graph")
+    assert XSS_IMG in text and f"task {XSS_SCRIPT}" in text  # the label, as typed
+    assert "Syntax error" not in (page.locator("#lineage").text_content() or "")
+    heading = page.get_by_role("heading", name=re.compile(re.escape(f"evil {XSS_IMG} | [x]")))
+    expect(heading).to_be_visible()  # the summary's title: the name as typed
+    shot(page, "xss-3-registry")
+
+    assert page.evaluate("window.__xss") == 0 and not dialogs
+    assert page.locator("img[src=x]").count() == 0

@@ -94,7 +94,7 @@ def test_bad_yaml_names_the_field_and_unknown_keys_are_reported():
     specs = forms.form_spec(Everything)
     values = forms.config_to_values(specs, {"model": "m"})
     values[[s.path for s in forms.leaves(specs)].index("tags")] = "[unclosed"
-    with pytest.raises(forms.FormError, match="field 'tags': not valid YAML"):
+    with pytest.raises(forms.FormError, match="field 'tags': invalid YAML at line 1"):
         forms.values_to_config(specs, values)
     assert forms.unknown_keys(specs, {"model": "m", "modle": 1, "inner": {"x": 2}}) == [
         "modle", "inner.x"]

@@ -243,7 +243,7 @@ def test_paths_outside_the_roots_escaping_symlinks_and_dot_dot_are_refused(lab_d
     # a model folder outside the roots, given directly or inside a pasted mergekit YAML
     with pytest.raises(ConfigError, match="field 'checkpoint': .* is outside"):
         jobs.submit(lab, "evaluate", {"checkpoint": str(tiny_model_dir)})
-    with pytest.raises(ConfigError, match=r"field 'mergekit_yaml \(model\)': .* is outside"):
+    with pytest.raises(ConfigError, match=r"field 'mergekit_yaml \(models\[0\]\.model\)': .* is outside"):
         jobs.submit(lab, "merge", {"mergekit_yaml": f"merge_method: linear\nmodels:\n"
                                                     f"  - model: {tiny_model_dir}\n"})
     assert "is outside" in import_problem(lab, str(tiny_model_dir))

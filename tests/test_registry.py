@@ -77,8 +77,9 @@ def test_lineage_queries(tmp_path):
                                                           (None, "base")]
     text = reg.lineage_mermaid(ids["m"])
     assert text.startswith("graph TD")
-    assert f"{ids['ft2'].replace('-', '_')} -->|merge 0.5 (model)| {ids['m'].replace('-', '_')}" \
-        in text
+    # quoted, with the parentheses as entities: unquoted, Mermaid reads them as a node shape
+    node = lambda ck: "n_" + ck.replace("-", "_2d_")  # noqa: E731
+    assert f'{node(ids["ft2"])} -->|"merge 0.5 #40;model#41;"| {node(ids["m"])}' in text
 
 
 def test_scores_show_in_lineage_and_lists(tmp_path):

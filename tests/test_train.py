@@ -405,7 +405,7 @@ def test_data_preview_before_run(lab, tiny_model_dir, tmp_path):
     shown = preview_data(lab, "train", values(max_length=8))
     assert "**40 rows** · format **prompt_completion**" in shown
     assert "token lengths of the first 40 rows: min" in shown and "reach max_length 8" in shown
-    assert '"prompt": "color 0:"' in shown and "learned: ` red</s>`" in shown
+    assert '"prompt": "color 0:"' in shown and "learned:  red&lt;/s&gt;" in shown
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q"}])
     assert "found none of the columns" in preview_data(lab, "train", values(data=str(bad)))
     assert "No preview: fix these fields" in preview_data(lab, "train",

@@ -157,6 +157,7 @@ def preview(config: Config, lab) -> str:
     import json
 
     from app.data import load_rows
+    from plugins.kit import markup
     from plugins.train import PREVIEW_ROWS, length_table, preview_tokenizer
 
     tokenizer = preview_tokenizer(config, lab)
@@ -175,8 +176,9 @@ def preview(config: Config, lab) -> str:
         block = config.block_size or min(tokenizer.model_max_length, 1024)
         out += [f"**{field}**: {len(rows):,} documents · about {per_doc * len(rows):,.0f} "
                 f"tokens · about {per_doc * len(rows) / block:,.0f} blocks of {block}",
-                length_table(lengths, None), "```",
-                json.dumps(head[0], ensure_ascii=False, default=str)[:600], "```", ""]
+                length_table(lengths, None),
+                markup.code_block(json.dumps(head[0], ensure_ascii=False, default=str)[:600]),
+                ""]
     return "\n".join(out)
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import importlib.util
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 from pydantic import Field, model_validator
 
-from plugins import CheckpointRef, DataRef, LocalFile, LocalPath, Plugin, PluginConfig
+from plugins import CheckpointRef, CodePath, DataRef, LocalFile, Plugin, PluginConfig
 
 from app.demo import HELDOUT as DEMO_TEXT  # the shipped held-out text (cheap import)
 
@@ -52,13 +52,14 @@ class Config(PluginConfig):
     limit: Optional[int] = Field(
         None, ge=1, description="Score only the first N items of each suite or lm-eval task "
                                 "(quick checks). Empty: all.")
-    lm_eval_tasks: list[str] = Field(
+    lm_eval_tasks: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")]] = Field(
         default_factory=list, description="lm-evaluation-harness tasks by name (needs the "
                                           "`lm-eval` extra), e.g. [hellaswag] or the name of a "
                                           "task YAML in lm_eval_include_path.")
-    lm_eval_include_path: Optional[LocalPath] = Field(
-        None, description="Folder of lm-eval task YAMLs to add to the task "
-                                        "index (works offline for local data).")
+    lm_eval_include_path: Optional[CodePath] = Field(
+        None, description="Folder of lm-eval task YAMLs to add to the task index (works "
+                          "offline for local data). Its YAMLs may import Python, so in a "
+                          "shared lab it must lie in one of the admin's code_roots.")
     lm_eval_num_fewshot: Optional[int] = Field(
         None, ge=0, le=64, description="lm-eval few-shot examples. Empty: each task's default.")
     reuse_scores: bool = Field(
@@ -104,6 +105,20 @@ class Config(PluginConfig):
         return None if (self.suite or self.lm_eval_tasks) else DEMO_TEXT
 
 
+def check_finite_weights(model, what: str) -> None:
+    """Refuse to score a model whose weights hold NaN or Inf: every score of it would be
+    meaningless (argmax over NaN logits still picks a choice, so accuracies look real)."""
+    import torch
+
+    bad = [(name, int((~torch.isfinite(p)).sum())) for name, p in model.named_parameters()
+           if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        total = sum(n for _, n in bad)
+        raise ValueError(f"checkpoint {what} has {total} NaN or Inf weights in {len(bad)} "
+                         f"tensors (first: {bad[0][0]}); its scores would be meaningless, so "
+                         f"none were recorded")
+
+
 def select_tasks(suite, names: list[str]):
     from plugins.evaluate.suites import SuiteError
 
@@ -133,6 +148,7 @@ def run(config: Config, ctx) -> None:
         if not loaded:
             loaded["tokenizer"] = ck.load_tokenizer()
             loaded["model"] = ck.load_model(device=ctx.device)
+            check_finite_weights(loaded["model"], f"{ck.name} ({ck.id})")
         return loaded["model"], loaded["tokenizer"]
 
     jobs = []  # (label, key or None, compute function)
@@ -162,7 +178,13 @@ def run(config: Config, ctx) -> None:
                 continue
         ctx.progress(base, f"{label}")
         model, tokenizer = model_and_tokenizer()
-        for task, metric, value, stderr, details in compute(model, tokenizer, report, ctx):
+        rows = list(compute(model, tokenizer, report, ctx))
+        broken = [f"{task}/{metric} = {value}" for task, metric, value, _, _ in rows
+                  if not math.isfinite(value)]
+        if broken:  # an infinite perplexity or a NaN accuracy is no score: record none
+            raise ValueError(f"{label}: the model's scores are not finite ({', '.join(broken)}); "
+                             f"nothing was recorded")
+        for task, metric, value, stderr, details in rows:
             ctx.evaluation(ck, task, metric, value, _stderr(stderr),
                            details={**details, "key": key} if key else details)
     ctx.progress(1.0, "done")

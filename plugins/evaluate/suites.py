@@ -30,6 +30,8 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ops import safe_yaml
+
 ASSET_SUITES = Path(__file__).resolve().parents[2] / "assets" / "suites"
 GENERATION_METRICS = ("exact_match", "contains", "regex")  # ops.evaluation's, without torch
 
@@ -119,9 +121,9 @@ def builtin_suites() -> list[str]:
 def load_suite(ref: str, lab_root: Path | None = None) -> Suite:
     path = suite_path(ref, lab_root)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise SuiteError(f"{path}: invalid YAML ({e})") from None
+        data = safe_yaml.load(path.read_bytes(), what=str(path))
+    except safe_yaml.YamlError as e:
+        raise SuiteError(str(e)) from None
     if not isinstance(data, dict):
         raise SuiteError(f"{path}: expected a mapping with `name` and `tasks`")
     try:

@@ -69,14 +69,10 @@ class Config(PluginConfig):
             return engine
         data = info.data
         if data.get("mergekit_yaml"):
-            import yaml
-
             try:
-                parsed = yaml.safe_load(data["mergekit_yaml"])
-            except yaml.YAMLError:
-                return engine  # reported by run, which parses it again
-            if not isinstance(parsed, dict):
-                return engine
+                parsed = parse_mergekit_yaml(data["mergekit_yaml"])
+            except ValueError:
+                return engine  # reported by the mergekit_yaml validator
         else:
             parsed = {"merge_method": data.get("method"),
                       "base_model": data.get("base_model"),
@@ -86,6 +82,22 @@ class Config(PluginConfig):
             raise ValueError(f"engine 'native' cannot run this merge: {reason}; use engine "
                              f"'auto' or 'mergekit'")
         return engine
+
+    @field_validator("mergekit_yaml")
+    @classmethod
+    def _mergekit_yaml_parses(cls, text):
+        if not text:
+            return text
+        data = parse_mergekit_yaml(text)
+        if not isinstance(data.get("merge_method"), str) or not data["merge_method"].strip():
+            raise ValueError("mergekit_yaml: merge_method is missing; expected a mergekit "
+                             f"method name such as {', '.join(METHODS[:5])}")
+        given = [key for key in ("models", "slices", "modules") if data.get(key)]
+        if len(given) != 1:  # mergekit's own rule (MergeConfiguration.validate_inputs)
+            raise ValueError("mergekit_yaml: expected exactly one of models, slices or modules"
+                             + (f", got {' and '.join(given)}" if given else ""))
+        model_refs(data)  # every model reference is one checkpoint reference
+        return text
 
     @model_validator(mode="after")
     def _one_way(self):
@@ -106,17 +118,14 @@ class Config(PluginConfig):
 
 
 def _referenced_paths(self) -> list[tuple[str, str]]:
-    """The models a pasted mergekit_yaml reads (app/paths.py checks them in a shared lab)."""
-    import yaml
-
+    """Every checkpoint a pasted mergekit_yaml reads: models, slice sources and bases, LoRA
+    parts of `model+lora`, tokenizer sources and token sources (app/paths.py checks them in a
+    shared lab). The job checks again, against mergekit's own parsed configuration."""
     if not self.mergekit_yaml:
         return []
-    try:
-        data = yaml.safe_load(self.mergekit_yaml)
-    except yaml.YAMLError:
-        return []
-    return [(f"mergekit_yaml ({role})", ref) for ref, role, _ in model_refs(data)
-            if isinstance(ref, str)] if isinstance(data, dict) else []
+    return [(f"mergekit_yaml ({where})", part)
+            for ref, where, _ in model_refs(parse_mergekit_yaml(self.mergekit_yaml))
+            for part in split_ref(ref)]
 
 
 Config.referenced_paths = _referenced_paths
@@ -144,35 +153,148 @@ def build_mergekit_config(config: Config) -> dict:
     return data
 
 
+def parse_mergekit_yaml(text: str) -> dict:
+    """A pasted mergekit configuration as a mapping, through the bounded YAML loader
+    (ValueError naming the problem)."""
+    from ops import safe_yaml
+
+    try:
+        data = safe_yaml.load(text, what="mergekit_yaml")
+    except safe_yaml.YamlError as e:
+        raise ValueError(str(e)) from None
+    if not isinstance(data, dict):
+        raise ValueError("mergekit_yaml: expected a mapping (a mergekit configuration with "
+                         "merge_method and models or slices)")
+    return data
+
+
+def _slots(data: dict):
+    """(container, key, where, parameters) for every place in a mergekit configuration that
+    names a model: mergekit's InputModelDefinition, InputSliceDefinition, the slices' and
+    the config's base_model, modules, tokenizer_source, tokenizer.source and the token
+    embedding sources (mergekit/config.py, mergekit/tokenizer/config.py). The job checks
+    the result against mergekit's own parse, so a slot missing here fails the job before
+    anything is read, rather than reading an unchecked path."""
+    def entries(items, where):
+        if items is None:
+            return
+        if not isinstance(items, list):
+            raise ValueError(f"mergekit_yaml: {where} must be a list")
+        for i, entry in enumerate(items):
+            if not isinstance(entry, dict):
+                raise ValueError(f"mergekit_yaml: {where}[{i}] must be a mapping with a model")
+            yield entry, f"{where}[{i}]"
+
+    def slices(items, where):
+        for piece, at in entries(items, where):
+            for source, src_at in entries(piece.get("sources"), f"{at}.sources"):
+                yield source, "model", f"{src_at}.model", source.get("parameters") or {}
+            if piece.get("base_model") is not None:
+                yield piece, "base_model", f"{at}.base_model", {}
+
+    def models(items, where):
+        for entry, at in entries(items, where):
+            yield entry, "model", f"{at}.model", entry.get("parameters") or {}
+
+    yield from models(data.get("models"), "models")
+    yield from slices(data.get("slices"), "slices")
+    modules = data.get("modules")
+    if modules is not None:
+        if not isinstance(modules, dict):
+            raise ValueError("mergekit_yaml: modules must be a mapping of module name to "
+                             "its models or slices")
+        for name, module in modules.items():
+            if not isinstance(module, dict):
+                raise ValueError(f"mergekit_yaml: modules.{name} must be a mapping")
+            yield from models(module.get("models"), f"modules.{name}.models")
+            yield from slices(module.get("slices"), f"modules.{name}.slices")
+    if data.get("base_model") is not None:
+        yield data, "base_model", "base_model", {}
+    if data.get("tokenizer_source") not in (None, "base", "union"):
+        yield data, "tokenizer_source", "tokenizer_source", {}
+    tokenizer = data.get("tokenizer")
+    if tokenizer is not None:
+        if not isinstance(tokenizer, dict):
+            raise ValueError("mergekit_yaml: tokenizer must be a mapping")
+        if tokenizer.get("source") not in (None, "base", "union"):
+            yield tokenizer, "source", "tokenizer.source", {}
+        tokens = tokenizer.get("tokens") or {}
+        if not isinstance(tokens, dict):
+            raise ValueError("mergekit_yaml: tokenizer.tokens must be a mapping")
+        for token, spec in tokens.items():
+            if not isinstance(spec, dict):
+                raise ValueError(f"mergekit_yaml: tokenizer.tokens.{token} must be a mapping")
+            source = spec.get("source")
+            if isinstance(source, dict) and source.get("kind") == "model_token":
+                yield source, "model", f"tokenizer.tokens.{token}.source.model", {}
+            elif source is not None and not isinstance(source, dict):
+                yield spec, "source", f"tokenizer.tokens.{token}.source", {}
+
+
+def split_ref(ref: str) -> list[str]:
+    """The checkpoints a mergekit model reference names: `model` or `model+lora`."""
+    return ref.split("+")
+
+
+_KINDS = {dict: "a mapping", list: "a list", str: "nothing", type(None): "nothing"}
+
+
 def model_refs(data: dict) -> list[tuple[str, str, dict]]:
-    """(reference, role, parameters) for every model a mergekit config reads."""
+    """(reference, where, parameters) for every model a mergekit config reads; `where` is
+    `base` for the merge's base model, else its place in the configuration. Raises
+    ValueError for a reference that is not one checkpoint reference (a mapping, a revision
+    `@`, more than one `+`)."""
     out = []
-    for entry in data.get("models") or []:
-        out.append((entry["model"], "model", entry.get("parameters") or {}))
-    for piece in data.get("slices") or []:
-        for source in piece.get("sources") or []:
-            out.append((source["model"], "model", source.get("parameters") or {}))
-    if data.get("base_model"):
-        out.append((data["base_model"], "base", {}))
+    for container, key, where, params in _slots(data):
+        ref = container[key]
+        if not isinstance(ref, str) or not ref.strip():
+            raise ValueError(f"mergekit_yaml: {where} must be a checkpoint reference (a "
+                             f"registry id or name, a folder or a Hub id), got "
+                             f"{_KINDS.get(type(ref), type(ref).__name__)}")
+        if "@" in ref or ref.count("+") > 1 or "" in split_ref(ref):
+            raise ValueError(f"mergekit_yaml: {where}: {ref[:200]!r} is not a checkpoint "
+                             f"reference, nor MODEL+LORA (Hub revisions with @ are not "
+                             f"accepted: import that revision first)")
+        out.append((ref, "base" if where == "base_model" else where,
+                    params if isinstance(params, dict) else {}))
     return out
 
 
 def _rewrite(data: dict, paths: dict[str, str]) -> dict:
-    """A copy of the config with every model reference replaced by its local folder."""
+    """A copy of the config with every model reference (each part of MODEL+LORA) replaced
+    by its local folder."""
     import copy
 
     data = copy.deepcopy(data)
-    for entry in data.get("models") or []:
-        entry["model"] = paths[entry["model"]]
-    for piece in data.get("slices") or []:
-        for source in piece.get("sources") or []:
-            source["model"] = paths[source["model"]]
-    if data.get("base_model"):
-        data["base_model"] = paths[data["base_model"]]
-    source = data.get("tokenizer_source")
-    if isinstance(source, str) and source in paths:
-        data["tokenizer_source"] = paths[source]
+    for container, key, _, _ in _slots(data):
+        container[key] = "+".join(paths[part] for part in split_ref(container[key]))
     return data
+
+
+def mergekit_reads(merge_config) -> set[str]:
+    """Every path mergekit's own parsed configuration would read: each ModelReference's
+    model and LoRA path, wherever it sits in the configuration (a generic walk of the
+    pydantic objects, so no key list can miss one)."""
+    from mergekit.common import ModelPath
+    from pydantic import BaseModel
+
+    found: set[str] = set()
+
+    def walk(obj):
+        if isinstance(obj, ModelPath):
+            found.add(obj.path)
+        elif isinstance(obj, BaseModel):
+            for name in type(obj).model_fields:
+                walk(getattr(obj, name))
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                walk(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                walk(value)
+
+    walk(merge_config)
+    return found
 
 
 def native_refusal(data: dict) -> Optional[str]:
@@ -322,32 +444,33 @@ def run(config: Config, ctx) -> None:
     from mergekit.merge import MergeOptions, run_merge
     from pydantic import ValidationError
 
-    if config.mergekit_yaml:
-        try:
-            data = yaml.safe_load(config.mergekit_yaml)
-        except yaml.YAMLError as e:
-            raise ValueError(f"mergekit_yaml is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError("mergekit_yaml must be a mapping (a mergekit configuration)")
-    else:
-        data = build_mergekit_config(config)
-    inputs = model_refs(data)
+    data = parse_mergekit_yaml(config.mergekit_yaml) if config.mergekit_yaml else \
+        build_mergekit_config(config)
+    refs = model_refs(data)
+    inputs = []  # (checkpoint, role, parameters): the merge's inputs, for the lineage
+    for ref, where, params in refs:
+        if where == "base" or where.endswith("].model"):
+            model, *lora = split_ref(ref)
+            inputs.append((model, "base" if where == "base" else "model", params))
+            inputs += [(part, "lora", {}) for part in lora]
     if not inputs:
         raise ValueError("the mergekit configuration names no models")
     opened = {}
-    for ref, _, _ in inputs:
-        if ref not in opened:
-            opened[ref] = ctx.open(ref)
-    source = data.get("tokenizer_source")
-    if isinstance(source, str) and source not in ("base", "union") and source not in opened:
-        opened[source] = ctx.open(source)
+    for ref, _, _ in refs:  # every part of every reference, through the lab's checks
+        for part in split_ref(ref):
+            if part not in opened:
+                opened[part] = ctx.open(part)
     ctx.progress(0.1, "inputs opened")
-    check_compatible({r: opened[r] for r, _, _ in inputs}, data)
+    check_compatible({r: opened[r] for r, role, _ in inputs if role != "lora"}, data)
     resolved = _rewrite(data, {r: str(ck.path) for r, ck in opened.items()})
     try:
         merge_config = MergeConfiguration.model_validate(resolved)
-    except ValidationError as e:
+    except (ValidationError, RuntimeError, ValueError) as e:
         raise ValueError(f"mergekit rejects this configuration: {e}") from None
+    unchecked = mergekit_reads(merge_config) - {str(ck.path) for ck in opened.values()}
+    if unchecked:  # mergekit would read something no check above saw: read nothing
+        raise ValueError(f"mergekit_yaml: mergekit would read {', '.join(sorted(unchecked))}, "
+                         f"which is not one of the checkpoints this job opened and checked")
 
     # Lineage: one edge per input checkpoint; the base role wins when a model is both.
     edges: dict[str, dict] = {}
@@ -360,7 +483,7 @@ def run(config: Config, ctx) -> None:
             if isinstance(params.get(key), (int, float)):
                 edge[key] = float(params[key])
     warnings = []
-    base = data.get("base_model")
+    base = split_ref(data["base_model"])[0] if data.get("base_model") else None
     if base:
         base_id = opened[base].id
         for ref, role, _ in inputs:

@@ -319,6 +319,7 @@ def length_table(lengths: list[int], limit: int | None) -> str:
 def preview(config: Config, lab) -> str:
     """First rows, how the first examples are learned, and token lengths."""
     from app.data import load_rows
+    from plugins.kit import markup
 
     rows, _ = load_rows(config.data, "data", lab.root / "cache" / "datasets")
     fmt = _detect_format(config, rows.column_names, "data")
@@ -330,13 +331,14 @@ def preview(config: Config, lab) -> str:
     head = rows.select(range(min(len(rows), PREVIEW_ROWS)))
     columns = encode(head[:])
     encoded = [dict(zip(columns, row)) for row in zip(*columns.values())]
-    out = [f"**{len(rows):,} rows** · format **{fmt}** · columns {rows.column_names}",
+    out = [f"**{len(rows):,} rows** · format **{fmt}** · columns "
+           f"{markup.md(rows.column_names)}",
            length_table([len(e["input_ids"]) for e in encoded], config.max_length), ""]
-    for i, e in enumerate(encoded[:3]):
+    for i, e in enumerate(encoded[:3]):  # the rows are the member's data: shown verbatim
         learned = [t for t, lab_ in zip(e["input_ids"], e["labels"]) if lab_ != -100]
         out += [f"**row {i}** ({len(e['input_ids'])} tokens, {len(learned)} with loss)",
-                "```", json.dumps(head[i], ensure_ascii=False, default=str)[:600], "```",
-                "learned: `" + tokenizer.decode(learned)[:300].replace("`", "'") + "`", ""]
+                markup.code_block(json.dumps(head[i], ensure_ascii=False, default=str)[:600]),
+                "learned: " + markup.md(tokenizer.decode(learned)[:300]), ""]
     return "\n".join(out)
 
 

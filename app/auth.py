@@ -96,6 +96,8 @@ def authenticate(lab: Lab, name: str, password: str) -> bool:
     seconds) is refused without checking its password. Every outcome is audited:
     `login.ok`, `login.failed` or `login.locked`, with the name tried as target."""
     name = name or ""
+    if len(name) > 64 or len(password or "") > 1024:  # no user has such a name (NAME)
+        name = name[:65]  # what the failure rows store stays small, whatever is sent
     shown = _shown(name)
     t = time.time()
     with lab.registry() as reg:

@@ -161,8 +161,14 @@ def submit(lab: Lab, plugin_name: str, data: dict, *, user: str | None = None,
             reg.update_job(job["id"], job_dir=str(job_dir), log_path=str(job_dir / "log.txt"))
             audit(reg, job["user"], "job.submit", job["id"], {"plugin": plugin.name})
         except BaseException:
-            reg.db["jobs"].delete_where("id = ? AND status = 'queued'", [job["id"]])
-            shutil.rmtree(job_dir, ignore_errors=True)
+            try:  # unless a scheduler has started it meanwhile: then it is the job's folder
+                taken_back = reg.db.execute("DELETE FROM jobs WHERE id = ? AND status = "
+                                            "'queued'", [job["id"]]).rowcount
+                reg.db.conn.commit()
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                taken_back = 0
+            if taken_back:
+                shutil.rmtree(job_dir, ignore_errors=True)
             raise
         return reg.job(job["id"])
 

@@ -84,6 +84,8 @@ def check_code_path(lab: Lab, field: str, value: str) -> str | None:
     folders its admin lists in code_roots, and never anything uploaded."""
     if ".." in Path(value).parts:
         return f"field '{field}': {value!r} climbs out with '..'; give the folder directly"
+    if not Path(value).expanduser().is_absolute():  # the job runs in its own folder
+        return f"field '{field}': {value!r} is relative; expected an absolute folder path"
     real = Path(value).expanduser().resolve()
     uploads = (lab.root / "uploads").resolve()
     if real == uploads or real.is_relative_to(uploads) or uploads.is_relative_to(real):
@@ -123,8 +125,13 @@ def missing_paths(config: BaseModel) -> list[str]:
     for field, value, marker in path_values(config):
         if marker == "checkpoint":
             continue  # resolved against the registry by check_config
-        path = Path(value).expanduser()
-        if path.exists():
+        try:
+            path = Path(value).expanduser()
+            exists = path.exists()
+        except (OSError, RuntimeError, ValueError) as e:  # ~nobody, a name too long...
+            problems.append(f"field '{field}': {value[:200]!r} is not a usable path ({e})")
+            continue
+        if exists:
             if marker == "file" and not path.is_file():
                 problems.append(f"field '{field}': {value!r} is a folder; expected a file")
             continue

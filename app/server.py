@@ -22,7 +22,10 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from registry.hub import install_log_redaction
 
+    from registry.hub import RedactingStream
+
     install_log_redaction()  # no Hub token in the server's log, whatever a library echoes
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
     from app.auth import has_users, serve_check
 
     refused = serve_check(lab, host) if ui else None
@@ -78,6 +81,7 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
                                # would otherwise reset it to Gradio's 10,000
                                state_session_capacity=app.state_session_capacity,
                                app_kwargs={"middleware": middleware})
+            install_log_redaction()  # the handlers Gradio's uvicorn set up meanwhile
             log.info("serving %s at http://%s:%d", lab.root, host, port)
         else:
             log.info("scheduler running for %s (no UI)", lab.root)

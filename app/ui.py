@@ -610,8 +610,12 @@ def _build_widgets(gr, lab, specs, values, choices, out):
 
 
 def build_app(lab: Lab):
+    import functools
+
     import gradio as gr
 
+    # Markdown that shows lab members' text: no $...$ math either (KaTeX would style a name)
+    text_md = functools.partial(gr.Markdown, latex_delimiters=[])
     found = plugins.discover()
     choices = checkpoint_choices(lab)
     checkpoint_widgets = []  # every checkpoint dropdown, refreshed as the registry changes
@@ -643,11 +647,11 @@ def build_app(lab: Lab):
                 *[ck_id if name == plugin_name else gr.skip() for name in first_checkpoint])
 
     with gr.Blocks(title="Weightsmith") as app:
-        gr.Markdown(f"# Weightsmith\nLab `{lab.root}`")
+        text_md(f"# Weightsmith\nLab `{lab.root}`")
         with gr.Tabs() as tabs:
             for plugin in found.values():
                 with gr.Tab(plugin.title, id=f"plugin-{plugin.name}"):
-                    gr.Markdown(plugin.description)
+                    text_md(plugin.description)
                     specs = forms.form_spec(plugin.Config)
                     widgets: list = []
                     _build_widgets(gr, lab, specs, forms.config_to_values(specs, {}),
@@ -665,7 +669,7 @@ def build_app(lab: Lab):
                         peek = gr.Button("Preview data", visible=plugin.preview is not None)
                         upload = gr.File(label="Load YAML", file_types=[".yaml", ".yml"],
                                          type="filepath", height=80)
-                    message = gr.Markdown(elem_id=f"message-{plugin.name}")
+                    message = text_md(elem_id=f"message-{plugin.name}")
                     job_id = gr.Textbox(visible=False)
                     code = gr.Code(language="yaml", label="What will be submitted")
                     name = plugin.name
@@ -686,7 +690,7 @@ def build_app(lab: Lab):
                                   api_visibility="private")
 
             with gr.Tab("Jobs", id="jobs"):
-                gpus_md = gr.Markdown(gpu_summary, elem_id="gpus")
+                gpus_md = text_md(gpu_summary, elem_id="gpus")
                 jobs_df = gr.Dataframe(headers=JOB_COLUMNS, value=lambda: job_table(lab),
                                        interactive=False, label="Jobs")
                 with gr.Row():
@@ -694,7 +698,7 @@ def build_app(lab: Lab):
                     stop = gr.Button("Stop", variant="stop", scale=1)
                     retry = gr.Button("Retry", scale=1)
                     resume = gr.Button("Resume", scale=1)
-                job_status = gr.Markdown(elem_id="job-status")
+                job_status = text_md(elem_id="job-status")
                 progress = gr.HTML(elem_id="job-progress")
                 with gr.Row():
                     log = gr.Textbox(label="Log (live tail)", lines=16, max_lines=16,
@@ -706,7 +710,7 @@ def build_app(lab: Lab):
                             info="Curves to draw (empty: the losses and perplexities).")
                         plot = gr.LinePlot(x="step", y="value", color="name",
                                            label="Metrics", visible=False)
-                action = gr.Markdown(elem_id="job-action")
+                action = text_md(elem_id="job-action")
                 jobs_df.select(first_cell, outputs=selected_job,
                                api_visibility="private")
                 selected_job.change(lambda j: live_job(j)[:4], inputs=selected_job,
@@ -737,14 +741,14 @@ def build_app(lab: Lab):
                 ck_df = gr.Dataframe(headers=CK_COLUMNS, value=lambda: checkpoint_table(lab),
                                      interactive=False, label="Checkpoints")
                 selected_ck = gr.Textbox(label="Selected checkpoint")
-                ck_summary = gr.Markdown()
+                ck_summary = text_md()
                 with gr.Row():
                     use_plugin = gr.Dropdown(
                         choices=[(found[n].title, n) for n in first_checkpoint],
                         label="Use as input of", scale=2)
                     use = gr.Button("Use as input", scale=1)
-                next_hint = gr.Markdown(elem_id="next-step")
-                lineage = gr.Markdown(label="Lineage", elem_id="lineage")
+                next_hint = text_md(elem_id="next-step")
+                lineage = text_md(label="Lineage", elem_id="lineage")
                 per_layer = gr.BarPlot(x="layer", y="value", color="series",
                                        label="Per layer", visible=False)
                 ck_json = gr.JSON(label="Config, versions, files, evaluations")
@@ -752,13 +756,13 @@ def build_app(lab: Lab):
                     imp_ref = gr.Textbox(label="Local folder or Hub id (ORG/NAME)")
                     imp_name = gr.Textbox(label="Name (optional)")
                     imp_go = gr.Button("Import")
-                    imp_msg = gr.Markdown()
+                    imp_msg = text_md()
                 with gr.Accordion("Delete checkpoint", open=False):
-                    gr.Markdown("A soft delete: the checkpoint leaves the lists; its row, "
+                    text_md("A soft delete: the checkpoint leaves the lists; its row, "
                                 "edges and scores stay so its descendants' lineage is whole. "
                                 "Only its creator or an admin may delete it.")
                     del_go = gr.Button("Delete the selected checkpoint", variant="stop")
-                    del_msg = gr.Markdown()
+                    del_msg = text_md()
                 with gr.Accordion("Publish to Hub", open=False):
                     pub_repo = gr.Textbox(label="Hub repo (ORG/NAME)")
                     with gr.Row():
@@ -766,7 +770,7 @@ def build_app(lab: Lab):
                         pub_omit = gr.Checkbox(label="Leave parents that are not on the Hub "
                                                      "out of base_model")
                     pub_go = gr.Button("Publish to Hub")
-                    pub_msg = gr.Markdown(elem_id="publish-message")
+                    pub_msg = text_md(elem_id="publish-message")
                 with gr.Accordion("Hub settings", open=False):
                     hub_token = gr.Textbox(
                         label="Hub token", type="password",
@@ -777,7 +781,7 @@ def build_app(lab: Lab):
                     sync_repo = gr.Textbox(label="Registry dataset repo (ORG/NAME)",
                                            value=lab.settings.hub_sync_repo)
                     sync_go = gr.Button("Sync registry")
-                    hub_msg = gr.Markdown()
+                    hub_msg = text_md()
                 search.submit(lambda s: checkpoint_table(lab, s), inputs=search, outputs=ck_df,
                               api_visibility="private")
                 refresh.click(lambda s: checkpoint_table(lab, s), inputs=search, outputs=ck_df,
@@ -831,7 +835,7 @@ def build_app(lab: Lab):
                 compare_go.click(lambda c: compare(lab, c), inputs=picks,
                                  outputs=[compare_table, compare_plot], api_name="compare")
                 checkpoint_widgets.append(picks)
-                gr.Markdown("### Scores along a lineage chain\nWhat each step gained, and "
+                text_md("### Scores along a lineage chain\nWhat each step gained, and "
                             "what it forgot, from an ancestor down to a checkpoint.")
                 with gr.Row():
                     chain_to = gr.Dropdown(choices=choices, filterable=True,
@@ -843,7 +847,7 @@ def build_app(lab: Lab):
                                                 allow_custom_value=True,
                                                 label="Metrics (empty: the first four)")
                 chain_go = gr.Button("Plot chain")
-                chain_text = gr.Markdown()
+                chain_text = text_md()
                 chain_plot = gr.LinePlot(x="step", y="value", color="metric",
                                          label="Scores along the chain", x_label_angle=-30)
                 checkpoint_widgets += [chain_to, chain_from]

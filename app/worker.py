@@ -32,23 +32,6 @@ from registry import hub
 from registry.store import now
 
 
-class _Redacting:
-    """stdout/stderr of a job (its log.txt) with Hub tokens blanked in every write: a
-    traceback or a library's message that echoes a request must not put a token in a log
-    that lab members can read."""
-
-    def __init__(self, stream):
-        self._stream = stream
-        self._tokens = hub.known_tokens()
-
-    def write(self, text: str) -> int:
-        self._stream.write(hub.redact(text, self._tokens))
-        return len(text)
-
-    def __getattr__(self, name):  # flush, fileno, isatty, encoding...
-        return getattr(self._stream, name)
-
-
 def _on_sigterm(signum, frame):
     # Once: a second SIGTERM must not interrupt the clean-up of the first. A stuck clean-up
     # still ends with the canceller's SIGKILL after the grace period.
@@ -249,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     signal.signal(signal.SIGTERM, _on_sigterm)
-    sys.stdout, sys.stderr = _Redacting(sys.stdout), _Redacting(sys.stderr)
+    sys.stdout, sys.stderr = hub.RedactingStream(sys.stdout), hub.RedactingStream(sys.stderr)
     lab = Lab(args.lab)
     if args.rank:
         return run_rank(lab, args.job_id)

@@ -52,8 +52,8 @@ class _BoundedLoader(yaml.SafeLoader):
                 raise YamlError(
                     f"{_where(event.start_mark)}: the alias *{event.anchor} repeats a "
                     f"{'mapping' if isinstance(target, yaml.MappingNode) else 'list'}; "
-                    f"aliases that expand are not accepted (write the value out, or use "
-                    f"aliases for single values only)")
+                    f"aliases that expand (and `<<:` merge keys) are not accepted (write "
+                    f"the value out, or use aliases for single values only)")
         self._nodes += 1
         if self._nodes > self.max_nodes:
             raise YamlError(f"more than {self.max_nodes} values; expected a smaller document")

@@ -127,7 +127,7 @@ def load_token(user: str | None = None) -> str | None:
 
 # Hub tokens (hf_ and the organisation tokens api_org_), in any text: a download error that
 # echoes a request, a traceback, a log line.
-TOKEN_PATTERN = re.compile(r"\b(?:hf|api_org)_[A-Za-z0-9]{16,}\b")
+TOKEN_PATTERN = re.compile(r"\b(?:hf_oauth|hf|api_org)_[A-Za-z0-9]{16,}\b")
 
 
 def known_tokens() -> list[str]:
@@ -175,8 +175,9 @@ class RedactingFilter:
 
     def filter(self, record) -> bool:
         try:
-            if isinstance(record.msg, str):
-                record.msg = redact(record.msg, self._tokens)
+            if not isinstance(record.msg, str):  # log.error(exc): the message is the object
+                record.msg, record.args = self._clean(record.getMessage()), None
+            record.msg = redact(record.msg, self._tokens)
             if isinstance(record.args, tuple):
                 record.args = tuple(self._clean(a) for a in record.args)
             elif isinstance(record.args, dict):
@@ -189,6 +190,29 @@ class RedactingFilter:
         except Exception:  # noqa: BLE001 - a record logging cannot format is logging's to report
             pass
         return True
+
+
+class RedactingStream:
+    """A text stream (stdout/stderr) with Hub tokens blanked in every write: a traceback or a
+    library's message that echoes a request must not put a token in a log that lab members
+    can read."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._tokens = known_tokens()
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact(text, self._tokens))
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name):  # flush, fileno, isatty, encoding...
+        if name.startswith("_"):  # copy.deepcopy and pickle must not loop through here
+            raise AttributeError(name)
+        return getattr(self._stream, name)
 
 
 def install_log_redaction() -> None:

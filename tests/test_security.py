@@ -224,7 +224,7 @@ def test_mermaid_of_any_name_is_one_quoted_label(tmp_path):
      "  tokens:\n    x:\n      source: {{kind: model_token, model: {outside}, token_id: 1}}\n"),
     ("tokenizer.tokens.y.source", "merge_method: linear\nmodels:\n  - model: org/a\n"
                                   "tokenizer:\n  tokens:\n    y:\n      source: {outside}\n"),
-    ("models[0].model", "merge_method: linear\nmodels:\n  - model: org/a+{outside}\n"),
+    ("models[1].model", "merge_method: linear\nmodels:\n  - model: org/a\n  - model: {outside}\n"),
     ("slices[0].sources[1].model",
      "merge_method: passthrough\nslices:\n  - sources:\n      - model: org/a\n"
      "        layer_range: [0, 1]\n      - model: {outside}\n        layer_range: [0, 1]\n"),
@@ -250,7 +250,8 @@ def test_every_model_a_mergekit_yaml_names_is_checked(lab, tiny_model_dir, place
 @pytest.mark.parametrize("yaml_text, expected", [
     ("merge_method: linear\nmodels:\n  - model: {path: /etc}\n",
      "models[0].model must be a checkpoint reference"),
-    ("merge_method: linear\nmodels:\n  - model: org/a@main\n", "revisions with @"),
+    ("merge_method: linear\nmodels:\n  - parameters: {weight: 1}\n",
+     "models[0].model must be a checkpoint reference"),
     ("merge_method: linear\nmodels: [org/a]\n", "models[0] must be a mapping"),
     ("models:\n  - model: org/a\n", "merge_method is missing"),
     ("merge_method: linear\n", "exactly one of models, slices or modules"),
@@ -310,7 +311,7 @@ def test_expanding_aliases_are_refused_everywhere_yaml_is_read(lab_dir, lab, tmp
     config = tmp_path / "bomb.yaml"
     config.write_text(BOMB)
     proc = run_cli(lab_dir, "run", "evaluate", config)
-    assert proc.returncode == 2 and "aliases that expand are not accepted" in proc.stderr
+    assert proc.returncode == 2 and "aliases that expand (and `<<:` merge keys) are not accepted" in proc.stderr
     assert "Traceback" not in proc.stderr
     # a pasted mergekit YAML
     with pytest.raises(ConfigError, match="field 'mergekit_yaml'.*aliases that expand"):
@@ -496,3 +497,26 @@ def test_log_records_and_stored_errors_lose_hub_tokens(monkeypatch, tmp_path):
     text = stream.getvalue()
     assert text.count("***") >= 3 and "hf_" not in text and "secret-token" not in text
     assert "RuntimeError: echo ***" in text
+
+
+def test_a_suite_reads_only_its_own_folder(tmp_path):
+    from plugins.evaluate.suites import SuiteError, load_suite
+
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"prompt": "p", "target": "t"}\n')
+    suite = tmp_path / "uploads" / "suite.yaml"
+    suite.parent.mkdir()
+    for data in (str(secret), "../secret.jsonl"):
+        suite.write_text(f"name: s\ntasks:\n  - {{name: t, type: generation, data: '{data}'}}\n")
+        with pytest.raises(SuiteError, match="lies outside the suite's folder"):
+            load_suite(str(suite))
+
+
+def test_a_code_folder_must_be_given_absolute(lab, tmp_path):
+    from app.paths import check_code_path
+
+    (tmp_path / "tasks").mkdir()
+    lab = shared_lab(lab, code_roots=[tmp_path / "tasks"])
+    assert "is relative; expected an absolute" in check_code_path(lab, "f", "tasks")
+    assert check_code_path(lab, "f", str(tmp_path / "tasks")) is None
+    assert "holds uploaded files" in check_code_path(lab, "f", str(tmp_path))  # has the lab

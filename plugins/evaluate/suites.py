@@ -133,8 +133,15 @@ def load_suite(ref: str, lab_root: Path | None = None) -> Suite:
             f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
         raise SuiteError(f"{path}: {problems}") from None
     suite.path = path
+    # a suite reads its own folder only (a shipped suite: anything shipped in assets/)
+    home = ASSET_SUITES.parent.resolve() if path.resolve().is_relative_to(
+        ASSET_SUITES.parent.resolve()) else path.parent.resolve()
     for task in suite.tasks:
         f = suite.file(task)
+        if not f.is_relative_to(home):
+            raise SuiteError(f"{path}: task {task.name!r}: file {f} lies outside the suite's "
+                             f"folder {path.parent}; expected a file name next to the suite "
+                             f"(a suite is data: it names no other files)")
         if not f.is_file():
             raise SuiteError(f"{path}: task {task.name!r}: file {f} does not exist")
     return suite

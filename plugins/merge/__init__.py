@@ -118,9 +118,9 @@ class Config(PluginConfig):
 
 
 def _referenced_paths(self) -> list[tuple[str, str]]:
-    """Every checkpoint a pasted mergekit_yaml reads: models, slice sources and bases, LoRA
-    parts of `model+lora`, tokenizer sources and token sources (app/paths.py checks them in a
-    shared lab). The job checks again, against mergekit's own parsed configuration."""
+    """Every checkpoint a pasted mergekit_yaml reads: models, slice sources and bases,
+    tokenizer sources and token sources (app/paths.py checks them in a shared lab). The job
+    checks again, against mergekit's own parsed configuration."""
     if not self.mergekit_yaml:
         return []
     return [(f"mergekit_yaml ({where})", part)
@@ -232,8 +232,11 @@ def _slots(data: dict):
 
 
 def split_ref(ref: str) -> list[str]:
-    """The checkpoints a mergekit model reference names: `model` or `model+lora`."""
-    return ref.split("+")
+    """The checkpoints a model reference names. A reference is one registry id, name, folder
+    or Hub id, as in the form: mergekit's `MODEL+LORA` and `MODEL@REVISION` are not split
+    (a registry name may hold `+` or `@`), and whatever mergekit would read beyond the
+    opened folders is refused by the job (mergekit_reads)."""
+    return [ref]
 
 
 _KINDS = {dict: "a mapping", list: "a list", str: "nothing", type(None): "nothing"}
@@ -242,27 +245,22 @@ _KINDS = {dict: "a mapping", list: "a list", str: "nothing", type(None): "nothin
 def model_refs(data: dict) -> list[tuple[str, str, dict]]:
     """(reference, where, parameters) for every model a mergekit config reads; `where` is
     `base` for the merge's base model, else its place in the configuration. Raises
-    ValueError for a reference that is not one checkpoint reference (a mapping, a revision
-    `@`, more than one `+`)."""
+    ValueError for a reference that is not one checkpoint reference (a mapping, a list,
+    nothing)."""
     out = []
     for container, key, where, params in _slots(data):
-        ref = container[key]
+        ref = container.get(key)
         if not isinstance(ref, str) or not ref.strip():
             raise ValueError(f"mergekit_yaml: {where} must be a checkpoint reference (a "
                              f"registry id or name, a folder or a Hub id), got "
                              f"{_KINDS.get(type(ref), type(ref).__name__)}")
-        if "@" in ref or ref.count("+") > 1 or "" in split_ref(ref):
-            raise ValueError(f"mergekit_yaml: {where}: {ref[:200]!r} is not a checkpoint "
-                             f"reference, nor MODEL+LORA (Hub revisions with @ are not "
-                             f"accepted: import that revision first)")
         out.append((ref, "base" if where == "base_model" else where,
                     params if isinstance(params, dict) else {}))
     return out
 
 
 def _rewrite(data: dict, paths: dict[str, str]) -> dict:
-    """A copy of the config with every model reference (each part of MODEL+LORA) replaced
-    by its local folder."""
+    """A copy of the config with every model reference replaced by its local folder."""
     import copy
 
     data = copy.deepcopy(data)
@@ -450,9 +448,7 @@ def run(config: Config, ctx) -> None:
     inputs = []  # (checkpoint, role, parameters): the merge's inputs, for the lineage
     for ref, where, params in refs:
         if where == "base" or where.endswith("].model"):
-            model, *lora = split_ref(ref)
-            inputs.append((model, "base" if where == "base" else "model", params))
-            inputs += [(part, "lora", {}) for part in lora]
+            inputs.append((ref, "base" if where == "base" else "model", params))
     if not inputs:
         raise ValueError("the mergekit configuration names no models")
     opened = {}
@@ -461,7 +457,7 @@ def run(config: Config, ctx) -> None:
             if part not in opened:
                 opened[part] = ctx.open(part)
     ctx.progress(0.1, "inputs opened")
-    check_compatible({r: opened[r] for r, role, _ in inputs if role != "lora"}, data)
+    check_compatible({r: opened[r] for r, _, _ in inputs}, data)
     resolved = _rewrite(data, {r: str(ck.path) for r, ck in opened.items()})
     try:
         merge_config = MergeConfiguration.model_validate(resolved)
@@ -483,7 +479,7 @@ def run(config: Config, ctx) -> None:
             if isinstance(params.get(key), (int, float)):
                 edge[key] = float(params[key])
     warnings = []
-    base = split_ref(data["base_model"])[0] if data.get("base_model") else None
+    base = data.get("base_model")
     if base:
         base_id = opened[base].id
         for ref, role, _ in inputs:

@@ -34,15 +34,23 @@ def app_url(lab_dir):
     lab_dir.mkdir(parents=True, exist_ok=True)
     (lab_dir / "lab.toml").write_text("auto_eval = false\n")  # only the jobs the test starts
     run_cli(lab_dir, "demo", "--pretrain-steps", "20", "--no-skills", check=True)
+    proc, url = serve(lab_dir, "--no-skills")
+    yield url
+    proc.terminate()
+    proc.wait(20)
+
+
+def serve(lab_dir, *flags):
+    """`weightsmith serve` on the lab, answering; (process, URL). Only the test plugin this
+    file uses: with all four, the tab strip overflows at 1280 px and Gradio folds the Jobs
+    tab into its "..." menu."""
+    import urllib.request
+
     port = free_port()
-    # only the test plugin this file uses: with all four, the tab strip overflows at
-    # 1280 px and Gradio folds the Jobs tab into its "..." menu
     env = dict(cli_env(lab_dir), WEIGHTSMITH_PLUGINS="tests.plugins_for_tests:SLEEPER")
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port),
-                             "--no-skills"],
-                            env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                             *flags], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    import urllib.request
 
     def up():
         try:
@@ -52,9 +60,7 @@ def app_url(lab_dir):
             return False
 
     wait_for(up, 120, interval=0.5, what="the server")
-    yield f"http://127.0.0.1:{port}/"
-    proc.terminate()
-    proc.wait(20)
+    return proc, f"http://127.0.0.1:{port}/"
 
 
 @pytest.fixture
@@ -170,21 +176,7 @@ def hostile_page(lab_dir):
     lab_dir.mkdir(parents=True, exist_ok=True)
     (lab_dir / "lab.toml").write_text("auto_eval = false\n")
     ck, job = hostile_lab_rows(Lab(lab_dir))
-    port = free_port()
-    env = dict(cli_env(lab_dir), WEIGHTSMITH_PLUGINS="tests.plugins_for_tests:SLEEPER")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port),
-                             "--no-demo"], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    import urllib.request
-
-    def up():
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status == 200
-        except OSError:
-            assert proc.poll() is None, "the server exited"
-            return False
-
-    wait_for(up, 120, interval=0.5, what="the server")
+    proc, url = serve(lab_dir, "--no-demo")
     SHOTS.mkdir(parents=True, exist_ok=True)
     try:
         with playwright.sync_playwright() as p:
@@ -195,7 +187,7 @@ def hostile_page(lab_dir):
             page.add_init_script("window.__xss = 0")
             dialogs = []
             page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-            page.goto(f"http://127.0.0.1:{port}/")
+            page.goto(url)
             page.get_by_role("button", name="Run").first.wait_for()
             yield page, ck, job, dialogs
             browser.close()

@@ -16,7 +16,6 @@ real browser):
 
 import json
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, TEST_PLUGINS, cli_env, run_cli, wait_for, write_yaml
+from tests.test_ui import free_port
 
 PASSWORD = "long enough"
 XSS_IMG = '<img src=x onerror="window.__xss=1">'
@@ -32,12 +32,6 @@ XSS_SCRIPT = "<script>window.__xss=2</script>"
 BOMB = ("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
         "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c]\n"
         "e: [*d, *d, *d, *d, *d, *d, *d, *d, *d]\n")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shared_lab(lab, roots=(), code_roots=()):

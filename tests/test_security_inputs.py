@@ -381,18 +381,24 @@ def test_locked_registry_fails_fast_with_what_to_do(argv, locked_registry, capsy
     assert elapsed < 10, "a read-only command waited out the 30 s busy timeout"
 
 
-def test_locked_registry_on_submit(hostile_lab, tmp_path, monkeypatch, capsys):
+def _submit_while_add_job_raises(message, hostile_lab, tmp_path, monkeypatch, capsys):
     from registry.store import Registry
 
-    def locked(self, **kw):
-        raise sqlite3.OperationalError("database is locked")
+    def fail(self, **kw):
+        raise sqlite3.OperationalError(message)
 
-    monkeypatch.setattr(Registry, "add_job", locked)
+    monkeypatch.setattr(Registry, "add_job", fail)
     path = tmp_path / "ok.yaml"
     path.write_text(yaml.safe_dump(VALID["test_crash"]))
     rc = cli.main(["run", "test_crash", str(path), "--lab", str(hostile_lab)])
     err = capsys.readouterr().err
     assert_clean_refusal(rc, err, hostile_lab, 0, code=1)
+    return err
+
+
+def test_locked_registry_on_submit(hostile_lab, tmp_path, monkeypatch, capsys):
+    err = _submit_while_add_job_raises("database is locked", hostile_lab, tmp_path,
+                                       monkeypatch, capsys)
     assert "locked by another process" in err
 
 
@@ -409,17 +415,8 @@ def test_full_disk_on_jobs_exits_1_with_a_message(hostile_lab, monkeypatch, caps
 
 
 def test_full_database_on_submit_queues_nothing(hostile_lab, tmp_path, monkeypatch, capsys):
-    from registry.store import Registry
-
-    def full(self, **kw):
-        raise sqlite3.OperationalError("database or disk is full")
-
-    monkeypatch.setattr(Registry, "add_job", full)
-    path = tmp_path / "ok.yaml"
-    path.write_text(yaml.safe_dump(VALID["test_crash"]))
-    rc = cli.main(["run", "test_crash", str(path), "--lab", str(hostile_lab)])
-    err = capsys.readouterr().err
-    assert_clean_refusal(rc, err, hostile_lab, 0, code=1)
+    err = _submit_while_add_job_raises("database or disk is full", hostile_lab, tmp_path,
+                                       monkeypatch, capsys)
     assert "no space left on the device" in err
 
 

@@ -123,9 +123,8 @@ def _referenced_paths(self) -> list[tuple[str, str]]:
     checks again, against mergekit's own parsed configuration."""
     if not self.mergekit_yaml:
         return []
-    return [(f"mergekit_yaml ({where})", part)
-            for ref, where, _ in model_refs(parse_mergekit_yaml(self.mergekit_yaml))
-            for part in split_ref(ref)]
+    return [(f"mergekit_yaml ({where})", ref)
+            for ref, where, _ in model_refs(parse_mergekit_yaml(self.mergekit_yaml))]
 
 
 Config.referenced_paths = _referenced_paths
@@ -231,14 +230,6 @@ def _slots(data: dict):
                 yield spec, "source", f"tokenizer.tokens.{token}.source", {}
 
 
-def split_ref(ref: str) -> list[str]:
-    """The checkpoints a model reference names. A reference is one registry id, name, folder
-    or Hub id, as in the form: mergekit's `MODEL+LORA` and `MODEL@REVISION` are not split
-    (a registry name may hold `+` or `@`), and whatever mergekit would read beyond the
-    opened folders is refused by the job (mergekit_reads)."""
-    return [ref]
-
-
 _KINDS = {dict: "a mapping", list: "a list", str: "nothing", type(None): "nothing"}
 
 
@@ -265,7 +256,7 @@ def _rewrite(data: dict, paths: dict[str, str]) -> dict:
 
     data = copy.deepcopy(data)
     for container, key, _, _ in _slots(data):
-        container[key] = "+".join(paths[part] for part in split_ref(container[key]))
+        container[key] = paths[container[key]]
     return data
 
 
@@ -452,10 +443,9 @@ def run(config: Config, ctx) -> None:
     if not inputs:
         raise ValueError("the mergekit configuration names no models")
     opened = {}
-    for ref, _, _ in refs:  # every part of every reference, through the lab's checks
-        for part in split_ref(ref):
-            if part not in opened:
-                opened[part] = ctx.open(part)
+    for ref, _, _ in refs:  # every reference, through the lab's checks
+        if ref not in opened:
+            opened[ref] = ctx.open(ref)
     ctx.progress(0.1, "inputs opened")
     check_compatible({r: opened[r] for r, _, _ in inputs}, data)
     resolved = _rewrite(data, {r: str(ck.path) for r, ck in opened.items()})

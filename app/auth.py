@@ -19,10 +19,10 @@ the password.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
-import json
 import logging
 import re
 import secrets
@@ -31,7 +31,7 @@ import time
 from datetime import datetime, timezone
 
 from app.lab import Lab
-from registry.store import now
+from registry.store import Registry, RegistryError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # scrypt cost: 16 MiB and about 50 ms per check on one core; slows guessing, not logins
@@ -71,24 +71,27 @@ def add_user(lab: Lab, name: str, password: str, admin: bool = False,
         raise AuthError(f"password: expected at least {MIN_PASSWORD} characters")
     salt = secrets.token_bytes(16)
     with lab.registry() as reg:
-        if reg.db["users"].count_where("name = ?", [name]):
+        if reg.users.get(name) is not None:  # before the slow hash; users.add checks again
             raise AuthError(f"user {name!r} exists already")
-        row = {"name": name, "salt": salt.hex(), "hash": hash_password(password, salt),
-               "admin": int(admin), "created_at": now()}
-        reg.db["users"].insert(row)
-        audit(reg, by or name, "users.add", name, {"admin": admin})
+        try:
+            with reg.write():
+                reg.users.add(name=name, salt=salt.hex(),
+                              password_hash=hash_password(password, salt), admin=admin)
+                audit(reg, by or name, "users.add", name, {"admin": admin})
+        except RegistryError as e:
+            raise AuthError(str(e)) from None
     return {"name": name, "admin": admin}
 
 
 def users(lab: Lab) -> list[dict]:
+    """[{"name", "admin", "created_at"}] by name (as `weightsmith users list` prints them)."""
     with lab.registry() as reg:
-        return [{"name": r["name"], "admin": bool(r["admin"]), "created_at": r["created_at"]}
-                for r in reg.db.query("SELECT * FROM users ORDER BY name")]
+        return [dataclasses.asdict(u) for u in reg.users.all()]
 
 
 def has_users(lab: Lab) -> bool:
     with lab.registry() as reg:
-        return reg.db["users"].count > 0
+        return reg.users.any()
 
 
 def authenticate(lab: Lab, name: str, password: str) -> bool:
@@ -102,39 +105,36 @@ def authenticate(lab: Lab, name: str, password: str) -> bool:
     t = time.time()
     with lab.registry() as reg:
         with reg.write():  # the lock check and this attempt's count, in one transaction
-            reg.db.execute("DELETE FROM login_failures WHERE at < ?",
-                           [t - FAILURE_WINDOW - LOCKOUT])
+            reg.users.clear_login_failures(before=t - FAILURE_WINDOW - LOCKOUT)
             until = _locked_until(reg, name, t)
             if until is not None:
                 audit(reg, None, "login.locked", shown, {"until": _iso(until)})
                 return False
             # counted as a failure up front, so parallel guesses cannot slip past the lock;
             # a success deletes it again
-            reg.db["login_failures"].insert({"name": name, "at": t})
-            rows = list(reg.db.query("SELECT salt, hash FROM users WHERE name = ?", [name]))
-        if rows:
-            ok = hmac.compare_digest(
-                hash_password(password or "", bytes.fromhex(rows[0]["salt"])), rows[0]["hash"])
+            reg.users.add_login_failure(name, t)
+            stored = reg.users.credentials(name)
+        if stored:
+            salt, expected = stored
+            ok = hmac.compare_digest(hash_password(password or "", bytes.fromhex(salt)),
+                                     expected)
         else:
             hash_password(password or "", b"0" * 16)  # same work whether or not the user exists
             ok = False
         with reg.write():
             if ok:
-                reg.db.execute("DELETE FROM login_failures WHERE name = ?", [name])
+                reg.users.clear_login_failures(name)
                 audit(reg, name, "login.ok", name)
             else:
-                failures = reg.db["login_failures"].count_where(
-                    "name = ? AND at > ?", [name, t - FAILURE_WINDOW])
+                failures = len(reg.users.login_failures(name, since=t - FAILURE_WINDOW))
                 audit(reg, None, "login.failed", shown, {"failures": failures})
     return ok
 
 
-def _locked_until(reg, name: str, t: float) -> float | None:
+def _locked_until(reg: Registry, name: str, t: float) -> float | None:
     """When `name`'s lock ends, or None if it is not locked at time `t`: locked while its
     last LOCK_AFTER failures lie within FAILURE_WINDOW and the latest is under LOCKOUT old."""
-    last = [r[0] for r in reg.db.execute(
-        "SELECT at FROM login_failures WHERE name = ? ORDER BY at DESC LIMIT ?",
-        [name, LOCK_AFTER])]
+    last = reg.users.login_failures(name, limit=LOCK_AFTER)
     if len(last) == LOCK_AFTER and last[0] - last[-1] <= FAILURE_WINDOW \
             and t - last[0] < LOCKOUT:
         return last[0] + LOCKOUT
@@ -206,8 +206,8 @@ def is_admin(lab: Lab, name: str | None) -> bool:
     if not has_users(lab):
         return True  # a single-user lab: its one user may do everything
     with lab.registry() as reg:
-        row = reg.db.execute("SELECT admin FROM users WHERE name = ?", [name or ""]).fetchone()
-    return bool(row and row[0])
+        user = reg.users.get(name)
+    return bool(user and user.admin)
 
 
 def check_owner(lab: Lab, user: str | None, owner: str | None, what: str) -> None:
@@ -218,16 +218,16 @@ def check_owner(lab: Lab, user: str | None, owner: str | None, what: str) -> Non
                      f"owner or an admin may")
 
 
-def audit(reg, user: str | None, action: str, target: str | None = None,
+def audit(reg: Registry, user: str | None, action: str, target: str | None = None,
           details: dict | None = None) -> None:
-    reg.db["audit"].insert({"at": now(), "user": user, "action": action, "target": target,
-                            "details": json.dumps(details, sort_keys=True) if details
-                            else None})
+    reg.users.audit(user, action, target, details)
 
 
 def audit_log(lab: Lab, limit: int = 200) -> list[dict]:
+    """The latest audit lines, newest first, as `weightsmith audit` prints them: rows of
+    {"id", "at", "user", "action", "target", "details"}, `details` a mapping (or None)."""
     with lab.registry() as reg:
-        return list(reg.db.query("SELECT * FROM audit ORDER BY id DESC LIMIT ?", [limit]))
+        return [dataclasses.asdict(e) for e in reg.users.audit_log(limit)]
 
 
 def delete_checkpoint(lab: Lab, ref: str, user: str | None) -> dict:
@@ -242,13 +242,13 @@ def delete_checkpoint(lab: Lab, ref: str, user: str | None) -> dict:
         return reg.checkpoint(row["id"])
 
 
-def soft_delete(reg, checkpoint_id: str, user: str | None, action: str, details: dict,
-                **fields) -> None:
-    """Mark a checkpoint deleted (its row, edges and scores stay) and audit it; `fields`:
-    other columns to set at the same time."""
-    reg.db["checkpoints"].update(checkpoint_id, {"deleted_at": now(), "deleted_by": user,
-                                                 **fields})
-    audit(reg, user, action, checkpoint_id, details)
+def soft_delete(reg: Registry, checkpoint_id: str, user: str | None, action: str,
+                details: dict, **fields) -> None:
+    """Mark a checkpoint deleted (its row, edges and scores stay) and audit it, in one
+    transaction; `fields`: other columns to set at the same time."""
+    with reg.write():
+        reg.soft_delete_checkpoint(checkpoint_id, user, **fields)
+        audit(reg, user, action, checkpoint_id, details)
 
 
 def is_loopback(host: str) -> bool:

@@ -10,6 +10,7 @@ from pathlib import Path
 from app.lab import Lab
 from registry import CheckpointError, Registry, inspect_checkpoint, resolve_ref
 from registry import hub
+from registry.relations import RELATIONS
 
 # Files of a Hub repo that make up an HF checkpoint (skip other formats a repo may carry).
 # Python files (a repo's custom modelling code) only come along in a lab that allows remote
@@ -96,8 +97,9 @@ def publish(lab: Lab, reg: Registry, tmp: Path, *, name: str, relation: str,
     unregistered folder, never a registered checkpoint without its files.
     """
     info = inspect_checkpoint(tmp)
-    if info.is_adapter and relation != "adapter":
-        raise CheckpointError(f"{tmp} holds an adapter; register it with relation 'adapter'")
+    if info.is_adapter and relation != RELATIONS["adapter"].name:
+        raise CheckpointError(f"{tmp} holds an adapter; register it with relation "
+                              f"'{RELATIONS['adapter'].name}'")
     ck_id = reg.free_id("ck")
     final = lab.checkpoints_dir / ck_id
     os.rename(tmp, final)

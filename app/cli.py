@@ -52,26 +52,42 @@ def cmd_serve(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import contextlib
+
     from app.demo import build_demo
 
     lab = _lab(args)
     result = build_demo(lab, force=args.force, pretrain_steps=args.pretrain_steps,
                         log=lambda m: print(m, file=sys.stderr, flush=True))
-    if not args.no_skills:
-        # the two skill fine-tunes, then the automatic evaluations they queue, run here
-        # unless a server schedules this lab (then _wait follows them)
-        from app.demo import SKILLS, queue_demo_skills
-
-        for job in queue_demo_skills(lab):
-            if _wait(lab, job["id"]) != 0:
+    # The jobs run here unless a server schedules this lab (then _wait follows them). Their
+    # one-line summaries go to stderr with their logs: stdout is this command's JSON alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        if result.get("job"):  # the pretrain job that builds the base
+            if _wait(lab, result["job"]) != 0:
                 return 1
-        with lab.registry() as reg:
-            auto = [j["id"] for j in reg.jobs(status="queued", limit=1000)
-                    if j["user"] == "auto-eval"]
-        for job_id in reversed(auto):  # oldest first
-            _wait(lab, job_id)
-        with lab.registry() as reg:
-            result["skills"] = {n: (reg.find_checkpoint(n) or {}).get("id") for n in SKILLS}
+            with lab.registry() as reg:
+                job = reg.job(result["job"])
+                base = next((reg.checkpoint(c) for c in reg.job_checkpoints(job["id"])), None)
+            if base is None:
+                print(f"error: {job['id']} registered no checkpoint", file=sys.stderr)
+                return 1
+            result.update(base=base["id"], built=True)
+        if not args.no_skills:
+            # the two skill fine-tunes, then the automatic evaluations queued meanwhile (the
+            # base's and theirs)
+            from app.demo import SKILLS, queue_demo_skills
+
+            for job in queue_demo_skills(lab):
+                if _wait(lab, job["id"]) != 0:
+                    return 1
+            with lab.registry() as reg:
+                auto = [j["id"] for j in reg.jobs(status="queued", limit=1000)
+                        if j["user"] == "auto-eval"]
+            for job_id in reversed(auto):  # oldest first
+                _wait(lab, job_id)
+            with lab.registry() as reg:
+                result["skills"] = {n: (reg.find_checkpoint(n) or {}).get("id")
+                                    for n in SKILLS}
     _print_json(result)
     return 0
 
@@ -119,7 +135,9 @@ def cmd_preview(args) -> int:
         print(f"{plugin.name} has no data preview", file=sys.stderr)
         return 2
     try:
-        print(plugin.preview(config, lab))
+        from app.context import PreviewView
+
+        print(plugin.preview(config, PreviewView(lab)))
     except ValueError as e:  # bad data: the message names the field
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -398,15 +416,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("serve", cmd_serve, "serve the web app (and run the lab's job scheduler)")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=7860)
-    sp.add_argument("--no-demo", action="store_true", help="do not build the demo model")
+    sp.add_argument("--no-demo", action="store_true",
+                    help="do not queue the job that pre-trains the demo model")
     sp.add_argument("--no-skills", action="store_true",
                     help="do not queue the demo's two skill fine-tunes")
     sp.add_argument("--no-ui", action="store_true", help="run the job scheduler only")
 
-    sp = add("demo", cmd_demo, "build (or with --force rebuild) the demo model; prints its id")
+    sp = add("demo", cmd_demo, "build (or with --force rebuild) the demo model with a "
+             "pretrain job, and wait for it; prints its id")
     sp.add_argument("--force", action="store_true")
     sp.add_argument("--pretrain-steps", type=int, default=None,
-                    help="pre-training steps (default 300, about a minute on 2 cores)")
+                    help="pre-training steps (default 300, about two minutes on 2 cores)")
     sp.add_argument("--no-skills", action="store_true",
                     help="build the base model only, not its two skill fine-tunes")
 
@@ -559,16 +579,10 @@ def _probe_registry(args) -> None:
     (sqlite3.OperationalError, reported by main), rather than after the registry's 30 s
     busy timeout. In WAL mode readers never wait on writers, so a read that waits this long
     means a process holds the file exclusively."""
-    import sqlite3
+    from registry.store import probe
 
-    db = _registry_path(args)
-    if not db.is_file():
-        return  # the command itself says there is no lab
-    conn = sqlite3.connect(str(db), timeout=LOCK_PROBE_SECONDS)
-    try:
-        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    finally:
-        conn.close()
+    # a missing file is left alone: the command itself says there is no lab
+    probe(_registry_path(args), LOCK_PROBE_SECONDS)
 
 
 def _unexpected(e: BaseException, args) -> int:

@@ -1,5 +1,8 @@
 """The job context: everything a plugin's `run(config, ctx)` may do, and nothing more.
 
+It implements the protocols of plugins/kit/context.py (JobContext, Checkpoint,
+PreviewContext); a plugin sees only what they declare.
+
 It runs inside the job subprocess. Progress, logs, metrics and evaluations go to the job's log
 file and the registry, never to the server's memory, so any browser or a restarted server
 sees the same live job.
@@ -41,6 +44,7 @@ class OpenCheckpoint:
     path: Path
     trust_remote_code: bool = False
     kind: str = "model"
+    metadata: dict = field(default_factory=dict)  # what the job that wrote it recorded
 
     def config(self) -> dict:
         return json.loads((self.path / "config.json").read_text())
@@ -104,6 +108,44 @@ class JobContext:
         self._last_db_progress = 0.0
         self._last_log_progress = 0.0
         self._device: str | None = None
+
+    # ----------------------------------------------------------------------------- folders
+    @property
+    def cache_dir(self) -> Path:
+        """The lab's cache (datasets, tokenized data), shared by its jobs."""
+        return self.lab.root / "cache"
+
+    @property
+    def runs_dir(self) -> Path:
+        """Resumable state of long jobs, one folder per resume chain."""
+        return self.lab.root / "runs"
+
+    @property
+    def suites_dir(self) -> Path:
+        """The lab's own evaluation suites."""
+        return self.lab.root / "suites"
+
+    # --------------------------------------------------------------------- lab, read-only
+    def job_record(self, job_id: str):
+        """Another job of this lab (plugin, status, config), or None."""
+        from plugins.kit.context import JobRecord
+
+        row = self.registry.job(job_id, missing_ok=True)
+        if row is None:
+            return None
+        return JobRecord(id=row["id"], plugin=row["plugin"], status=row["status"],
+                         config=json.loads(row["config"] or "{}"))
+
+    def parents(self, checkpoint_id: str) -> list:
+        """The lineage edges into a checkpoint, in order."""
+        from plugins.kit.context import Edge
+
+        return [Edge(parent_id=e["parent_id"], parent_name=e["parent_name"], role=e["role"],
+                     weight=e["weight"]) for e in self.registry.parents(checkpoint_id)]
+
+    def ancestors(self, checkpoint_id: str) -> list[str]:
+        """The ids of every checkpoint a checkpoint descends from."""
+        return [r["id"] for r in self.registry.ancestors(checkpoint_id)]
 
     # --------------------------------------------------------------------------- device
     @property
@@ -232,16 +274,23 @@ class JobContext:
                     f"which can run code when loaded; this shared lab reads safetensors only. "
                     f"Convert it (save_pretrained(..., safe_serialization=True)) and import "
                     f"the result")
+        meta = row.get("metadata")
+        meta = json.loads(meta) if isinstance(meta, str) and meta else (meta or {})
         return OpenCheckpoint(id=row["id"], name=row["name"], path=Path(row["path"]),
-                              trust_remote_code=trust, kind=row.get("kind") or "model")
+                              trust_remote_code=trust, kind=row.get("kind") or "model",
+                              metadata=meta if isinstance(meta, dict) else {})
 
     def new_checkpoint(self, relation: str, parents: list[Any], name: str | None = None,
-                       metadata: dict | None = None) -> NewCheckpoint:
+                       metadata: dict | None = None, intermediate: bool = False) -> NewCheckpoint:
         """A temporary folder to write a checkpoint into; published when `run` returns.
 
         `parents`: OpenCheckpoints, registry ids, or dicts {"checkpoint": ..., "weight": ...,
-        "role": ..., "relation": ...}.
+        "role": ..., "relation": ...}. `intermediate`: a checkpoint saved along the way (a
+        training step), whose files `weightsmith retention` may remove later.
         """
+        metadata = dict(metadata or {})
+        if intermediate:
+            metadata["intermediate"] = True
         edges = []
         for p in parents:
             spec = dict(p) if isinstance(p, dict) else {"checkpoint": p}
@@ -284,3 +333,20 @@ class JobContext:
             shutil.rmtree(pending.path, ignore_errors=True)
         self._pending.clear()
         self.lab.remove_job_tmp(self.job_id)
+
+
+class PreviewView:
+    """What a plugin's `preview(config, view)` sees of the lab (plugins.kit.context
+    .PreviewContext): its cache and where a checkpoint reference points, nothing registered."""
+
+    def __init__(self, lab: Lab):
+        self._lab = lab
+
+    @property
+    def cache_dir(self) -> Path:
+        return self._lab.root / "cache"
+
+    def checkpoint_path(self, ref: str) -> str:
+        with self._lab.registry() as reg:
+            resolved = resolve_ref(reg, ref)
+        return resolved.row["path"] if resolved.row else resolved.value

@@ -1,19 +1,15 @@
-"""The demo lab: a few-million-parameter Llama and its BPE tokenizer, built and pre-trained
-locally on the shipped corpus (about a minute on 2 CPU cores, once; cached in the lab)."""
+"""The demo lab: a few-million-parameter Llama and its BPE tokenizer, pre-trained locally on the
+shipped corpus by a `pretrain` job (about two minutes on 2 CPU cores, once; then it is in the
+lab's registry with its job and config, like any checkpoint), and two skill fine-tunes of it."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import time
 from pathlib import Path
 
-from app.checkpoints import publish
 from app.lab import Lab
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
-CORPUS = ASSETS / "corpus.txt"
-HELDOUT = ASSETS / "heldout.txt"
 DEMO_NAME = "demo-base"
 DEFAULT_STEPS = 300
 SUITE_DIR = ASSETS.parent / "suites" / "demo"
@@ -54,61 +50,67 @@ def queue_demo_skills(lab: Lab) -> list[dict]:
     return out
 
 
+def demo_config(steps: int = DEFAULT_STEPS) -> dict:
+    """The `pretrain` job that builds the demo base: the plugin's defaults are the demo model
+    (the shipped corpus, a 4096-token BPE, a 4-layer Llama of hidden size 256, seed 0)."""
+    return {"steps": steps, "name": DEMO_NAME}
+
+
+def demo_job(lab: Lab) -> dict | None:
+    """The queued or running `pretrain` job that builds the demo base, if any."""
+    with lab.registry() as reg:
+        for job in reg.jobs(limit=1000):
+            if job["plugin"] == "pretrain" and job["status"] in ("queued", "running") and \
+                    json.loads(job["config"]).get("name") == DEMO_NAME:
+                return job
+    return None
+
+
 def build_demo(lab: Lab, *, force: bool = False, pretrain_steps: int = DEFAULT_STEPS,
                log=print) -> dict:
-    """Build the demo base model unless the lab already has it; returns {"base": id, ...}."""
+    """Queue the `pretrain` job that builds the demo base, unless the lab already has it (or
+    with `force`, rebuild it) or has already queued it. Returns at once, never trains here:
+    {"base": id or None, "name": "demo-base", "built": False, "job": id (when one builds it)}.
+    A scheduler (the server's, or `weightsmith demo` waiting on the job) runs it."""
     with lab.registry() as reg:
         row = reg.find_checkpoint(DEMO_NAME)
-        if row and not force and row["path"] and Path(row["path"]).exists():
-            return {"base": row["id"], "name": row["name"], "built": False}
-
-    import torch
-
-    from ops.pretrain import pretrain
-    from ops.tiny_llama import build_llama, llama_config, pack_blocks, train_bpe_tokenizer
-
-    start = time.monotonic()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    text = CORPUS.read_text()
-    log(f"demo: training a BPE tokenizer on {CORPUS.name} ({len(text) / 1e6:.1f} MB)")
-    tokenizer = train_bpe_tokenizer(text.split("\n\n"), vocab_size=4096)
-    ids = tokenizer(text)["input_ids"]
-    blocks = pack_blocks(ids, 128)
-    config = llama_config(tokenizer, hidden_size=256, num_layers=4, num_heads=4,
-                          num_kv_heads=2, intermediate_size=688, max_positions=512)
-    model = build_llama(config, seed=0)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"demo: pre-training a {n_params / 1e6:.1f}M-parameter Llama for {pretrain_steps} "
-        f"steps on {len(ids):,} tokens")
-    last = [0.0]
-
-    def on_step(step: int, total: int, loss: float | None) -> None:
-        if loss is not None or time.monotonic() - last[0] > 10:
-            last[0] = time.monotonic()
-            log(f"demo: step {step}/{total}" + (f" loss {loss:.3f}" if loss is not None else ""))
-
-    losses = pretrain(model, blocks, steps=pretrain_steps, batch_size=16, lr=2e-3,
-                      on_step=on_step)
-    tmp = lab.checkpoints_dir / ".tmp-demo"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        with lab.registry() as reg:
-            row = publish(lab, reg, tmp, name=DEMO_NAME, relation="import", parents=[],
-                          metadata={"origin": "weightsmith demo", "corpus": CORPUS.name,
-                                    "pretrain_steps": pretrain_steps,
-                                    "final_loss": losses[-1] if losses else None})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log(f"demo: registered {row['id']} ({row['name']}) in {time.monotonic() - start:.0f} s")
+    if row and not force and row["path"] and Path(row["path"]).exists():
+        return {"base": row["id"], "name": row["name"], "built": False}
+    pending = demo_job(lab)
+    if pending:
+        log(f"demo: {DEMO_NAME} is being built by {pending['id']} ({pending['status']})")
+        return {"base": None, "name": DEMO_NAME, "built": False, "job": pending["id"]}
     if not (lab.root / "lab.toml").exists():  # a new demo lab: auto-evaluation on
+        # written before the job is queued: the job's worker reads it when it registers the
+        # base, and queues the base's auto-eval like any new checkpoint's
         (lab.root / "lab.toml").write_text(LAB_TOML)
         from app.lab import Settings
 
         lab.settings = Settings.load(lab.root)
-    from app.jobs import queue_auto_eval
+    from app.jobs import submit
 
-    queue_auto_eval(lab, row, log=log)
-    return {"base": row["id"], "name": row["name"], "built": True}
+    job = submit(lab, "pretrain", demo_config(pretrain_steps), user="demo")
+    log(f"demo: queued {job['id']} (pretrain, {pretrain_steps} steps) to build {DEMO_NAME}")
+    return {"base": None, "name": DEMO_NAME, "built": False, "job": job["id"]}
+
+
+def queue_skills_when_built(lab: Lab, job_id: str, stop, log=print, poll: float = 2.0) -> None:
+    """Wait until the demo base is registered, then queue the skill fine-tunes; give up when
+    the job that builds it ends without it, or at `stop`. The server runs this in a small
+    thread: a `train` config must name a checkpoint that exists when it is submitted, and
+    waiting here keeps the job system free of dependencies between jobs (no new machinery
+    in the scheduler or the worker) for the one place that needs one."""
+    while not stop.is_set():
+        with lab.registry() as reg:  # the job first: it ends after it registers the base
+            job = reg.job(job_id, missing_ok=True)
+            base = reg.find_checkpoint(DEMO_NAME)
+        if base is not None:
+            for queued in queue_demo_skills(lab):
+                log(f"queued demo skill fine-tune {queued['id']} "
+                    f"({json.loads(queued['config'])['name']})")
+            return
+        if job is None or job["status"] not in ("queued", "running"):
+            log(f"demo: {job_id} ended without {DEMO_NAME}; the skill fine-tunes are not "
+                f"queued")
+            return
+        stop.wait(poll)

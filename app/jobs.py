@@ -14,6 +14,7 @@ import yaml
 
 import plugins
 from app.lab import Lab
+from app.resources import detect_gpus, process_alive
 from ops import safe_yaml
 from registry import RefError, resolve_ref
 from registry.store import now
@@ -93,40 +94,36 @@ def check_config(lab: Lab, plugin_name: str, data: dict):
                 resolve_ref(reg, ref)
             except RefError as e:
                 problems.append(f"field '{field}': {e}")
-    needs = getattr(config, "gpu_requirement", None)
-    requirement = needs() if callable(needs) else None
-    if requirement:
-        field, why = requirement
+    needs = plugin.needs(config)
+    if needs.requires_gpu:
+        field, why = needs.requires_gpu
         have = lab_gpus(lab)
-        wanted = gpu_count(config)
         if not have:
             problems.append(f"field '{field}': {why}, and this lab has none (set `gpus` in "
                             f"lab.toml if it has)")
-        elif wanted > len(have):
+        elif needs.gpus > len(have):
             problems.append(f"field '{field}': {why}, and this lab has {len(have)} "
                             f"({', '.join(map(str, have))})")
-    from app.paths import config_problems, missing_paths
+    from app.paths import config_problems, missing_paths, restricted
 
     problems += config_problems(lab, config)  # a shared lab reads only inside its roots
     if not problems:
         problems += missing_paths(config)
-    lab_check = getattr(config, "lab_problems", None)  # optional: checks that need the lab
-    if callable(lab_check) and not problems:
-        problems += lab_check(lab.root)
+    if not problems:  # the plugin's own checks that need to know the lab
+        facts = plugins.LabFacts(gpus=tuple(lab_gpus(lab)), shared=restricted(lab),
+                                 suites_dir=lab.root / "suites")
+        problems += plugin.problems_in_lab(config, facts)
     if problems:
         raise plugins.ConfigError(plugin_name, problems)
     return plugin, config
 
 
 def gpu_count(config) -> int:
-    """GPUs a job needs at once: the Config's optional gpu_count(), else 1."""
-    count = getattr(config, "gpu_count", None)
-    return max(1, int(count())) if callable(count) else 1
+    """GPUs a job needs at once (its plugin's `resources` hook; 1 by default)."""
+    return max(1, int(plugins.plugin_of(config).needs(config).gpus))
 
 
 def lab_gpus(lab: Lab) -> list[int]:
-    from app.scheduler import detect_gpus
-
     return lab.settings.gpus if lab.settings.gpus is not None else detect_gpus()
 
 
@@ -135,23 +132,24 @@ def submit(lab: Lab, plugin_name: str, data: dict, *, user: str | None = None,
     """Validate and queue a job; returns its registry row. Raises ConfigError on bad input."""
     plugin, config = check_config(lab, plugin_name, data)
     config_dict = config.model_dump(mode="json")
-    resumed = getattr(config, "resume_job", None)
+    field = plugin.resume_field
+    resumed = getattr(config, field) if field else None
     if resumed:  # resuming reads that job's saved state: its owner's or an admin's to do
         from app.auth import NotAllowed, check_owner
 
         with lab.registry() as reg:
             prior = reg.job(resumed, missing_ok=True)
         if prior is None:
-            raise plugins.ConfigError(plugin_name, [f"field 'resume_job': no job {resumed}"])
+            raise plugins.ConfigError(plugin_name, [f"field '{field}': no job {resumed}"])
         try:
             check_owner(lab, user or lab.settings.default_user, prior["user"],
                         f"resume job {resumed}")
         except NotAllowed as e:
-            raise plugins.ConfigError(plugin_name, [f"field 'resume_job': {e}"]) from None
+            raise plugins.ConfigError(plugin_name, [f"field '{field}': {e}"]) from None
     with lab.registry() as reg:
         job = reg.add_job(plugin=plugin.name, config=config_dict,
                           user=user or lab.settings.default_user, priority=priority,
-                          versions=library_versions())
+                          versions=library_versions(), gpus=gpu_count(config))
         from app.auth import audit
 
         job_dir = lab.job_dir(job["id"])
@@ -162,9 +160,7 @@ def submit(lab: Lab, plugin_name: str, data: dict, *, user: str | None = None,
             audit(reg, job["user"], "job.submit", job["id"], {"plugin": plugin.name})
         except BaseException:
             try:  # unless a scheduler has started it meanwhile: then it is the job's folder
-                taken_back = reg.db.execute("DELETE FROM jobs WHERE id = ? AND status = "
-                                            "'queued'", [job["id"]]).rowcount
-                reg.db.conn.commit()
+                taken_back = reg.take_back_job(job["id"])
             except Exception:  # noqa: BLE001 - the first error is the one to report
                 taken_back = 0
             if taken_back:
@@ -198,19 +194,6 @@ def queue_auto_eval(lab: Lab, checkpoint: dict, *, source_plugin: str | None = N
 
 
 # ---------------------------------------------------------------------------- processes
-def process_alive(pid: int | None, started: float | None) -> bool:
-    """Whether the process that ran a job still exists (pid reuse is caught by start time)."""
-    if not pid:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        if started is not None and abs(proc.create_time() - started) > 1.0:
-            return False
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-
-
 def group_members(pgid: int) -> list[psutil.Process]:
     """Live (non-zombie) processes in a process group."""
     members = []

@@ -40,7 +40,7 @@ def path_values(config: BaseModel, prefix: str = "") -> Iterator[tuple[str, str,
     props = type(config).model_json_schema().get("properties", {})
     for name in type(config).model_fields:
         value = getattr(config, name)
-        marker = plugins._marker(props.get(name, {}))
+        marker = plugins.field_marker(props.get(name, {}))
         if isinstance(value, BaseModel):
             yield from path_values(value, prefix + name + ".")
         elif marker in ("file", "path", "data", "checkpoint", "code") and isinstance(value, str) \
@@ -49,9 +49,8 @@ def path_values(config: BaseModel, prefix: str = "") -> Iterator[tuple[str, str,
         elif marker == "checkpoints" and value:
             for i, item in enumerate(value):
                 yield f"{prefix}{name}[{i}]", item, "checkpoint"
-    extra = getattr(config, "referenced_paths", None)  # e.g. models inside a mergekit YAML
-    if callable(extra):
-        for field, value in extra():
+    if not prefix:  # e.g. models inside a mergekit YAML: the plugin's referenced_paths hook
+        for field, value in plugins.plugin_of(config).paths_referenced(config):
             yield field, value, "checkpoint"
 
 

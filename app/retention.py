@@ -21,11 +21,7 @@ def candidates(lab: Lab, days: float) -> list[dict]:
     cutoff = (datetime.now(timezone.utc) - timedelta(days=days)).strftime(
         "%Y-%m-%dT%H:%M:%S.%fZ")
     with lab.registry() as reg:
-        return list(reg.db.query(
-            "SELECT * FROM checkpoints c WHERE json_extract(c.metadata, '$.intermediate') = 1 "
-            "AND c.created_at < ? AND c.deleted_at IS NULL AND c.hub_repo IS NULL "
-            "AND NOT EXISTS (SELECT 1 FROM edges e WHERE e.parent_id = c.id) "
-            "ORDER BY c.created_at", [cutoff]))
+        return reg.intermediate_checkpoints(created_before=cutoff)
 
 
 def apply_retention(lab: Lab, days: float, dry_run: bool = False,

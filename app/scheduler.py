@@ -21,32 +21,13 @@ from pathlib import Path
 
 import psutil
 
-from app.jobs import gpu_count, process_alive
 from app.lab import Lab
+from app.resources import detect_gpus, process_alive
 from registry import hub
 from registry.store import now
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def detect_gpus() -> list[int]:
-    """Physical GPU indices: those in the server's CUDA_VISIBLE_DEVICES when it is set,
-    else every GPU nvidia-smi reports (no torch import in the server)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [int(x) for x in visible.split(",") if x.strip().isdigit()]
-    exe = shutil.which("nvidia-smi")
-    if not exe:
-        return []
-    try:
-        out = subprocess.run([exe, "--query-gpu=index", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    if out.returncode != 0:
-        return []
-    return [int(x) for x in out.stdout.split() if x.strip().isdigit()]
 
 
 def gpu_status() -> list[dict]:
@@ -128,18 +109,12 @@ def fair_order(queued: list[dict], running: list[dict], last_start: dict[str, st
 
 def queue_positions(registry) -> dict[str, int]:
     """{queued job id: its place in the queue, 1 = next to start} by fair_order."""
-    queued = list(registry.db.query("SELECT * FROM jobs WHERE status = 'queued'"))
+    queued = registry.queued_jobs()
     if not queued:
         return {}
     order = fair_order(queued, registry.jobs(status="running", limit=10_000),
-                       _last_starts(registry))
+                       registry.last_starts())
     return {j["id"]: i + 1 for i, j in enumerate(order)}
-
-
-def _last_starts(registry) -> dict[str, str]:
-    return {r["user"]: r["last"] for r in registry.db.query(
-        "SELECT user, MAX(started_at) AS last FROM jobs WHERE started_at IS NOT NULL "
-        "GROUP BY user")}
 
 
 class Scheduler:
@@ -150,6 +125,7 @@ class Scheduler:
         self._lock_fd: int | None = None
         self.holder: str | None = None
         self._registry = None
+        self._gpus: dict[str, int] = {}  # GPUs of queued jobs whose row predates the column
         gpus = lab.settings.gpus if lab.settings.gpus is not None else detect_gpus()
         self.gpu_capacity = {f"cuda:{i}": lab.settings.jobs_per_gpu for i in gpus}
         self.cpu_capacity = lab.settings.cpu_slots
@@ -234,14 +210,28 @@ class Scheduler:
         cpu_busy = sum(n for d, n in busy.items() if d == "cpu")
         return "cpu" if cpu_busy < self.cpu_capacity else None
 
+    def _job_gpus(self, job: dict, plugin) -> int:
+        """The GPUs a queued job holds at once: its row's `gpus`, written at submit. A row
+        from before that column has NULL: its config is validated once and the count kept
+        (raises the plugin's ConfigError when it no longer validates)."""
+        if job.get("gpus") is not None:
+            return int(job["gpus"])
+        if job["id"] not in self._gpus:
+            import plugins
+
+            config = plugins.validate_config(plugin, json.loads(job["config"]))
+            self._gpus[job["id"]] = max(1, int(plugin.needs(config).gpus))  # as submit's
+        return self._gpus[job["id"]]
+
     def _start_queued(self, only: str | None) -> None:
         import plugins
 
-        queued = list(self.registry.db.query("SELECT * FROM jobs WHERE status = 'queued'"))
+        queued = self.registry.queued_jobs()
+        self._gpus = {k: v for k, v in self._gpus.items() if k in {j["id"] for j in queued}}
         if not queued:
             return
         running = self.registry.jobs(status="running", limit=10_000)
-        queued = fair_order(queued, running, _last_starts(self.registry))
+        queued = fair_order(queued, running, self.registry.last_starts())
         busy = Counter(d for j in running for d in device_list(j["device"]))
         gpu_waiting = False  # a GPU job is waiting: later ones must not take its GPUs
         for job in queued:
@@ -249,7 +239,7 @@ class Scheduler:
                 continue
             try:
                 plugin = plugins.get(job["plugin"])
-                gpus = gpu_count(plugins.validate_config(plugin, json.loads(job["config"])))
+                gpus = self._job_gpus(job, plugin)
             except (plugins.PluginError, plugins.ConfigError) as e:
                 self.registry.update_job(job["id"], only_if_status=("queued",), status="failed",
                                          finished_at=now(), error=str(e))

@@ -1,4 +1,4 @@
-"""`weightsmith serve`: the lab's job scheduler plus the web app (app/ui.py).
+"""`weightsmith serve`: the lab's job scheduler plus the web app (app/ui/).
 
 Importing this module imports neither torch nor gradio.
 """
@@ -44,16 +44,7 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
     if lost:
         log.warning("marked %d job(s) interrupted: %s", len(lost), ", ".join(lost))
     if build_demo:
-        from app.demo import build_demo as build
-
-        result = build(lab, log=lambda m: log.info(m))
-        log.info("demo model: %s (%s)", result["name"], result["base"])
-        if demo_skills:
-            from app.demo import queue_demo_skills
-
-            for job in queue_demo_skills(lab):
-                log.info("queued demo skill fine-tune %s (%s)", job["id"],
-                         json.loads(job["config"])["name"])
+        _start_demo(lab, stop, demo_skills)
     thread = threading.Thread(target=scheduler.run_forever, args=(stop,), daemon=True,
                               name="weightsmith-scheduler")
     thread.start()
@@ -97,6 +88,28 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
         scheduler.release()
         log.info("stopped")
     return 0
+
+
+def _start_demo(lab: Lab, stop: threading.Event, skills: bool) -> None:
+    """Queue the demo: the job that pre-trains its base (the scheduler runs it; the server
+    listens meanwhile), then its skill fine-tunes, queued by a small thread once the base is
+    registered. A demo that cannot be queued is logged, and the workbench serves anyway."""
+    from app.demo import build_demo, queue_demo_skills, queue_skills_when_built
+
+    try:
+        result = build_demo(lab, log=lambda m: log.info(m))
+        if result["base"]:
+            log.info("demo model: %s (%s)", result["name"], result["base"])
+            if skills:
+                for job in queue_demo_skills(lab):
+                    log.info("queued demo skill fine-tune %s (%s)", job["id"],
+                             json.loads(job["config"])["name"])
+        elif skills:
+            threading.Thread(target=queue_skills_when_built, name="weightsmith-demo",
+                             args=(lab, result["job"], stop), daemon=True,
+                             kwargs={"log": lambda m: log.info(m)}).start()
+    except Exception:  # noqa: BLE001 - the demo is a convenience, the lab is the point
+        log.exception("the demo could not be queued")
 
 
 # --------------------------------------------------------------------------- Host check

@@ -82,7 +82,8 @@ class RankContext(JobContext):
                                f"import checkpoints")
         return super().open(ref)
 
-    def new_checkpoint(self, relation, parents, name=None, metadata=None) -> NewCheckpoint:
+    def new_checkpoint(self, relation, parents, name=None, metadata=None,
+                       intermediate=False) -> NewCheckpoint:
         path = self.work_dir / f"rank{self.rank}" / str(self._made)
         self._made += 1
         path.mkdir(parents=True, exist_ok=True)
@@ -117,9 +118,9 @@ def _explained(error: BaseException) -> bool:
 
 
 def processes_for(config, device: str) -> int:
-    """How many data-parallel processes the job runs as on its device (Config.processes)."""
-    count = getattr(config, "processes", None)
-    return int(count(device)) if callable(count) else 1
+    """How many data-parallel processes the job runs as on its device (the plugin's
+    `resources` hook)."""
+    return plugins.plugin_of(config).needs(config).processes(device)
 
 
 def launch_command(job_id: str, lab_root, processes: int, mode: str = "ddp") -> list[str]:
@@ -153,7 +154,7 @@ def launch(ctx: JobContext, config, processes: int) -> list[dict]:
     checkpoints rank 0 registered. Raises RankFailed with the failing rank's error."""
     for _, ref in plugins.checkpoint_refs(config):
         ctx.open(ref)  # a folder or Hub id is imported here, once, not by every rank
-    mode = getattr(config, "distributed", "ddp")
+    mode = plugins.plugin_of(config).needs(config).distributed
     cmd = launch_command(ctx.job_id, ctx.lab.root, processes, mode)
     for old in ctx.work_dir.glob("error-rank*.txt"):
         old.unlink()
@@ -187,7 +188,7 @@ def run_rank(lab: Lab, job_id: str) -> int:
     if rank == 0:
         ctx = JobContext(lab, reg, job)
     else:
-        reg.db.conn.execute("PRAGMA query_only = ON")  # a write here raises: rank 0 records
+        reg.read_only()  # a write here raises: rank 0 records
         ctx = RankContext(lab, reg, job)
     ctx.rank, ctx.world_size = rank, world
     try:

@@ -1,15 +1,20 @@
 """Merge benchmark: the native streaming engine against mergekit, side by side.
 
     python bench/merge.py [--dir /tmp/bench-merge] [--methods task_arithmetic ties]
+                          [--size 350m|60m] [--compare-tree /path/to/another/checkout]
 
 Builds (once, then reuses) three Llama models of 348M parameters (hidden 1024, 22 layers,
-vocab 32000), stored as bf16 safetensors in three HF-style shards with an index: a random
+vocab 32000; `--size 60m`: hidden 512, 8 layers, for a quick run), stored as bf16
+safetensors in HF-style shards with an index: a random
 `base` and two "fine-tunes" `ft-a`, `ft-b` (base plus seeded noise). Then, for each method, it
 runs the same mergekit YAML through
 
     (a) `mergekit-yaml` (the CLI, as a subprocess: its wall time includes the start-up),
     (b) `mergekit.merge.run_merge` in a subprocess of its own (the call alone is timed),
-    (c) `ops.merge_stream.stream_merge` in a subprocess of its own (the call alone is timed),
+    (c) `ops.merge.stream_merge` in a subprocess of its own (the call alone is timed),
+    (d) with --compare-tree PATH, the same engine from another checkout (PATH's
+        `ops.merge.stream_merge`, or `ops.merge_stream.stream_merge` in older trees), in
+        turn with (c): "native-other", and the ratio of (c) to it,
 
 and prints wall seconds, peak RSS (each process's own, from wait4), the ratio to run_merge's
 time, the ratio of the peak RSS to one input model's size, and the ratio to the warm I/O
@@ -43,16 +48,24 @@ MODELS = {"base": 0, "ft-a": 1, "ft-b": 2}
 TARGETS = {"vs_run_merge": 0.5, "rss_vs_model": 1.0, "vs_floor": 6.0}
 
 
-def llama_350m():
+SIZES = {  # hidden, intermediate, layers, heads
+    "350m": (1024, 2816, 22, 16),
+    "60m": (512, 1408, 8, 8),
+}
+
+
+def llama(size: str = "350m"):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
-                       num_hidden_layers=22, num_attention_heads=16, num_key_value_heads=16,
-                       max_position_embeddings=2048, tie_word_embeddings=False,
-                       architectures=["LlamaForCausalLM"], dtype="bfloat16")
+    hidden, intermediate, layers, heads = SIZES[size]
+    return LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=heads, max_position_embeddings=2048,
+                       tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
+                       dtype="bfloat16")
 
 
-def build_models(root: Path) -> dict[str, Path]:
+def build_models(root: Path, size: str = "350m") -> dict[str, Path]:
     """base, ft-a and ft-b under root, built tensor by tensor (never a whole model in memory)."""
     import torch
     from huggingface_hub import split_torch_state_dict_into_shards
@@ -62,10 +75,11 @@ def build_models(root: Path) -> dict[str, Path]:
     paths = {name: root / name for name in MODELS}
     if all((p / "model.safetensors.index.json").exists() for p in paths.values()):
         return paths
-    config = llama_350m()
+    config = llama(size)
     with torch.device("meta"):
         shapes = {k: v.to(torch.bfloat16) for k, v in LlamaForCausalLM(config).state_dict().items()}
-    split = split_torch_state_dict_into_shards(shapes, max_shard_size="300MB")
+    split = split_torch_state_dict_into_shards(
+        shapes, max_shard_size="300MB" if size == "350m" else "50MB")
     order = {name: i for i, name in enumerate(shapes)}
 
     def tensor(name: str, model_seed: int):
@@ -159,8 +173,9 @@ def spawn(cmd: list[str]) -> tuple[float, float, float, str]:
         return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, out.read()
 
 
-def child(engine: str, config_path: Path, out: Path) -> None:
-    """In a subprocess of its own: one merge, timed around the call alone (not the start)."""
+def child(engine: str, config_path: Path, out: Path, tree: str | None = None) -> None:
+    """In a subprocess of its own: one merge, timed around the call alone (not the start).
+    tree: another checkout whose engine runs instead of this one's."""
     import resource
 
     import yaml
@@ -183,7 +198,16 @@ def child(engine: str, config_path: Path, out: Path) -> None:
     else:
         import transformers  # noqa: F401  (loaded before the timer, as mergekit loads it)
 
-        from ops.merge_stream import stream_merge
+        if tree:
+            sys.path.insert(0, str(Path(tree).resolve()))
+        try:
+            from ops.merge import stream_merge
+        except ImportError:  # a tree from before ops/merge/
+            from ops.merge_stream import stream_merge
+        import ops
+
+        assert Path(ops.__file__).resolve().parent.parent == Path(tree or REPO).resolve(), \
+            ops.__file__
 
         models = [m["model"] for m in data["models"]]
         params = [m["parameters"] for m in data["models"]]
@@ -228,16 +252,20 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs per engine; the best wall time and its RSS are shown")
     parser.add_argument("--skip-cli", action="store_true", help="leave out mergekit-yaml")
+    parser.add_argument("--size", choices=sorted(SIZES), default="350m",
+                        help="the models' size (60m: a run of a few minutes)")
+    parser.add_argument("--compare-tree", help="also time this other checkout's engine")
+    parser.add_argument("--tree", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["run_merge", "native"], help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, Path(args.config), Path(args.out))
+        child(args.child, Path(args.config), Path(args.out), args.tree)
         return 0
 
-    root = Path(args.dir)
-    paths = build_models(root)
+    root = Path(args.dir) if args.size == "350m" else Path(args.dir) / args.size
+    paths = build_models(root, args.size)
     model_bytes = sum(f.stat().st_size for f in paths["base"].glob("*.safetensors"))
     work = root / "runs"
     work.mkdir(exist_ok=True)
@@ -248,13 +276,15 @@ def main() -> int:
           f"{floor:.2f} s; {os.cpu_count()} CPUs; load average before "
           f"{os.getloadavg()[0]:.2f}", flush=True)
 
-    rows = []
+    rows, compared = [], []
     for method in args.methods:
         import yaml
 
         config_path = work / f"{method}.yml"
         config_path.write_text(yaml.safe_dump(merge_config(method, paths), sort_keys=False))
         engines = ([] if args.skip_cli else ["mergekit-yaml"]) + ["run_merge", "native"]
+        if args.compare_tree:
+            engines.append("native-other")
         runs: dict[str, list] = {engine: [] for engine in engines}
         # The repeats take turns (a, b, c, a, b, c, ...): this machine's write speed drifts
         # (a VM's fresh page-cache pages cost several times more than reused ones), and
@@ -271,21 +301,29 @@ def main() -> int:
                                            "--no-copy-tokenizer", "--no-write-model-card"])
                 seconds = wall
             else:
-                wall, rss, cpu, stdout = spawn([sys.executable, __file__, "--child", engine,
-                                                "--config", str(config_path), "--out",
-                                                str(out)])
+                tree = ["--tree", args.compare_tree] if engine == "native-other" else []
+                wall, rss, cpu, stdout = spawn([sys.executable, __file__, "--child",
+                                                engine.split("-")[0], "--config",
+                                                str(config_path), "--out", str(out), *tree])
                 timed = json.loads(stdout.strip().splitlines()[-1])
                 seconds, cpu = timed["seconds"], timed["cpu"]
             runs[engine].append((seconds, rss, cpu, wall))
             print(f"  {method:16} {engine:14} {seconds:7.2f} s (CPU {cpu:.1f} s, process "
                   f"{wall:.2f} s), peak RSS {rss:.0f} MiB", flush=True)
         results = {engine: min(runs[engine]) for engine in engines}  # the best of each
-        same = differing_tensors(work / f"{method}-native", work / f"{method}-run_merge")
+        same = {e: differing_tensors(work / f"{method}-{e}", work / f"{method}-run_merge")
+                for e in ("native", "native-other") if e in engines}
         reference = results["run_merge"][0]
         for engine, (seconds, rss, cpu, wall) in results.items():
             rows.append((method, engine, seconds, cpu, rss, seconds / reference,
-                         rss * 2**20 / model_bytes, seconds,
-                         same if engine == "native" else ""))
+                         rss * 2**20 / model_bytes, seconds, same.get(engine, "")))
+        if args.compare_tree:
+            each = ", ".join(f"{r[0]:.2f}/{o[0]:.2f}" for r, o in
+                             zip(runs["native"], runs["native-other"]))
+            compared.append(f"{method:16} native {results['native'][0]:.2f} s, native-other "
+                            f"{results['native-other'][0]:.2f} s (best of each): ratio "
+                            f"{results['native'][0] / results['native-other'][0]:.3f}; "
+                            f"each turn (this/other): {each}")
 
     print(f"\nwarm I/O floor, the best of {3 + (args.repeats - 1) * len(args.methods)} "
           f"measurements taken between the runs: {floor:.2f} s")
@@ -300,6 +338,10 @@ def main() -> int:
           f"{TARGETS['rss_vs_model']}, x floor <= {TARGETS['vs_floor']}. mergekit-yaml's time "
           f"is the whole process (start-up included); run_merge's and native's are the call "
           f"alone, in a process of its own. Load average after: {os.getloadavg()[0]:.2f}")
+    if compared:
+        print(f"\nthis tree against {args.compare_tree} (ratio < 1: this tree is faster):")
+        for line in compared:
+            print("  " + line)
     return 0
 
 

@@ -37,6 +37,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ops.layers import LayoutError, decoder_layers as layers_of
+
 # model_type -> the layout these ops rely on: model.model.layers[i] with self_attn.{q,k,v,o}_proj
 # and mlp.{gate,up,down}_proj (the same family scale_layers supports).
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -54,7 +56,10 @@ def check_supported(model) -> None:
 
 
 def decoder_layers(model) -> nn.ModuleList:
-    return model.model.layers
+    try:
+        return layers_of(model, "pruning")
+    except LayoutError as e:
+        raise PruneError(str(e)) from None
 
 
 def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:

@@ -21,6 +21,8 @@ import copy
 import torch
 from torch import nn
 
+from ops.layers import LayoutError, decoder_layers as layers_of
+
 # model_type -> the layout these ops rely on: model.model.layers[i] with self_attn.o_proj,
 # self_attn.layer_idx and mlp.{gate,up,down}_proj.
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -35,9 +37,10 @@ def check_supported(model) -> None:
     if model_type not in SUPPORTED:
         raise ScaleError(f"architecture {model_type!r} is not supported for layer scaling "
                          f"(supported: {', '.join(SUPPORTED)}); nothing was written")
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ScaleError(f"{type(model).__name__} has no model.layers list")
+    try:
+        layers_of(model, "layer scaling")
+    except LayoutError as e:
+        raise ScaleError(str(e)) from None
 
 
 def num_layers(model) -> int:

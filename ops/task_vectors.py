@@ -38,6 +38,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ops.checkpoint_files import TensorFiles
+
 MANIFEST = "task_vector.json"
 FORMAT = "weightsmith-task-vector"
 SHARD_PREFIX = "task_vector"
@@ -68,40 +70,8 @@ def block_of(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- reading
-class Shards:
-    """Tensors of a list of safetensors files by name, opened lazily; one tensor at a time."""
-
-    def __init__(self, files: Sequence[Path]):
-        from safetensors import safe_open
-
-        self._where: dict[str, Path] = {}
-        self._shapes: dict[str, list[int]] = {}
-        self._dtypes: dict[str, str] = {}
-        for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    piece = f.get_slice(key)
-                    self._where[key] = Path(file)
-                    self._shapes[key] = list(piece.get_shape())
-                    self._dtypes[key] = piece.get_dtype()
-
-    def keys(self) -> list[str]:
-        return sorted(self._where)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def shape(self, name: str) -> list[int]:
-        return self._shapes[name]
-
-    def is_float(self, name: str) -> bool:
-        return self._dtypes[name] in ("F16", "BF16", "F32", "F64")
-
-    def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self._where[name]), framework="pt") as f:
-            return f.get_tensor(name)
+# The tensors of a list of safetensors files by name, opened lazily, one at a time.
+Shards = TensorFiles
 
 
 class StoredVector:

@@ -25,6 +25,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ops.layers import LayoutError, decoder_layers as layers_of
+
 IGNORE = -100  # label id the loss skips
 
 
@@ -125,12 +127,10 @@ class PadCollator:
 
 # ------------------------------------------------------------------ trainable parameters
 def decoder_layers(model) -> nn.ModuleList:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise TrainError(f"{type(model).__name__} has no model.layers list; layer selection "
-                         f"(freeze, hft) needs a Llama-style layout")
-    return layers
+    try:
+        return layers_of(model, "layer selection (freeze, hft)")
+    except LayoutError as e:
+        raise TrainError(str(e)) from None
 
 
 def layer_parameter_names(model, layers: list[int]) -> list[str]:

@@ -17,9 +17,10 @@ import math
 import os
 import re
 import reprlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Optional, Annotated, Any, Callable, Iterator, get_args, get_origin
+from pathlib import Path
+from typing import Optional, Annotated, Any, Callable, Iterator, Mapping, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
@@ -215,17 +216,95 @@ class PluginConfig(BaseModel):
         return self
 
 
+# ----------------------------------------------------------------------------- the hooks
+# What the app learns from a plugin beyond its Config and run. Every hook is optional and is a
+# plain function of the validated config (plus plain facts about the lab): the Config stays
+# pure data, and a plugin never reaches into the app or the registry to answer.
+@dataclass(frozen=True)
+class LabFacts:
+    """What a submit-time check may know about the lab (passed to `Plugin.lab_problems`)."""
+
+    gpus: tuple[int, ...] = ()   # GPU indices jobs may use; empty: a CPU-only lab
+    shared: bool = False         # a lab with users (members' inputs are restricted)
+    suites_dir: Optional[Path] = None  # the lab's own evaluation suites (LAB/suites)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one job of a config needs (returned by `Plugin.resources`)."""
+
+    gpus: int = 1                # GPUs the scheduler gives the job at once (on a GPU lab)
+    # (field, why) when the config cannot run without `gpus` CUDA GPUs (e.g. qlora)
+    requires_gpu: Optional[tuple[str, str]] = None
+    # True: the job runs as one process per GPU (or cpu_processes on CPU), each running
+    # `run`; False: one process that uses all its GPUs itself (e.g. a model spread over them)
+    data_parallel: bool = False
+    cpu_processes: int = 1       # data-parallel processes on a CPU-only placement
+    distributed: str = "ddp"     # how several processes share the model: "ddp" or "fsdp"
+
+    def processes(self, device: str) -> int:
+        """Processes the worker launches on the device the scheduler chose (cuda:0,1 or
+        cpu)."""
+        if not self.data_parallel:
+            return 1
+        if device.startswith("cuda"):
+            if self.cpu_processes > 1:
+                raise ValueError(f"cpu_processes: got {self.cpu_processes}, but this job runs "
+                                 f"on {device}; use gpus for more processes on GPUs")
+            return self.gpus
+        return self.cpu_processes
+
+
+@dataclass(frozen=True)
+class NextStep:
+    """What a checkpoint of some relation usually needs next: the UI preselects `plugin` in
+    "Use as input of" and shows `hint`."""
+
+    plugin: str
+    hint: str
+
+
 @dataclass(frozen=True)
 class Plugin:
+    """One operation. `name`, `title`, `description`, `Config` and `run` are required; the
+    rest are optional hooks, each documented where it is declared. A plugin author reads
+    this record (and `plugins.kit`) to learn the whole contract."""
+
     name: str
     title: str
     description: str
     Config: type[BaseModel]
+    # run(config, ctx): does the work; ctx is a plugins.kit.context.JobContext
     run: Callable[[Any, Any], None]
     uses_gpu: bool = True  # placed on a GPU slot when the lab has one
-    # preview(config, lab) -> markdown: a quick look at what a config would read (first rows,
-    # token lengths), shown before Run. It may import torch: it runs in a subprocess.
+    # preview(config, view) -> markdown: a quick look at what a config would read (first
+    # rows, token lengths), shown before Run; view is a plugins.kit.context.PreviewContext.
+    # It may import torch: it runs in a subprocess.
     preview: Optional[Callable[[Any, Any], str]] = None
+    # resources(config) -> Resources: GPUs and processes one job needs. Default: Resources().
+    resources: Optional[Callable[[Any], Resources]] = None
+    # referenced_paths(config) -> [(field, reference)]: checkpoints or folders a config names
+    # outside its marked fields (e.g. models inside a mergekit YAML); checked like them.
+    referenced_paths: Optional[Callable[[Any], list[tuple[str, str]]]] = None
+    # lab_problems(config, LabFacts) -> ["field 'x': ..."]: submit-time checks that need to
+    # know the lab (e.g. cpu_processes on a lab with GPUs). Runs after the field checks pass.
+    lab_problems: Optional[Callable[[Any, LabFacts], list[str]]] = None
+    # Config field naming a cancelled or failed job to continue; the UI's Resume fills it.
+    resume_field: Optional[str] = None
+    # metadata keys holding one number per decoder layer, drawn per layer in the Registry
+    per_layer_series: tuple[str, ...] = ()
+    # relation -> what a checkpoint this plugin records under that relation usually needs next
+    next_steps: Mapping[str, NextStep] = field(default_factory=dict)
+
+    def needs(self, config: Any) -> Resources:
+        """The config's Resources (the default when the plugin declares none)."""
+        return self.resources(config) if self.resources else Resources()
+
+    def paths_referenced(self, config: Any) -> list[tuple[str, str]]:
+        return list(self.referenced_paths(config)) if self.referenced_paths else []
+
+    def problems_in_lab(self, config: Any, facts: LabFacts) -> list[str]:
+        return list(self.lab_problems(config, facts)) if self.lab_problems else []
 
 
 class PluginError(Exception):
@@ -260,6 +339,19 @@ def register(plugin: Any) -> Plugin:
                           f"(it becomes the UI help text): {', '.join(undocumented)}")
     if not callable(plugin.run):
         raise PluginError(f"plugin {plugin.name!r}: run must be callable as run(config, ctx)")
+    for hook in ("preview", "resources", "referenced_paths", "lab_problems"):
+        if getattr(plugin, hook) is not None and not callable(getattr(plugin, hook)):
+            raise PluginError(f"plugin {plugin.name!r}: {hook} must be callable or None")
+    if plugin.resume_field is not None and plugin.resume_field not in plugin.Config.model_fields:
+        raise PluginError(f"plugin {plugin.name!r}: resume_field {plugin.resume_field!r} is not "
+                          f"a field of its Config")
+    if not all(isinstance(k, str) for k in plugin.per_layer_series):
+        raise PluginError(f"plugin {plugin.name!r}: per_layer_series must be metadata key "
+                          f"names (strings)")
+    if not all(isinstance(r, str) and isinstance(n, NextStep)
+               for r, n in dict(plugin.next_steps).items()):
+        raise PluginError(f"plugin {plugin.name!r}: next_steps maps a relation name to a "
+                          f"NextStep(plugin, hint)")
     _plugins[plugin.name] = plugin
     return plugin
 
@@ -311,6 +403,14 @@ def discover(refresh: bool = False) -> dict[str, Plugin]:
             log.warning(msg)
     _discovered = True
     return dict(_plugins)
+
+
+def plugin_of(config: BaseModel) -> Plugin:
+    """The registered plugin whose Config the config is."""
+    for plugin in discover().values():
+        if type(config) is plugin.Config:
+            return plugin
+    raise PluginError(f"no registered plugin has the config class {type(config).__name__}")
 
 
 def load_errors() -> list[str]:
@@ -399,7 +499,7 @@ def validate_config(plugin: Plugin, data: Any) -> BaseModel:
         raise ConfigError(plugin.name, problems) from None
 
 
-def _marker(prop: dict) -> str | None:
+def field_marker(prop: dict) -> str | None:
     """The x-weightsmith marker of a schema property, looking inside Optional[...] too."""
     if "x-weightsmith" in prop:
         return prop["x-weightsmith"]
@@ -416,7 +516,7 @@ def checkpoint_refs(config: BaseModel, prefix: str = "") -> Iterator[tuple[str, 
     props = type(config).model_json_schema().get("properties", {})
     for name in type(config).model_fields:
         value = getattr(config, name)
-        marker = _marker(props.get(name, {}))
+        marker = field_marker(props.get(name, {}))
         if marker == "checkpoint" and value:
             yield prefix + name, value
         elif marker == "checkpoints" and value:

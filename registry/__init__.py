@@ -2,7 +2,10 @@
 
 from registry.folder import CheckpointError, CheckpointInfo, inspect_checkpoint
 from registry.refs import Ref, RefError, resolve_ref
-from registry.store import RELATIONS, SCHEMA_VERSION, Registry, RegistryError, mermaid
+from registry.relations import RELATIONS, Relation
+from registry.store import (SCHEMA_VERSION, AuditEntry, Registry, RegistryError, User,
+                            mermaid)
 
 __all__ = ["CheckpointError", "CheckpointInfo", "inspect_checkpoint", "Ref", "RefError",
-           "resolve_ref", "RELATIONS", "SCHEMA_VERSION", "Registry", "RegistryError", "mermaid"]
+           "resolve_ref", "RELATIONS", "Relation", "SCHEMA_VERSION", "AuditEntry", "Registry",
+           "RegistryError", "User", "mermaid"]

@@ -17,24 +17,21 @@ import json
 import os
 import re
 import secrets
+import sqlite3
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from registry import relations
 from registry.refs import is_hub_id
-from registry.store import FINISHED, Registry, mermaid, now
+from registry.store import Registry, RegistryError, mermaid, now
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TOKEN_FILE_ENV = "WEIGHTSMITH_HUB_TOKEN_FILE"  # where the token file lives (tests redirect it)
 RETRY_WAIT_ENV = "WEIGHTSMITH_HUB_RETRY_WAIT"  # first backoff in seconds (doubles each time)
 RETRY_ATTEMPTS = 4
 
-# The Hub's documented base_model_relation values. Ours that have no Hub word (prune, scale,
-# continue_pretrain, a plugin's own) are closest to "finetune": weights derived from the
-# parent's; the card also gets a tag with our relation.
-HUB_RELATIONS = {"adapter": "adapter", "merge": "merge", "finetune": "finetune",
-                 "quantized": "quantized"}
 # Weight files a re-push removes when the new checkpoint no longer has them (stale shards).
 WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.safetensors\.index\.json|\.bin\.index\.json)$")
 EMBEDDED_PATH = re.compile(r"(?<![\w:/.~-])/(?:[\w.-]+/)+[\w.-]+")
@@ -309,10 +306,7 @@ def hub_id(row: dict | None) -> str | None:
 
 def find_hub_row(reg: Registry, repo_id: str) -> dict | None:
     """The registry's row for a Hub model: one with files first, then the oldest."""
-    rows = list(reg.db.query(
-        "SELECT * FROM checkpoints WHERE hub_repo = ? OR source = ? "
-        "ORDER BY path IS NULL, created_at LIMIT 1", [repo_id, f"hf://{repo_id}"]))
-    return rows[0] if rows else None
+    return reg.checkpoint_for_hub_id(repo_id)
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -329,12 +323,6 @@ def _loads(text: str | None) -> Any:
         return json.loads(text)
     except (TypeError, json.JSONDecodeError):
         return text
-
-
-def _set(reg: Registry, ck_id: str, **fields: Any) -> None:
-    sets = ", ".join(f"{k} = ?" for k in fields)
-    with reg.write():
-        reg.db.execute(f"UPDATE checkpoints SET {sets} WHERE id = ?", [*fields.values(), ck_id])
 
 
 # ------------------------------------------------------------------------------ model card
@@ -372,7 +360,7 @@ def build_card(reg: Registry, row: dict, repo_id: str, base_models: list[str]):
                                   dataset_name=task, metric_type=metric, metric_value=value))
     data = ModelCardData(
         base_model=(base_models[0] if len(base_models) == 1 else base_models) or None,
-        base_model_relation=HUB_RELATIONS.get(relation, "finetune") if base_models else None,
+        base_model_relation=relations.hub_relation(relation) if base_models else None,
         library_name="peft" if row["kind"] == "adapter" else "transformers",
         tags=tags, datasets=_datasets(config) or None,
         model_name=repo_id.split("/")[-1] if results else None,
@@ -437,10 +425,13 @@ def read_card_lineage(card_text: str) -> tuple[list[str], str]:
     base = data.base_model or []
     base = [base] if isinstance(base, str) else list(base)
     tags = data.tags or []
-    relation = getattr(data, "base_model_relation", None) or "finetune"
+    relation = relations.from_hub(getattr(data, "base_model_relation", None))
     if "weightsmith" in tags:  # our own cards name our relation in the tag after ours
         ours = [t for t in tags if t not in ("weightsmith", "merge", "mergekit")]
-        relation = ours[0] if ours else relation
+        try:  # anyone may tag a card: a tag that is no relation name leaves the Hub's word
+            relation = relations.check_relation(ours[0]) if ours else relation
+        except relations.RelationError:
+            pass
     return [b for b in base if isinstance(b, str) and is_hub_id(b)], relation
 
 
@@ -496,7 +487,7 @@ def push_checkpoint(reg: Registry, ref: str, repo_id: str, *, private: bool = Fa
         return text.encode()
 
     api = client(token)
-    _set(reg, row["id"], sync_status="pushing", sync_error=None)
+    reg.update_checkpoint(row["id"], sync_status="pushing", sync_error=None)
     try:
         retrying(lambda: api.create_repo(repo_id, private=private, exist_ok=True))
         before = retrying(lambda: api.repo_info(repo_id)).sha
@@ -517,13 +508,13 @@ def push_checkpoint(reg: Registry, ref: str, repo_id: str, *, private: bool = Fa
         info = retrying(commit)
     except Exception as e:
         error = _message(e, api.token if isinstance(api.token, str) else None)
-        _set(reg, row["id"], sync_status="sync_failed", sync_error=error)
+        reg.update_checkpoint(row["id"], sync_status="sync_failed", sync_error=error)
         raise HubError(f"pushing {row['name']} ({row['id']}) to {repo_id} failed: {error}") \
             from None
     new_commit = info.oid != before
     pushed_at = now() if new_commit or not row["hub_pushed_at"] else row["hub_pushed_at"]
-    _set(reg, row["id"], hub_repo=repo_id, hub_commit=info.oid, hub_pushed_at=pushed_at,
-         sync_status="synced", sync_error=None)
+    reg.update_checkpoint(row["id"], hub_repo=repo_id, hub_commit=info.oid,
+                          hub_pushed_at=pushed_at, sync_status="synced", sync_error=None)
     return {"checkpoint": row["id"], "repo": repo_id, "commit": info.oid,
             "new_commit": new_commit, "url": f"{endpoint()}/{repo_id}",
             "base_model": base_models, "warnings": warnings}
@@ -536,22 +527,10 @@ def _digest(row: dict) -> str:
 
 def export_rows(reg: Registry, secret_values: tuple[str, ...] = ()) -> dict[str, list[dict]]:
     """The lab's lineage as synced: no local paths, no secrets, finished jobs only."""
-    with reg.write():  # evaluations made before the uid existed get one now
-        for (row_id,) in reg.db.execute("SELECT id FROM evaluations WHERE uid IS NULL"):
-            reg.db.execute("UPDATE evaluations SET uid = ? WHERE id = ?",
-                           [f"ev-{secrets.token_hex(8)}", row_id])
-    queries = {
-        "checkpoints": "SELECT * FROM checkpoints ORDER BY created_at, id",
-        "edges": "SELECT * FROM edges ORDER BY child_id, position",
-        "jobs": f"SELECT * FROM jobs WHERE status IN ({','.join('?' * len(FINISHED))}) "
-                "ORDER BY created_at, id",
-        "evaluations": "SELECT * FROM evaluations ORDER BY id",
-    }
     out: dict[str, list[dict]] = {}
     for table in SYNC_TABLES:
-        params = list(FINISHED) if table == "jobs" else []
         rows = []
-        for r in reg.db.query(queries[table], params):
+        for r in reg.sync.rows(table):
             row = {k: r.get(k) for k in SYNC_FIELDS[table]}
             for key in JSON_FIELDS:
                 if key in row and row[key] is not None:
@@ -570,52 +549,39 @@ def _key(table: str, row: dict) -> str:
     return row["uid"] if table == "evaluations" else row["id"]
 
 
-def _dump(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return json.dumps(value, sort_keys=True)
-
-
-def merge_rows(reg: Registry, rows: dict[str, list[dict]]) -> dict[str, int]:
+def merge_rows(reg: Registry, rows: dict[str, list[dict]],
+               refused: list[str] | None = None) -> dict[str, int]:
     """Merge synced rows into the registry, idempotently: rows are immutable and keyed by
     globally unique ids, so a known row is skipped (a checkpoint only gains Hub fields it
-    lacked). Pulled checkpoints have no files here (path NULL). Returns rows added."""
+    lacked). Pulled checkpoints have no files here (path NULL). Every row goes through the
+    registry's checks (a relation that is no relation name, an edge or evaluation whose
+    checkpoints are missing): a row they refuse is left out, and why is appended to
+    `refused`. Returns rows added."""
     added = {t: 0 for t in SYNC_TABLES}
+    refused = [] if refused is None else refused
+    adders = {"checkpoints": reg.sync.add_checkpoint, "jobs": reg.sync.add_job,
+              "evaluations": reg.sync.add_evaluation,
+              "edges": lambda r: reg.add_edge(
+                  r["child_id"], r["parent_id"], r["relation"], weight=r["weight"],
+                  density=r["density"], role=r["role"], position=r["position"] or 0,
+                  skip_existing=True)}
     with reg.write():
-        for row in rows.get("checkpoints", []):
-            existing = reg.get_checkpoint(row["id"])
-            if existing is None:
-                new = {k: _dump(v) if k in JSON_FIELDS else v for k, v in row.items()}
-                new["name"] = reg._free_name(row["name"])
-                new["path"] = None
-                reg.db["checkpoints"].insert(new)
-                added["checkpoints"] += 1
-            elif not existing["hub_repo"] and row.get("hub_repo"):
-                _set(reg, row["id"], hub_repo=row["hub_repo"], hub_commit=row["hub_commit"],
-                     hub_pushed_at=row["hub_pushed_at"])
-        for row in rows.get("jobs", []):
-            if reg.job(row["id"], missing_ok=True) is None:
-                new = {k: _dump(v) if k in JSON_FIELDS else v for k, v in row.items()}
-                new.update(cancel_requested=0, progress=1.0)
-                reg.db["jobs"].insert(new)
-                added["jobs"] += 1
-        for row in rows.get("edges", []):
-            if not (reg.get_checkpoint(row["child_id"]) and reg.get_checkpoint(row["parent_id"])):
-                continue  # a batch that lost its endpoints: never half an edge
-            cur = reg.db.execute(
-                "INSERT OR IGNORE INTO edges (child_id, parent_id, relation, weight, density, "
-                "role, position) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [row[k] for k in SYNC_FIELDS["edges"]])
-            added["edges"] += cur.rowcount
-        for row in rows.get("evaluations", []):
-            if not reg.get_checkpoint(row["checkpoint_id"]):
-                continue
-            fields = SYNC_FIELDS["evaluations"]
-            cur = reg.db.execute(
-                f"INSERT OR IGNORE INTO evaluations ({', '.join(fields)}) "
-                f"VALUES ({', '.join('?' * len(fields))})",
-                [_dump(row[k]) if k in JSON_FIELDS else row[k] for k in fields])
-            added["evaluations"] += cur.rowcount
+        for table in ("checkpoints", "jobs", "edges", "evaluations"):  # ends before edges
+            for row in rows.get(table, []):
+                if not isinstance(row, dict):
+                    refused.append(f"{table}: not a row: {str(row)[:100]!r}")
+                    continue
+                fields = {k: row.get(k) for k in SYNC_FIELDS[table]}
+                try:
+                    added[table] += bool(adders[table](fields))
+                except (RegistryError, KeyError, TypeError, sqlite3.Error) as e:
+                    refused.append(f"{table} {_key(table, fields)}: {e}")
+                    continue
+                existing = reg.get_checkpoint(fields["id"]) if table == "checkpoints" else None
+                if existing and not existing["hub_repo"] and fields["hub_repo"]:
+                    reg.update_checkpoint(fields["id"], hub_repo=fields["hub_repo"],
+                                          hub_commit=fields["hub_commit"],
+                                          hub_pushed_at=fields["hub_pushed_at"])
     return added
 
 
@@ -637,8 +603,7 @@ def sync_registry(reg: Registry, repo_id: str, *, private: bool = False,
                                                      revision=head))
         batches = sorted({f.split("/")[1] for f in files
                           if f.startswith("batches/") and f.endswith("/manifest.json")})
-        known = {r["batch"] for r in reg.db.query(
-            "SELECT batch FROM hub_batches WHERE repo = ?", [repo_id])}
+        known = reg.sync.batches(repo_id)
         new = [b for b in batches if b not in known]
         pulled = {t: [] for t in SYNC_TABLES}
         with tempfile.TemporaryDirectory() as tmp:
@@ -654,33 +619,29 @@ def sync_registry(reg: Registry, repo_id: str, *, private: bool = False,
                         pulled[table] += [json.loads(line) for line in
                                           read(f"batches/{batch}/{table}.jsonl").splitlines()
                                           if line.strip()]
-        added = merge_rows(reg, pulled)
+        refused: list[str] = []
+        added = merge_rows(reg, pulled, refused)
         with reg.write():
             for batch in new:
-                reg.db["hub_batches"].insert({"repo": repo_id, "batch": batch,
-                                              "direction": "pull", "at": now()}, replace=True)
-            for table, rows in pulled.items():  # the repo has these: never push them back
-                for row in rows:
-                    reg.db["hub_rows"].insert({"repo": repo_id, "tbl": table,
-                                               "key": _key(table, row), "digest": _digest(row)},
-                                              replace=True)
+                reg.sync.record_batch(repo_id, batch, "pull")
+            # the repo has these: never push them back
+            reg.sync.record_repo_rows(repo_id, [(table, _key(table, row), _digest(row))
+                                                for table, rows in pulled.items()
+                                                for row in rows if isinstance(row, dict)])
         if new:
             log(f"pulled {len(new)} batch(es) from {repo_id}: "
                 + ", ".join(f"{n} {t}" for t, n in added.items()))
+        for why in refused:
+            log(f"warning: left out a pulled row: {why}")
 
         exported = export_rows(reg, tuple(filter(None, [token_value])))
         # a pulled row reads back slightly different here (a taken name got a suffix): that
         # version is the repo's too, so it is not pushed back
         pulled_keys = {(t, _key(t, r)) for t, rows in pulled.items() for r in rows}
-        with reg.write():
-            for t, rows in exported.items():
-                for r in rows:
-                    if (t, _key(t, r)) in pulled_keys:
-                        reg.db["hub_rows"].insert({"repo": repo_id, "tbl": t,
-                                                   "key": _key(t, r), "digest": _digest(r)},
-                                                  replace=True)
-        have = {(r["tbl"], r["key"], r["digest"]) for r in reg.db.query(
-            "SELECT tbl, key, digest FROM hub_rows WHERE repo = ?", [repo_id])}
+        reg.sync.record_repo_rows(repo_id, [(t, _key(t, r), _digest(r))
+                                            for t, rows in exported.items() for r in rows
+                                            if (t, _key(t, r)) in pulled_keys])
+        have = reg.sync.repo_rows(repo_id)
         todo = {t: [r for r in rows if (t, _key(t, r), _digest(r)) not in have]
                 for t, rows in exported.items()}
         batch = None
@@ -704,12 +665,10 @@ def sync_registry(reg: Registry, repo_id: str, *, private: bool = False,
 
             retrying(commit)
             with reg.write():
-                reg.db["hub_batches"].insert({"repo": repo_id, "batch": batch,
-                                              "direction": "push", "at": now()})
-                for t, rows in tables.items():
-                    for r in rows:
-                        reg.db["hub_rows"].insert({"repo": repo_id, "tbl": t, "key": _key(t, r),
-                                                   "digest": _digest(r)}, replace=True)
+                reg.sync.record_batch(repo_id, batch, "push")
+                reg.sync.record_repo_rows(repo_id, [(t, _key(t, r), _digest(r))
+                                                    for t, rows in tables.items()
+                                                    for r in rows])
             log(f"pushed batch {batch} to {repo_id}: "
                 + ", ".join(f"{len(rows)} {t}" for t, rows in tables.items()))
     except HubError:
@@ -744,10 +703,7 @@ def fill_stub(reg: Registry, ck_id: str, path: str, fields: dict,
               parents: list[dict]) -> dict:
     """Give a remote-only row its downloaded files (and the lineage its card names)."""
     with reg.write():
-        _set(reg, ck_id, path=path, **fields)
-        have = {p["parent_id"] for p in reg.parents(ck_id)}
+        reg.update_checkpoint(ck_id, path=path, **fields)
         for position, p in enumerate(parents):
-            if p["id"] not in have:
-                reg.db["edges"].insert({"child_id": ck_id, "parent_id": p["id"],
-                                        "relation": p["relation"], "position": position})
+            reg.add_edge(ck_id, p["id"], p["relation"], position=position, skip_existing=True)
     return reg.get_checkpoint(ck_id)

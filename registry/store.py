@@ -1,4 +1,11 @@
-"""The lineage store: checkpoints, lineage edges, jobs, metrics and evaluations in one SQLite file.
+"""The lineage store: checkpoints, lineage edges, jobs, metrics and evaluations in one SQLite file,
+with the lab's users, login failures, audit log and Hub sync state beside them.
+
+Every table is read and written through a Registry: its own methods, or the parts it is
+composed of, `reg.users` (registry/users.py: users, failed logins, audit) and `reg.sync`
+(registry/sync_rows.py: Hub sync rows); registry/schema.py holds the migrations. app/ and
+plugins/ hold no SQL (tests/test_registry_owns_tables.py checks it), so that each row gets
+the same checks wherever it comes from: a job, an import, a login, Hub sync.
 
 sqlite-utils does table creation, inserts and queries; we add what it lacks for a multi-process
 lab: WAL + busy timeout on every connection, `BEGIN IMMEDIATE` write transactions (a deferred
@@ -12,25 +19,23 @@ import contextlib
 import json
 import secrets
 import sqlite3
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 import sqlite_utils
 
-RELATIONS = ("import", "finetune", "adapter", "continue_pretrain", "merge", "prune", "scale")
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
-FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
+from registry import schema
+from registry.common import FINISHED, JOB_STATUSES, RegistryError, check_relation, now
+from registry.relations import RELATIONS
+from registry.schema import MIGRATIONS, SCHEMA_VERSION
+from registry.sync_rows import SyncRows
+from registry.users import AuditEntry, User, Users
 
-
-class RegistryError(Exception):
-    """A registry operation was asked something the registry cannot do (unknown id, bad value)."""
-
-
-def now() -> str:
-    """UTC timestamp that sorts lexicographically in time order."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
+# what other modules import from here; some names live in the store's parts and are
+# re-exported (common.py, schema.py, users.py, relations.py)
+__all__ = ["Registry", "RegistryError", "now", "probe", "new_id", "ID_BYTES", "FINISHED",
+           "JOB_STATUSES", "check_relation", "RELATIONS", "MIGRATIONS", "SCHEMA_VERSION",
+           "User", "AuditEntry", "mermaid", "mermaid_text"]
 
 # Random bytes per id. Checkpoint ids are merged across labs by Hub sync, so they get 48 bits
 # (a collision among a million synced checkpoints is about 0.2 % likely; 32 bits made one
@@ -42,109 +47,6 @@ def new_id(prefix: str) -> str:
     """Short, human-friendly id such as `ck-1a2b3c4d5e6f`; callers retry on the (rare)
     collision."""
     return f"{prefix}-{secrets.token_hex(ID_BYTES.get(prefix, 4))}"
-
-
-# ---------------------------------------------------------------------------------- migrations
-def _v1(db: sqlite_utils.Database) -> None:
-    db["checkpoints"].create(
-        {
-            "id": str, "name": str, "kind": str, "relation": str, "path": str, "source": str,
-            "architecture": str, "param_count": int, "dtype": str, "size_bytes": int,
-            "content_hash": str, "created_at": str, "created_by": str, "job_id": str,
-            "plugin": str, "config": str, "versions": str, "metadata": str,
-        },
-        pk="id",
-        not_null={"name", "kind", "relation", "created_at"},
-        defaults={"kind": "model"},
-    )
-    db["checkpoints"].create_index(["name"], unique=True)
-    db["checkpoints"].create_index(["created_at"])
-    db["checkpoints"].create_index(["job_id"])
-    db["checkpoints"].create_index(["path"])
-    db["edges"].create(
-        {"child_id": str, "parent_id": str, "relation": str, "weight": float, "role": str,
-         "position": int},
-        pk=("child_id", "parent_id"),
-        not_null={"relation"},
-        foreign_keys=[("child_id", "checkpoints", "id"), ("parent_id", "checkpoints", "id")],
-    )
-    db["edges"].create_index(["parent_id", "child_id"])
-    db["jobs"].create(
-        {
-            "id": str, "plugin": str, "config": str, "status": str, "user": str, "priority": int,
-            "created_at": str, "started_at": str, "finished_at": str, "job_dir": str,
-            "log_path": str, "pid": int, "pid_started": float, "device": str, "versions": str,
-            "progress": float, "progress_message": str, "error": str, "cancel_requested": int,
-            "exit_code": int,
-        },
-        pk="id",
-        not_null={"plugin", "config", "status", "created_at"},
-        defaults={"priority": 0, "cancel_requested": 0},
-    )
-    db["jobs"].create_index(["status", "priority", "created_at"])
-    db["metrics"].create(
-        {"id": int, "job_id": str, "checkpoint_id": str, "name": str, "value": float,
-         "step": int, "created_at": str},
-        pk="id", not_null={"name", "created_at"},
-    )
-    db["metrics"].create_index(["job_id", "name", "step"])
-    db["metrics"].create_index(["checkpoint_id"])
-    db["evaluations"].create(
-        {"id": int, "checkpoint_id": str, "job_id": str, "task": str, "metric": str,
-         "value": float, "stderr": float, "details": str, "created_at": str},
-        pk="id", not_null={"checkpoint_id", "task", "metric", "created_at"},
-        foreign_keys=[("checkpoint_id", "checkpoints", "id")],
-    )
-    db["evaluations"].create_index(["checkpoint_id", "task", "metric"])
-
-
-def _v2(db: sqlite_utils.Database) -> None:
-    # merges record each input's density (TIES, DARE, ...) on its lineage edge
-    db["edges"].add_column("density", float)
-
-
-def _v3(db: sqlite_utils.Database) -> None:
-    # Hub sync (registry/hub.py): where a checkpoint was published and how its last push went
-    for column in ("hub_repo", "hub_commit", "hub_pushed_at", "sync_status", "sync_error"):
-        db["checkpoints"].add_column(column, str)
-    db["checkpoints"].create_index(["hub_repo"])
-    db["checkpoints"].create_index(["source"])
-    # evaluations are keyed by a local integer; synced rows need a globally unique key
-    db["evaluations"].add_column("uid", str)
-    db.execute("UPDATE evaluations SET uid = 'ev-' || lower(hex(randomblob(8))) "
-               "WHERE uid IS NULL")
-    db["evaluations"].create_index(["uid"], unique=True)
-    # local sync state, never synced itself: which batches of a registry repo this lab has
-    # merged or written, and which row versions it has pushed there
-    db["hub_batches"].create({"repo": str, "batch": str, "direction": str, "at": str},
-                             pk=("repo", "batch"))
-    db["hub_rows"].create({"repo": str, "tbl": str, "key": str, "digest": str},
-                          pk=("repo", "tbl", "key", "digest"))
-
-
-def _v4(db: sqlite_utils.Database) -> None:
-    # shared labs (app/auth.py): users with salted scrypt hashes, an append-only audit log,
-    # and soft deletes that keep a checkpoint's row and edges for the lineage
-    db["users"].create({"name": str, "salt": str, "hash": str, "admin": int,
-                        "created_at": str}, pk="name", not_null={"salt", "hash"},
-                       defaults={"admin": 0})
-    db["audit"].create({"id": int, "at": str, "user": str, "action": str, "target": str,
-                        "details": str}, pk="id", not_null={"at", "action"})
-    db["audit"].create_index(["at"])
-    db["audit"].create_index(["target"])
-    db["checkpoints"].add_column("deleted_at", str)
-    db["checkpoints"].add_column("deleted_by", str)
-
-
-def _v5(db: sqlite_utils.Database) -> None:
-    # login lockout (app/auth.py): one row per failed login, `at` in Unix seconds
-    db["login_failures"].create({"name": str, "at": float}, not_null={"name", "at"})
-    db["login_failures"].create_index(["name", "at"])
-
-
-# Forward migrations, applied in order; never edit one that has shipped, append a new one.
-MIGRATIONS: list[tuple[int, Any]] = [(1, _v1), (2, _v2), (3, _v3), (4, _v4), (5, _v5)]
-SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 class Registry:
@@ -163,6 +65,9 @@ class Registry:
             self.db.enable_wal()
         conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL: survives process crashes
         self.migrate()
+        # the tables with a life of their own, by composition over this connection
+        self.users = Users(self.db, self.write)  # users, failed logins, audit log
+        self.sync = SyncRows(self)  # Hub sync: exported and pulled rows, local sync state
 
     def close(self) -> None:
         self.db.close()
@@ -192,27 +97,11 @@ class Registry:
 
     # ---------------------------------------------------------------------------- schema
     def schema_version(self) -> int:
-        if "schema_version" not in self.db.table_names():
-            return 0
-        row = self.db.execute("SELECT MAX(version) FROM schema_version").fetchone()
-        return row[0] or 0
+        return schema.version(self.db)
 
     def migrate(self) -> None:
-        if self.schema_version() == SCHEMA_VERSION:  # the common case: no write lock needed
-            return
-        with self.write():
-            if "schema_version" not in self.db.table_names():
-                self.db["schema_version"].create({"version": int, "applied_at": str},
-                                                 pk="version")
-            current = self.schema_version()
-            if current > SCHEMA_VERSION:
-                raise RegistryError(
-                    f"{self.path} has schema version {current}, newer than this weightsmith "
-                    f"understands ({SCHEMA_VERSION}); upgrade weightsmith to open this lab")
-            for version, migration in MIGRATIONS:
-                if version > current:
-                    migration(self.db)
-                    self.db["schema_version"].insert({"version": version, "applied_at": now()})
+        """Bring the file to SCHEMA_VERSION (registry/schema.py holds the migrations)."""
+        schema.migrate(self.db, self.write, self.path)
 
     # ------------------------------------------------------------------------ checkpoints
     def add_checkpoint(self, *, name: str, relation: str, path: str | None = None,
@@ -237,13 +126,67 @@ class Registry:
                    "path": path, "created_at": now(), **fields}
             self.db["checkpoints"].insert(row)
             for position, p in enumerate(parents or []):
-                edge_rel = p.get("relation") or relation
-                check_relation(edge_rel)
-                self.db["edges"].insert({
-                    "child_id": ck_id, "parent_id": p["id"], "relation": edge_rel,
-                    "weight": p.get("weight"), "density": p.get("density"),
-                    "role": p.get("role"), "position": position})
+                self.add_edge(ck_id, p["id"], p.get("relation") or relation,
+                              weight=p.get("weight"), density=p.get("density"),
+                              role=p.get("role"), position=position)
         return self.get_checkpoint(ck_id)
+
+    def add_edge(self, child_id: str, parent_id: str, relation: str, *,
+                 weight: float | None = None, density: float | None = None,
+                 role: str | None = None, position: int = 0,
+                 skip_existing: bool = False) -> bool:
+        """Insert one lineage edge after the checks every edge gets, wherever it comes from
+        (a job, an import's card, Hub sync): a valid relation, two distinct checkpoints that
+        both exist. With `skip_existing`, an edge already recorded is left as it is (False).
+        Returns whether an edge was added."""
+        check_relation(relation)
+        if child_id == parent_id:
+            raise RegistryError(f"checkpoint {child_id!r} cannot be its own parent")
+        with self.write():
+            for end, ck_id in (("parent", parent_id), ("child", child_id)):
+                if not ck_id or self.get_checkpoint(ck_id) is None:
+                    raise RegistryError(f"{end} checkpoint {ck_id!r} is not in the registry")
+            if skip_existing and self.db.execute(
+                    "SELECT 1 FROM edges WHERE child_id = ? AND parent_id = ?",
+                    [child_id, parent_id]).fetchone():
+                return False
+            self.db["edges"].insert({
+                "child_id": child_id, "parent_id": parent_id, "relation": relation,
+                "weight": weight, "density": density, "role": role, "position": position})
+        return True
+
+    def update_checkpoint(self, ck_id: str, **fields: Any) -> None:
+        """Set columns of a checkpoint row (Hub sync state, a stub's downloaded files);
+        dicts and lists in the JSON columns are encoded here."""
+        for key in ("config", "versions", "metadata"):
+            if key in fields and not isinstance(fields[key], (str, type(None))):
+                fields[key] = json.dumps(fields[key], sort_keys=True)
+        if "relation" in fields:
+            check_relation(fields["relation"])
+        with self.write():
+            self.db["checkpoints"].update(ck_id, fields)
+
+    def soft_delete_checkpoint(self, ck_id: str, user: str | None, **fields: Any) -> None:
+        """Mark a checkpoint deleted: hidden from lists, its row, edges and scores kept for
+        the lineage. `fields`: other columns to set at the same time (path=None)."""
+        self.update_checkpoint(ck_id, deleted_at=now(), deleted_by=user, **fields)
+
+    def checkpoint_for_hub_id(self, repo_id: str) -> dict | None:
+        """The row for a Hub model (published here, or imported from it): one with files
+        first, then the oldest."""
+        rows = list(self.db.query(
+            "SELECT * FROM checkpoints WHERE hub_repo = ? OR source = ? "
+            "ORDER BY path IS NULL, created_at LIMIT 1", [repo_id, f"hf://{repo_id}"]))
+        return rows[0] if rows else None
+
+    def intermediate_checkpoints(self, created_before: str) -> list[dict]:
+        """Intermediate saves (metadata.intermediate) created before `created_before`, not
+        deleted, not on the Hub and with no descendants: what retention may remove."""
+        return list(self.db.query(
+            "SELECT * FROM checkpoints c WHERE json_extract(c.metadata, '$.intermediate') = 1 "
+            "AND c.created_at < ? AND c.deleted_at IS NULL AND c.hub_repo IS NULL "
+            "AND NOT EXISTS (SELECT 1 FROM edges e WHERE e.parent_id = c.id) "
+            "ORDER BY c.created_at", [created_before]))
 
     def free_id(self, prefix: str) -> str:
         """A new short id not yet used in its table (32 random bits, so retry on collision)."""
@@ -494,15 +437,39 @@ class Registry:
 
     # ------------------------------------------------------------------------------ jobs
     def add_job(self, *, plugin: str, config: dict, user: str | None = None,
-                priority: int = 0, versions: dict | None = None) -> dict:
+                priority: int = 0, versions: dict | None = None,
+                gpus: int | None = None) -> dict:
+        """Queue a job. `gpus`: how many GPUs it holds at once (the Config's gpu_count()),
+        stored so the scheduler need not validate the config again."""
+        if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, int)
+                                 or gpus < 1):
+            raise RegistryError(f"gpus: got {gpus!r}; expected a whole number >= 1")
         with self.write():
             job_id = self.free_id("job")
             self.db["jobs"].insert({
                 "id": job_id, "plugin": plugin, "config": json.dumps(config, sort_keys=True),
                 "status": "queued", "user": user, "priority": priority, "created_at": now(),
                 "versions": json.dumps(versions or {}, sort_keys=True), "progress": 0.0,
-                "cancel_requested": 0})
+                "cancel_requested": 0, "gpus": gpus})
         return self.job(job_id)
+
+    def queued_jobs(self) -> list[dict]:
+        """Every queued job, in no particular order (the scheduler orders them fairly)."""
+        return list(self.db.query("SELECT * FROM jobs WHERE status = 'queued'"))
+
+    def last_starts(self) -> dict[str, str]:
+        """{user: the latest started_at of their jobs}, for the scheduler's fair order."""
+        return {r["user"]: r["last"] for r in self.db.query(
+            "SELECT user, MAX(started_at) AS last FROM jobs WHERE started_at IS NOT NULL "
+            "GROUP BY user")}
+
+    def take_back_job(self, job_id: str) -> bool:
+        """Delete a job that is still queued (a submit that failed half-way); False if a
+        scheduler has started it meanwhile, or it is gone."""
+        with self.write():
+            cur = self.db.execute("DELETE FROM jobs WHERE id = ? AND status = 'queued'",
+                                  [job_id])
+        return cur.rowcount > 0
 
     def job(self, job_id: str, missing_ok: bool = False) -> dict | None:
         rows = list(self.db.query("SELECT * FROM jobs WHERE id = ?", [job_id]))
@@ -541,18 +508,30 @@ class Registry:
         return [r["id"] for r in self.db.query(
             "SELECT id FROM checkpoints WHERE job_id = ? ORDER BY created_at", [job_id])]
 
+    # ---------------------------------------------------------------------------- access
+    def read_only(self) -> None:
+        """From now on this connection refuses writes (a distributed job's other ranks:
+        rank 0 records)."""
+        self.db.execute("PRAGMA query_only = ON")
+
+
+def probe(path: str | Path, timeout: float) -> None:
+    """Read a registry file's schema with a short lock timeout: a file that another process
+    holds exclusively raises sqlite3.OperationalError ("database is locked") within `timeout`
+    seconds, rather than after a Registry's 30 s busy timeout. A missing file is left alone."""
+    if not Path(path).is_file():
+        return
+    conn = sqlite3.connect(str(path), timeout=timeout)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    finally:
+        conn.close()
+
 
 def _chunks(items: list, size: int = 500) -> Iterator[list]:
     """Slices small enough for SQLite's bound-parameter limit."""
     for start in range(0, len(items), size):
         yield items[start:start + size]
-
-
-def check_relation(relation: str) -> None:
-    """Relations are the known ones or a plugin's own lowercase word (the list is extensible)."""
-    if not (relation and relation.replace("_", "").isalnum() and relation.islower()):
-        raise RegistryError(
-            f"relation {relation!r} must be a lowercase word such as {', '.join(RELATIONS)}")
 
 
 _MERMAID_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 "

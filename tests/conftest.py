@@ -31,14 +31,34 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory) -> Path:
     """The real demo model (what `weightsmith demo` builds: 3.3M parameters, 300 steps, about
-    70 s on 2 cores), for the tests whose claims are about the demo model itself."""
+    two minutes on 2 cores), for the tests whose claims are about the demo model itself. Built
+    the way the app builds it: the demo's `pretrain` job, run by a scheduler pass."""
     from app.demo import build_demo
     from app.lab import Lab
+    from app.scheduler import Scheduler
 
-    lab = Lab(tmp_path_factory.mktemp("demo") / "lab")
-    built = build_demo(lab, log=lambda message: None)
+    root = tmp_path_factory.mktemp("demo") / "lab"
+    root.mkdir()
+    (root / "lab.toml").write_text("auto_eval = false\n")  # the model only
+    lab = Lab(root)
+    job_id = build_demo(lab, log=lambda message: None)["job"]
+    scheduler = Scheduler(lab, poll_seconds=0.5)
+    assert scheduler.acquire()
+    try:
+        def done():
+            scheduler.tick(only=job_id)
+            with lab.registry() as reg:
+                job = reg.job(job_id)
+            return job if job["status"] not in ("queued", "running") and \
+                not scheduler.children else None
+
+        job = wait_for(done, 1200, interval=0.5, what="the demo's pretrain job")
+    finally:
+        scheduler.release()
+    assert job["status"] == "succeeded", job["error"]
     with lab.registry() as reg:
-        return Path(reg.checkpoint(built["base"])["path"])
+        (ck,) = reg.job_checkpoints(job_id)
+        return Path(reg.checkpoint(ck)["path"])
 
 
 @pytest.fixture

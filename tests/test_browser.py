@@ -88,8 +88,13 @@ def run_button(page):
     return page.get_by_role("button", name="Run", exact=True).locator("visible=true").first
 
 
-def select_first_row(page):
-    page.locator("[data-testid=cell-0-0]:visible").first.click()
+def select_first_row(page, text=None):
+    """Click the first row of the visible table; with `text`, once that row shows it (the
+    Jobs table refreshes on a timer, and the demo's pretrain job is already listed)."""
+    cell = page.locator("[data-testid=cell-0-0]:visible").first
+    if text:
+        expect(cell).to_contain_text(text, timeout=30_000)
+    cell.click()
 
 
 def test_evaluate_demo_by_clicking_then_lineage(page):
@@ -102,10 +107,12 @@ def test_evaluate_demo_by_clicking_then_lineage(page):
     page.get_by_text("weightsmith run evaluate").first.wait_for()
     shot(page, "1-evaluate-form")
     run_button(page).click()
-    expect(page.locator("#message-evaluate")).to_contain_text("Queued job-")
+    message = page.locator("#message-evaluate")
+    expect(message).to_contain_text("Queued job-")
+    job_id = re.search(r"job-[0-9a-f]{8}", message.inner_text()).group(0)
 
     open_tab(page, "Jobs")
-    select_first_row(page)
+    select_first_row(page, job_id)
     expect(page.locator("#job-status")).to_contain_text("succeeded", timeout=90_000)
     expect(page.locator("#job-log textarea")).to_have_value(re.compile(r"perplexity [0-9.]+"))
     shot(page, "2-jobs-succeeded")
@@ -145,7 +152,7 @@ def test_reload_mid_job_shows_the_same_live_job(page, tmp_path):
 
     status = page.locator("#job-status")
     open_tab(page, "Jobs")
-    select_first_row(page)
+    select_first_row(page, job_id)
     expect(status).to_contain_text(f"{job_id} · test_sleep · running", timeout=60_000)
     wait_for(lambda: job_progress(page) > 0, 30, what="progress")
     before = job_progress(page)

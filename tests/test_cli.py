@@ -7,11 +7,28 @@ def test_demo_then_evaluate_then_lineage(lab_dir, tmp_path):
     lab_dir.mkdir(parents=True, exist_ok=True)
     (lab_dir / "lab.toml").write_text("auto_eval = false\n")
     demo = run_cli(lab_dir, "demo", "--pretrain-steps", "3", "--no-skills", check=True)
-    base = json.loads(demo.stdout)["base"]
-    assert base.startswith("ck-")
+    built = json.loads(demo.stdout)  # stdout is the one JSON; the job's log went to stderr
+    base = built["base"]
+    assert base.startswith("ck-") and built["built"] and built["job"].startswith("job-")
+    assert "step 3/3 loss" in demo.stderr and "registered checkpoint" in demo.stderr
     # idempotent: a second call reuses the cached model
     again = json.loads(run_cli(lab_dir, "demo", "--no-skills", check=True).stdout)
     assert again == {"base": base, "name": "demo-base", "built": False}
+
+    # the base has a lineage like any checkpoint: its job, that job's config, relation pretrain
+    from app.lab import Lab
+
+    with Lab(lab_dir).registry() as reg:
+        ck = reg.checkpoint(base)
+        job = reg.job(ck["job_id"])
+        assert ck["relation"] == "pretrain" and reg.parents(base) == []
+        assert job["id"] == built["job"] and job["plugin"] == "pretrain"
+        assert job["user"] == "demo" and job["status"] == "succeeded"
+        config = json.loads(job["config"])
+        assert config["steps"] == 3 and config["name"] == "demo-base"
+        assert config["data"].endswith("corpus.txt") and config["vocab_size"] == 4096
+        meta = json.loads(ck["metadata"])
+        assert meta["corpus"] == "corpus.txt" and meta["steps"] == 3 and meta["final_loss"] > 0
 
     config = write_yaml(tmp_path / "ev.yaml", {"checkpoint": "demo-base", "max_tokens": 600,
                                                "window": 128})
@@ -30,9 +47,66 @@ def test_demo_then_evaluate_then_lineage(lab_dir, tmp_path):
     assert "perplexity = " in mermaid
 
     jobs = json.loads(run_cli(lab_dir, "jobs", "--json", check=True).stdout)
-    assert [j["status"] for j in jobs] == ["succeeded"]
+    assert sorted((j["plugin"], j["status"]) for j in jobs) == [("evaluate", "succeeded"),
+                                                                ("pretrain", "succeeded")]
     logs = run_cli(lab_dir, "logs", summary["job"], check=True).stdout
     assert "succeeded" in logs
+
+
+SERVE_AND_PROBE = """
+import json, os, signal, socket, sys, threading, time, urllib.request
+import app.scheduler
+from app.lab import Lab
+from app.server import serve
+
+def no_jobs(self, stop):  # this test is about the server: nothing is started
+    stop.wait()
+
+app.scheduler.Scheduler.run_forever = no_jobs
+lab = Lab(sys.argv[1])
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+start = time.monotonic()
+
+def probe():
+    while True:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.2)
+    with lab.registry() as reg:
+        jobs = [(j["plugin"], j["status"], j["user"]) for j in reg.jobs()]
+    heavy = [m for m in ("torch", "transformers") if m in sys.modules]
+    print(json.dumps({"heavy": heavy, "jobs": jobs, "seconds": time.monotonic() - start}))
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=probe, daemon=True).start()
+sys.exit(serve(lab, port=port))
+"""
+
+
+def test_serve_queues_the_demo_and_answers_at_once_without_torch(lab_dir):
+    """A fresh lab's first `weightsmith serve` queues the demo's pretrain job and answers
+    (HTTP 200) at once: the demo is trained by the job, never inside the server, which never
+    imports torch."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, cli_env
+
+    lab_dir.mkdir(parents=True)
+    out = subprocess.run([sys.executable, "-c", SERVE_AND_PROBE, str(lab_dir)],
+                         capture_output=True, text=True, timeout=240, cwd=REPO,
+                         env=cli_env(lab_dir))
+    assert out.returncode == 0, out.stderr
+    (seen,) = [json.loads(line) for line in out.stdout.splitlines()
+               if line.startswith('{"heavy"')]  # Gradio prints its own lines at close
+    assert seen["heavy"] == []
+    assert seen["jobs"] == [["pretrain", "queued", "demo"]]
+    assert "auto_eval = true" in (lab_dir / "lab.toml").read_text()  # a new demo lab
 
 
 def test_bad_config_exits_2_naming_the_field(lab_dir, tmp_path):
@@ -82,3 +156,31 @@ def test_read_commands_refuse_a_missing_lab(tmp_path):
     proc = run_cli(tmp_path / "typo", "registry", "list")
     assert proc.returncode == 2 and "no lab at" in proc.stderr
     assert not (tmp_path / "typo").exists()
+
+
+def test_the_servers_demo_thread_queues_the_skills_once_the_base_exists(lab, tiny_model_dir):
+    """What `serve` runs in its demo thread: nothing while the base's job is queued, the two
+    skill fine-tunes (on demo-base) once the base is registered."""
+    import threading
+
+    from app import jobs
+    from app.checkpoints import import_checkpoint
+    from app.demo import SKILLS, build_demo, queue_skills_when_built
+
+    job_id = build_demo(lab, pretrain_steps=2, log=lambda m: None)["job"]
+    assert build_demo(lab, log=lambda m: None)["job"] == job_id  # queued once
+    stop, said = threading.Event(), []
+    waiter = threading.Thread(target=queue_skills_when_built, args=(lab, job_id, stop),
+                              kwargs={"log": said.append, "poll": 0.1})
+    waiter.start()
+    waiter.join(1.0)
+    assert waiter.is_alive() and said == []  # the base's job is still queued
+    with lab.registry() as reg:
+        import_checkpoint(lab, reg, str(tiny_model_dir), name="demo-base")
+    waiter.join(30)
+    assert not waiter.is_alive() and len(said) == 2
+    with lab.registry() as reg:
+        trains = [j for j in reg.jobs() if j["plugin"] == "train"]
+    assert sorted(json.loads(j["config"])["name"] for j in trains) == sorted(SKILLS)
+    assert {json.loads(j["config"])["checkpoint"] for j in trains} == {"demo-base"}
+    jobs.cancel(lab, job_id)

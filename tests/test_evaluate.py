@@ -297,11 +297,11 @@ def test_lm_eval_tasks_without_the_extra_is_a_clear_config_error(monkeypatch, ti
 
 @pytest.mark.slow
 def test_demo_builds_two_skill_fine_tunes_evaluated_against_the_base(lab_dir):
-    """`weightsmith demo`: base, two fine-tunes on two skills of the demo suite, every one
-    auto-evaluated on the suite, and the fine-tunes' scores compared with the base's. (A
-    3-step base here: the numbers are not the point, the flow is.)"""
-    stdout = run_cli(lab_dir, "demo", "--pretrain-steps", "3", check=True, timeout=600).stdout
-    out = json.loads(stdout[stdout.index("{\n"):])  # after the jobs' one-line summaries
+    """`weightsmith demo`: base (built by a pretrain job), two fine-tunes on two skills of the
+    demo suite, every one auto-evaluated on the suite, and the fine-tunes' scores compared
+    with the base's. (A 3-step base here: the numbers are not the point, the flow is.)"""
+    stdout = run_cli(lab_dir, "demo", "--pretrain-steps", "3", check=True, timeout=900).stdout
+    out = json.loads(stdout)  # the jobs' logs and one-line summaries went to stderr
     assert set(out["skills"]) == {"demo-ft-capitals", "demo-ft-sums"}
     from app.lab import Lab
 
@@ -312,6 +312,9 @@ def test_demo_builds_two_skill_fine_tunes_evaluated_against_the_base(lab_dir):
         assert {j["status"] for j in jobs} == {"succeeded"}
         evals = [j for j in jobs if j["plugin"] == "evaluate"]
         assert len(evals) == 3 and all(j["priority"] < 0 for j in evals)
+        (pretrain,) = [j for j in jobs if j["plugin"] == "pretrain"]  # built by a job
+        base = reg.find_checkpoint("demo-base")
+        assert base["job_id"] == pretrain["id"] and base["relation"] == "pretrain"
         for name in out["skills"]:
             ck = reg.find_checkpoint(name)
             assert [p["parent_name"] for p in reg.parents(ck["id"])] == ["demo-base"]

@@ -56,3 +56,26 @@ def test_missing_shard_is_named(tiny_model_dir, tmp_path):
         "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
     with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
         inspect_checkpoint(copy)
+
+
+def test_checkpoint_files_is_the_one_reader_of_a_folder(tiny_model_dir, tmp_path):
+    """ops/checkpoint_files.py: the registry's names are its names; the safetensors files
+    the merge reads are the weight files; tensors come by name with their header's shape;
+    and importing it (as the server does) imports no torch."""
+    import subprocess
+    import sys
+
+    from ops import checkpoint_files
+    from registry import folder
+
+    assert folder.weight_files is checkpoint_files.weight_files
+    assert folder.CheckpointError is checkpoint_files.CheckpointError
+    files = checkpoint_files.weight_files(tiny_model_dir)
+    assert checkpoint_files.safetensors_files(tiny_model_dir) == files
+    tensors = checkpoint_files.TensorFiles(files)
+    name = tensors.keys()[0]
+    assert list(tensors.get(name).shape) == tensors.shape(name) and tensors.is_float(name)
+    assert checkpoint_files.safetensors_files(tmp_path) is None  # no safetensors weights
+    probe = "import sys, registry.folder, ops.merge; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"

@@ -296,3 +296,64 @@ def test_hub_import_failure_is_clear_and_leaves_nothing(lab, monkeypatch):
             import_checkpoint(lab, reg, "some-org/some-model")
         assert reg.list_checkpoints() == []
     assert list(lab.checkpoints_dir.iterdir()) == []
+
+
+# ------------------------------------------------------- GPUs stored at submit, no re-validation
+def test_submit_stores_the_gpu_count_and_a_tick_never_revalidates(lab, tmp_path, monkeypatch):
+    import plugins
+
+    job = jobs.submit(lab, "test_sleep", {"seconds": 1, "pid_file": str(tmp_path / "p")})
+    assert job["gpus"] == 1  # written at submit, from the validated config
+
+    def no_validation(*a, **k):
+        raise AssertionError("the scheduler validated a queued config on a tick")
+
+    monkeypatch.setattr(plugins, "validate_config", no_validation)
+    scheduler = Scheduler(lab)
+    started = []
+    scheduler.start = lambda job, device: started.append(job["id"]) or True
+    scheduler.tick()
+    scheduler.tick()
+    assert started == [job["id"], job["id"]]  # stubbed start: the job stays queued
+
+
+def test_a_row_without_gpus_is_validated_once_then_cached(lab, tmp_path, monkeypatch):
+    import plugins
+
+    job = jobs.submit(lab, "test_sleep", {"seconds": 1, "pid_file": str(tmp_path / "p")})
+    with lab.registry() as reg:  # a row queued before the gpus column existed
+        reg.update_job(job["id"], gpus=None)
+    calls = []
+    real = plugins.validate_config
+    monkeypatch.setattr(plugins, "validate_config",
+                        lambda *a, **k: calls.append(a[0].name) or real(*a, **k))
+    scheduler = Scheduler(lab)
+    scheduler.start = lambda job, device: False  # someone else claimed it: still queued
+    for _ in range(3):
+        scheduler.tick()
+    assert calls == ["test_sleep"]
+    jobs.cancel(lab, job["id"])
+    scheduler.tick()
+    assert scheduler._gpus == {}  # the cache holds queued jobs only
+
+
+def test_a_legacy_row_that_no_longer_validates_fails_with_the_reason(lab, tmp_path):
+    job = jobs.submit(lab, "test_sleep", {"seconds": 1, "pid_file": str(tmp_path / "p")})
+    with lab.registry() as reg:
+        reg.update_job(job["id"], gpus=None, config=json.dumps({"seconds": "soon"}))
+    scheduler = Scheduler(lab)
+    scheduler.start = lambda job, device: pytest.fail("started an invalid job")
+    scheduler.tick()
+    row = job_row(lab, job["id"])
+    assert row["status"] == "failed" and "seconds" in row["error"]
+
+
+def test_jobs_and_the_scheduler_do_not_import_each_other():
+    import ast
+
+    for module, other in (("jobs", "app.scheduler"), ("scheduler", "app.jobs")):
+        tree = ast.parse((REPO / "app" / f"{module}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import)
+                     for a in n.names}
+        assert other not in imported, f"app/{module}.py imports {other}"

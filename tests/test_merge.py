@@ -171,3 +171,23 @@ def test_config_errors_before_queueing(lab, family):
         jobs.submit(lab, "merge", {"method": "ties", "models": ["ft-a", "ft-b"]})
     with pytest.raises(ConfigError, match="field 'base_model': unknown checkpoint 'nope'"):
         jobs.submit(lab, "merge", {"method": "ties", "models": ["ft-a"], "base_model": "nope"})
+
+
+def test_mergekit_yaml_is_parsed_once_per_text(monkeypatch):
+    """Validating a Config (its engine and its YAML) and the job's own reading share one
+    parse of the text; each caller gets a copy it may change."""
+    import uuid
+
+    import plugins.merge as merge_plugin
+    from ops import safe_yaml
+
+    calls = []
+    real = safe_yaml.load
+    monkeypatch.setattr(safe_yaml, "load", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    text = (f"# {uuid.uuid4()}\nmerge_method: ties\nbase_model: base\nmodels:\n"
+            "  - model: ft-a\n    parameters: {weight: 1.0, density: 0.5}\n")
+    merge_plugin.Config.model_validate({"mergekit_yaml": text, "engine": "native"})
+    data = merge_plugin.parse_mergekit_yaml(text)
+    data["merge_method"] = "changed"
+    assert merge_plugin.parse_mergekit_yaml(text)["merge_method"] == "ties"
+    assert len(calls) == 1

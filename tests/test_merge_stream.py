@@ -1,4 +1,4 @@
-"""ops/merge_stream.py against mergekit on tiny sharded models: the same tensors, bit for bit,
+"""ops/merge against mergekit on tiny sharded models: the same tensors, bit for bit,
 for every native method; the working set stays bounded and shards are written as it goes;
 bad input fails with named causes; the merge plugin's engine choice."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ops.merge_stream import METHODS, TensorSpec, Unsupported, stream_merge
+from ops.merge import METHODS, TensorSpec, Unsupported, stream_merge
 from tests.test_merge import family, merge, tensors as checkpoint_tensors  # noqa: F401
 
 SMALL = dict(chunk_elements=4096, part_elements=12_288)  # many chunks and parts per tensor
@@ -222,16 +222,16 @@ def test_without_a_compiler_the_kernels_say_why(monkeypatch, tmp_path):
 ])
 def test_ties_of_two_models_equals_mergekit(sharded, tmp_path, monkeypatch, method, tag, dtype,
                                             names, weights, params):
-    """Two models take TIES' bit-operation path (_ties_pair), and bf16 throughout the C
+    """Two models take TIES' bit-operation path (ties_pair), and bf16 throughout the C
     kernels' (ops/native: the trim and the element-wise steps in one pass, as do one or two
     models of task arithmetic): sign conflicts, zero task vectors, negative and cancelling
     weights, each dtype they cover. Each path is checked bit for bit against mergekit."""
-    import ops.merge_stream as engine
     from ops import native
+    from ops.merge import kernels
 
     calls = {"pair": 0, "c": 0, "c_keep": 0}
-    real = engine._ties_pair
-    monkeypatch.setattr(engine, "_ties_pair",
+    real = kernels.ties_pair
+    monkeypatch.setattr(kernels, "ties_pair",
                         lambda *a: calls.__setitem__("pair", calls["pair"] + 1) or real(*a))
     for name, key in (("ties_pair_bf16", "c"), ("task_arithmetic_bf16", "c"),
                       ("ties_keep_bf16", "c_keep")):
@@ -297,7 +297,7 @@ def test_ties_in_low_memory_equals_mergekit(sharded, tmp_path, monkeypatch, no_c
     """With a tiny budget, TIES still selects by replaying the sort in numpy (on CPU it
     always does; 16-bit deltas are freed before the replay) and reserves less than
     torch.argsort would take."""
-    import ops.merge_stream as engine
+    from ops.merge import trim as engine
 
     assert engine._introsort_ok()  # its own probe is a replay too: done before counting
     calls = []
@@ -325,9 +325,9 @@ def test_ties_in_low_memory_equals_mergekit(sharded, tmp_path, monkeypatch, no_c
 def test_introsort_top_keeps_what_torch_argsort_keeps(n, distinct, dtype, pairs, monkeypatch):
     """The first k of torch's (introsort) argsort, ties at the k-th place included, in numpy
     (pairs: swaps done in many batches) and in C (the int16 keys)."""
-    import ops.merge_stream as engine
     from ops import native
-    from ops.merge_stream import introsort_top
+    from ops.merge import trim as engine
+    from ops.merge.trim import introsort_top
 
     if pairs == "C":
         if dtype != torch.int16:
@@ -354,7 +354,7 @@ def test_c_replay_equals_argsort_on_random_and_ordered_keys(kernel_build):
     would heapsort, the numpy replay says so too."""
     import numpy as np
 
-    from ops.merge_stream import _introsort_keep_unchecked
+    from ops.merge.trim import _introsort_keep_unchecked
 
     native = kernel_build
     rng = np.random.default_rng(11)
@@ -392,7 +392,7 @@ def test_magnitude_keep_breaks_ties_as_mergekit_argsort(dtype, case, kernels, mo
     values), over each packing introsort_keep uses (int32 keys, dense ranks, int64), in numpy
     and in C; for bf16 also C's trim from the model and its base (ties_keep_bf16)."""
     from ops import native
-    from ops.merge_stream import _magnitude_keep, _magnitude_keep_owned
+    from ops.merge.trim import magnitude_keep, magnitude_keep_owned
 
     if kernels == "C-portable":
         lib, status = request.getfixturevalue("portable_build")
@@ -421,9 +421,9 @@ def test_magnitude_keep_breaks_ties_as_mergekit_argsort(dtype, case, kernels, mo
         k = max(1, int(density * delta.numel()))
         expected = torch.zeros(delta.numel(), dtype=torch.bool)
         expected[torch.argsort(delta.abs().float(), descending=True)[:k]] = True
-        got = _magnitude_keep(delta.clone(), density, in_place=True)
+        got = magnitude_keep(delta.clone(), density, in_place=True)
         assert torch.equal(got, expected), (case, density, int((got != expected).sum()))
-        got = _magnitude_keep_owned(lambda: delta.clone(), density)
+        got = magnitude_keep_owned(lambda: delta.clone(), density)
         assert torch.equal(got, expected), (case, density, int((got != expected).sum()))
         if kernels != "numpy" and dtype == torch.bfloat16 and k < delta.numel():
             # a base and a model whose bf16 difference is delta (a base of 0 and of 1s)
@@ -437,13 +437,13 @@ def test_magnitude_keep_breaks_ties_as_mergekit_argsort(dtype, case, kernels, mo
 
 
 def test_c_element_wise_kernels_equal_the_torch_steps_on_every_kind_of_value(kernel_build):
-    """elementwise.c against the torch functions it mirrors (_ties_pair, _gta_chunk) on all
+    """elementwise.c against the torch functions it mirrors (ties_pair, gta_chunk) on all
     65536 bf16 values of x0 against random bases and models: subnormals, signed zeros,
     values near overflow, Inf and NaN (where the kernels give False and the torch path takes
     over), with and without the trim masks, normalize and lambda."""
     import numpy as np
 
-    from ops.merge_stream import _gta_chunk, _pair_divisors, _ties_pair
+    from ops.merge.kernels import gta_chunk, pair_divisors, ties_pair
 
     native = kernel_build
     gen = torch.Generator().manual_seed(5)
@@ -460,7 +460,7 @@ def test_c_element_wise_kernels_equal_the_torch_steps_on_every_kind_of_value(ker
                                           ([2.5, 1e-3], 1.3, False, True)]:
         w = torch.tensor(weights, dtype=torch.bfloat16).unsqueeze(-1)  # (2, 1)
         wf = [float(v) for v in w[:, 0].tolist()]
-        divisors = _pair_divisors(w, torch.int16) if normalize else None
+        divisors = pair_divisors(w, torch.int16) if normalize else None
         for rows in (finite, ~finite):
             a, b, c = x0[rows].contiguous(), x1[rows].contiguous(), base[rows].contiguous()
             k0, k1 = (keeps[0][rows].contiguous(), keeps[1][rows].contiguous()) if keep \
@@ -470,7 +470,7 @@ def test_c_element_wise_kernels_equal_the_torch_steps_on_every_kind_of_value(ker
                 if kk is not None:
                     deltas[i].view(torch.int16).bitwise_and_(-kk.to(torch.int16))
             out = torch.empty_like(a)
-            expected = _ties_pair(c, deltas, wf, divisors, lam, torch.empty_like(a))
+            expected = ties_pair(c, deltas, wf, divisors, lam, torch.empty_like(a))
             bits = [None if kk is None else  # the masks as the kernel takes them
                     torch.from_numpy(np.packbits(kk.numpy(), bitorder="little")) for kk in (k0, k1)]
             ok = native.ties_pair_bf16(a, b, c, *bits, wf, divisors, lam, out)
@@ -480,7 +480,7 @@ def test_c_element_wise_kernels_equal_the_torch_steps_on_every_kind_of_value(ker
                 assert not ok  # NaN or Inf in: the torch path decides
             for xs in ([a, b], [a]):
                 deltas = torch.stack([x - c for x in xs])
-                expected = _gta_chunk(c, deltas, wf, w[:len(xs)], False, False, False, lam,
+                expected = gta_chunk(c, deltas, wf, w[:len(xs)], False, False, False, lam,
                                       None, torch.empty_like(a))
                 ok = native.task_arithmetic_bf16(xs, c, wf, lam, out)
                 assert ok == bool(torch.isfinite(expected).all())
@@ -490,9 +490,9 @@ def test_c_element_wise_kernels_equal_the_torch_steps_on_every_kind_of_value(ker
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_magnitude_keep_that_frees_the_delta_keeps_the_same(dtype, monkeypatch):
-    """_magnitude_keep_owned (which drops the delta before the replay) keeps exactly what
-    _magnitude_keep keeps: any density, NaN, and where the replay gives way to argsort."""
-    import ops.merge_stream as engine
+    """magnitude_keep_owned (which drops the delta before the replay) keeps exactly what
+    magnitude_keep keeps: any density, NaN, and where the replay gives way to argsort."""
+    from ops.merge import trim as engine
 
     gen = torch.Generator().manual_seed(3)
     delta = (0.002 * torch.randn(50_001, generator=gen)).to(dtype)
@@ -505,8 +505,8 @@ def test_magnitude_keep_that_frees_the_delta_keeps_the_same(dtype, monkeypatch):
 
     for x in (delta, with_nan):
         for density in (0.0, 1e-5, 0.3, 0.5, 0.999, 1.0):
-            expected = engine._magnitude_keep(x.clone(), density)
-            got = engine._magnitude_keep_owned(maker(x), density)
+            expected = engine.magnitude_keep(x.clone(), density)
+            got = engine.magnitude_keep_owned(maker(x), density)
             assert (got is None) == (expected is None), density
             assert got is None or torch.equal(got, expected), (density, x is with_nan)
     assert len(made) == 10  # density 1 needs no delta
@@ -517,7 +517,7 @@ def test_magnitude_keep_that_frees_the_delta_keeps_the_same(dtype, monkeypatch):
     made.clear()
     expected = torch.zeros(delta.numel(), dtype=torch.bool)
     expected[torch.argsort(delta.abs().float(), descending=True)[:25_000]] = True
-    assert torch.equal(engine._magnitude_keep_owned(maker(delta), 0.5), expected)
+    assert torch.equal(engine.magnitude_keep_owned(maker(delta), 0.5), expected)
     assert len(made) == (2 if dtype != torch.float32 else 1)  # the delta was made again
 
 
@@ -548,7 +548,7 @@ def test_working_set_is_bounded(sharded, tmp_path, monkeypatch):
     import threading
     import weakref
 
-    import ops.merge_stream as engine
+    from ops.merge import plan as engine
 
     live, peak, lock = [0], [0], threading.Lock()  # bytes of input tensors mapped now
     opened = engine.Checkpoint.open
@@ -659,7 +659,7 @@ def test_nan_in_an_input_fails_naming_the_tensor_and_model(sharded, tmp_path):
 
 
 def test_unsupported_cases_say_why(sharded, tmp_path):
-    with pytest.raises(Unsupported, match="method 'slerp'"):
+    with pytest.raises(Unsupported, match="method slerp is not one of"):
         stream_merge("slerp", [sharded["f32", "ft-a"]], sharded["f32", "base"], weights=[1],
                      out_dir=tmp_path / "o1")
     with pytest.raises(Unsupported, match="tensor extra.weight is missing from ft-a, ft-b"):
@@ -720,3 +720,19 @@ def test_plugin_engine_native_on_what_it_cannot_run_is_a_config_error(lab, famil
         jobs.submit(lab, "merge", {"mergekit_yaml": gradient, "engine": "native"})
     with pytest.raises(ConfigError, match=r"field 'engine': got 'fast'"):
         jobs.submit(lab, "merge", {"models": ["ft-a"], "engine": "fast"})
+
+
+def test_every_method_of_the_table_is_checked_here():
+    """A method added to ops/merge/methods.py is a case of the bit-for-bit comparison with
+    mergekit above (CASES), names C kernels that exist, and a mergekit YAML that uses it
+    plainly is one the native engine accepts."""
+    from ops.merge import TABLE, kernels, native_refusal
+
+    assert set(CASES) == set(METHODS) == set(TABLE)
+    for method in TABLE.values():
+        assert method.native.chunk is None or method.native.chunk in kernels.NATIVE_CHUNKS
+        data = {"merge_method": method.name, "models": [{"model": "a"}]}
+        if method.uses_base:
+            data["base_model"] = "b"
+        assert native_refusal(data) is None, method.name
+    assert native_refusal({"merge_method": "linear", "base_model": "b"}).startswith("linear")

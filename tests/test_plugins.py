@@ -30,6 +30,10 @@ EXAMPLES = {
     "task_vector": {"action": "apply", "target": "ck-12345678", "vectors": ["ck-11111111"],
                     "weights": [0.7], "layer_scales": [0.5, 1.0],
                     "block_scales": {"mlp": 1.2}},
+    "pretrain": {"data": "corpus.txt", "vocab_size": 300, "hidden_size": 32, "num_layers": 1,
+                 "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 64,
+                 "max_positions": 64, "steps": 2, "batch_size": 2, "block_length": 32,
+                 "name": "tiny-pretrained"},
 }
 
 
@@ -164,3 +168,56 @@ def test_range_errors_name_field_value_and_bound():
         validate_config(plugin, {})
     with pytest.raises(ConfigError, match=r"stride \(300\) must not exceed window \(256\)"):
         validate_config(plugin, {"checkpoint": "x", "stride": 300})
+
+
+# ------------------------------------------------------------------------------- pretrain
+def test_pretrain_defaults_are_the_demo_model():
+    """The demo base is the pretrain plugin's defaults (app/demo.py sets steps and name only):
+    the numbers the demo's measured scores were taken on."""
+    from plugins.kit.assets import DEMO_CORPUS
+
+    config = validate_config(plugins.get("pretrain"), {})
+    assert config.model_dump() == {
+        "data": str(DEMO_CORPUS), "vocab_size": 4096, "hidden_size": 256, "num_layers": 4,
+        "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 688, "max_positions": 512,
+        "steps": 300, "batch_size": 16, "learning_rate": 2e-3, "block_length": 128,
+        "seed": 0, "name": None}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_heads": 3}, r"num_heads \(3\) must divide hidden_size \(32\)"),
+    ({"num_kv_heads": 3}, r"num_kv_heads \(3\) must divide num_heads \(4\)"),
+    ({"block_length": 128}, r"block_length \(128\) must not exceed max_positions \(64\)"),
+])
+def test_pretrain_refuses_a_shape_that_cannot_build(change, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(plugins.get("pretrain"), {**EXAMPLES["pretrain"], **change})
+
+
+def test_pretrain_job_registers_a_root_checkpoint_with_its_tokenizer(lab, tmp_path):
+    """A tiny pretrain job: a model and tokenizer that load, relation `pretrain`, no parents,
+    the loss as metrics, corpus and loss in the metadata."""
+    import json
+
+    from app import jobs
+    from tests.test_jobs import run_to_end
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((REPO / "assets" / "demo" / "heldout.txt").read_text())
+    job = jobs.submit(lab, "pretrain", {**EXAMPLES["pretrain"], "data": str(corpus)})
+    assert run_to_end(lab, job["id"]) == "succeeded"
+    with lab.registry() as reg:
+        (ck_id,) = reg.job_checkpoints(job["id"])
+        ck = reg.checkpoint(ck_id)
+        assert ck["name"] == "tiny-pretrained" and ck["relation"] == "pretrain"
+        assert reg.parents(ck_id) == []
+        losses = [m for m in reg.metrics(job_id=job["id"]) if m["name"] == "loss"]
+    meta = json.loads(ck["metadata"])
+    assert meta["corpus"] == "corpus.txt" and meta["steps"] == 2
+    assert [m["step"] for m in losses] == [1, 2] and losses[-1]["value"] == meta["final_loss"]
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(ck["path"])
+    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (32, 1, 300)
+    assert len(AutoTokenizer.from_pretrained(ck["path"])) == 300
+    assert not list(lab.checkpoints_dir.glob(".tmp-*"))

@@ -323,7 +323,7 @@ def test_empty_missing_or_binary_calibration_files_are_refused(tmp_path):
 
 
 def test_jsonl_calibration_files_are_read_by_their_text_field(tmp_path):
-    from app.textdata import read_text_file
+    from plugins.kit.textfiles import read_text_file
     from plugins import ConfigError
 
     good = tmp_path / "c.jsonl"

@@ -4,7 +4,7 @@ import sqlite3
 import pytest
 
 from registry import Registry, RegistryError, SCHEMA_VERSION
-from registry import store
+from registry import schema
 
 
 def chain(reg):
@@ -41,8 +41,8 @@ def test_forward_migration_keeps_data(tmp_path, monkeypatch):
     def v2(db):
         db["checkpoints"].add_column("stars", int)
 
-    monkeypatch.setattr(store, "MIGRATIONS", store.MIGRATIONS + [(SCHEMA_VERSION + 1, v2)])
-    monkeypatch.setattr(store, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS + [(SCHEMA_VERSION + 1, v2)])
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
     reg = Registry(tmp_path / "r.db")
     assert reg.schema_version() == SCHEMA_VERSION + 1
     assert "stars" in reg.db["checkpoints"].columns_dict

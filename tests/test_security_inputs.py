@@ -108,7 +108,7 @@ def field_types(plugin: Plugin, field: str) -> tuple[set[str], bool]:
     types = {o["type"] for o in options if isinstance(o.get("type"), str)}
     types |= {"string" for o in options if "enum" in o or "const" in o}
     types |= {"object" for o in options if "$ref" in o or "additionalProperties" in o}
-    return types, plugins._marker(prop) == "multiline"
+    return types, plugins.field_marker(prop) == "multiline"
 
 
 def hostile_value(plugin: Plugin, field: str) -> st.SearchStrategy:

@@ -98,7 +98,7 @@ def row_by_row(tokenizer, fmt, row, completion_only, max_length):
 def test_batched_tokenization_equals_row_by_row(tokenizer, tmp_path, fmt, completion_only):
     import datasets
 
-    from app.data import cached_tokenize
+    from plugins.kit.data import cached_tokenize
     from plugins.train import Config, encoder
 
     words = ["red", "green  blue", "", "é ü ß", "x" * 40, "the quick brown fox jumps"]

@@ -197,10 +197,10 @@ def ties_keep_bf16(x: torch.Tensor, base: torch.Tensor,
 
 def ties_pair_bf16(x0, x1, base, keep0, keep1, weights: list[float],
                    divisors: Optional[list[int]], lam: float, out) -> bool:
-    """_ties_pair's result from the inputs themselves (see elementwise.c) into out: x0, x1,
-    base and out (m,) contiguous bf16 CPU tensors; keep0, keep1: the trim's masks from the
-    chunk's first element on, as KeepBits.bits tensors (uint8), or both None. False: a NaN
-    or Inf on the way (out is then undefined: redo the chunk with torch)."""
+    """ops.merge.kernels.ties_pair's result from the inputs themselves (see elementwise.c)
+    into out: x0, x1, base and out (m,) contiguous bf16 CPU tensors; keep0, keep1: the trim's
+    masks from the chunk's first element on, as KeepBits.bits tensors (uint8), or both None.
+    False: a NaN or Inf on the way (out is then undefined: redo the chunk with torch)."""
     lib = library()
     div = None
     if divisors is not None:

@@ -4,7 +4,7 @@
  * model, a multiplication, a sum, the sign election, a division, an addition): on CPU every
  * bf16 op converts to float32, computes, and rounds back to bf16 (to nearest even). Here the
  * same steps, rounded at the same places, run in one loop, so the chunk is read once and
- * written once. Each function mirrors one Python function of ops/merge_stream.py, whose
+ * written once. Each function mirrors one Python function of ops/merge/kernels.py, whose
  * docstring says why its steps equal mergekit's; the tests compare both with mergekit.
  *
  * Every result is 0, or 1 where any value on the way is NaN or Inf: the caller then redoes
@@ -79,7 +79,7 @@ static inline unsigned any_lane(vNu32 v) {
     return any;
 }
 
-/* _ties_pair after the trim: x0, x1, base: (m,) bf16 bits; keep0/keep1: the trim's masks as
+/* ties_pair after the trim: x0, x1, base: (m,) bf16 bits; keep0/keep1: the trim's masks as
  * bits (bit i % 8 of byte i / 8 clear where it dropped element i), or NULL (density 1);
  * w0, w1: the weights rounded to bf16; divisors: the four bf16 divisors by
  * (agree0 + 2 * agree1), or NULL (no normalize); lam: applied when use_lam. out: (m,) bf16
@@ -138,7 +138,7 @@ int ws_ties_pair_bf16(const uint16_t *x0, const uint16_t *x1, const uint16_t *ba
     return bad != 0;
 }
 
-/* _gta_chunk for task arithmetic with one or two models (no normalize): x1 NULL for one
+/* gta_chunk for task arithmetic with one or two models (no normalize): x1 NULL for one
  * model. mixed = d0 * w0 (+ d1 * w1), + 0.0 (an all -0 sum becomes +0, as mergekit's
  * reduction from +0 gives), then * lam, and base + mixed. */
 static inline __attribute__((always_inline)) unsigned task_arithmetic(

@@ -1,6 +1,6 @@
 /* The k largest of n 16-bit keys, ties broken as torch's CPU argsort breaks them.
  *
- * This is the C form of ops/merge_stream.py's numpy replay (`_pack` + `_replay`): see the
+ * This is the C form of ops/merge/trim.py's numpy replay (`_pack` + `_replay`): see the
  * comment above `_BLOCK` there for why following only the segment that holds position k of
  * libstdc++'s introsort gives exactly the first k of the full sort. numpy has to express
  * Hoare's partition as masks, counts and gathers (about 11 ns an element on the bench

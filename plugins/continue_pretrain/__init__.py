@@ -11,13 +11,16 @@ from typing import Optional
 from pydantic import Field, field_validator, model_validator
 
 from plugins import CheckpointRef, DataRef, LocalFile, Plugin, PluginConfig
-from plugins.train import (CpuProcesses, DataParallel, DistributedMode, GpuCount,
-                           data_parallel_problem)
+from plugins.kit.trainer import (CpuProcesses, DistributedMode, GpuCount, PREVIEW_ROWS,
+                                 check_layer_list, check_resumable, data_parallel_lab_problems,
+                                 data_parallel_problem, data_parallel_resources, length_table,
+                                 link_model_files, preview_tokenizer, run_dir_for,
+                                 trainable_layers)
 
-from app.demo import HELDOUT as DEMO_HELDOUT  # the shipped held-out text (cheap import)
+from plugins.kit.assets import DEMO_HELDOUT
 
 
-class Config(DataParallel, PluginConfig):
+class Config(PluginConfig):
     checkpoint: CheckpointRef = Field(description="Checkpoint to continue: registry id, name, "
                                                   "local folder or Hub id.")
     data: DataRef = Field(description=(
@@ -77,8 +80,6 @@ class Config(DataParallel, PluginConfig):
     @field_validator("trainable_layers")
     @classmethod
     def _layers(cls, value):
-        from plugins.train import check_layer_list
-
         return check_layer_list(value)
 
     @model_validator(mode="after")
@@ -112,9 +113,9 @@ class _Stream:
 
 
 def _documents(source: str, field: str, config: Config, ctx, tokenizer) -> tuple[list, str]:
-    from app.data import cached_tokenize, load_rows
+    from plugins.kit.data import cached_tokenize, load_rows
 
-    cache = ctx.lab.root / "cache"
+    cache = ctx.cache_dir
     rows, fingerprint = load_rows(source, field, cache / "datasets")
     if config.text_column not in rows.column_names:
         raise ValueError(f"{field}: missing column {config.text_column!r}; the data has "
@@ -144,7 +145,7 @@ def served_by_all(served: dict, world_size: int) -> dict:
 
 
 def _text_blocks(path, default, field: str, tokenizer, block: int, limit: int, sep: int):
-    from app.textdata import read_text_file
+    from plugins.kit.textfiles import read_text_file
     from ops.continual import pack_documents
 
     path, text = read_text_file(path, field, default)
@@ -152,20 +153,19 @@ def _text_blocks(path, default, field: str, tokenizer, block: int, limit: int, s
     return pack_documents([d for d in docs if d], block, sep)[:limit], path
 
 
-def preview(config: Config, lab) -> str:
+def preview(config: Config, view) -> str:
     """Documents, token counts and blocks of the domain (and replay) data."""
     import json
 
-    from app.data import load_rows
+    from plugins.kit.data import load_rows
     from plugins.kit import markup
-    from plugins.train import PREVIEW_ROWS, length_table, preview_tokenizer
 
-    tokenizer = preview_tokenizer(config, lab)
+    tokenizer = preview_tokenizer(config, view)
     out = []
     for field, source in (("data", config.data), ("replay_data", config.replay_data)):
         if not source:
             continue
-        rows, _ = load_rows(source, field, lab.root / "cache" / "datasets")
+        rows, _ = load_rows(source, field, view.cache_dir / "datasets")
         if config.text_column not in rows.column_names:
             raise ValueError(f"{field}: missing column {config.text_column!r}; the data has "
                              f"columns {rows.column_names}")
@@ -189,8 +189,6 @@ def run(config: Config, ctx) -> None:
     from ops import training as T
     from ops.pretrain import Blocks
     from ops.continual import extend_vocabulary, pack_documents, replay_order
-    from plugins.train import (_trainable_layers, check_resumable, link_model_files,
-                               run_dir_for)
 
     if config.resume_job:
         check_resumable(ctx, config)
@@ -259,7 +257,7 @@ def run(config: Config, ctx) -> None:
             f"{general_eval.size(0)} general blocks")
 
     if config.trainable_layers:
-        layers = _trainable_layers(config, ctx, ck)
+        layers = trainable_layers(config.trainable_layers, ck)
         T.set_trainable(model, T.layer_parameter_names(model, layers))
         meta["trainable_layers"] = layers
     trainable, total = T.count_trainable(model)
@@ -289,7 +287,7 @@ def run(config: Config, ctx) -> None:
             return
         pending = ctx.new_checkpoint("continue_pretrain", parents=[ck],
                                      name=f"{base_name}-step{step}",
-                                     metadata={**meta, "step": step, "intermediate": True})
+                                     metadata={**meta, "step": step}, intermediate=True)
         link_model_files(Path(folder), pending.path)
         ctx.publish(pending)
 
@@ -367,4 +365,7 @@ PLUGIN = Plugin(
     Config=Config,
     run=run,
     preview=preview,
+    resources=data_parallel_resources,
+    lab_problems=data_parallel_lab_problems,
+    resume_field="resume_job",
 )

@@ -14,9 +14,9 @@ from typing import Annotated, Optional
 
 from pydantic import Field, model_validator
 
-from plugins import CheckpointRef, CodePath, DataRef, LocalFile, Plugin, PluginConfig
+from plugins import CheckpointRef, CodePath, DataRef, LabFacts, LocalFile, Plugin, PluginConfig
 
-from app.demo import HELDOUT as DEMO_TEXT  # the shipped held-out text (cheap import)
+from plugins.kit.assets import DEMO_HELDOUT as DEMO_TEXT
 
 LM_EVAL_MISSING = ("lm-eval is not installed; install the extra with "
                    "pip install 'weightsmith[lm-eval]' (or pip install lm-eval)")
@@ -79,30 +79,31 @@ class Config(PluginConfig):
             raise ValueError(LM_EVAL_MISSING)
         return self
 
-    def lab_problems(self, lab_root: Path) -> list[str]:
-        """Checks that need the lab folder: the suite and its data exist and parse."""
-        from plugins.evaluate.suites import SuiteError, load_items, load_suite
-
-        problems = []
-        if self.suite:
-            try:
-                suite = load_suite(self.suite, lab_root)
-                chosen = select_tasks(suite, self.tasks)
-                for task in chosen:
-                    if task.type != "perplexity":
-                        load_items(suite, task)
-            except SuiteError as e:
-                problems.append(f"field 'suite': {e}")
-        if self.lm_eval_include_path and not Path(self.lm_eval_include_path).expanduser() \
-                .is_dir():
-            problems.append(f"field 'lm_eval_include_path': {self.lm_eval_include_path} is not "
-                            f"a folder")
-        return problems
-
     def perplexity_file(self) -> Path | None:
         if self.text_file:
             return Path(self.text_file).expanduser()
         return None if (self.suite or self.lm_eval_tasks) else DEMO_TEXT
+
+
+def lab_problems(config: Config, facts: LabFacts) -> list[str]:
+    """Checks that need the lab: the suite and its data exist and parse."""
+    from plugins.evaluate.suites import SuiteError, load_items, load_suite
+
+    problems = []
+    if config.suite:
+        try:
+            suite = load_suite(config.suite, facts.suites_dir)
+            chosen = select_tasks(suite, config.tasks)
+            for task in chosen:
+                if task.type != "perplexity":
+                    load_items(suite, task)
+        except SuiteError as e:
+            problems.append(f"field 'suite': {e}")
+    if config.lm_eval_include_path and not Path(config.lm_eval_include_path).expanduser() \
+            .is_dir():
+        problems.append(f"field 'lm_eval_include_path': {config.lm_eval_include_path} is not "
+                        f"a folder")
+    return problems
 
 
 def check_finite_weights(model, what: str) -> None:
@@ -157,7 +158,7 @@ def run(config: Config, ctx) -> None:
         jobs.append(_perplexity_job(config, text, config.task or f"ppl:{text.name}",
                                     config.window, config.stride, config.max_tokens))
     if config.suite:
-        suite = load_suite(config.suite, ctx.lab.root)
+        suite = load_suite(config.suite, ctx.suites_dir)
         for task in select_tasks(suite, config.tasks):
             jobs.append(_suite_job(config, suite, task))
     if config.lm_eval_tasks:
@@ -319,4 +320,5 @@ PLUGIN = Plugin(
                 "on the checkpoint and compared with its parents.",
     Config=Config,
     run=run,
+    lab_problems=lab_problems,
 )

@@ -90,9 +90,9 @@ class Suite(BaseModel):
         return (self.path.parent / rel).resolve() if self.path else Path(rel)
 
 
-def suite_path(ref: str, lab_root: Path | None = None) -> Path:
+def suite_path(ref: str, suites_dir: Path | None = None) -> Path:
     """The YAML file of a suite given as a path (file or folder) or a name looked up in
-    LAB/suites/ and then in the shipped assets/suites/."""
+    `suites_dir` (the lab's LAB/suites/) and then in the shipped assets/suites/."""
     p = Path(ref).expanduser()
     if "/" in ref or ref.endswith((".yaml", ".yml")):  # a path
         if p.is_file():
@@ -103,7 +103,7 @@ def suite_path(ref: str, lab_root: Path | None = None) -> Path:
             raise SuiteError(f"suite folder {p} has no suite.yaml")
         raise SuiteError(f"suite file {p} does not exist")
     candidates = []
-    for root in ([lab_root / "suites"] if lab_root else []) + [ASSET_SUITES]:
+    for root in ([suites_dir] if suites_dir else []) + [ASSET_SUITES]:
         candidates += [root / f"{ref}.yaml", root / ref / "suite.yaml"]
     for c in candidates:
         if c.is_file():
@@ -118,8 +118,8 @@ def builtin_suites() -> list[str]:
     return sorted(p.parent.name for p in ASSET_SUITES.glob("*/suite.yaml"))
 
 
-def load_suite(ref: str, lab_root: Path | None = None) -> Suite:
-    path = suite_path(ref, lab_root)
+def load_suite(ref: str, suites_dir: Path | None = None) -> Suite:
+    path = suite_path(ref, suites_dir)
     try:
         data = safe_yaml.load(path.read_bytes(), what=str(path))
     except safe_yaml.YamlError as e:

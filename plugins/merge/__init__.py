@@ -1,7 +1,7 @@
 """merge: every mergekit method, on registry checkpoints, with one lineage edge per input.
 
 Two engines merge. linear, task_arithmetic, ties, dare_linear and dare_ties run on the native
-streaming engine (`ops/merge_stream.py`: tensor by tensor, bounded memory, both cores, results
+streaming engine (`ops/merge/`: tensor by tensor, bounded memory, both cores, results
 bit-identical to mergekit's) when it covers the configuration; everything else runs on
 mergekit's `run_merge`. This plugin adds what mergekit lacks for a lab: references by
 registry id or name, checks that name the offending tensor or vocabulary before any work is
@@ -10,10 +10,13 @@ done, a NaN/Inf scan of the result, the choice of engine, and the lineage.
 
 from __future__ import annotations
 
+import copy
+from functools import lru_cache
 from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
+from ops.merge import METHODS as NATIVE_METHODS, native_refusal
 from plugins import CheckpointRef, LongText, Plugin, PluginConfig
 
 METHODS = ("linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_ties", "dare_linear",
@@ -22,7 +25,6 @@ NEEDS_BASE = {"slerp", "nuslerp", "task_arithmetic", "ties", "dare_ties", "dare_
               "breadcrumbs", "della", "model_stock"}
 USES_DENSITY = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "della"}
 USES_WEIGHT = USES_DENSITY | {"linear", "task_arithmetic"}  # mergekit requires a weight
-NATIVE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 ENGINES = ("auto", "native", "mergekit")
 
 
@@ -55,8 +57,8 @@ class Config(PluginConfig):
     name: Optional[str] = Field(None, min_length=1, max_length=100,
                                 description="Name of the merged checkpoint. Empty: derived.")
     engine: Literal[ENGINES] = Field(
-        "auto", description="Which engine merges. 'native': the streaming engine (linear, "
-                            "task_arithmetic, ties, dare_linear, dare_ties; tensor by tensor, "
+        "auto", description="Which engine merges. 'native': the streaming engine ("
+                            f"{', '.join(NATIVE_METHODS)}; tensor by tensor, "
                             "bounded memory, results bit-identical to mergekit's). "
                             "'mergekit': mergekit's run_merge. 'auto': native when it covers "
                             "the configuration, else mergekit; the job log says which ran "
@@ -79,8 +81,7 @@ class Config(PluginConfig):
                       "tokenizer_source": data.get("tokenizer_source")}
         reason = native_refusal(parsed)
         if reason:
-            raise ValueError(f"engine 'native' cannot run this merge: {reason}; use engine "
-                             f"'auto' or 'mergekit'")
+            raise native_error(reason)
         return engine
 
     @field_validator("mergekit_yaml")
@@ -117,17 +118,14 @@ class Config(PluginConfig):
         return self
 
 
-def _referenced_paths(self) -> list[tuple[str, str]]:
+def referenced_paths(config: Config) -> list[tuple[str, str]]:
     """Every checkpoint a pasted mergekit_yaml reads: models, slice sources and bases,
     tokenizer sources and token sources (app/paths.py checks them in a shared lab). The job
     checks again, against mergekit's own parsed configuration."""
-    if not self.mergekit_yaml:
+    if not config.mergekit_yaml:
         return []
     return [(f"mergekit_yaml ({where})", ref)
-            for ref, where, _ in model_refs(parse_mergekit_yaml(self.mergekit_yaml))]
-
-
-Config.referenced_paths = _referenced_paths
+            for ref, where, _ in model_refs(parse_mergekit_yaml(config.mergekit_yaml))]
 
 
 def build_mergekit_config(config: Config) -> dict:
@@ -154,7 +152,13 @@ def build_mergekit_config(config: Config) -> dict:
 
 def parse_mergekit_yaml(text: str) -> dict:
     """A pasted mergekit configuration as a mapping, through the bounded YAML loader
-    (ValueError naming the problem)."""
+    (ValueError naming the problem). The text is parsed once per process (validating a
+    Config, its referenced paths and the job all ask); each caller gets its own copy."""
+    return copy.deepcopy(_parse_mergekit_yaml(text))
+
+
+@lru_cache(maxsize=32)
+def _parse_mergekit_yaml(text: str) -> dict:
     from ops import safe_yaml
 
     try:
@@ -286,33 +290,11 @@ def mergekit_reads(merge_config) -> set[str]:
     return found
 
 
-def native_refusal(data: dict) -> Optional[str]:
-    """Why the native engine cannot run this mergekit configuration, from its structure
-    alone (None: it may; the inputs are checked when they are opened)."""
-    method = data.get("merge_method")
-    if method not in NATIVE_METHODS:
-        return (f"method {method} is not one of {', '.join(NATIVE_METHODS)} (the native "
-                f"engine's)")
-    if data.get("slices") or data.get("modules"):
-        return "slices and modules are mergekit-only"
-    if data.get("tokenizer_source") or data.get("tokenizer"):
-        return "a tokenizer_source re-maps the embeddings to a new vocabulary (mergekit-only)"
-    if method == "linear" and data.get("base_model"):
-        return "linear with a base_model (mergekit adds the base as one more input)"
-    settings = [("the shared parameters", data.get("parameters") or {})]
-    for entry in data.get("models") or []:
-        if isinstance(entry, dict):
-            settings.append((f"model {entry.get('model')}", entry.get("parameters") or {}))
-    for where, params in settings:
-        if not isinstance(params, dict):
-            return f"{where} are not a mapping"
-        for key, value in params.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                if key in ("normalize", "int8_mask", "rescale") and isinstance(value, bool):
-                    continue
-                return (f"{where}: {key} is {value!r}, not one number (gradients and filters "
-                        f"are mergekit-only)")
-    return None
+def native_error(reason: str) -> ValueError:
+    """The error for engine 'native' on a merge it cannot run (ops.merge.native_refusal's
+    reason, or the engine's Unsupported)."""
+    return ValueError(f"engine 'native' cannot run this merge: {reason}; use engine 'auto' "
+                      f"or 'mergekit'")
 
 
 def native_arguments(merge_config, data: dict, paths: dict[str, str]) -> dict:
@@ -324,7 +306,7 @@ def native_arguments(merge_config, data: dict, paths: dict[str, str]) -> dict:
     from mergekit.architecture.base import ConfiguredModelArchitecture
     from mergekit.options import MergeOptions
 
-    from ops.merge_stream import TensorSpec, Unsupported
+    from ops.merge import TensorSpec, Unsupported
 
     spec = merge_methods.get(data["merge_method"]).spec
     shared_settings = data.get("parameters") or {}
@@ -366,22 +348,23 @@ def native_arguments(merge_config, data: dict, paths: dict[str, str]) -> dict:
     return {"method": data["merge_method"], "models": models, "base": base_path,
             "weights": weights, "densities": densities, "params": params,
             "dtype": _dtype_name(data.get("dtype")),
-            "out_dtype": _dtype_name(data.get("out_dtype")), "tensors": tensors, "donor": donor.model.path, "arch": arch}
+            "out_dtype": _dtype_name(data.get("out_dtype")), "tensors": tensors,
+            "donor": donor.model.path, "arch": arch}
 
 
 def _dtype_name(name: Optional[str]) -> Optional[str]:
-    from ops.merge_stream import TORCH_DTYPES, Unsupported
+    from ops.merge import DTYPE_NAMES, Unsupported
 
     if not name:
         return None
     name = name[len("torch."):] if name.startswith("torch.") else name
-    if name not in TORCH_DTYPES:
+    if name not in DTYPE_NAMES:
         raise Unsupported(f"dtype {name}")
     return name
 
 
 def _header_shapes(folder) -> dict[str, list[int]]:
-    from registry.folder import tensor_headers, weight_files
+    from ops.checkpoint_files import tensor_headers, weight_files
 
     return {key: shape for file in weight_files(folder)
             for key, (_, shape) in tensor_headers(file).items()}
@@ -417,7 +400,7 @@ def check_finite(folder) -> None:
     import torch
     from safetensors import safe_open
 
-    from registry.folder import weight_files
+    from ops.checkpoint_files import weight_files
 
     for file in weight_files(folder):
         with safe_open(str(file), framework="pt") as f:
@@ -474,7 +457,7 @@ def run(config: Config, ctx) -> None:
         base_id = opened[base].id
         for ref, role, _ in inputs:
             if role == "model" and opened[ref].id != base_id:
-                ancestors = {a["id"] for a in ctx.registry.ancestors(opened[ref].id)}
+                ancestors = set(ctx.ancestors(opened[ref].id))
                 if base_id not in ancestors:
                     warnings.append(f"base model {base} is not an ancestor of {ref} in the "
                                     f"registry")
@@ -524,8 +507,7 @@ def choose_engine(asked: str, merge_config, resolved: dict):
         return "native", ("engine: native was asked for" if asked == "native" else
                           "auto: the native engine covers this configuration"), native
     if asked == "native":
-        raise ValueError(f"engine 'native' cannot run this merge: {reason}; use engine "
-                         f"'auto' or 'mergekit'")
+        raise native_error(reason)
     return "mergekit", f"auto: falling back to mergekit, because {reason}", None
 
 
@@ -542,7 +524,7 @@ def merge_natively(native: dict, merge_config, options, out_path, config, ctx) -
     it does not cover these inputs (and auto may fall back to mergekit)."""
     from mergekit.merge import _copy_tagalong_files, _copy_tokenizer
 
-    from ops.merge_stream import Unsupported, stream_merge
+    from ops.merge import Unsupported, stream_merge
 
     arch = native.pop("arch")
     try:
@@ -553,8 +535,7 @@ def merge_natively(native: dict, merge_config, options, out_path, config, ctx) -
                                                          f"merged {name}"))
     except Unsupported as e:
         if config.engine == "native":
-            raise ValueError(f"engine 'native' cannot run this merge: {e}; use engine "
-                             f"'auto' or 'mergekit'") from None
+            raise native_error(str(e)) from None
         ctx.log(f"engine: mergekit (auto: falling back to mergekit, because {e})")
         return False
     except ValueError as e:
@@ -582,4 +563,5 @@ PLUGIN = Plugin(
                 "mergekit YAML.",
     Config=Config,
     run=run,
+    referenced_paths=referenced_paths,
 )

@@ -29,9 +29,9 @@ class Config(PluginConfig):
 
 def registered_base(ctx, adapter) -> str:
     """The base an adapter was trained on: its `base` lineage edge, else its adapter_config."""
-    for edge in ctx.registry.parents(adapter.id):
-        if edge["role"] == "base":
-            return edge["parent_id"]
+    for edge in ctx.parents(adapter.id):
+        if edge.role == "base":
+            return edge.parent_id
     base = json.loads((adapter.path / "adapter_config.json").read_text()).get(
         "base_model_name_or_path")
     if not base:

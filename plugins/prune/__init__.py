@@ -10,10 +10,10 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from plugins import CheckpointRef, LocalFile, Plugin, PluginConfig
+from plugins import CheckpointRef, LocalFile, NextStep, Plugin, PluginConfig
 
-from app.demo import CORPUS as DEMO_CORPUS, HELDOUT as DEMO_HELDOUT  # shipped text, cheap
-from app.textdata import check_text_file
+from plugins.kit.assets import DEMO_CORPUS, DEMO_HELDOUT
+from plugins.kit.textfiles import check_text_file
 
 METHODS = {
     "magnitude": "zero the smallest |W| (no data needed)",
@@ -128,7 +128,7 @@ class Config(PluginConfig):
 
 
 def _windows(tokenizer, path, default, config: Config, field: str) -> tuple[list, dict, str]:
-    from app.textdata import read_text_file, sample_windows, sha256_text
+    from plugins.kit.textfiles import read_text_file, sample_windows, sha256_text
 
     path, text = read_text_file(path, field, default)
     ids = tokenizer(text)["input_ids"]
@@ -173,7 +173,7 @@ def _latency_ms(model, prompt, new_tokens: int = 32, repeats: int = 5) -> float:
 def run(config: Config, ctx) -> None:
     import torch
 
-    from app.textdata import read_text_file
+    from plugins.kit.textfiles import read_text_file
     from ops import prune as P
 
     ck = ctx.open(config.checkpoint)
@@ -307,4 +307,6 @@ PLUGIN = Plugin(
                 "attention groups and MLP channels; perplexity before and after is recorded.",
     Config=Config,
     run=run,
+    per_layer_series=("sparsity_per_layer",),
+    next_steps={"prune": NextStep("train", "Fine-tuning can recover what pruning cost.")},
 )

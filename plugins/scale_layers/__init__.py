@@ -7,9 +7,9 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from plugins import CheckpointRef, LocalFile, Plugin, PluginConfig
+from plugins import CheckpointRef, LocalFile, NextStep, Plugin, PluginConfig
 
-from app.demo import HELDOUT as DEMO_TEXT  # the shipped held-out text (cheap import)
+from plugins.kit.assets import DEMO_HELDOUT as DEMO_TEXT
 
 METHODS = {
     "depth_upscale": "SOLAR depth up-scaling: two copies, overlap layers cut, concatenated",
@@ -157,4 +157,9 @@ PLUGIN = Plugin(
                 "expansion, Net2Net MLP widening, or ShortGPT depth pruning by block influence.",
     Config=Config,
     run=run,
+    per_layer_series=("block_influence",),
+    next_steps={"scale": NextStep("continue_pretrain", (
+        "Grown or cut layers need training: continue pre-training on domain text (after a "
+        "block expansion, set `trainable_layers: new` to train only the new blocks, as LLaMA "
+        "Pro does)."))},
 )

@@ -23,9 +23,9 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from plugins import CheckpointRef, LocalFile, Plugin, PluginConfig
+from plugins import CheckpointRef, LocalFile, NextStep, Plugin, PluginConfig
 
-from app.textdata import check_text_file
+from plugins.kit.textfiles import check_text_file
 
 ACTIONS = {
     "extract": "tau = finetuned - base, stored as a task_vector artifact",
@@ -135,7 +135,7 @@ class Config(PluginConfig):
 
 
 def _weight_files(folder: Path) -> list[Path]:
-    from registry.folder import weight_files
+    from ops.checkpoint_files import weight_files
 
     files = weight_files(folder)
     if any(f.suffix != ".safetensors" for f in files):
@@ -162,7 +162,7 @@ def _copy_non_weights(source: Path, dest: Path) -> None:
 
 
 def _batches(target, config: Config, ctx) -> tuple[list, dict]:
-    from app.textdata import read_text_file, sample_windows, sha256_text
+    from plugins.kit.textfiles import read_text_file, sample_windows, sha256_text
 
     path, text = read_text_file(config.data_file, "data_file")
     ids = target.load_tokenizer()(text)["input_ids"]
@@ -348,4 +348,8 @@ PLUGIN = Plugin(
                 "them on data), or graft a tiny mask of one.",
     Config=Config,
     run=run,
+    per_layer_series=("norm_per_layer", "skill_per_layer"),
+    next_steps={"task_vector": NextStep("task_vector", (
+        "A task vector is not a model: set `action: apply` (or learn, graft), put its id in "
+        "`vectors` and choose a `target`."))},
 )

@@ -4,93 +4,24 @@ Trainer and peft (ops/training.py), with live metrics, intermediate checkpoints 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from plugins import CheckpointRef, DataRef, LongText, Plugin, PluginConfig
+from plugins import CheckpointRef, DataRef, LongText, Plugin, PluginConfig, NextStep, Resources
+from plugins.kit.trainer import (CpuProcesses, DistributedMode, GpuCount, PREVIEW_ROWS,
+                                 check_layer_list, check_resumable, data_parallel_lab_problems,
+                                 data_parallel_problem, data_parallel_resources, length_table,
+                                 link_model_files, preview_tokenizer, run_dir_for,
+                                 trainable_layers)
 
 ADAPTER_METHODS = ("lora", "dora", "qlora")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# files of a Trainer checkpoint-N folder that make up the model (the rest is resume state)
-MODEL_FILES = ("config.json", "generation_config.json", "adapter_config.json",
-               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-               "chat_template.jinja")
 
 
-# Data-parallel settings shared with continue_pretrain. More than one process: app/worker.py
-# relaunches the job through `accelerate launch`, one process per GPU (or CPU process).
-GpuCount = Annotated[int, Field(ge=1, le=64, description=(
-    "GPUs this job uses. More than 1: one data-parallel process per GPU, launched through "
-    "accelerate launch as `distributed` says; batch_size is per GPU. The job waits until that "
-    "many GPUs are free."))]
-DistributedMode = Annotated[Literal["ddp", "fsdp"], Field(description=(
-    "With more than one process: ddp keeps a whole copy of the model on each GPU; fsdp "
-    "shards parameters, gradients and optimizer state across them (GPU only)."))]
-CpuProcesses = Annotated[int, Field(ge=1, le=64, description=(
-    "Lab without GPUs only: data-parallel CPU processes (DDP over gloo, launched through "
-    "accelerate launch); batch_size is per process. On a lab with GPUs use gpus."))]
-
-
-def data_parallel_problem(config) -> str | None:
-    """What is wrong with a config's gpus / cpu_processes / distributed, if anything."""
-    if config.gpus > 1 and config.cpu_processes > 1:
-        return "give gpus or cpu_processes, not both"
-    if config.distributed == "fsdp" and config.cpu_processes > 1:
-        return "distributed fsdp runs on GPUs; with cpu_processes use ddp"
-    return None
-
-
-class DataParallel:
-    """The scheduler's side of a config with `gpus`, `cpu_processes` and `distributed` fields
-    (train, continue_pretrain): what it needs and how many processes it runs as."""
-
-    def gpu_requirement(self) -> tuple[str, str] | None:
-        """(field, why) when this config cannot run without gpu_count() CUDA GPUs."""
-        if self.gpus > 1:
-            return "gpus", f"got {self.gpus}; the job needs {self.gpus} GPUs"
-        return None
-
-    def gpu_count(self) -> int:
-        """GPUs the scheduler must give this job at once."""
-        return self.gpus
-
-    def processes(self, device: str) -> int:
-        """Data-parallel processes on the assigned device (the scheduler's placement:
-        cuda:0,1 or cpu); app/worker.py launches them."""
-        if device.startswith("cuda"):
-            if self.cpu_processes > 1:
-                raise ValueError(f"cpu_processes: got {self.cpu_processes}, but this job runs "
-                                 f"on {device}; use gpus for more processes on GPUs")
-            return self.gpus
-        return self.cpu_processes
-
-    def lab_problems(self, lab_root) -> list[str]:
-        """The submit-time check: cpu_processes > 1 on a lab with GPUs."""
-        if self.cpu_processes <= 1:
-            return []
-        from app.jobs import lab_gpus
-        from app.lab import Lab
-
-        gpus = lab_gpus(Lab(lab_root))
-        return [f"field 'cpu_processes': got {self.cpu_processes}; this lab has GPUs "
-                f"({', '.join(map(str, gpus))}), so jobs run there: use gpus"] if gpus else []
-
-
-def check_layer_list(value: str | None) -> str | None:
-    """A trainable_layers value: comma-separated indices, or 'new'."""
-    if value is not None and value.strip() != "new":
-        parts = [p.strip() for p in value.split(",") if p.strip()]
-        if not parts or not all(p.isdigit() for p in parts):
-            raise ValueError(f"{value!r}: expected comma-separated layer indices (2,5) or "
-                             f"'new'")
-    return value
-
-
-class Config(DataParallel, PluginConfig):
+class Config(PluginConfig):
     checkpoint: CheckpointRef = Field(description="Base checkpoint to fine-tune: registry id, "
                                                   "name, local folder or Hub id.")
     data: DataRef = Field(description=(
@@ -185,12 +116,15 @@ class Config(DataParallel, PluginConfig):
             raise ValueError(problem)
         return self
 
-    def gpu_requirement(self) -> tuple[str, str] | None:
-        """(field, why) when this config cannot run without a CUDA GPU (gpu_count() of them)."""
-        if self.method == "qlora" and self.gpus <= 1:
-            return "method", "qlora loads the base in 4 bits through bitsandbytes, which " \
-                             "needs a CUDA GPU"
-        return super().gpu_requirement()
+def resources(config: Config) -> Resources:
+    """Data-parallel resources; qlora needs a CUDA GPU even as one process."""
+    needs = data_parallel_resources(config)
+    if config.method == "qlora" and config.gpus <= 1:
+        return Resources(gpus=needs.gpus, cpu_processes=needs.cpu_processes,
+                         distributed=needs.distributed, data_parallel=True,
+                         requires_gpu=("method", "qlora loads the base in 4 bits through "
+                                                 "bitsandbytes, which needs a CUDA GPU"))
+    return needs
 
 
 # ------------------------------------------------------------------------------ data
@@ -242,9 +176,9 @@ def encoder(config: Config, fmt: str, tokenizer):
 
 def prepare_data(config: Config, ctx, tokenizer) -> tuple:
     """(train, eval or None, info) tokenized datasets, through the lab's cache."""
-    from app.data import cached_tokenize, load_rows
+    from plugins.kit.data import cached_tokenize, load_rows
 
-    cache = ctx.lab.root / "cache"
+    cache = ctx.cache_dir
     rows, fingerprint = load_rows(config.data, "data", cache / "datasets")
     fmt = _detect_format(config, rows.column_names, "data")
     if fmt == "messages" and not (config.chat_template or tokenizer.chat_template):
@@ -289,41 +223,14 @@ def prepare_data(config: Config, ctx, tokenizer) -> tuple:
 
 
 # ---------------------------------------------------------------------------- preview
-PREVIEW_ROWS = 1000  # rows whose token lengths the preview measures
-
-
-def preview_tokenizer(config, lab):
-    """The tokenizer of the config's checkpoint, without registering anything."""
-    from transformers import AutoTokenizer
-
-    from registry import resolve_ref
-
-    with lab.registry() as reg:
-        ref = resolve_ref(reg, config.checkpoint)
-    where = ref.row["path"] if ref.row else ref.value
-    tokenizer = AutoTokenizer.from_pretrained(where)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def length_table(lengths: list[int], limit: int | None) -> str:
-    import statistics
-
-    cut = f" · {sum(1 for n in lengths if n >= limit)} reach max_length {limit}" if limit \
-        else ""
-    return (f"token lengths of the first {len(lengths)} rows: min {min(lengths)}, median "
-            f"{statistics.median(lengths):.0f}, max {max(lengths)}{cut}")
-
-
-def preview(config: Config, lab) -> str:
+def preview(config: Config, view) -> str:
     """First rows, how the first examples are learned, and token lengths."""
-    from app.data import load_rows
+    from plugins.kit.data import load_rows
     from plugins.kit import markup
 
-    rows, _ = load_rows(config.data, "data", lab.root / "cache" / "datasets")
+    rows, _ = load_rows(config.data, "data", view.cache_dir / "datasets")
     fmt = _detect_format(config, rows.column_names, "data")
-    tokenizer = preview_tokenizer(config, lab)
+    tokenizer = preview_tokenizer(config, view)
     if fmt == "messages" and not (config.chat_template or tokenizer.chat_template):
         raise ValueError("data is in chat 'messages' format but the tokenizer has no chat "
                          "template; set chat_template")
@@ -343,67 +250,6 @@ def preview(config: Config, lab) -> str:
 
 
 # ------------------------------------------------------------------------------ the run
-def run_dir_for(ctx, config: Config) -> Path:
-    """Where the Trainer keeps its resume state: the first job of a resume chain owns it."""
-    job_id = ctx.job_id
-    seen = set()
-    if config.resume_job:
-        job_id = config.resume_job
-        with ctx.lab.registry() as reg:
-            while job_id not in seen:
-                seen.add(job_id)
-                prior = reg.job(job_id, missing_ok=True)
-                if prior is None:
-                    raise ValueError(f"resume_job: no job {job_id}")
-                parent = json.loads(prior["config"]).get("resume_job")
-                if not parent:
-                    break
-                job_id = parent
-    return ctx.lab.root / "runs" / job_id
-
-
-def check_resumable(ctx, config: Config) -> None:
-    with ctx.lab.registry() as reg:
-        prior = reg.job(config.resume_job, missing_ok=True)
-    if prior is None:
-        raise ValueError(f"resume_job: no job {config.resume_job}")
-    if prior["plugin"] != ctx.job["plugin"]:
-        raise ValueError(f"resume_job: {config.resume_job} is a {prior['plugin']} job")
-    if prior["status"] not in ("cancelled", "failed", "interrupted"):
-        raise ValueError(f"resume_job: {config.resume_job} is {prior['status']}; only a "
-                         f"cancelled, failed or interrupted job can be resumed")
-    old = json.loads(prior["config"])
-    new = config.model_dump(mode="json")
-    differ = [k for k in new if k not in ("resume_job", "name") and old.get(k) != new[k]]
-    if differ:
-        raise ValueError(f"resume_job: {config.resume_job} ran with different settings "
-                         f"({', '.join(differ)}); resume needs the same ones")
-
-
-def _trainable_layers(config: Config, ctx, ck) -> list[int]:
-    if config.trainable_layers.strip() == "new":
-        meta = ctx.registry.checkpoint(ck.id).get("metadata")
-        meta = json.loads(meta) if isinstance(meta, str) else (meta or {})
-        new = meta.get("new_layers")
-        if not new:
-            raise ValueError(f"trainable_layers 'new': {ck.name} records no new layers (only a "
-                             f"scale_layers block_expansion output does)")
-        return list(new)
-    return [int(p) for p in config.trainable_layers.split(",") if p.strip()]
-
-
-def link_model_files(source: Path, dest: Path) -> None:
-    """Hard-link (or copy) the model files of a Trainer checkpoint folder; optimizer and RNG
-    state stay behind."""
-    for f in source.iterdir():
-        if f.name in MODEL_FILES or f.suffix == ".safetensors" or f.name.endswith(
-                ".safetensors.index.json"):
-            try:
-                os.link(f, dest / f.name)
-            except OSError:
-                shutil.copy2(f, dest / f.name)
-
-
 def run(config: Config, ctx) -> None:
     import torch
 
@@ -455,7 +301,7 @@ def run(config: Config, ctx) -> None:
                             dropout=config.lora_dropout, target_modules=config.target_modules,
                             dora=config.method == "dora")
     elif config.method == "freeze":
-        layers = _trainable_layers(config, ctx, ck)
+        layers = trainable_layers(config.trainable_layers, ck)
         T.set_trainable(model, T.layer_parameter_names(model, layers))
         meta["trainable_layers"] = layers
     elif config.method == "hft":
@@ -490,7 +336,7 @@ def run(config: Config, ctx) -> None:
             return
         pending = ctx.new_checkpoint(relation, parents=[_base_edge(ck, relation)],
                                      name=f"{base_name}-step{step}",
-                                     metadata={**meta, "step": step, "intermediate": True})
+                                     metadata={**meta, "step": step}, intermediate=True)
         link_model_files(Path(folder), pending.path)
         ctx.publish(pending)
 
@@ -563,4 +409,10 @@ PLUGIN = Plugin(
     Config=Config,
     run=run,
     preview=preview,
+    resources=resources,
+    lab_problems=data_parallel_lab_problems,
+    resume_field="resume_job",
+    next_steps={"adapter": NextStep("merge_adapter", (
+        "Fold it into its base for a full checkpoint that any plugin can read (or merge it "
+        "with other models)."))},
 )

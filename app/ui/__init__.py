@@ -1,0 +1,105 @@
+"""The browser workbench (Gradio Blocks): one generated form per plugin, a live Jobs view and
+the Registry with lineage graphs.
+
+One module per view, each with a `build(...)` that makes its tab's components, wires their
+events and returns what the other views need: `forms_view` (a tab per plugin), `jobs_view`,
+`registry_view` (checkpoints, lineage, Hub), `compare_view`; `shared` holds what several
+use. `build_app` assembles them. Every handler is a plain function over the lab, calling the
+same functions as the CLI (`app.jobs.submit`, `app.jobs.cancel`, the registry), so a
+refresh, a second tab or a server restart shows the same state: nothing lives in the
+server's memory. No torch import here, and gradio only once an app is built.
+"""
+
+import plugins
+from app.lab import Lab
+from app.ui import compare_view, forms_view, jobs_view, registry_view
+# the handlers, importable from app.ui as before the views had modules of their own
+from app.ui.compare_view import compare, lineage_chain
+from app.ui.forms_view import load_yaml, preview, preview_data, submit_form
+from app.ui.jobs_view import (JOB_COLUMNS, LOG_LINES, gpu_summary, job_detail, job_table,
+                              plotted_metrics, resume_job, retry_job, stop_job)
+from app.ui.registry_view import (CK_COLUMNS, checkpoint_detail, checkpoint_table,
+                                  delete_checkpoint_form, import_form, per_layer_frame,
+                                  publish_to_hub, save_hub_token, suggested_next,
+                                  sync_registry_form)
+from app.ui.shared import (UPLOAD_SUFFIXES, UploadError, checkpoint_choices, request_user,
+                           save_upload, text_md, upload_to_box)
+
+__all__ = [
+    "ANALYTICS_EVENTS", "CK_COLUMNS", "CSS", "JOB_COLUMNS", "LOG_LINES", "SESSION_CAPACITY",
+    "UPLOAD_SUFFIXES", "UploadError", "bound_sessions", "build_app", "checkpoint_choices",
+    "checkpoint_detail", "checkpoint_table", "compare", "delete_checkpoint_form",
+    "gpu_summary", "import_form", "job_detail", "job_table", "lineage_chain", "load_yaml",
+    "per_layer_frame", "plotted_metrics", "preview", "preview_data", "publish_to_hub",
+    "request_user", "resume_job", "retry_job", "save_hub_token", "save_upload", "stop_job",
+    "submit_form", "suggested_next", "sync_registry_form", "upload_to_box",
+]
+
+CSS = """
+.ws-progress { height: 14px; background: #e5e7eb; border-radius: 7px; overflow: hidden; }
+.ws-progress > div { height: 100%; background: #f97316; transition: width .3s; }
+"""
+
+
+def build_app(lab: Lab):
+    """The workbench for `lab`: a tab per plugin, then Jobs, Registry and Compare."""
+    import gradio as gr
+
+    found = plugins.discover()
+    choices = checkpoint_choices(lab)
+    with gr.Blocks(title="Weightsmith") as app:
+        text_md(f"# Weightsmith\nLab `{lab.root}`")
+        with gr.Tabs() as tabs:
+            forms = forms_view.build(lab, found, choices)
+            jobs = jobs_view.build(lab)
+            registry = registry_view.build(lab, tabs, found, forms.first_checkpoint)
+            compared = compare_view.build(lab, choices)
+
+        # Live updates: poll the registry (state lives there, not in this process). The
+        # timers stay outside the tabs, whose children are rendered only once opened.
+        fast, slow = gr.Timer(1.5), gr.Timer(5.0)
+        jobs_view.poll(lab, jobs, fast, slow)
+        dropdowns = forms.checkpoint_dropdowns + compared.checkpoint_dropdowns
+
+        def refresh_registry(search_text):
+            return registry_view.registry_lists(lab, search_text, len(dropdowns))
+
+        slow.tick(refresh_registry, inputs=registry.search,
+                  outputs=[registry.table] + dropdowns, api_visibility="private",
+                  show_progress="hidden")
+        # each page load gets the registry as it is now, not as it was at server start
+        app.load(refresh_registry, inputs=registry.search,
+                 outputs=[registry.table] + dropdowns, api_visibility="private",
+                 show_progress="hidden")
+        bound_sessions(app)  # per-page server memory is capped (see there)
+    return app
+
+
+# ------------------------------------------------------------------ per-page server memory
+# Gradio keeps a SessionState per page (session_hash) from its first event on: a copy of every
+# component's config (~0.75 MiB for this app's ~350 components) plus what handlers returned.
+# By default it drops one only past 10,000 pages, closed pages included, so a long-running
+# server grew ~0.95 MiB per page load (bench/load.py --connections). The app keeps no state
+# of its own per page (it all lives in the registry), so Gradio holds at most
+# SESSION_CAPACITY, the least recently active out first: an open page's timer touches its
+# session every 1.5 s, so closed pages and idle API clients go first. An evicted page still
+# works; its next event starts from the initial config (a dropdown whose choices a handler
+# set then checks values against its initial choices, unless it allows custom values).
+# Not freed on disconnect (an unload listener): that makes every page hold Gradio's heartbeat
+# stream open, and a uvicorn shutdown (asgi_app) then waits for every open tab.
+# Gradio's queue also keeps its last GRADIO_ANALYTICS_MAX_EVENTS events (default 10,000, about
+# 1,400 page loads) and rebuilds a pandas frame of them after every event: another ~60 MiB
+# over 1,000 page loads, and CPU per event; the app keeps 1,000 unless the environment says.
+# Here, not in app.ui.shared: it bounds the whole app, and tests set app.ui.SESSION_CAPACITY.
+SESSION_CAPACITY = 64
+ANALYTICS_EVENTS = 1000
+
+
+def bound_sessions(app) -> None:
+    """Cap the per-page sessions `app` (a gr.Blocks, before `.queue()`) keeps, and Gradio's
+    event records. `launch()` must get `state_session_capacity=app.state_session_capacity`
+    (it overwrites the attribute); gr.mount_gradio_app reads the attribute."""
+    import os
+
+    app.state_session_capacity = SESSION_CAPACITY
+    os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", str(ANALYTICS_EVENTS))  # for .queue()

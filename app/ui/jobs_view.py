@@ -1,0 +1,251 @@
+"""The Jobs tab: every job with its queue place, the selected job's live status, progress, log
+tail and metric curves, and Stop, Retry and Resume. It polls the registry, so a refresh or a
+second tab shows the same state."""
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import plugins
+from app import auth
+from app import jobs as jobs_mod
+from app.auth import NotAllowed
+from app.lab import Lab
+from app.scheduler import log_tail
+from app.ui.shared import copy_first_cell, request_user, text_md
+from plugins.kit import markup
+from registry import RegistryError
+
+JOB_COLUMNS = ["id", "plugin", "status", "progress", "user", "device", "duration", "created"]
+LOG_LINES = 60
+
+
+# ---------------------------------------------------------------------------------- handlers
+def _duration(job: dict) -> str:
+    if not job["started_at"]:
+        return ""
+    start = datetime.fromisoformat(job["started_at"].replace("Z", "+00:00"))
+    end = datetime.fromisoformat(job["finished_at"].replace("Z", "+00:00")) \
+        if job["finished_at"] else datetime.now(start.tzinfo)
+    return f"{(end - start).total_seconds():.0f} s"
+
+
+def gpu_summary() -> str:
+    """One line per GPU for the Jobs view (nvidia-smi), or a note that there is none."""
+    from app.scheduler import gpu_status
+
+    rows = gpu_status()
+    if not rows:
+        return "GPUs: none found (nvidia-smi absent or reports none); jobs run on the CPU."
+
+    def fmt(x, unit):
+        return ("?" if x is None else f"{x:.0f}") + unit
+
+    return "GPUs: " + " · ".join(
+        f"**{r['index']}** {r['name']}: {fmt(r['memory_used_mib'], '')}/"
+        f"{fmt(r['memory_total_mib'], ' MiB')}, {fmt(r['utilization_pct'], '%')} busy"
+        for r in rows)
+
+
+def job_table(lab: Lab) -> list[list]:
+    from app.scheduler import queue_positions
+
+    with lab.registry() as reg:
+        rows = reg.jobs(limit=200)
+        places = queue_positions(reg)
+    return [[r["id"], r["plugin"],
+             f"queued #{places[r['id']]}" if r["id"] in places else r["status"],
+             f"{(r['progress'] or 0):.0%}", r["user"] or "",
+             r["device"] or "", _duration(r), r["created_at"][:19].replace("T", " ")]
+            for r in rows]
+
+
+def job_detail(lab: Lab, job_id: str | None) -> tuple[str, str, str, object]:
+    """(status markdown, progress bar HTML, log tail, metrics DataFrame) for one job."""
+    import pandas as pd
+
+    empty = pd.DataFrame({"step": [], "value": [], "name": []})
+    if not job_id:
+        return "Select a job in the table.", "", "", empty
+    with lab.registry() as reg:
+        job = reg.job(job_id, missing_ok=True)
+        if job is None:
+            return f"No job {markup.md(job_id)}.", "", "", empty
+        metrics = reg.metrics(job_id)
+        made = reg.job_checkpoints(job_id)
+    pct = (job["progress"] or 0) * 100
+    status = (f"**{markup.md(job['id'])}** · {markup.md(job['plugin'])} · "
+              f"**{markup.md(job['status'])}** · device {markup.md(job['device'] or '-')} · "
+              f"{_duration(job)}")
+    if made:
+        status += f"\n\nCheckpoints: {markup.md(', '.join(made))}"
+    scores = [m for m in metrics if m["step"] is None]  # final numbers, e.g. evaluations
+    if scores:
+        status += "\n\n" + " · ".join(f"{markup.md(m['name'])} = {m['value']:.4g}"
+                                        for m in scores[-8:])
+    if job["error"] and job["status"] != "succeeded":
+        status += "\n\n" + markup.code_block(job["error"][-2000:])
+    pct = min(max(float(pct), 0.0), 100.0)
+    bar = (f"<div class='ws-progress'><div style='width:{pct:.1f}%'></div></div>"
+           f"<div>{pct:.0f}% {markup.html(job['progress_message'] or '')}</div>")
+    log = ""
+    if job["log_path"] and Path(job["log_path"]).exists():
+        log = log_tail(job["log_path"], LOG_LINES)
+    curves = [m for m in metrics if m["step"] is not None]  # e.g. a training loss per step
+    frame = pd.DataFrame({"step": [m["step"] for m in curves],
+                          "value": [m["value"] for m in curves],
+                          "name": [m["name"] for m in curves]}) if curves else empty
+    return status, bar, log, frame
+
+
+def plotted_metrics(names: list[str], chosen: list[str] | None) -> list[str]:
+    """The curves drawn: the user's choice, else the losses and perplexities (metrics of
+    other scales, such as tokens/s or the learning rate, would flatten them), else all."""
+    if chosen:
+        return [n for n in chosen if n in names]
+    default = [n for n in names if "loss" in n or "ppl" in n or "perplexity" in n]
+    return default or names
+
+
+def live_job(lab: Lab, job_id: str | None, chosen: list[str] | None = None) -> tuple:
+    """job_detail as the view's updates: (status, bar, log, the plot with the chosen curves,
+    the Plot dropdown with every curve's name); plot and dropdown hidden when empty."""
+    import gradio as gr
+
+    status, bar, log, frame = job_detail(lab, job_id)
+    names = sorted(set(frame["name"])) if len(frame) else []
+    shown = plotted_metrics(names, chosen)
+    frame = frame[frame["name"].isin(shown)] if len(frame) else frame
+    return (status, bar, log, gr.LinePlot(value=frame, visible=len(frame) > 0),
+            gr.Dropdown(choices=names, visible=bool(names)))
+
+
+def stop_job(lab: Lab, job_id: str | None, user: str | None = None) -> str:
+    if not job_id:
+        return "Select a job first."
+    try:
+        job = jobs_mod.cancel(lab, job_id, user=user)
+    except NotAllowed as e:
+        return f"**Not stopped.** {markup.md(e)}"
+    except RegistryError as e:
+        return f"**Not stopped.** {markup.md(e)}"
+    return f"{markup.md(job_id)}: {markup.md(job['status'])}"
+
+
+def retry_job(lab: Lab, job_id: str | None, user: str | None = None) -> tuple[str, str]:
+    """Submit the selected job's config again, as a new job of whoever clicks (`user`),
+    audited as theirs: a member's Retry of another's job is their own job."""
+    if not job_id:
+        return "Select a job first.", ""
+    try:
+        with lab.registry() as reg:
+            job = reg.job(job_id)
+        new = jobs_mod.submit(lab, job["plugin"], json.loads(job["config"]), user=user)
+    except (plugins.ConfigError, plugins.PluginError, RegistryError) as e:
+        return f"**Could not retry:** {markup.md(e)}", job_id
+    return f"Re-submitted {markup.md(job_id)} as **{markup.md(new['id'])}**.", new["id"]
+
+
+def resume_job(lab: Lab, job_id: str | None, user: str | None = None) -> tuple[str, str]:
+    """Continue a cancelled or failed training job from its last saved state: the same
+    config with the plugin's `resume_field` set to the job. It reads the job's
+    own saved state, so only the job's owner or an admin may resume it; the new job is the
+    resumer's."""
+    if not job_id:
+        return "Select a job first.", ""
+    try:
+        with lab.registry() as reg:
+            job = reg.job(job_id)
+        auth.check_owner(lab, user, job["user"], f"resume job {job_id}")
+    except (NotAllowed, RegistryError) as e:
+        return f"**Not resumed.** {markup.md(e)}", job_id
+    plugin = plugins.get(job["plugin"])
+    if not plugin.resume_field:
+        return f"{markup.md(job['plugin'])} jobs cannot be resumed; use Retry.", job_id
+    if job["status"] not in ("cancelled", "failed", "interrupted"):
+        return (f"{markup.md(job_id)} is {markup.md(job['status'])}; only a stopped job can be "
+                f"resumed."), job_id
+    config = json.loads(job["config"])
+    config[plugin.resume_field] = job_id
+    try:
+        new = jobs_mod.submit(lab, job["plugin"], config, user=user)
+    except (plugins.ConfigError, plugins.PluginError) as e:
+        return f"**Could not resume:** {markup.md(e)}", job_id
+    return f"Resuming {markup.md(job_id)} as **{markup.md(new['id'])}**.", new["id"]
+
+
+# ------------------------------------------------------------------------------------ layout
+@dataclass
+class JobsView:
+    """The Jobs tab's components that its timers update (see `poll`)."""
+
+    gpus: object
+    table: object
+    selected: object
+    status: object
+    progress: object
+    log: object
+    plot_metrics: object
+    plot: object
+
+
+def build(lab: Lab) -> JobsView:
+    """The Jobs tab (inside the app's gr.Tabs) and its buttons' events."""
+    import gradio as gr
+
+    with gr.Tab("Jobs", id="jobs"):
+        gpus = text_md(gpu_summary, elem_id="gpus")
+        table = gr.Dataframe(headers=JOB_COLUMNS, value=lambda: job_table(lab),
+                             interactive=False, label="Jobs")
+        with gr.Row():
+            selected = gr.Textbox(label="Selected job", scale=3)
+            stop = gr.Button("Stop", variant="stop", scale=1)
+            retry = gr.Button("Retry", scale=1)
+            resume = gr.Button("Resume", scale=1)
+        status = text_md(elem_id="job-status")
+        progress = gr.HTML(elem_id="job-progress")
+        with gr.Row():
+            log = gr.Textbox(label="Log (live tail)", lines=16, max_lines=16,
+                             autoscroll=True, scale=3, elem_id="job-log")
+            with gr.Column(scale=2):
+                plot_metrics = gr.Dropdown(  # custom values: see app.ui.bound_sessions
+                    choices=[], multiselect=True, label="Plot", visible=False,
+                    allow_custom_value=True,
+                    info="Curves to draw (empty: the losses and perplexities).")
+                plot = gr.LinePlot(x="step", y="value", color="name",
+                                   label="Metrics", visible=False)
+        action = text_md(elem_id="job-action")
+
+    copy_first_cell(table, selected)
+    selected.change(lambda j: live_job(lab, j)[:4], inputs=selected,
+                    outputs=[status, progress, log, plot], api_name="job_detail")
+    plot_metrics.change(lambda j, c: live_job(lab, j, c)[3], inputs=[selected, plot_metrics],
+                        outputs=plot, api_visibility="private")
+
+    def on_stop(request: gr.Request, j):
+        return stop_job(lab, j, request_user(request))
+
+    def on_retry(request: gr.Request, j):
+        return retry_job(lab, j, request_user(request))
+
+    def on_resume(request: gr.Request, j):
+        return resume_job(lab, j, request_user(request))
+
+    stop.click(on_stop, inputs=selected, outputs=action, api_name="stop_job")
+    retry.click(on_retry, inputs=selected, outputs=[action, selected], api_name="retry_job")
+    resume.click(on_resume, inputs=selected, outputs=[action, selected],
+                 api_name="resume_job")
+    return JobsView(gpus, table, selected, status, progress, log, plot_metrics, plot)
+
+
+def poll(lab: Lab, view: JobsView, fast, slow) -> None:
+    """Keep the tab live: the job list and the selected job on the `fast` gr.Timer, the GPU
+    line on the `slow` one."""
+    fast.tick(lambda j, c: (job_table(lab), *live_job(lab, j, c)),
+              inputs=[view.selected, view.plot_metrics],
+              outputs=[view.table, view.status, view.progress, view.log, view.plot,
+                       view.plot_metrics],
+              api_visibility="private", show_progress="hidden")
+    slow.tick(gpu_summary, outputs=view.gpus, api_visibility="private",
+              show_progress="hidden")

@@ -1,0 +1,84 @@
+"""What several views of the workbench use: who clicked, Markdown for members' text, the
+checkpoint choices, row selection, and keeping uploaded files. No gradio import at module
+level (it is imported where a widget is made), so `import app.ui` stays cheap."""
+
+from pathlib import Path
+
+from app.lab import Lab
+
+
+def request_user(request) -> str | None:
+    """The logged-in user of a request (None in a lab without users)."""
+    return getattr(request, "username", None) if request is not None else None
+
+
+def text_md(*args, **kwargs):
+    """A gr.Markdown for text that may hold lab members' words: no $...$ math either (KaTeX
+    would style a name). The text itself still goes through plugins.kit.markup."""
+    import gradio as gr
+
+    return gr.Markdown(*args, latex_delimiters=[], **kwargs)
+
+
+def checkpoint_choices(lab: Lab) -> list[tuple[str, str]]:
+    """(label, id) of the registry's checkpoints, for every checkpoint dropdown."""
+    with lab.registry() as reg:
+        rows = reg.list_checkpoints(limit=500)
+    return [(f"{r['name']} ({r['id']})", r["id"]) for r in rows]
+
+
+def copy_first_cell(table, box) -> None:
+    """Clicking a row of `table` puts its first cell (a job or checkpoint id) into `box`."""
+    import gradio as gr
+
+    def first_cell(evt: gr.SelectData) -> str:
+        return str(evt.row_value[0]) if evt.row_value else ""
+
+    table.select(first_cell, outputs=box, api_visibility="private")
+
+
+# What an upload may be: data files that plugins read as data. Uploads are never code: no
+# Python, pickles or shared objects, and code fields (lm-eval task folders) refuse uploads/.
+UPLOAD_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".tsv", ".yaml", ".yml", ".parquet",
+                   ".md")
+
+
+class UploadError(ValueError):
+    """An upload refused: too big, or not a data file."""
+
+
+def save_upload(lab: Lab, temp_path: str | None) -> str:
+    """Keep an uploaded file in the lab (uploads/, mode 0600), so jobs read it from there;
+    returns its path for the form's path box. Only data files are kept."""
+    if not temp_path:
+        return ""
+    import re
+    import shutil
+    import uuid
+
+    size = Path(temp_path).stat().st_size
+    if size > lab.settings.max_upload_mb * 2 ** 20:  # the web server refuses them first
+        raise UploadError(f"upload of {size / 2 ** 20:.0f} MiB refused: this lab accepts files "
+                          f"up to {lab.settings.max_upload_mb} MiB (max_upload_mb in lab.toml)")
+    name = Path(temp_path).name
+    if not name.lower().endswith(UPLOAD_SUFFIXES):
+        raise UploadError(f"upload {name!r} refused: expected a data file "
+                          f"({', '.join(UPLOAD_SUFFIXES)})")
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[-100:].lstrip(".") or "upload"
+    uploads = lab.root / "uploads"
+    uploads.mkdir(exist_ok=True)
+    target = uploads / f"{uuid.uuid4().hex[:8]}-{safe}"
+    shutil.copyfile(temp_path, target)
+    target.chmod(0o600)
+    return str(target)
+
+
+def upload_to_box(lab: Lab, temp_path: str | None):
+    """The Upload button: the kept file's path, or the box unchanged and a warning toast."""
+    import gradio as gr
+
+    try:
+        return save_upload(lab, temp_path)
+    except UploadError as e:
+        gr.Warning(str(e))
+        return gr.skip()

@@ -1,0 +1,149 @@
+"""The registry's schema: forward migrations `_v1`.. `_vN`, applied in order inside one write
+transaction and recorded in the `schema_version` table. Registry.migrate runs `migrate` on
+every open; a lab written by a newer weightsmith is refused rather than misread."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, ContextManager
+
+import sqlite_utils
+
+from registry.common import RegistryError, now
+
+
+def _v1(db: sqlite_utils.Database) -> None:
+    db["checkpoints"].create(
+        {
+            "id": str, "name": str, "kind": str, "relation": str, "path": str, "source": str,
+            "architecture": str, "param_count": int, "dtype": str, "size_bytes": int,
+            "content_hash": str, "created_at": str, "created_by": str, "job_id": str,
+            "plugin": str, "config": str, "versions": str, "metadata": str,
+        },
+        pk="id",
+        not_null={"name", "kind", "relation", "created_at"},
+        defaults={"kind": "model"},
+    )
+    db["checkpoints"].create_index(["name"], unique=True)
+    db["checkpoints"].create_index(["created_at"])
+    db["checkpoints"].create_index(["job_id"])
+    db["checkpoints"].create_index(["path"])
+    db["edges"].create(
+        {"child_id": str, "parent_id": str, "relation": str, "weight": float, "role": str,
+         "position": int},
+        pk=("child_id", "parent_id"),
+        not_null={"relation"},
+        foreign_keys=[("child_id", "checkpoints", "id"), ("parent_id", "checkpoints", "id")],
+    )
+    db["edges"].create_index(["parent_id", "child_id"])
+    db["jobs"].create(
+        {
+            "id": str, "plugin": str, "config": str, "status": str, "user": str, "priority": int,
+            "created_at": str, "started_at": str, "finished_at": str, "job_dir": str,
+            "log_path": str, "pid": int, "pid_started": float, "device": str, "versions": str,
+            "progress": float, "progress_message": str, "error": str, "cancel_requested": int,
+            "exit_code": int,
+        },
+        pk="id",
+        not_null={"plugin", "config", "status", "created_at"},
+        defaults={"priority": 0, "cancel_requested": 0},
+    )
+    db["jobs"].create_index(["status", "priority", "created_at"])
+    db["metrics"].create(
+        {"id": int, "job_id": str, "checkpoint_id": str, "name": str, "value": float,
+         "step": int, "created_at": str},
+        pk="id", not_null={"name", "created_at"},
+    )
+    db["metrics"].create_index(["job_id", "name", "step"])
+    db["metrics"].create_index(["checkpoint_id"])
+    db["evaluations"].create(
+        {"id": int, "checkpoint_id": str, "job_id": str, "task": str, "metric": str,
+         "value": float, "stderr": float, "details": str, "created_at": str},
+        pk="id", not_null={"checkpoint_id", "task", "metric", "created_at"},
+        foreign_keys=[("checkpoint_id", "checkpoints", "id")],
+    )
+    db["evaluations"].create_index(["checkpoint_id", "task", "metric"])
+
+
+def _v2(db: sqlite_utils.Database) -> None:
+    # merges record each input's density (TIES, DARE, ...) on its lineage edge
+    db["edges"].add_column("density", float)
+
+
+def _v3(db: sqlite_utils.Database) -> None:
+    # Hub sync (registry/hub.py): where a checkpoint was published and how its last push went
+    for column in ("hub_repo", "hub_commit", "hub_pushed_at", "sync_status", "sync_error"):
+        db["checkpoints"].add_column(column, str)
+    db["checkpoints"].create_index(["hub_repo"])
+    db["checkpoints"].create_index(["source"])
+    # evaluations are keyed by a local integer; synced rows need a globally unique key
+    db["evaluations"].add_column("uid", str)
+    db.execute("UPDATE evaluations SET uid = 'ev-' || lower(hex(randomblob(8))) "
+               "WHERE uid IS NULL")
+    db["evaluations"].create_index(["uid"], unique=True)
+    # local sync state, never synced itself: which batches of a registry repo this lab has
+    # merged or written, and which row versions it has pushed there
+    db["hub_batches"].create({"repo": str, "batch": str, "direction": str, "at": str},
+                             pk=("repo", "batch"))
+    db["hub_rows"].create({"repo": str, "tbl": str, "key": str, "digest": str},
+                          pk=("repo", "tbl", "key", "digest"))
+
+
+def _v4(db: sqlite_utils.Database) -> None:
+    # shared labs (app/auth.py): users with salted scrypt hashes, an append-only audit log,
+    # and soft deletes that keep a checkpoint's row and edges for the lineage
+    db["users"].create({"name": str, "salt": str, "hash": str, "admin": int,
+                        "created_at": str}, pk="name", not_null={"salt", "hash"},
+                       defaults={"admin": 0})
+    db["audit"].create({"id": int, "at": str, "user": str, "action": str, "target": str,
+                        "details": str}, pk="id", not_null={"at", "action"})
+    db["audit"].create_index(["at"])
+    db["audit"].create_index(["target"])
+    db["checkpoints"].add_column("deleted_at", str)
+    db["checkpoints"].add_column("deleted_by", str)
+
+
+def _v5(db: sqlite_utils.Database) -> None:
+    # login lockout (app/auth.py): one row per failed login, `at` in Unix seconds
+    db["login_failures"].create({"name": str, "at": float}, not_null={"name", "at"})
+    db["login_failures"].create_index(["name", "at"])
+
+
+def _v6(db: sqlite_utils.Database) -> None:
+    # the GPUs a job holds at once, known at submit: the scheduler reads it instead of
+    # validating every queued config on every tick (NULL in older rows)
+    db["jobs"].add_column("gpus", int)
+
+
+# Forward migrations, applied in order; never edit one that has shipped, append a new one.
+MIGRATIONS: list[tuple[int, Any]] = [(1, _v1), (2, _v2), (3, _v3), (4, _v4), (5, _v5),
+                                     (6, _v6)]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def version(db: sqlite_utils.Database) -> int:
+    """The schema version a registry file is at (0: a new, empty file)."""
+    if "schema_version" not in db.table_names():
+        return 0
+    row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    return row[0] or 0
+
+
+def migrate(db: sqlite_utils.Database, write: Callable[[], ContextManager[Any]],
+            path: str | Path) -> None:
+    """Apply the migrations a registry file lacks, in one `write()` transaction; refuse a file
+    newer than SCHEMA_VERSION (`path` names it in the error)."""
+    if version(db) == SCHEMA_VERSION:  # the common case: no write lock needed
+        return
+    with write():
+        if "schema_version" not in db.table_names():
+            db["schema_version"].create({"version": int, "applied_at": str}, pk="version")
+        current = version(db)
+        if current > SCHEMA_VERSION:
+            raise RegistryError(
+                f"{path} has schema version {current}, newer than this weightsmith "
+                f"understands ({SCHEMA_VERSION}); upgrade weightsmith to open this lab")
+        for number, migration in MIGRATIONS:
+            if number > current:
+                migration(db)
+                db["schema_version"].insert({"version": number, "applied_at": now()})

@@ -73,10 +73,10 @@ def add_user(lab: Lab, name: str, password: str, admin: bool = False,
     with lab.registry() as reg:
         if reg.users.get(name) is not None:  # before the slow hash; users.add checks again
             raise AuthError(f"user {name!r} exists already")
+        hashed = hash_password(password, salt)  # outside the write lock: scrypt is slow
         try:
             with reg.write():
-                reg.users.add(name=name, salt=salt.hex(),
-                              password_hash=hash_password(password, salt), admin=admin)
+                reg.users.add(name=name, salt=salt.hex(), password_hash=hashed, admin=admin)
                 audit(reg, by or name, "users.add", name, {"admin": admin})
         except RegistryError as e:
             raise AuthError(str(e)) from None

@@ -77,7 +77,7 @@ def cmd_demo(args) -> int:
             # base's and theirs)
             from app.demo import SKILLS, queue_demo_skills
 
-            for job in queue_demo_skills(lab):
+            for job in queue_demo_skills(lab, result["base"]):
                 if _wait(lab, job["id"]) != 0:
                     return 1
             with lab.registry() as reg:

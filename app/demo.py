@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 from app.lab import Lab
+from plugins.kit.assets import SUITES_DIR
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
 DEMO_NAME = "demo-base"
 DEFAULT_STEPS = 300
-SUITE_DIR = ASSETS.parent / "suites" / "demo"
+SUITE_DIR = SUITES_DIR / "demo"
 # Two fine-tunes of the demo base on two distinct skills of the demo suite, so a newcomer can
 # merge them and see both scores on the merged model against its parents. Measured on the
 # demo base (held-out perplexity 1.94): capitals acc 0.25 -> 1.00 (perplexity 2.51), sums
@@ -36,8 +36,9 @@ def skill_config(name: str, base: str = DEMO_NAME) -> dict:
             "save_steps": 0, "name": name}
 
 
-def queue_demo_skills(lab: Lab) -> list[dict]:
-    """Queue the skill fine-tunes the lab does not have yet (nor has queued or running)."""
+def queue_demo_skills(lab: Lab, base: str = DEMO_NAME) -> list[dict]:
+    """Queue the skill fine-tunes of `base` (a reference: by default the demo base's name)
+    the lab does not have yet (nor has queued or running)."""
     from app.jobs import submit
 
     out = []
@@ -46,7 +47,7 @@ def queue_demo_skills(lab: Lab) -> list[dict]:
                    if j["plugin"] == "train" and j["status"] in ("queued", "running")}
         missing = [n for n in SKILLS if reg.find_checkpoint(n) is None and n not in pending]
     for name in missing:
-        out.append(submit(lab, "train", skill_config(name), user="demo"))
+        out.append(submit(lab, "train", skill_config(name, base), user="demo"))
     return out
 
 
@@ -101,11 +102,11 @@ def queue_skills_when_built(lab: Lab, job_id: str, stop, log=print, poll: float 
     waiting here keeps the job system free of dependencies between jobs (no new machinery
     in the scheduler or the worker) for the one place that needs one."""
     while not stop.is_set():
-        with lab.registry() as reg:  # the job first: it ends after it registers the base
+        with lab.registry() as reg:  # the base this job registered, not an older row's name
             job = reg.job(job_id, missing_ok=True)
-            base = reg.find_checkpoint(DEMO_NAME)
-        if base is not None:
-            for queued in queue_demo_skills(lab):
+            made = reg.job_checkpoints(job_id) if job else []
+        if made:
+            for queued in queue_demo_skills(lab, made[0]):
                 log(f"queued demo skill fine-tune {queued['id']} "
                     f"({json.loads(queued['config'])['name']})")
             return

@@ -95,32 +95,28 @@ def check_config(lab: Lab, plugin_name: str, data: dict):
             except RefError as e:
                 problems.append(f"field '{field}': {e}")
     needs = plugin.needs(config)
-    if needs.requires_gpu:
-        field, why = needs.requires_gpu
+    if needs.requires_gpu or needs.gpus > 1:  # what the lab has (nvidia-smi) only if it matters
+        field, why = needs.requires_gpu or (
+            "gpus", f"got {needs.gpus}; the job needs {needs.gpus} GPUs at once")
         have = lab_gpus(lab)
-        if not have:
+        if not have and needs.requires_gpu:
             problems.append(f"field '{field}': {why}, and this lab has none (set `gpus` in "
                             f"lab.toml if it has)")
-        elif needs.gpus > len(have):
+        elif have and needs.gpus > len(have):
             problems.append(f"field '{field}': {why}, and this lab has {len(have)} "
                             f"({', '.join(map(str, have))})")
     from app.paths import config_problems, missing_paths, restricted
 
-    problems += config_problems(lab, config)  # a shared lab reads only inside its roots
+    problems += config_problems(lab, config, plugin)  # a shared lab reads only inside its roots
     if not problems:
-        problems += missing_paths(config)
-    if not problems:  # the plugin's own checks that need to know the lab
+        problems += missing_paths(config, plugin)
+    if not problems and plugin.lab_problems:  # the plugin's own checks that need the lab
         facts = plugins.LabFacts(gpus=tuple(lab_gpus(lab)), shared=restricted(lab),
                                  suites_dir=lab.root / "suites")
         problems += plugin.problems_in_lab(config, facts)
     if problems:
         raise plugins.ConfigError(plugin_name, problems)
     return plugin, config
-
-
-def gpu_count(config) -> int:
-    """GPUs a job needs at once (its plugin's `resources` hook; 1 by default)."""
-    return max(1, int(plugins.plugin_of(config).needs(config).gpus))
 
 
 def lab_gpus(lab: Lab) -> list[int]:
@@ -149,7 +145,7 @@ def submit(lab: Lab, plugin_name: str, data: dict, *, user: str | None = None,
     with lab.registry() as reg:
         job = reg.add_job(plugin=plugin.name, config=config_dict,
                           user=user or lab.settings.default_user, priority=priority,
-                          versions=library_versions(), gpus=gpu_count(config))
+                          versions=library_versions(), gpus=max(1, plugin.needs(config).gpus))
         from app.auth import audit
 
         job_dir = lab.job_dir(job["id"])

@@ -33,7 +33,8 @@ def roots(lab: Lab) -> list[Path]:
                                            for r in lab.settings.allowed_roots]
 
 
-def path_values(config: BaseModel, prefix: str = "") -> Iterator[tuple[str, str, str]]:
+def path_values(config: BaseModel, plugin: plugins.Plugin | None = None,
+                prefix: str = "") -> Iterator[tuple[str, str, str]]:
     """(field path, value, marker) for every value of a path-like field: `file` (a local
     file), `path` (a local file or folder), `data` (a local file or folder, or a Hub dataset
     id), `checkpoint(s)` (a registry reference, a folder or a Hub id)."""
@@ -42,15 +43,15 @@ def path_values(config: BaseModel, prefix: str = "") -> Iterator[tuple[str, str,
         value = getattr(config, name)
         marker = plugins.field_marker(props.get(name, {}))
         if isinstance(value, BaseModel):
-            yield from path_values(value, prefix + name + ".")
+            yield from path_values(value, None, prefix + name + ".")
         elif marker in ("file", "path", "data", "checkpoint", "code") and isinstance(value, str) \
                 and value:
             yield prefix + name, value, marker
         elif marker == "checkpoints" and value:
             for i, item in enumerate(value):
                 yield f"{prefix}{name}[{i}]", item, "checkpoint"
-    if not prefix:  # e.g. models inside a mergekit YAML: the plugin's referenced_paths hook
-        for field, value in plugins.plugin_of(config).paths_referenced(config):
+    if plugin is not None:  # e.g. models inside a mergekit YAML: its referenced_paths hook
+        for field, value in plugin.paths_referenced(config):
             yield field, value, "checkpoint"
 
 
@@ -117,11 +118,11 @@ DATA_FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".tsv", ".parquet", ".a
                       ".yaml", ".yml")
 
 
-def missing_paths(config: BaseModel) -> list[str]:
+def missing_paths(config: BaseModel, plugin: plugins.Plugin | None = None) -> list[str]:
     """Local files and folders a config names that do not exist, in any lab: found at
     submit, not when the job runs."""
     problems = []
-    for field, value, marker in path_values(config):
+    for field, value, marker in path_values(config, plugin):
         if marker == "checkpoint":
             continue  # resolved against the registry by check_config
         try:
@@ -142,13 +143,14 @@ def missing_paths(config: BaseModel) -> list[str]:
     return problems
 
 
-def config_problems(lab: Lab, config: BaseModel) -> list[str]:
+def config_problems(lab: Lab, config: BaseModel,
+                    plugin: plugins.Plugin | None = None) -> list[str]:
     """The path and Hub id problems of a validated config (empty in an unrestricted lab)."""
     if not restricted(lab):
         return []
     problems = []
     with lab.registry() as reg:
-        for field, value, marker in path_values(config):
+        for field, value, marker in path_values(config, plugin):
             if marker == "checkpoint":
                 if reg.find_checkpoint(value) is not None:
                     continue  # registered: its files are the lab's own

@@ -3,12 +3,13 @@
 stdout and stderr go to the job's log.txt. The worker records its own final status; if it dies
 without doing so, the scheduler records `failed` (or `interrupted` after a restart).
 
-A job whose Config asks for more than one process on its device (`processes(device)`: train
-and continue_pretrain with `gpus` or `cpu_processes` > 1) is relaunched through `accelerate
-launch`, which starts `python -m app.worker JOB_ID --lab DIR --rank` once per process (through
-torchrun; env RANK, LOCAL_RANK, WORLD_SIZE). Rank 0 runs the plugin with the job context:
-it alone records metrics and progress, and writes and registers checkpoints. The other ranks
-get a RankContext that records nothing and reads the registry through a query-only
+A job whose plugin's `resources` hook asks for more than one process on its device
+(`Resources.processes(device)`: train and continue_pretrain with `gpus` or `cpu_processes`
+> 1) is relaunched through `accelerate launch`, which starts `python -m app.worker JOB_ID
+--lab DIR --rank` once per process (through torchrun; env RANK, LOCAL_RANK, WORLD_SIZE).
+Rank 0 runs the plugin with the job context: it alone records metrics and progress, and
+writes and registers checkpoints. The other ranks get a RankContext that records nothing and
+reads the registry through a query-only
 connection. This worker waits for the launch and records the job's final status.
 """
 
@@ -117,10 +118,10 @@ def _explained(error: BaseException) -> bool:
     return isinstance(error, (ValueError, CheckpointError, FileNotFoundError, RankFailed))
 
 
-def processes_for(config, device: str) -> int:
+def processes_for(plugin: plugins.Plugin, config, device: str) -> int:
     """How many data-parallel processes the job runs as on its device (the plugin's
     `resources` hook)."""
-    return plugins.plugin_of(config).needs(config).processes(device)
+    return plugin.needs(config).processes(device)
 
 
 def launch_command(job_id: str, lab_root, processes: int, mode: str = "ddp") -> list[str]:
@@ -149,12 +150,12 @@ def launch_command(job_id: str, lab_root, processes: int, mode: str = "ddp") -> 
     return cmd + ["--module", "app.worker", job_id, "--lab", str(lab_root), "--rank"]
 
 
-def launch(ctx: JobContext, config, processes: int) -> list[dict]:
+def launch(ctx: JobContext, plugin: plugins.Plugin, config, processes: int) -> list[dict]:
     """Run the job as `processes` ranks through accelerate launch and wait; returns the
     checkpoints rank 0 registered. Raises RankFailed with the failing rank's error."""
     for _, ref in plugins.checkpoint_refs(config):
         ctx.open(ref)  # a folder or Hub id is imported here, once, not by every rank
-    mode = plugins.plugin_of(config).needs(config).distributed
+    mode = plugin.needs(config).distributed
     cmd = launch_command(ctx.job_id, ctx.lab.root, processes, mode)
     for old in ctx.work_dir.glob("error-rank*.txt"):
         old.unlink()
@@ -244,9 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plugin = plugins.get(job["plugin"])
         config = plugins.validate_config(plugin, json.loads(job["config"]))
-        processes = processes_for(config, job["device"] or "cpu")
+        processes = processes_for(plugin, config, job["device"] or "cpu")
         if processes > 1:
-            created = launch(ctx, config, processes)
+            created = launch(ctx, plugin, config, processes)
         else:
             plugin.run(config, ctx)
             created = ctx.publish_all()

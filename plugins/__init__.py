@@ -405,14 +405,6 @@ def discover(refresh: bool = False) -> dict[str, Plugin]:
     return dict(_plugins)
 
 
-def plugin_of(config: BaseModel) -> Plugin:
-    """The registered plugin whose Config the config is."""
-    for plugin in discover().values():
-        if type(config) is plugin.Config:
-            return plugin
-    raise PluginError(f"no registered plugin has the config class {type(config).__name__}")
-
-
 def load_errors() -> list[str]:
     return list(_load_errors)
 

@@ -549,6 +549,16 @@ def _key(table: str, row: dict) -> str:
     return row["uid"] if table == "evaluations" else row["id"]
 
 
+def _safe_key(table: str, row: Any) -> str | None:
+    """A pulled row's key, or None for a row without one (merge_rows refused it already):
+    one malformed row in a repo must not stop every later sync."""
+    try:
+        key = _key(table, row)
+    except (KeyError, TypeError):
+        return None
+    return key if isinstance(key, str) else None
+
+
 def merge_rows(reg: Registry, rows: dict[str, list[dict]],
                refused: list[str] | None = None) -> dict[str, int]:
     """Merge synced rows into the registry, idempotently: rows are immutable and keyed by
@@ -625,9 +635,10 @@ def sync_registry(reg: Registry, repo_id: str, *, private: bool = False,
             for batch in new:
                 reg.sync.record_batch(repo_id, batch, "pull")
             # the repo has these: never push them back
-            reg.sync.record_repo_rows(repo_id, [(table, _key(table, row), _digest(row))
+            reg.sync.record_repo_rows(repo_id, [(table, _safe_key(table, row), _digest(row))
                                                 for table, rows in pulled.items()
-                                                for row in rows if isinstance(row, dict)])
+                                                for row in rows
+                                                if _safe_key(table, row) is not None])
         if new:
             log(f"pulled {len(new)} batch(es) from {repo_id}: "
                 + ", ".join(f"{n} {t}" for t, n in added.items()))
@@ -637,7 +648,7 @@ def sync_registry(reg: Registry, repo_id: str, *, private: bool = False,
         exported = export_rows(reg, tuple(filter(None, [token_value])))
         # a pulled row reads back slightly different here (a taken name got a suffix): that
         # version is the repo's too, so it is not pushed back
-        pulled_keys = {(t, _key(t, r)) for t, rows in pulled.items() for r in rows}
+        pulled_keys = {(t, _safe_key(t, r)) for t, rows in pulled.items() for r in rows}
         reg.sync.record_repo_rows(repo_id, [(t, _key(t, r), _digest(r))
                                             for t, rows in exported.items() for r in rows
                                             if (t, _key(t, r)) in pulled_keys])

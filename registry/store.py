@@ -439,7 +439,7 @@ class Registry:
     def add_job(self, *, plugin: str, config: dict, user: str | None = None,
                 priority: int = 0, versions: dict | None = None,
                 gpus: int | None = None) -> dict:
-        """Queue a job. `gpus`: how many GPUs it holds at once (the Config's gpu_count()),
+        """Queue a job. `gpus`: how many GPUs it holds at once (its plugin's `resources` hook),
         stored so the scheduler need not validate the config again."""
         if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, int)
                                  or gpus < 1):

@@ -47,6 +47,8 @@ class SyncRows:
         It gets no files here (path NULL) and a free name; its relation is checked as
         Registry.add_checkpoint checks one. JSON columns may be given decoded."""
         reg = self.registry
+        if reg.get_checkpoint(row["id"]) is not None:  # known: nothing to check or add
+            return False
         check_relation(row.get("relation"))
         with reg.write():
             if reg.get_checkpoint(row["id"]) is not None:

@@ -160,13 +160,15 @@ def test_read_commands_refuse_a_missing_lab(tmp_path):
 
 def test_the_servers_demo_thread_queues_the_skills_once_the_base_exists(lab, tiny_model_dir):
     """What `serve` runs in its demo thread: nothing while the base's job is queued, the two
-    skill fine-tunes (on demo-base) once the base is registered."""
+    skill fine-tunes once that job registered the base: on its checkpoint, never on an older
+    row that holds the name demo-base but lost its files."""
     import threading
 
     from app import jobs
-    from app.checkpoints import import_checkpoint
     from app.demo import SKILLS, build_demo, queue_skills_when_built
 
+    with lab.registry() as reg:  # a stale row: its files are gone, so the demo is rebuilt
+        stale = reg.add_checkpoint(name="demo-base", relation="pretrain", path=None)
     job_id = build_demo(lab, pretrain_steps=2, log=lambda m: None)["job"]
     assert build_demo(lab, log=lambda m: None)["job"] == job_id  # queued once
     stop, said = threading.Event(), []
@@ -175,12 +177,14 @@ def test_the_servers_demo_thread_queues_the_skills_once_the_base_exists(lab, tin
     waiter.start()
     waiter.join(1.0)
     assert waiter.is_alive() and said == []  # the base's job is still queued
-    with lab.registry() as reg:
-        import_checkpoint(lab, reg, str(tiny_model_dir), name="demo-base")
+    with lab.registry() as reg:  # what the job registers when it ends
+        built = reg.add_checkpoint(name="demo-base", relation="pretrain",
+                                   path=str(tiny_model_dir), job_id=job_id)
     waiter.join(30)
     assert not waiter.is_alive() and len(said) == 2
     with lab.registry() as reg:
         trains = [j for j in reg.jobs() if j["plugin"] == "train"]
     assert sorted(json.loads(j["config"])["name"] for j in trains) == sorted(SKILLS)
-    assert {json.loads(j["config"])["checkpoint"] for j in trains} == {"demo-base"}
+    assert {json.loads(j["config"])["checkpoint"] for j in trains} == {built["id"]}
+    assert built["id"] != stale["id"]
     jobs.cancel(lab, job_id)

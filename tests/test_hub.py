@@ -411,3 +411,26 @@ def test_fake_hub_wire_format_is_pinned_to_the_constrained_client():
 
     pin = re.search(r"^huggingface[-_]hub==(\S+)", (REPO / "constraints.txt").read_text(), re.M)
     assert pin and huggingface_hub.__version__ == pin.group(1)
+
+
+def test_a_malformed_pulled_row_is_left_out_and_later_syncs_go_on(lab, fake_hub, tmp_path):
+    """A batch written by anyone with access to the repo may hold rows without their keys
+    or that are not mappings: they are refused by name, and the batch still counts as pulled,
+    so the next sync does not trip over it again."""
+    repo_id = "org/lab-registry"
+    fake_hub.create_repo("dataset", repo_id, private=True)
+    repo = fake_hub.repos[("dataset", repo_id)]
+    rows = [json.dumps({"name": "no id"}), json.dumps(["not", "a", "mapping"]),
+            json.dumps({"id": "ck-0badf00d", "name": "odd", "relation": "Not A Word"})]
+    fake_hub._commit(repo, "hostile batch", "", {
+        "batches/b1/manifest.json": json.dumps({"batch": "b1", "tables": ["checkpoints",
+                                                                          "edges"]}).encode(),
+        "batches/b1/checkpoints.jsonl": "\n".join(rows).encode(),
+        "batches/b1/edges.jsonl": json.dumps({"child_id": "ck-1"}).encode()}, set())
+    logged: list[str] = []
+    with lab.registry() as reg:
+        first = hub.sync_registry(reg, repo_id, log=logged.append)
+        again = hub.sync_registry(reg, repo_id, log=logged.append)
+        assert reg.get_checkpoint("ck-0badf00d") is None
+    assert first["pulled_batches"] == ["b1"] and again["pulled_batches"] == []
+    assert sum("left out a pulled row" in line for line in logged) >= 3

@@ -69,3 +69,33 @@ def test_the_built_in_plugins_declare_their_hooks():
     assert train.problems_in_lab(cpu, LabFacts(gpus=(0,)))[0].startswith(
         "field 'cpu_processes'")
     assert train.problems_in_lab(cpu, LabFacts()) == []
+
+
+def test_submit_reads_the_hooks_of_the_plugin_submitted_to(lab_dir, monkeypatch):
+    """Two plugins may share a Config class: each submit uses its own plugin's hooks. More
+    GPUs than a GPU lab has is a field error even without requires_gpu; lab_problems gets
+    the lab's facts, and a plugin without that hook never asks for them (no nvidia-smi)."""
+    from app import jobs
+    from app.lab import Lab
+
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    (lab_dir / "lab.toml").write_text("gpus = [0, 1]\n")
+    lab = Lab(lab_dir)
+    seen = []
+    greedy = _plugin(resources=lambda c: Resources(gpus=c.gpus),
+                     lab_problems=lambda c, facts: seen.append(facts) or [])
+    plain = Plugin(name="test_hooks_plain", title="Plain", description="No hooks (tests).",
+                   Config=_Config, run=lambda config, ctx: None)
+    plugins.register(greedy)
+    plugins.register(plain)
+    try:
+        with pytest.raises(plugins.ConfigError, match="field 'gpus': got 3; the job needs 3 "
+                                                       "GPUs at once, and this lab has 2"):
+            jobs.check_config(lab, "test_hooks", {"gpus": 3})
+        jobs.check_config(lab, "test_hooks", {"gpus": 2})
+        assert seen == [LabFacts(gpus=(0, 1), shared=False, suites_dir=lab.root / "suites")]
+        monkeypatch.setattr(jobs, "lab_gpus", lambda lab: pytest.fail("asked for the GPUs"))
+        jobs.check_config(lab, "test_hooks_plain", {"gpus": 3})  # its Config, not its hooks
+    finally:
+        plugins.unregister("test_hooks")
+        plugins.unregister("test_hooks_plain")

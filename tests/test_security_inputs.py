@@ -55,7 +55,7 @@ def hostile_lab(lab_dir, monkeypatch) -> Path:
     lab_dir.mkdir(parents=True, exist_ok=True)
     (lab_dir / "lab.toml").write_text("auto_eval = false\ngpus = []\n")
     monkeypatch.chdir(lab_dir)  # the examples' data files, which submit checks exist
-    for name in ("data.jsonl", "medical.jsonl", "general.txt"):
+    for name in ("data.jsonl", "medical.jsonl", "general.txt", "corpus.txt"):
         (lab_dir / name).write_text('{"text": "x"}\n')
     lab = Lab(lab_dir)
     with lab.registry() as reg:

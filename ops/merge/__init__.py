@@ -43,9 +43,9 @@ names (`stream_merge`, `TensorSpec`, `TORCH_DTYPES`, `MergeStats`) load on first
 
 from __future__ import annotations
 
-from ops.merge.methods import DTYPE_NAMES, METHODS, TABLE, Unsupported, native_refusal
+from ops.merge.methods import COMPUTE_DTYPES, METHODS, TABLE, Unsupported, native_refusal
 
-__all__ = ["DTYPE_NAMES", "METHODS", "TABLE", "MergeStats", "TORCH_DTYPES", "TensorSpec",
+__all__ = ["COMPUTE_DTYPES", "METHODS", "TABLE", "MergeStats", "TORCH_DTYPES", "TensorSpec",
            "Unsupported", "native_refusal", "stream_merge"]
 
 _LAZY = {"stream_merge": "ops.merge.executor", "MergeStats": "ops.merge.executor",

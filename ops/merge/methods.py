@@ -69,7 +69,7 @@ TABLE: dict[str, Method] = {m.name: m for m in (
            {**_GTA, "rescale": True}, trim="bernoulli", consensus=True),
 )}
 METHODS = tuple(TABLE)
-DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")  # the compute and output dtypes
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "float64")  # the compute and output dtypes
 
 
 def method_refusal(name) -> Optional[str]:

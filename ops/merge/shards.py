@@ -24,7 +24,7 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.
                       "F16": torch.float16, "I64": torch.int64, "I32": torch.int32,
                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                       "BOOL": torch.bool}
-DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+SAFETENSORS_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 def _header(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]):
@@ -38,7 +38,7 @@ def _header(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]):
         size = dtype.itemsize
         for s in shape:
             size *= s
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+        header[name] = {"dtype": SAFETENSORS_DTYPE_NAMES[dtype], "shape": list(shape),
                         "data_offsets": [pos, pos + size]}
         offsets[name] = pos
         pos += size

@@ -31,8 +31,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ops import safe_yaml
+from plugins.kit.assets import SUITES_DIR
 
-ASSET_SUITES = Path(__file__).resolve().parents[2] / "assets" / "suites"
+ASSET_SUITES = SUITES_DIR  # the shipped suites
 GENERATION_METRICS = ("exact_match", "contains", "regex")  # ops.evaluation's, without torch
 
 

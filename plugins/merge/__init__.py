@@ -353,12 +353,12 @@ def native_arguments(merge_config, data: dict, paths: dict[str, str]) -> dict:
 
 
 def _dtype_name(name: Optional[str]) -> Optional[str]:
-    from ops.merge import DTYPE_NAMES, Unsupported
+    from ops.merge import COMPUTE_DTYPES, Unsupported
 
     if not name:
         return None
     name = name[len("torch."):] if name.startswith("torch.") else name
-    if name not in DTYPE_NAMES:
+    if name not in COMPUTE_DTYPES:
         raise Unsupported(f"dtype {name}")
     return name
 

@@ -48,13 +48,19 @@ def wait_ready(proc: subprocess.Popen, port: int) -> None:
             time.sleep(0.05)
 
 
-def one_run(lab: Path, chromium: str | None) -> tuple[float, float | None]:
-    port = free_port()
+def spawn_serve(lab: Path, port: int) -> tuple[subprocess.Popen, float, dict]:
+    """`weightsmith serve` on `lab`: (process, its start time, its environment)."""
     env = {**os.environ, "WEIGHTSMITH_LAB": str(lab)}
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
                             env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    return proc, start, env
+
+
+def one_run(lab: Path, chromium: str | None) -> tuple[float, float | None]:
+    port = free_port()
+    proc, start, _ = spawn_serve(lab, port)
     try:
         wait_ready(proc, port)
         ready = time.perf_counter() - start
@@ -80,11 +86,7 @@ def first_start(lab: Path) -> float:
     the server queues the demo's pretrain job and answers without waiting for it. The job
     (started by the server's scheduler in its own process group) is cancelled after."""
     port = free_port()
-    env = {**os.environ, "WEIGHTSMITH_LAB": str(lab)}
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
-                            env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc, start, env = spawn_serve(lab, port)
     try:
         wait_ready(proc, port)
         return time.perf_counter() - start

@@ -11,10 +11,10 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The folder's files are ops/checkpoint_files.py's knowledge; these names stay importable here.
+# The folder's files are ops/checkpoint_files.py's knowledge (CheckpointError and read_config
+# stay importable here for registry.refs and registry/__init__).
 from ops.checkpoint_files import (  # noqa: F401
-    WEIGHT_SUFFIXES, CheckpointError, read_config, safetensors_summary, tensor_headers,
-    weight_files)
+    WEIGHT_SUFFIXES, CheckpointError, read_config, safetensors_summary, weight_files)
 
 
 @dataclass

@@ -295,6 +295,13 @@ class Plugin:
     per_layer_series: tuple[str, ...] = ()
     # relation -> what a checkpoint this plugin records under that relation usually needs next
     next_steps: Mapping[str, NextStep] = field(default_factory=dict)
+    # where the plugin's tab stands among the operations in the workbench (lower: further
+    # left; ties by title), so tabs follow the work: train, merge, prune, scale, evaluate
+    order: int = 100
+    # foreign_config(data) -> config dict or None: a configuration file in the format of the
+    # tool this plugin replaces (e.g. a plain mergekit YAML for merge), as this plugin's
+    # config; None when `data` is not one. `weightsmith run` and the form's Load YAML use it.
+    foreign_config: Optional[Callable[[dict], Optional[dict]]] = None
 
     def needs(self, config: Any) -> Resources:
         """The config's Resources (the default when the plugin declares none)."""
@@ -339,7 +346,7 @@ def register(plugin: Any) -> Plugin:
                           f"(it becomes the UI help text): {', '.join(undocumented)}")
     if not callable(plugin.run):
         raise PluginError(f"plugin {plugin.name!r}: run must be callable as run(config, ctx)")
-    for hook in ("preview", "resources", "referenced_paths", "lab_problems"):
+    for hook in ("preview", "resources", "referenced_paths", "lab_problems", "foreign_config"):
         if getattr(plugin, hook) is not None and not callable(getattr(plugin, hook)):
             raise PluginError(f"plugin {plugin.name!r}: {hook} must be callable or None")
     if plugin.resume_field is not None and plugin.resume_field not in plugin.Config.model_fields:
@@ -352,6 +359,8 @@ def register(plugin: Any) -> Plugin:
                for r, n in dict(plugin.next_steps).items()):
         raise PluginError(f"plugin {plugin.name!r}: next_steps maps a relation name to a "
                           f"NextStep(plugin, hint)")
+    if type(plugin.order) is not int:
+        raise PluginError(f"plugin {plugin.name!r}: order must be an integer")
     _plugins[plugin.name] = plugin
     return plugin
 

@@ -358,6 +358,7 @@ def run(config: Config, ctx) -> None:
 
 PLUGIN = Plugin(
     name="continue_pretrain",
+    order=20,
     title="Continue pre-training",
     description="Continual pre-training on raw domain text: packed blocks, linear re-warm-up "
                 "then cosine decay, replay of general text, optional vocabulary extension, "

@@ -314,6 +314,7 @@ def _lm_eval_job(config: Config):
 
 PLUGIN = Plugin(
     name="evaluate",
+    order=70,
     title="Evaluate",
     description="Score a checkpoint: perplexity and bits-per-byte on text, a local task suite "
                 "(multiple choice, generation) and lm-eval-harness tasks; scores are recorded "

@@ -557,6 +557,7 @@ def merge_natively(native: dict, merge_config, options, out_path, config, ctx) -
 
 PLUGIN = Plugin(
     name="merge",
+    order=30,
     title="Merge",
     description="Merge checkpoints with any mergekit method (linear, slerp, task arithmetic, "
                 "TIES, DARE, model stock, passthrough...), from the form or a pasted "

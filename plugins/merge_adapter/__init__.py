@@ -76,6 +76,7 @@ def run(config: Config, ctx) -> None:
 
 PLUGIN = Plugin(
     name="merge_adapter",
+    order=35,
     title="Merge adapter",
     description="Merge a LoRA or DoRA adapter into its base: a full checkpoint whose parents "
                 "are both the adapter and the base.",

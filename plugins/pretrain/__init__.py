@@ -101,6 +101,7 @@ def run(config: Config, ctx) -> None:
 
 PLUGIN = Plugin(
     name="pretrain",
+    order=25,
     title="Pre-train",
     description="Pre-train a small Llama from scratch on a text file, with a byte-level BPE "
                 "tokenizer trained on the same text. The defaults build the demo model.",

@@ -302,6 +302,7 @@ def run(config: Config, ctx) -> None:
 
 PLUGIN = Plugin(
     name="prune",
+    order=50,
     title="Prune",
     description="Zero weights (magnitude, Wanda, SparseGPT; unstructured or N:M) or remove "
                 "attention groups and MLP channels; perplexity before and after is recorded.",

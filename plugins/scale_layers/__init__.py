@@ -152,6 +152,7 @@ def run(config: Config, ctx) -> None:
 
 PLUGIN = Plugin(
     name="scale_layers",
+    order=60,
     title="Scale layers",
     description="Grow or shrink a model: SOLAR depth up-scaling, G_stack, LLaMA Pro block "
                 "expansion, Net2Net MLP widening, or ShortGPT depth pruning by block influence.",

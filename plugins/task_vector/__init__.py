@@ -342,6 +342,7 @@ def run(config: Config, ctx) -> None:
 
 PLUGIN = Plugin(
     name="task_vector",
+    order=40,
     title="Task vectors",
     description="Extract a task vector (fine-tune - base) as a stored artifact, apply vectors "
                 "to any compatible checkpoint with per-layer/per-block coefficients (or learn "

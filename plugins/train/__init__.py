@@ -402,6 +402,7 @@ def _base_edge(ck, relation: str) -> dict:
 
 PLUGIN = Plugin(
     name="train",
+    order=10,
     title="Train",
     description="Supervised fine-tuning on prompt/completion, chat or text data: full, LoRA, "
                 "DoRA, QLoRA, chosen layers, or Half Fine-Tuning; live metrics, "

@@ -51,7 +51,7 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
     app = None
     try:
         if ui:
-            from app.ui import CSS, build_app
+            from app.ui import CSS, HEAD, build_app
 
             app = build_app(lab)
             login, middleware = None, []
@@ -65,7 +65,7 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
                 middleware = [Middleware(LoopbackHostOnly)]
             # app_kwargs go to the FastAPI constructor (gradio.routes.App.create_app)
             app.queue().launch(server_name=host, server_port=port, prevent_thread_lock=True,
-                               show_error=True, css=CSS, auth=login,
+                               show_error=True, css=CSS, head=HEAD, auth=login,
                                max_file_size=f"{lab.settings.max_upload_mb}mb",
                                auth_message=f"Weightsmith lab {lab.root.name}: log in",
                                # per-page memory bound (app.ui.bound_sessions); launch
@@ -211,7 +211,7 @@ def asgi_app(lab: Lab | str | None = None, auth_dependency=proxy_user, path: str
     import gradio as gr
     from fastapi import FastAPI
 
-    from app.ui import CSS, build_app
+    from app.ui import CSS, HEAD, build_app
 
     from registry.hub import install_log_redaction
 
@@ -244,5 +244,6 @@ def asgi_app(lab: Lab | str | None = None, auth_dependency=proxy_user, path: str
         middleware = [Middleware(LoopbackHostOnly)]
     return gr.mount_gradio_app(FastAPI(lifespan=lifespan, middleware=middleware), blocks,
                                path=path,
-                               auth_dependency=auth_dependency, css=CSS, show_error=True,
+                               auth_dependency=auth_dependency, css=CSS, head=HEAD,
+                               show_error=True,
                                max_file_size=f"{lab.settings.max_upload_mb}mb")

@@ -10,6 +10,8 @@ refresh, a second tab or a server restart shows the same state: nothing lives in
 server's memory. No torch import here, and gradio only once an app is built.
 """
 
+from pathlib import Path
+
 import plugins
 from app.lab import Lab
 from app.ui import compare_view, forms_view, jobs_view, registry_view
@@ -26,19 +28,24 @@ from app.ui.shared import (UPLOAD_SUFFIXES, UploadError, checkpoint_choices, req
                            save_upload, text_md, upload_to_box)
 
 __all__ = [
-    "ANALYTICS_EVENTS", "CK_COLUMNS", "CSS", "JOB_COLUMNS", "LOG_LINES", "SESSION_CAPACITY",
-    "UPLOAD_SUFFIXES", "UploadError", "bound_sessions", "build_app", "checkpoint_choices",
-    "checkpoint_detail", "checkpoint_table", "compare", "delete_checkpoint_form",
+    "ANALYTICS_EVENTS", "CK_COLUMNS", "CSS", "HEAD", "JOB_COLUMNS", "LOG_LINES",
+    "SESSION_CAPACITY", "UPLOAD_SUFFIXES", "UploadError", "bound_sessions", "build_app",
+    "checkpoint_choices", "checkpoint_detail", "checkpoint_table", "compare", "delete_checkpoint_form",
     "gpu_summary", "import_form", "job_detail", "job_table", "lineage_chain", "load_yaml",
     "per_layer_frame", "plotted_metrics", "preview", "preview_data", "publish_to_hub",
     "request_user", "resume_job", "retry_job", "save_hub_token", "save_upload", "stop_job",
     "submit_form", "suggested_next", "sync_registry_form", "upload_to_box",
 ]
 
+# The page's own CSS and scripts: every app/ui/static/*.css and *.js, one file per concern
+# (the lineage graph's pan, zoom and clicks; the URL state), passed to launch / mount as css
+# and head. Scripts there read no server data; they only move what the page shows.
+_STATIC = Path(__file__).with_name("static")
 CSS = """
 .ws-progress { height: 14px; background: #e5e7eb; border-radius: 7px; overflow: hidden; }
 .ws-progress > div { height: 100%; background: #f97316; transition: width .3s; }
-"""
+""" + "".join(p.read_text() for p in sorted(_STATIC.glob("*.css")))
+HEAD = "".join(f"<script>\n{p.read_text()}\n</script>\n" for p in sorted(_STATIC.glob("*.js")))
 
 
 def build_app(lab: Lab):
@@ -50,6 +57,8 @@ def build_app(lab: Lab):
     with gr.Blocks(title="Weightsmith") as app:
         text_md(f"# Weightsmith\nLab `{lab.root}`")
         with gr.Tabs() as tabs:
+            # tabs follow the work: Home, Playground, the operations (Plugin.order), Jobs,
+            # Registry, Compare
             forms = forms_view.build(lab, found, choices)
             jobs = jobs_view.build(lab)
             registry = registry_view.build(lab, tabs, found, forms.first_checkpoint)

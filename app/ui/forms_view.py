@@ -139,7 +139,7 @@ def build(lab: Lab, found: dict, choices: list) -> PluginForms:
     """One tab per plugin in `found` (inside the app's gr.Tabs), `choices` in its checkpoint
     dropdowns."""
     made = PluginForms()
-    for plugin in found.values():
+    for plugin in sorted(found.values(), key=lambda p: (p.order, p.title)):
         _plugin_tab(lab, plugin, choices, made)
     return made
 

@@ -46,8 +46,16 @@ def _table(rows: list[dict], columns: list[str]) -> None:
 def cmd_serve(args) -> int:
     from app.server import serve
 
+    if args.demo_steps is not None:  # refused here, before anything starts
+        from app.demo import demo_config
+
+        try:
+            plugins.validate_config(plugins.get("pretrain"), demo_config(args.demo_steps))
+        except plugins.ConfigError as e:
+            print("error: --demo-steps: " + "; ".join(e.problems), file=sys.stderr)
+            return 2
     return serve(_lab(args), host=args.host, port=args.port, build_demo=not args.no_demo,
-                 demo_skills=not args.no_skills,
+                 demo_skills=not args.no_skills, demo_steps=args.demo_steps,
                  ui=not args.no_ui)
 
 
@@ -111,7 +119,10 @@ def cmd_plugins(args) -> int:
 
 def cmd_run(args) -> int:
     lab = _lab(args)
-    data = jobs_mod.load_config_file(args.config)
+    # a file of the plugin's fields, or one in the format of the tool it replaces (a plain
+    # mergekit YAML for merge): read first, then made the plugin's config
+    data = jobs_mod.as_plugin_config(args.plugin, jobs_mod.load_config_file(args.config),
+                                     where=args.config)
     job = jobs_mod.submit(lab, args.plugin, data, user=_acting_user(lab, args))
     print(f"queued {job['id']} ({job['plugin']})", file=sys.stderr)
     if not args.wait:
@@ -393,10 +404,23 @@ def cmd_registry(args) -> int:
             _print_json({"id": row["id"], "name": row["name"], "deleted_at": row["deleted_at"],
                          "deleted_by": row["deleted_by"]})
         elif args.registry_cmd == "lineage":
-            if args.mermaid:
-                print(reg.lineage_mermaid(args.id, args.depth))
+            from registry import lineage
+
+            if (args.id is None) == (not args.whole_lab):
+                print("error: give a checkpoint id or name, or --whole-lab (not both)",
+                      file=sys.stderr)
+                return 2
+            graph = reg.lab_graph(args.limit or None, args.search) if args.whole_lab else \
+                reg.lineage(args.id, args.depth)
+            if args.mermaid:  # what the Registry view draws: cut to Mermaid's limits
+                shown, left_out = lineage.fit(graph, args.scores)
+                print(lineage.mermaid(shown, args.scores))
+                if left_out:
+                    print(f"note: left out {left_out} of {len(graph['nodes'])} checkpoints "
+                          f"(Mermaid draws at most {lineage.MAX_EDGES} edges and "
+                          f"{lineage.MAX_CHARS} characters)", file=sys.stderr)
             else:
-                _print_json(reg.lineage(args.id, args.depth))
+                _print_json(graph)
     return 0
 
 
@@ -420,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="do not queue the job that pre-trains the demo model")
     sp.add_argument("--no-skills", action="store_true",
                     help="do not queue the demo's two skill fine-tunes")
+    sp.add_argument("--demo-steps", type=int, default=None,
+                    help="pre-training steps of the demo model, when the lab has none yet "
+                         "(default 300, about two minutes on 2 cores)")
     sp.add_argument("--no-ui", action="store_true", help="run the job scheduler only")
 
     sp = add("demo", cmd_demo, "build (or with --force rebuild) the demo model with a "
@@ -435,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("run", cmd_run, "submit a job: PLUGIN with the settings in CONFIG.yaml")
     sp.add_argument("plugin")
-    sp.add_argument("config", help="YAML file of the plugin's config fields")
+    sp.add_argument("config", help="YAML file of the plugin's config fields, or a file of the "
+                                    "tool the plugin replaces (merge: a plain mergekit YAML)")
     sp.add_argument("--wait", action="store_true",
                     help="follow the job to its end; exit non-zero if it fails")
     sp.add_argument("--user", default=None)
@@ -519,9 +547,19 @@ def build_parser() -> argparse.ArgumentParser:
                                           "lineage is kept")
     rdel.add_argument("id")
     rdel.add_argument("--user", default=None, help="act as this lab user (default: $USER)")
-    lin = rsub.add_parser("lineage", help="ancestors and descendants of a checkpoint")
-    lin.add_argument("id")
+    lin = rsub.add_parser("lineage", help="ancestors and descendants of a checkpoint, or "
+                                          "the whole lab's graph")
+    lin.add_argument("id", nargs="?", default=None)
     lin.add_argument("--depth", type=int, default=None)
+    lin.add_argument("--whole-lab", action="store_true",
+                     help="the graph of the lab's checkpoints instead of one's lineage")
+    lin.add_argument("--limit", type=int, default=0,
+                     help="--whole-lab: the latest N checkpoints (default 0: all)")
+    lin.add_argument("--search", default=None,
+                     help="--whole-lab: only checkpoints whose name or id contains this")
+    lin.add_argument("--scores", action="append", default=None, metavar="TASK/METRIC",
+                     help="--mermaid: a score to show on the nodes (repeatable; default: "
+                          "the first metric of each task)")
     fmt = lin.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="(default)")
     fmt.add_argument("--mermaid", action="store_true")

@@ -5,6 +5,7 @@ lab's registry with its job and config, like any checkpoint), and two skill fine
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from app.lab import Lab
@@ -115,3 +116,102 @@ def queue_skills_when_built(lab: Lab, job_id: str, stop, log=print, poll: float 
                 f"queued")
             return
         stop.wait(poll)
+
+
+# ------------------------------------------------------------------------- the demo story
+# What the Home tab suggests on a demo lab, step by step: merge the two skill fine-tunes,
+# compare the merge with its parents, prune it, evaluate it, talk to it. Each step's state is
+# read from the registry (never remembered), and a step's preset is the config its button
+# puts into the operation's form: the person still reads it and clicks Run.
+MERGE_NAME = "demo-merge"
+PRUNED_NAME = "demo-merge-wanda"
+
+
+@dataclass
+class StoryStep:
+    key: str      # base, skills, merge, compare, prune, evaluate, playground
+    text: str     # what to do, fixed text (Markdown)
+    state: str    # done, running, next (can be done now), later (waits for a step before)
+
+
+def _story_rows(lab: Lab) -> dict:
+    """The demo's checkpoints (rows or None) and running demo jobs, from the registry."""
+    with lab.registry() as reg:
+        base = reg.find_checkpoint(DEMO_NAME)
+        skills = {n: reg.find_checkpoint(n) for n in SKILLS}
+        jobs = [j for j in reg.jobs(limit=200) if j["status"] in ("queued", "running")]
+        def children(ck_id: str, relation: str) -> list[dict]:
+            rows = [reg.get_checkpoint(c["id"]) for c in reg.descendants(ck_id, 1)
+                    if c["relation"] == relation]
+            return sorted((r for r in rows if r and r.get("deleted_at") is None),
+                          key=lambda r: r["created_at"])
+
+        merged = pruned = None
+        if all(skills.values()):
+            wanted = {r["id"] for r in skills.values()}
+            merges = [c for c in children(skills[next(iter(SKILLS))]["id"], "merge")
+                      if wanted <= {p["parent_id"] for p in reg.parents(c["id"])}]
+            merged = merges[-1] if merges else None  # the newest
+        if merged:
+            prunes = children(merged["id"], "prune")
+            pruned = prunes[-1] if prunes else None
+        pruned_scored = bool(pruned and reg.evaluations(pruned["id"]))
+    names = {json.loads(j["config"]).get("name") for j in jobs}
+    return {"base": base, "skills": skills, "merged": merged, "pruned": pruned,
+            "pruned_scored": pruned_scored, "running": names,
+            "jobs": jobs}
+
+
+def demo_story(lab: Lab) -> list[StoryStep]:
+    """The demo story's steps and their states; [] on a lab that is not a demo lab (no
+    demo base, and no job building one)."""
+    rows = _story_rows(lab)
+    building = any(j["plugin"] == "pretrain" for j in rows["jobs"]) and \
+        DEMO_NAME in rows["running"]
+    if rows["base"] is None and not building:
+        return []
+
+    def state(done: bool, running: bool, ready: bool) -> str:
+        return "done" if done else "running" if running else "next" if ready else "later"
+
+    have_skills = all(rows["skills"].values())
+    merged, pruned = rows["merged"], rows["pruned"]
+    return [
+        StoryStep("base", f"Pre-train the demo base model ({DEMO_NAME})",
+                  state(rows["base"] is not None, building, False)),
+        StoryStep("skills", "Fine-tune it on two skills: " + " and ".join(SKILLS),
+                  state(have_skills, bool(set(SKILLS) & rows["running"]), False)),
+        StoryStep("merge", "Merge the two fine-tunes (TIES)",
+                  state(merged is not None, MERGE_NAME in rows["running"], have_skills)),
+        StoryStep("compare", "Compare the merge with its parents", state(
+            False, False, merged is not None)),
+        StoryStep("playground", "Talk to the merge next to its parents in the Playground",
+                  state(False, False, merged is not None)),
+        StoryStep("prune", "Prune the merge to 50% with Wanda",
+                  state(pruned is not None, PRUNED_NAME in rows["running"],
+                        merged is not None)),
+        StoryStep("evaluate", "Evaluate the pruned model",
+                  state(rows["pruned_scored"], False, pruned is not None)),
+    ]
+
+
+def story_preset(lab: Lab, key: str) -> tuple[str, object] | None:
+    """What a story step's button opens: (plugin name, config dict) for an operation's form,
+    ("compare" | "playground", [checkpoint ids]) for those views; None when its inputs do not
+    exist yet."""
+    rows = _story_rows(lab)
+    skills = [r["id"] for r in rows["skills"].values() if r]
+    merged, pruned, base = rows["merged"], rows["pruned"], rows["base"]
+    if key == "merge" and len(skills) == len(SKILLS) and base:
+        return "merge", {"method": "ties", "models": skills, "weights": [1.0] * len(skills),
+                         "density": 0.7, "base_model": base["id"], "name": MERGE_NAME}
+    if key == "compare" and merged:
+        return "compare", [merged["id"], *skills] + ([base["id"]] if base else [])
+    if key == "playground" and merged:
+        return "playground", [merged["id"], *skills]
+    if key == "prune" and merged:
+        return "prune", {"checkpoint": merged["id"], "method": "wanda", "sparsity": 0.5,
+                         "name": PRUNED_NAME}
+    if key == "evaluate" and (pruned or merged):
+        return "evaluate", {"checkpoint": (pruned or merged)["id"]}
+    return None

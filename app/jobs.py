@@ -69,7 +69,11 @@ def _read_text_config(path: Path) -> bytes:
     return raw
 
 
-def load_config_file(path: str | Path) -> dict:
+def load_config_file(path: str | Path, plugin: str | plugins.Plugin | None = None) -> dict:
+    """A config file as a mapping of field: value, through the bounded YAML reader (no
+    expanding aliases, at most 1 MiB). With `plugin`, a file in the format of the tool the
+    plugin replaces (a plain mergekit YAML for merge) becomes that plugin's config
+    (`as_plugin_config`)."""
     path = Path(path)
     if not path.exists():
         raise plugins.ConfigError("config", [f"config file {path} does not exist"])
@@ -80,7 +84,42 @@ def load_config_file(path: str | Path) -> dict:
         raise plugins.ConfigError("config", [str(e)]) from None
     if not isinstance(data, dict):
         raise plugins.ConfigError("config", [f"{path}: expected a mapping of field: value"])
-    return data
+    return data if plugin is None else as_plugin_config(plugin, data, where=str(path))
+
+
+def foreign_format(plugin: plugins.Plugin, data: dict) -> bool:
+    """Whether a config file's mapping is not the plugin's own config but may be one in the
+    format of the tool it replaces: the plugin has a foreign_config hook, and some top-level
+    key is no field of its Config (a mergekit file's merge_method, for merge). A file of
+    only the plugin's fields is its own, whatever the hook would say."""
+    if plugin.foreign_config is None or not data:
+        return False
+    fields = set(plugin.Config.model_fields)
+    fields |= {f.alias for f in plugin.Config.model_fields.values() if f.alias}
+    return any(not isinstance(key, str) or key not in fields for key in data)
+
+
+def as_plugin_config(plugin: str | plugins.Plugin, data: dict, where: str = "config") -> dict:
+    """`data` as the plugin's config: itself when it is one (or no hook recognises it: the
+    validation names its unknown fields), else what the plugin's foreign_config makes of
+    it. A hook that fails is a ConfigError naming the file, never a traceback."""
+    plugin = plugins.get(plugin) if isinstance(plugin, str) else plugin
+    if not foreign_format(plugin, data):
+        return data
+    try:
+        converted = plugin.foreign_config(data)
+    except Exception as e:  # noqa: BLE001 -- a plugin's hook on hostile data: say so, by file
+        raise plugins.ConfigError(plugin.name, [
+            f"config file {where}: not a {plugin.name} config, and {plugin.name} could not "
+            f"read it as a file of the tool it replaces ({type(e).__name__}: "
+            f"{str(e)[:300]})"]) from None
+    if converted is None:
+        return data
+    if not isinstance(converted, dict):
+        raise plugins.ConfigError(plugin.name, [
+            f"config file {where}: {plugin.name}'s foreign_config returned "
+            f"{type(converted).__name__}; expected a mapping of field: value"])
+    return converted
 
 
 def check_config(lab: Lab, plugin_name: str, data: dict):

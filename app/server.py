@@ -18,7 +18,7 @@ log = logging.getLogger("weightsmith")
 
 
 def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool = True,
-          ui: bool = True, demo_skills: bool = True) -> int:
+          ui: bool = True, demo_skills: bool = True, demo_steps: int | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from registry.hub import install_log_redaction
 
@@ -44,10 +44,11 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
     if lost:
         log.warning("marked %d job(s) interrupted: %s", len(lost), ", ".join(lost))
     if build_demo:
-        _start_demo(lab, stop, demo_skills)
+        _start_demo(lab, stop, demo_skills, demo_steps)
     thread = threading.Thread(target=scheduler.run_forever, args=(stop,), daemon=True,
                               name="weightsmith-scheduler")
-    thread.start()
+    if not ui:
+        thread.start()
     app = None
     try:
         if ui:
@@ -74,6 +75,9 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
                                app_kwargs={"middleware": middleware})
             install_log_redaction()  # the handlers Gradio's uvicorn set up meanwhile
             log.info("serving %s at http://%s:%d", lab.root, host, port)
+            # jobs start once the page answers: a queued job's worker imports torch, which
+            # on two cores would otherwise slow the first page by seconds (bench/startup.py)
+            thread.start()
         else:
             log.info("scheduler running for %s (no UI)", lab.root)
         while not stop.is_set():
@@ -84,20 +88,23 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
         stop.set()
         if app is not None:
             app.close()  # stop Gradio's server threads, or they keep the process alive
-        thread.join(timeout=5)
+        if thread.is_alive():
+            thread.join(timeout=5)
         scheduler.release()
         log.info("stopped")
     return 0
 
 
-def _start_demo(lab: Lab, stop: threading.Event, skills: bool) -> None:
+def _start_demo(lab: Lab, stop: threading.Event, skills: bool,
+                steps: int | None = None) -> None:
     """Queue the demo: the job that pre-trains its base (the scheduler runs it; the server
     listens meanwhile), then its skill fine-tunes, queued by a small thread once the base is
     registered. A demo that cannot be queued is logged, and the workbench serves anyway."""
-    from app.demo import build_demo, queue_demo_skills, queue_skills_when_built
+    from app.demo import DEFAULT_STEPS, build_demo, queue_demo_skills, queue_skills_when_built
 
     try:
-        result = build_demo(lab, log=lambda m: log.info(m))
+        result = build_demo(lab, pretrain_steps=steps or DEFAULT_STEPS,
+                            log=lambda m: log.info(m))
         if result["base"]:
             log.info("demo model: %s (%s)", result["name"], result["base"])
             if skills:

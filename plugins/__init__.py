@@ -47,6 +47,35 @@ DataRef = Annotated[str, Field(min_length=1, json_schema_extra={"x-weightsmith":
 # In a shared lab it must lie in a folder the admin lists in lab.toml's code_roots.
 CodePath = Annotated[str, Field(min_length=1, json_schema_extra={"x-weightsmith": "code"})]
 
+# Form hints, read only by the UI (app/forms.py) to lay out a Config's form; they never change
+# what a config means. Put them in a field's json_schema_extra, several joined with
+# form_hints(...): `Field(..., json_schema_extra=form_hints(for_methods("ties"), ADVANCED))`.
+# The field whose value picks the method (its `method` or `action`): the form shows a field
+# marked for_methods(...) only while that method is chosen, and does not submit it otherwise.
+METHOD_SELECTOR = {"x-weightsmith-selector": True}
+# Under the form's "Advanced" accordion (basic fields come first).
+ADVANCED = {"x-weightsmith-advanced": True}
+# Shown (and submitted) only on a lab with GPUs / only on a lab without: GPU counts and fsdp,
+# or CPU data-parallel processes.
+GPU_LABS_ONLY = {"x-weightsmith-lab": "gpu"}
+CPU_LABS_ONLY = {"x-weightsmith-lab": "cpu"}
+# A number whose useful values span orders of magnitude (a learning rate): a number box,
+# never a slider.
+LOG_SCALE = {"x-weightsmith-scale": "log"}
+
+
+def for_methods(*methods: str) -> dict:
+    """The form hint: this field is read only by these values of the METHOD_SELECTOR field."""
+    return {"x-weightsmith-methods": list(methods)}
+
+
+def form_hints(*hints: Mapping[str, Any]) -> dict:
+    """Several form hints (and markers) as one json_schema_extra dict (a new one)."""
+    out: dict = {}
+    for hint in hints:
+        out.update(hint)
+    return out
+
 
 # ------------------------------------------------------------------ limits on every value
 # Every config value is hostile until checked: these hold for every field of every plugin, on

@@ -26,6 +26,8 @@ import sqlite_utils
 
 from registry import schema
 from registry.common import FINISHED, JOB_STATUSES, RegistryError, check_relation, now
+# the Mermaid text of lineage graphs lives in registry/lineage.py; re-exported from here
+from registry.lineage import mermaid, mermaid_text
 from registry.relations import RELATIONS
 from registry.schema import MIGRATIONS, SCHEMA_VERSION
 from registry.sync_rows import SyncRows
@@ -332,8 +334,43 @@ class Registry:
             f"ORDER BY child_id, position", ids + ids))
         return {"root": root["id"], "nodes": nodes, "edges": edges}
 
-    def lineage_mermaid(self, ck_id: str, max_depth: int | None = None) -> str:
-        return mermaid(self.lineage(ck_id, max_depth))
+    def lineage_mermaid(self, ck_id: str, max_depth: int | None = None,
+                        scores: list[str] | None = None) -> str:
+        """Mermaid text of `lineage` (registry/lineage.py); `scores`: the "task/metric" keys
+        to show on the nodes (default: one headline metric per task)."""
+        return mermaid(self.lineage(ck_id, max_depth), scores)
+
+    def lab_graph(self, limit: int | None = None, search: str | None = None) -> dict:
+        """The lab's graph, in the shape of `lineage` with no root: the latest `limit`
+        checkpoints (all when None) whose name or id contains `search`, not deleted, oldest
+        first, with their latest scores and the edges between them."""
+        where, params = ["deleted_at IS NULL"], []
+        if search:
+            where.append("(instr(lower(name), lower(?)) > 0 OR instr(id, ?) > 0)")
+            params += [search, search]
+        sql = ("SELECT id, name, kind, relation, architecture, param_count, created_at "
+               "FROM checkpoints WHERE " + " AND ".join(where)
+               + " ORDER BY created_at DESC, id DESC")
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(max(0, int(limit)))
+        rows = list(self.db.query(sql, params))[::-1]
+        ids = [r["id"] for r in rows]
+        scores: dict[str, dict[str, float]] = {}
+        edges: list[dict] = []
+        for chunk in _chunks(ids):
+            scores.update(self.latest_scores(chunk))
+        if ids:
+            # one query over the edges whose child is shown; parents outside are dropped here
+            shown = set(ids)
+            for chunk in _chunks(ids):
+                marks = ",".join("?" * len(chunk))
+                edges += [e for e in self.db.query(
+                    f"SELECT parent_id AS parent, child_id AS child, relation, weight, "
+                    f"density, role FROM edges WHERE child_id IN ({marks}) "
+                    f"ORDER BY child_id, position", chunk) if e["parent"] in shown]
+        nodes = [{**r, "scores": scores.get(r["id"], {})} for r in rows]
+        return {"root": None, "nodes": nodes, "edges": edges}
 
     # ----------------------------------------------------------------- metrics & evaluations
     def add_metric(self, *, name: str, value: float, step: int | None = None,
@@ -532,51 +569,3 @@ def _chunks(items: list, size: int = 500) -> Iterator[list]:
     """Slices small enough for SQLite's bound-parameter limit."""
     for start in range(0, len(items), size):
         yield items[start:start + size]
-
-
-_MERMAID_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 "
-                           "_.,:=+-/@*")
-
-
-def mermaid_text(text) -> str:
-    """`text` as the literal characters of a quoted Mermaid label: every character outside
-    a small plain set becomes Mermaid's entity code (`#60;` for `<`), so that quotes,
-    brackets, pipes, parentheses, `#`, HTML and unicode all show as typed and none ends the
-    label or becomes markup."""
-    return "".join(c if c in _MERMAID_PLAIN else f"#{ord(c)};" for c in str(text))
-
-
-def mermaid(graph: dict) -> str:
-    """Mermaid flowchart text for a lineage graph: nodes carry names and scores. Every text
-    from the registry (names, tasks, relations, roles) is quoted and escaped (mermaid_text);
-    only the <br/> and <b> this function writes itself are markup."""
-    lines = ["graph TD"]
-    for n in graph["nodes"]:
-        label = mermaid_text(n["name"])
-        if n["id"] != n["name"]:
-            label += f"<br/>{mermaid_text(n['id'])}"
-        tasks: dict[str, list[str]] = {}
-        for key, value in sorted(n.get("scores", {}).items()):
-            task, _, metric = key.rpartition("/")
-            tasks.setdefault(task, []).append(f"{mermaid_text(metric)} = {value:.4g}")
-        for task, scores in list(tasks.items())[:3]:  # keep nodes readable
-            label += f"<br/><b>{mermaid_text(task)}</b><br/>" + "<br/>".join(scores[:4])
-        style = ":::root" if n["id"] == graph["root"] else ""
-        lines.append(f'    {_mermaid_id(n["id"])}["{label}"]{style}')
-    for e in graph["edges"]:
-        tag = str(e["relation"])
-        if e.get("weight") is not None:
-            tag += f" {e['weight']:g}"
-        if e.get("role"):
-            tag += f" ({e['role']})"
-        lines.append(f'    {_mermaid_id(e["parent"])} -->|"{mermaid_text(tag)}"| '
-                     f'{_mermaid_id(e["child"])}')
-    lines.append("    classDef root stroke-width:3px")
-    return "\n".join(lines)
-
-
-def _mermaid_id(ck_id: str) -> str:
-    """A node id Mermaid accepts whatever the checkpoint id (synced ids come from other labs):
-    letters, digits and `_`, prefixed so that no id is a Mermaid keyword (`end`, `graph`)."""
-    return "n_" + "".join(c if c.isascii() and c.isalnum() else f"_{ord(c):x}_"
-                          for c in str(ck_id))

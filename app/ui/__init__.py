@@ -14,7 +14,8 @@ from pathlib import Path
 
 import plugins
 from app.lab import Lab
-from app.ui import compare_view, forms_view, jobs_view, registry_view
+from app.ui import (compare_view, forms_view, home_view, jobs_view, navigation,
+                    playground_view, registry_view)
 # the handlers, importable from app.ui as before the views had modules of their own
 from app.ui.compare_view import compare, lineage_chain
 from app.ui.forms_view import load_yaml, preview, preview_data, submit_form
@@ -49,26 +50,48 @@ HEAD = "".join(f"<script>\n{p.read_text()}\n</script>\n" for p in sorted(_STATIC
 
 
 def build_app(lab: Lab):
-    """The workbench for `lab`: a tab per plugin, then Jobs, Registry and Compare."""
+    """The workbench for `lab`: Home, Playground, a tab per plugin, then Jobs, Registry and
+    Compare, under a navigation bar."""
     import gradio as gr
 
     found = plugins.discover()
     choices = checkpoint_choices(lab)
-    with gr.Blocks(title="Weightsmith") as app:
-        text_md(f"# Weightsmith\nLab `{lab.root}`")
-        with gr.Tabs() as tabs:
-            # tabs follow the work: Home, Playground, the operations (Plugin.order), Jobs,
-            # Registry, Compare
+    operations = sorted(found.values(), key=lambda p: (p.order, p.title))
+    # Gradio's cache (checkpoint zips, files handlers return) ages out after a day
+    with gr.Blocks(title="Weightsmith", delete_cache=(3600, 86400)) as app:
+        text_md("# Weightsmith")
+        # tabs follow the work: Home, Playground, the operations (Plugin.order), Jobs,
+        # Registry, Compare; the bar above them wraps where Gradio's tab strip would fold
+        nav = navigation.bar([("home", "Home"), ("playground", "Playground")]
+                             + [(f"plugin-{p.name}", p.title) for p in operations]
+                             + [("jobs", "Jobs"), ("registry", "Registry"),
+                                ("compare", "Compare")])
+        with gr.Tabs(elem_id="ws-tabs") as tabs:
+            home = home_view.build(lab)
+            playground = playground_view.build(lab, choices)
             forms = forms_view.build(lab, found, choices)
             jobs = jobs_view.build(lab)
             registry = registry_view.build(lab, tabs, found, forms.first_checkpoint)
             compared = compare_view.build(lab, choices)
+        navigation.wire(app, nav, tabs, jobs.selected, registry.selected)
+        registry.graph.load(app)
+        # Home's demo story: each step's button opens its view filled in
+        story = {key: (f"plugin-{key}", forms.inputs[key],
+                       lambda config, key=key: forms_view.form_values(key, config))
+                 for key in ("merge", "prune", "evaluate") if key in forms.inputs}
+        picked = lambda ids: [gr.Dropdown(choices=checkpoint_choices(lab),  # noqa: E731
+                                          value=ids)]
+        story["compare"] = ("compare", compared.checkpoint_dropdowns[:1], picked)
+        story["playground"] = ("playground", [playground.picks], picked)
+        home_view.wire_story(lab, home, tabs, story)
 
         # Live updates: poll the registry (state lives there, not in this process). The
         # timers stay outside the tabs, whose children are rendered only once opened.
         fast, slow = gr.Timer(1.5), gr.Timer(5.0)
         jobs_view.poll(lab, jobs, fast, slow)
-        dropdowns = forms.checkpoint_dropdowns + compared.checkpoint_dropdowns
+        home_view.poll(lab, home, slow, app)
+        dropdowns = forms.checkpoint_dropdowns + compared.checkpoint_dropdowns + \
+            playground.checkpoint_dropdowns
 
         def refresh_registry(search_text):
             return registry_view.registry_lists(lab, search_text, len(dropdowns))
@@ -86,7 +109,8 @@ def build_app(lab: Lab):
 
 # ------------------------------------------------------------------ per-page server memory
 # Gradio keeps a SessionState per page (session_hash) from its first event on: a copy of every
-# component's config (~0.75 MiB for this app's ~350 components) plus what handlers returned.
+# component's config (~0.75 MiB when the app had ~350 components; it has ~830 since the
+# method-aware forms, the Playground and Home) plus what handlers returned.
 # By default it drops one only past 10,000 pages, closed pages included, so a long-running
 # server grew ~0.95 MiB per page load (bench/load.py --connections). The app keeps no state
 # of its own per page (it all lives in the registry), so Gradio holds at most

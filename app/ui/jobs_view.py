@@ -61,6 +61,20 @@ def job_table(lab: Lab) -> list[list]:
             for r in rows]
 
 
+def job_table_view(lab: Lab, selected: str | None = None):
+    """job_table for the view: the selected job's row is highlighted by its id, so the mark
+    follows the job when newer jobs are inserted above it (Gradio's own cell selection
+    stays at a row number; CSS hides it in this table)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(job_table(lab), columns=JOB_COLUMNS)
+    if not selected or selected not in set(frame["id"]):
+        return frame
+    return frame.style.apply(
+        lambda row: ["background-color: #fed7aa" if row["id"] == selected else ""] * len(row),
+        axis=1)
+
+
 def job_detail(lab: Lab, job_id: str | None) -> tuple[str, str, str, object]:
     """(status markdown, progress bar HTML, log tail, metrics DataFrame) for one job."""
     import pandas as pd
@@ -196,10 +210,10 @@ def build(lab: Lab) -> JobsView:
 
     with gr.Tab("Jobs", id="jobs"):
         gpus = text_md(gpu_summary, elem_id="gpus")
-        table = gr.Dataframe(headers=JOB_COLUMNS, value=lambda: job_table(lab),
-                             interactive=False, label="Jobs")
+        table = gr.Dataframe(headers=JOB_COLUMNS, value=lambda: job_table_view(lab),
+                             interactive=False, label="Jobs", elem_id="jobs-table")
         with gr.Row():
-            selected = gr.Textbox(label="Selected job", scale=3)
+            selected = gr.Textbox(label="Selected job", scale=3, elem_id="selected-job")
             stop = gr.Button("Stop", variant="stop", scale=1)
             retry = gr.Button("Retry", scale=1)
             resume = gr.Button("Resume", scale=1)
@@ -218,6 +232,8 @@ def build(lab: Lab) -> JobsView:
         action = text_md(elem_id="job-action")
 
     copy_first_cell(table, selected)
+    selected.change(lambda j: job_table_view(lab, j), inputs=selected, outputs=table,
+                    api_visibility="private", show_progress="hidden")
     selected.change(lambda j: live_job(lab, j)[:4], inputs=selected,
                     outputs=[status, progress, log, plot], api_name="job_detail")
     plot_metrics.change(lambda j, c: live_job(lab, j, c)[3], inputs=[selected, plot_metrics],
@@ -242,7 +258,7 @@ def build(lab: Lab) -> JobsView:
 def poll(lab: Lab, view: JobsView, fast, slow) -> None:
     """Keep the tab live: the job list and the selected job on the `fast` gr.Timer, the GPU
     line on the `slow` one."""
-    fast.tick(lambda j, c: (job_table(lab), *live_job(lab, j, c)),
+    fast.tick(lambda j, c: (job_table_view(lab, j), *live_job(lab, j, c)),
               inputs=[view.selected, view.plot_metrics],
               outputs=[view.table, view.status, view.progress, view.log, view.plot,
                        view.plot_metrics],

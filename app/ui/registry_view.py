@@ -1,6 +1,9 @@
-"""The Registry tab: the checkpoints, the selected one's details and lineage graph (Mermaid),
-its per-layer series, the suggested next step ("Use as input of"), and import, delete,
-publish to the Hub and registry sync."""
+"""The Registry tab: the checkpoints, the selected one's details, the Python that loads it and
+a zip of its folder, its lineage graph (Mermaid: around it or the whole lab, the scores one
+picks on the nodes; static/lineage.js makes nodes clickable and the graph pan and zoom), its
+per-layer series, the suggested next step ("Use as input of"), and import, delete, publish to
+the Hub and registry sync. `lineage_block` and `lab_graph_markdown` draw the graph on other
+tabs too."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +41,7 @@ def checkpoint_detail(lab: Lab, ck_id: str | None) -> tuple[str, str, dict]:
             parents = reg.parents(row["id"])
             evaluations = reg.evaluations(row["id"])
             deltas = reg.score_deltas(row["id"])
-            graph = reg.lineage_mermaid(row["id"], max_depth=20)
+            graph = reg.lineage(row["id"], max_depth=LINEAGE_DEPTH)
     except RegistryError as e:
         return markup.md(e), "", {}
     md = markup.md  # every value below may be a member's text: shown literally
@@ -58,7 +61,9 @@ def checkpoint_detail(lab: Lab, ck_id: str | None) -> tuple[str, str, dict]:
                     + (f" at {md(row['hub_commit'][:12])}" if row.get("hub_commit") else "")
                     + (f" · {md(row['sync_error'])}" if row.get("sync_status") == "sync_failed"
                        else ""))
-    if not row["path"]:
+    if row["path"]:
+        summary += f"\n\nFolder: {md(row['path'])}"
+    else:
         summary += "\n\nRemote only: no files in this lab (import its Hub id to get them)."
     if deltas:  # a table: one row per metric, one column per parent
         names = list(dict.fromkeys(d["parent_name"] for d in deltas))
@@ -89,7 +94,299 @@ def checkpoint_detail(lab: Lab, ck_id: str | None) -> tuple[str, str, dict]:
                "folder": row["path"], "files": files,
                "evaluations": [{k: e[k] for k in ("task", "metric", "value", "job_id")}
                                for e in evaluations]}
-    return summary, f"```mermaid\n{graph}\n```", details
+    return summary, graph_markdown(graph), details
+
+
+# ---------------------------------------------------------------------------- lineage graph
+LINEAGE_DEPTH = 20  # generations drawn above and below the selected checkpoint
+AROUND, WHOLE_LAB = "Ancestors and descendants", "Whole lab"
+LAB_LIMIT = 100  # the whole lab's graph: the latest this many checkpoints (0: all)
+LAB_MAX = 1000  # ... and never more than this many read ("all" in a lab of 100k)
+
+
+def graph_markdown(graph: dict | None, scores: list[str] | None = None) -> str:
+    """Markdown with the Mermaid flowchart of a lineage graph (registry/lineage.py), `scores`
+    ("task/metric" keys) on its nodes (None: one headline metric per task). A graph over
+    Mermaid's limits is cut to what it draws, with a line saying so. Show it in an element
+    with class "ws-lineage" (`lineage_block` makes one): lineage.js then makes its nodes open
+    their checkpoint and lets it pan and zoom."""
+    from registry import lineage
+
+    if not graph or not graph["nodes"]:
+        return "No checkpoints to draw."
+    if scores is None:
+        scores = lineage.default_scores(graph)
+    shown, left_out = lineage.fit(graph, scores)
+    text = f"```mermaid\n{lineage.mermaid(shown, scores)}\n```"
+    if left_out:
+        text += (f"\n\nShowing {len(shown['nodes'])} of {len(graph['nodes'])} checkpoints "
+                 f"(the nearest, or the newest): Mermaid draws at most "
+                 f"{lineage.MAX_EDGES} edges and {lineage.MAX_CHARS:,} characters. Narrow it "
+                 f"with the name filter or the number of checkpoints.")
+    return text
+
+
+def _limit(limit) -> int:
+    """The number of checkpoints to read for the whole lab's graph: 0 (or nothing) means
+    all, up to LAB_MAX (Mermaid could never draw more: `lineage.fit` keeps the newest)."""
+    try:
+        n = int(limit or 0)
+    except (TypeError, ValueError, OverflowError):
+        n = 0
+    return min(n, LAB_MAX) if n > 0 else LAB_MAX
+
+
+def lineage_graph(lab: Lab, ck_id: str | None, whole_lab: bool = False, limit=LAB_LIMIT,
+                  search: str | None = None) -> dict | None:
+    """The graph to draw: the lab's (the latest `limit`, 0 or None: all, names containing
+    `search`), or the selected checkpoint's ancestors and descendants; None when there is
+    no checkpoint to draw around (or it is not in the registry)."""
+    with lab.registry() as reg:
+        if whole_lab:
+            return reg.lab_graph(_limit(limit), (search or "").strip() or None)
+        if not ck_id:
+            return None
+        try:
+            return reg.lineage(ck_id, max_depth=LINEAGE_DEPTH)
+        except RegistryError:
+            return None
+
+
+def lab_graph_markdown(lab: Lab, limit=LAB_LIMIT, search: str | None = None,
+                       scores: list[str] | None = None) -> str:
+    """The whole lab's lineage graph as Markdown (for the Home tab and others): the latest
+    `limit` checkpoints (0 or None: all) whose name or id contains `search`, `scores` on the
+    nodes (None: one headline metric per task). Put it in a gr.Markdown with
+    elem_classes=["ws-lineage"] (or use `lineage_block`)."""
+    return graph_markdown(lineage_graph(lab, None, True, limit, search), scores)
+
+
+def lineage_view(lab: Lab, ck_id: str | None, mode: str | None, limit, search: str | None,
+                 scores: list[str] | None, keep_scores: bool = True) -> tuple[str, object]:
+    """(the graph's Markdown, the "Scores on nodes" update): the choices are every score
+    key in the graph; the value keeps the picked keys still there (`keep_scores`), else the
+    defaults."""
+    import gradio as gr
+
+    from registry import lineage
+
+    graph = lineage_graph(lab, ck_id, mode == WHOLE_LAB, limit, search)
+    if graph is None:
+        return ("Select a checkpoint in the table." if mode != WHOLE_LAB else
+                "No checkpoints to draw."), gr.Dropdown(choices=[], value=[], multiselect=True)
+    keys = lineage.score_keys(graph)
+    picked = [k for k in scores or [] if k in keys] if keep_scores and scores is not None \
+        else lineage.default_scores(graph)
+    return graph_markdown(graph, picked), gr.Dropdown(choices=keys, value=picked,
+                                                      multiselect=True)
+
+
+def graph_scores(lab: Lab, ck_id: str | None, mode: str | None, limit,
+                 search: str | None) -> object:
+    """The "Scores on nodes" of a newly selected graph: all its keys, the defaults picked."""
+    import gradio as gr
+
+    from registry import lineage
+
+    graph = lineage_graph(lab, ck_id, mode == WHOLE_LAB, limit, search)
+    if graph is None:
+        return gr.Dropdown(choices=[], value=[], multiselect=True)
+    return gr.Dropdown(choices=lineage.score_keys(graph), value=lineage.default_scores(graph),
+                       multiselect=True)
+
+
+@dataclass
+class LineageBlock:
+    """A lineage graph and its controls (`lineage_block`). `load(app)` draws it when the
+    page loads (a block with no selected checkpoint: the whole lab)."""
+
+    mode: object | None
+    limit: object | None
+    search: object | None
+    scores: object
+    graph: object
+    draw: object = None  # (ck, mode, limit, search) -> (graph markdown, scores update)
+    inputs: list | None = None
+
+    def load(self, app) -> None:
+        """Draw the graph as it is now on each page load of `app` (the gr.Blocks)."""
+        app.load(self.draw, inputs=self.inputs, outputs=[self.graph, self.scores],
+                 api_visibility="private", show_progress="hidden")
+
+
+def lineage_block(lab: Lab, elem_id: str = "lineage", whole_lab: bool = True,
+                  selected=None, label: str = "Lineage") -> LineageBlock:
+    """A lineage graph with "Scores on nodes" and, with `whole_lab`, the choice between the
+    `selected` checkpoint's lineage (a gr.Textbox; None: only the whole lab) and the whole
+    lab's (latest N, name filter). Call inside a gr.Blocks; the events are wired here. A
+    click on a node opens that checkpoint in the Registry tab (lineage.js), from any tab."""
+    import gradio as gr
+
+    mode = limit = search = None
+    if whole_lab:
+        with gr.Row():
+            if selected is not None:
+                mode = gr.Radio([AROUND, WHOLE_LAB], value=AROUND, label="Graph", scale=2,
+                                elem_id=f"{elem_id}-mode")
+            limit = gr.Number(value=LAB_LIMIT, precision=0, minimum=0, scale=1,
+                              label="Whole lab: latest N checkpoints (0: all)",
+                              elem_id=f"{elem_id}-limit")
+            search = gr.Textbox(label="Whole lab: name filter", scale=2,
+                                elem_id=f"{elem_id}-search")
+    scores = gr.Dropdown(choices=[], value=[], multiselect=True, label="Scores on nodes",
+                         elem_id=f"{elem_id}-scores",
+                         info="Scores shown on the graph's nodes (task/metric)")
+    graph = text_md(label=label, elem_id=elem_id, elem_classes=["ws-lineage"])
+    block = LineageBlock(mode, limit, search, scores, graph)
+    ck = selected if selected is not None else gr.State(None)
+    state_default = WHOLE_LAB if selected is None else AROUND
+    state_mode = mode if mode is not None else gr.State(state_default)
+    extra = [limit if limit is not None else gr.State(LAB_LIMIT),
+             search if search is not None else gr.State("")]
+
+    def redraw(c, m, n, q, picked):
+        return lineage_view(lab, c, m, n, q, picked)[0]
+
+    def repick(c, m, n, q):
+        return lineage_view(lab, c, m, n, q, None, keep_scores=False)
+
+    inputs = [ck, state_mode, *extra]
+    # programmatic updates of the dropdown fire .change, not .input: no redraw loops
+    scores.input(redraw, inputs=inputs + [scores], outputs=graph,
+                 api_visibility="private", show_progress="hidden")
+    triggers = ([mode.input] if mode is not None else []) + [
+        event for box in (limit, search) if box is not None for event in (box.submit, box.blur)]
+    if triggers:
+        gr.on(triggers, repick, inputs=inputs, outputs=[graph, scores],
+              api_visibility="private")
+    block.draw = lambda c=None, m=None, n=LAB_LIMIT, q="": repick(c, m or state_default, n, q)
+    block.inputs = inputs
+    return block
+
+
+def load_code(lab: Lab, ck_id: str | None) -> str:
+    """The Python that loads a checkpoint: `from_pretrained` of its folder, or for a PEFT
+    adapter the adapter over its base model. Paths are Python string literals (json.dumps:
+    quotes and backslashes escaped), shown in a gr.Code, never as Markdown."""
+    import json
+
+    if not ck_id:
+        return ""
+    with lab.registry() as reg:
+        row = reg.find_checkpoint(ck_id)
+        if row is None:
+            return ""
+        parents = reg.parents(row["id"])
+        base_edge = next((p for p in parents if p["role"] == "base"), None) or \
+            (parents[0] if parents else None)
+        base = reg.get_checkpoint(base_edge["parent_id"]) if base_edge else None
+    where = _load_ref(row)
+    if where is None:
+        return "# Remote only: no files in this lab (import its Hub id to get them)."
+    if row["kind"] == "task_vector":
+        return (f"# A task vector, not a model: apply it with the task_vector plugin.\n"
+                f"path = {json.dumps(where)}")
+    if row["kind"] == "adapter" or row["relation"] == "adapter":
+        base_ref = _load_ref(base) if base else None
+        if base_ref is None:
+            return ("# A PEFT adapter whose base model has no files in this lab.\n"
+                    f"path = {json.dumps(where)}")
+        return ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+                f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
+                f"{json.dumps(base_ref)}), {json.dumps(where)})")
+    return ("from transformers import AutoModelForCausalLM\n\n"
+            f"model = AutoModelForCausalLM.from_pretrained({json.dumps(where)})")
+
+
+def _load_ref(row: dict | None) -> str | None:
+    """What from_pretrained takes for a checkpoint: its folder here, else its Hub id."""
+    if row is None:
+        return None
+    if row.get("path"):
+        return row["path"]
+    if row.get("hub_repo"):
+        return row["hub_repo"]
+    source = row.get("source") or ""
+    return source[len("hf://"):] if source.startswith("hf://") else None
+
+
+class DownloadRefused(Exception):
+    """A checkpoint zip that is not made: the message says why."""
+
+
+def checkpoint_zip(lab: Lab, ck_id: str | None, user: str | None, dest: Path) -> Path:
+    """Zip a checkpoint's folder (ZIP_STORED: weights do not compress, and storing is as fast
+    as copying) into `dest`, for `user`. Members see the whole lab (app/auth.py), so in a lab
+    with users any logged-in member may; a request with no user is refused there. A lab
+    without users serves only on the loopback, to its one user. Refused: a deleted or
+    remote-only checkpoint, a folder that is gone, and (in a restricted lab) a folder outside
+    the lab's roots. Symbolic links are left out. One zip per checkpoint and content, reused
+    while it exists; written to a temporary name and renamed into place."""
+    import os
+    import re
+    import tempfile
+    import zipfile
+
+    from app.paths import check_path, restricted
+
+    if not ck_id:
+        raise DownloadRefused("Select a checkpoint first.")
+    if user is None and auth.has_users(lab):
+        raise DownloadRefused("this lab has users: log in to download checkpoints")
+    try:
+        with lab.registry() as reg:
+            row = reg.checkpoint(ck_id)
+    except RegistryError as e:
+        raise DownloadRefused(str(e)) from None
+    if row.get("deleted_at"):
+        raise DownloadRefused(f"{row['name']} ({row['id']}) was deleted")
+    if not row["path"]:
+        raise DownloadRefused(f"{row['name']} ({row['id']}) is remote only: it has no files "
+                              f"in this lab (import its Hub id to get them)")
+    folder = Path(row["path"])
+    if not folder.is_dir():
+        raise DownloadRefused(f"the folder of {row['name']} ({row['id']}), {folder}, is "
+                              f"missing")
+    if restricted(lab) and check_path(lab, "path", str(folder)):
+        raise DownloadRefused(f"the folder of {row['name']} ({row['id']}) is outside the "
+                              f"lab's roots")
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", row["name"])[:80].lstrip(".") or row["id"]
+    stamp = re.sub(r"[^A-Za-z0-9]", "", row.get("content_hash") or "")[:12] or "files"
+    target = dest / f"{row['id']}-{stamp}" / f"{safe}.zip"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)  # one per call: two downloads of the same checkpoint do not collide
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for file in sorted(folder.rglob("*")):
+                if file.is_symlink() or not file.is_file():
+                    continue
+                zf.write(file, f"{safe}/{file.relative_to(folder).as_posix()}")
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def download_checkpoint(lab: Lab, ck_id: str | None, user: str | None = None) -> tuple:
+    """The "Download as zip" button: (the file for the gr.File, a message). The zip goes to
+    Gradio's cache folder, which serves it without another copy."""
+    import gradio as gr
+    from gradio.utils import get_upload_folder
+
+    try:
+        path = checkpoint_zip(lab, ck_id, user, Path(get_upload_folder()) / "weightsmith-zips")
+    except DownloadRefused as e:
+        return gr.File(value=None, visible=False), f"**Not downloaded:** {markup.md(e)}"
+    except OSError as e:
+        return gr.File(value=None, visible=False), f"**Not downloaded:** {markup.md(e)}"
+    size = path.stat().st_size
+    shown = f"{size / 2 ** 20:.1f} MiB" if size >= 2 ** 20 else f"{size / 2 ** 10:.1f} KiB"
+    return gr.File(value=str(path), visible=True), f"Zip ready: {shown}."
 
 
 def suggested_next(lab: Lab, ck_id: str | None) -> tuple[str | None, str]:
@@ -266,6 +563,8 @@ class RegistryView:
 
     search: object
     table: object
+    selected: object = None  # the selected checkpoint's id (the URL's ck)
+    graph: object = None     # its lineage_block
 
 
 def build(lab: Lab, tabs, found: dict, first_checkpoint: dict) -> RegistryView:
@@ -280,14 +579,24 @@ def build(lab: Lab, tabs, found: dict, first_checkpoint: dict) -> RegistryView:
             refresh = gr.Button("Refresh", scale=1)
         table = gr.Dataframe(headers=CK_COLUMNS, value=lambda: checkpoint_table(lab),
                              interactive=False, label="Checkpoints")
-        selected = gr.Textbox(label="Selected checkpoint")
+        # lineage.js sets this box when a graph's node is clicked, on any tab
+        selected = gr.Textbox(label="Selected checkpoint", elem_id="selected-checkpoint")
         summary = text_md()
+        with gr.Row():
+            load = gr.Code(label="Load it in Python", language="python", interactive=False,
+                           wrap_lines=True, elem_id="load-code", scale=3)
+            with gr.Column(scale=1):
+                download = gr.Button("Download as zip", elem_id="download-zip")
+                zipped = gr.File(label="Checkpoint zip", visible=False, interactive=False,
+                                 elem_id="download-file")
+                download_msg = text_md(elem_id="download-message")
         with gr.Row():
             use_plugin = gr.Dropdown(choices=[(found[n].title, n) for n in first_checkpoint],
                                      label="Use as input of", scale=2)
             use = gr.Button("Use as input", scale=1)
         next_hint = text_md(elem_id="next-step")
-        lineage = text_md(label="Lineage", elem_id="lineage")
+        graph = lineage_block(lab, "lineage", whole_lab=True, selected=selected)
+        lineage = graph.graph
         per_layer = gr.BarPlot(x="layer", y="value", color="series", label="Per layer",
                                visible=False)
         details = gr.JSON(label="Config, versions, files, evaluations")
@@ -302,6 +611,19 @@ def build(lab: Lab, tabs, found: dict, first_checkpoint: dict) -> RegistryView:
                         api_visibility="private")
     selected.change(lambda c: checkpoint_detail(lab, c), inputs=selected,
                     outputs=[summary, lineage, details], api_name="checkpoint_detail")
+    selected.change(lambda c, n, q: (gr.Radio(value=AROUND),
+                                     graph_scores(lab, c, AROUND, n, q)),
+                    inputs=[selected, graph.limit, graph.search],
+                    outputs=[graph.mode, graph.scores], api_visibility="private")
+    selected.change(lambda c: (load_code(lab, c), gr.File(value=None, visible=False), ""),
+                    inputs=selected, outputs=[load, zipped, download_msg],
+                    api_visibility="private")
+
+    def on_download(request: gr.Request, c):
+        return download_checkpoint(lab, c, request_user(request))
+
+    download.click(on_download, inputs=selected, outputs=[zipped, download_msg],
+                   api_name="download_checkpoint")
     selected.change(lambda c: next_step(lab, c), inputs=selected,
                     outputs=[use_plugin, next_hint], api_name="next_step")
     selected.change(lambda c: show_per_layer(lab, c), inputs=selected, outputs=per_layer,
@@ -310,7 +632,7 @@ def build(lab: Lab, tabs, found: dict, first_checkpoint: dict) -> RegistryView:
     use.click(lambda p, c: use_as_input(p, c, names), inputs=[use_plugin, selected],
               outputs=[tabs] + [first_checkpoint[n] for n in names], api_name="use_as_input",
               api_visibility="private")
-    return RegistryView(search, table)
+    return RegistryView(search, table, selected, graph)
 
 
 def _checkpoint_actions(lab: Lab, selected) -> None:

@@ -10,7 +10,8 @@ from typing import Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from plugins import CheckpointRef, DataRef, LocalFile, Plugin, PluginConfig
+from plugins import (ADVANCED, CPU_LABS_ONLY, GPU_LABS_ONLY, LOG_SCALE, CheckpointRef, DataRef,
+                     LocalFile, Plugin, PluginConfig, form_hints)
 from plugins.kit.trainer import (CpuProcesses, DistributedMode, GpuCount, PREVIEW_ROWS,
                                  check_layer_list, check_resumable, data_parallel_lab_problems,
                                  data_parallel_problem, data_parallel_resources, length_table,
@@ -27,53 +28,72 @@ class Config(PluginConfig):
         "Domain text: a local .txt, .jsonl, .json, .csv or .parquet file, a folder of them, "
         "or a Hub dataset id. Each row of text_column is one document."))
     text_column: str = Field("text", min_length=1, description="Column holding the text "
-                                                               "(plain .txt: 'text').")
+                                                               "(plain .txt: 'text').",
+                             json_schema_extra=ADVANCED)
     replay_data: Optional[DataRef] = Field(None, description=(
         "General (upstream) text mixed into the domain stream, same forms as data."))
     replay_ratio: float = Field(0.0, ge=0, le=0.9, description=(
         "Fraction of training blocks drawn from replay_data (0.25: one in four)."))
     domain_subset_blocks: Optional[int] = Field(None, ge=1, description=(
         "Train on only this many domain blocks (a seeded choice), repeated for as many "
-        "epochs as the steps need: the small high-quality subset strategy."))
+        "epochs as the steps need: the small high-quality subset strategy."),
+        json_schema_extra=ADVANCED)
     block_size: Optional[int] = Field(None, ge=8, description=(
         "Tokens per packed block (documents joined with the EOS token). Empty: the model's "
-        "max_position_embeddings, at most 1024."))
+        "max_position_embeddings, at most 1024."),
+        json_schema_extra=ADVANCED)
     max_steps: int = Field(200, ge=1, description="Optimizer steps.")
     batch_size: int = Field(8, ge=1, le=4096, description="Blocks per device per step.")
     gradient_accumulation: int = Field(1, ge=1, le=1024, description="Steps accumulated per "
-                                                                     "optimizer update.")
+                                                                     "optimizer update.",
+                                       json_schema_extra=ADVANCED)
     max_learning_rate: float = Field(3e-4, gt=0, le=1, description=(
-        "Peak learning rate reached by the linear re-warm-up."))
+        "Peak learning rate reached by the linear re-warm-up."),
+        json_schema_extra=LOG_SCALE)
     min_learning_rate: float = Field(3e-5, ge=0, le=1, description=(
-        "Learning rate at the end of the cosine decay."))
+        "Learning rate at the end of the cosine decay."),
+        json_schema_extra=form_hints(LOG_SCALE, ADVANCED))
     warmup_ratio: float = Field(0.01, ge=0, lt=1, description=(
-        "Fraction of the steps spent re-warming (Gupta et al. 2023 use about 1%)."))
-    weight_decay: float = Field(0.1, ge=0, le=1, description="AdamW weight decay.")
+        "Fraction of the steps spent re-warming (Gupta et al. 2023 use about 1%)."),
+        json_schema_extra=ADVANCED)
+    weight_decay: float = Field(0.1, ge=0, le=1, description="AdamW weight decay.",
+                                json_schema_extra=ADVANCED)
     trainable_layers: Optional[str] = Field(None, description=(
         "Train only these decoder layers (comma-separated), or 'new' for the blocks a "
-        "scale_layers block expansion added (LLaMA Pro). Empty: every weight."))
+        "scale_layers block expansion added (LLaMA Pro). Empty: every weight."),
+        json_schema_extra=ADVANCED)
     new_tokens: list[str] = Field(default_factory=list, description=(
         "Domain tokens to add to the vocabulary; each new embedding starts as the mean of "
-        "its old sub-token embeddings."))
+        "its old sub-token embeddings."),
+        json_schema_extra=ADVANCED)
     domain_eval_file: Optional[LocalFile] = Field(None, description=(
         "Held-out domain text for the stability-gap curve. Empty: eval_blocks blocks held "
-        "out of data."))
+        "out of data."),
+        json_schema_extra=ADVANCED)
     general_eval_file: Optional[LocalFile] = Field(None, description=(
-        "Held-out general text for the stability-gap curve. Empty: the demo held-out text."))
-    eval_blocks: int = Field(16, ge=1, le=4096, description="Blocks per held-out set.")
+        "Held-out general text for the stability-gap curve. Empty: the demo held-out text."),
+        json_schema_extra=ADVANCED)
+    eval_blocks: int = Field(16, ge=1, le=4096, description="Blocks per held-out set.",
+                             json_schema_extra=ADVANCED)
     eval_steps: int = Field(20, ge=1, description="Measure both perplexities every N steps "
-                                                  "(and before the first).")
-    logging_steps: int = Field(10, ge=1, description="Training metrics every N steps.")
+                                                  "(and before the first).",
+                            json_schema_extra=ADVANCED)
+    logging_steps: int = Field(10, ge=1, description="Training metrics every N steps.",
+                               json_schema_extra=ADVANCED)
     save_steps: int = Field(100, ge=0, description=(
         "Register an intermediate checkpoint (and keep the resume state) every N steps; "
-        "0: only the final checkpoint."))
-    seed: int = Field(0, description="Random seed (data order, subset choice).")
+        "0: only the final checkpoint."),
+        json_schema_extra=ADVANCED)
+    seed: int = Field(0, description="Random seed (data order, subset choice).",
+                      json_schema_extra=ADVANCED)
     resume_job: Optional[str] = Field(None, pattern=r"^job-[0-9a-f]+$", description=(
         "Continue this cancelled or failed continue_pretrain job from its last saved state. "
-        "The other settings must be the same."))
-    gpus: GpuCount = 1
-    distributed: DistributedMode = "ddp"
-    cpu_processes: CpuProcesses = 1
+        "The other settings must be the same."),
+        json_schema_extra=ADVANCED)
+    gpus: GpuCount = Field(1, json_schema_extra=GPU_LABS_ONLY)
+    distributed: DistributedMode = Field("ddp",
+                                         json_schema_extra=form_hints(GPU_LABS_ONLY, ADVANCED))
+    cpu_processes: CpuProcesses = Field(1, json_schema_extra=form_hints(CPU_LABS_ONLY, ADVANCED))
     name: Optional[str] = Field(None, min_length=1, max_length=100,
                                 description="Name of the new checkpoint. Empty: derived.")
 

@@ -14,7 +14,8 @@ from typing import Annotated, Optional
 
 from pydantic import Field, model_validator
 
-from plugins import CheckpointRef, CodePath, DataRef, LabFacts, LocalFile, Plugin, PluginConfig
+from plugins import (ADVANCED, CheckpointRef, CodePath, DataRef, LabFacts, LocalFile, Plugin,
+                     PluginConfig)
 
 from plugins.kit.assets import DEMO_HELDOUT as DEMO_TEXT
 
@@ -37,21 +38,27 @@ class Config(PluginConfig):
                           "lm-eval tasks are given.")
     window: int = Field(256, ge=2, le=131072,
                         description="Perplexity: tokens per window (context length used for "
-                                    "scoring).")
+                                    "scoring).",
+                        json_schema_extra=ADVANCED)
     stride: Optional[int] = Field(
         None, ge=1, description="Perplexity: tokens between window starts; each window scores "
-                                "only its new tokens. Empty: half the window.")
+                                "only its new tokens. Empty: half the window.",
+        json_schema_extra=ADVANCED)
     batch_size: int = Field(8, ge=1, le=1024,
-                            description="Windows or task items per forward pass.")
+                            description="Windows or task items per forward pass.",
+                            json_schema_extra=ADVANCED)
     max_tokens: Optional[int] = Field(
         None, ge=2, description="Perplexity: score only the first N tokens of the text (quick "
-                                "checks).")
+                                "checks).",
+        json_schema_extra=ADVANCED)
     task: Optional[str] = Field(
         None, min_length=1, max_length=100,
-        description="Name the text file's scores are stored under. Empty: 'ppl:<file name>'.")
+        description="Name the text file's scores are stored under. Empty: 'ppl:<file name>'.",
+        json_schema_extra=ADVANCED)
     limit: Optional[int] = Field(
         None, ge=1, description="Score only the first N items of each suite or lm-eval task "
-                                "(quick checks). Empty: all.")
+                                "(quick checks). Empty: all.",
+        json_schema_extra=ADVANCED)
     lm_eval_tasks: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")]] = Field(
         default_factory=list, description="lm-evaluation-harness tasks by name (needs the "
                                           "`lm-eval` extra), e.g. [hellaswag] or the name of a "
@@ -59,12 +66,15 @@ class Config(PluginConfig):
     lm_eval_include_path: Optional[CodePath] = Field(
         None, description="Folder of lm-eval task YAMLs to add to the task index (works "
                           "offline for local data). Its YAMLs may import Python, so in a "
-                          "shared lab it must lie in one of the admin's code_roots.")
+                          "shared lab it must lie in one of the admin's code_roots.",
+        json_schema_extra=ADVANCED)
     lm_eval_num_fewshot: Optional[int] = Field(
-        None, ge=0, le=64, description="lm-eval few-shot examples. Empty: each task's default.")
+        None, ge=0, le=64, description="lm-eval few-shot examples. Empty: each task's default.",
+        json_schema_extra=ADVANCED)
     reuse_scores: bool = Field(
         True, description="Reuse a task's scores measured before on a checkpoint with the "
-                          "same weights (content hash) and the same task settings and data.")
+                          "same weights (content hash) and the same task settings and data.",
+        json_schema_extra=ADVANCED)
 
     @model_validator(mode="after")
     def _consistent(self):

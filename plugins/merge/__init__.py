@@ -17,7 +17,8 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from ops.merge import METHODS as NATIVE_METHODS, native_refusal
-from plugins import CheckpointRef, LongText, Plugin, PluginConfig
+from plugins import (ADVANCED, METHOD_SELECTOR, CheckpointRef, LongText, Plugin,
+                     PluginConfig, for_methods)
 
 METHODS = ("linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_ties", "dare_linear",
            "breadcrumbs", "della", "model_stock", "passthrough")
@@ -29,40 +30,62 @@ ENGINES = ("auto", "native", "mergekit")
 
 
 class Config(PluginConfig):
+    # Which methods read weights, density, t and base_model (the form shows each field only
+    # for those) is mergekit's own spec of each method, not a table of ours:
+    # mergekit.merge_methods.get(method).spec.parameters (weight, density, t) and
+    # .spec.contract.base (a base model required or optional); density counts only where the
+    # method sparsifies (a GeneralizedTaskArithmeticMerge with a sparsification_method).
+    # Written out here because importing mergekit imports torch, which the form never does;
+    # tests/test_forms.py::test_merge_fields_follow_mergekits_method_specs recomputes the
+    # lists from the installed mergekit and fails when they differ.
     mergekit_yaml: Optional[LongText] = Field(
-        None, description="A whole mergekit configuration: anything `mergekit-yaml` accepts. "
-                          "Model references may be registry ids, names, folders or Hub ids. "
-                          "Leave empty to merge with the fields below instead.")
-    method: Literal[METHODS] = Field("linear", description="mergekit merge method.")
+        None, json_schema_extra=ADVANCED,
+        description="A whole mergekit configuration: anything `mergekit-yaml` accepts. "
+                    "Model references may be registry ids, names, folders or Hub ids. "
+                    "Leave empty to merge with the fields above instead.")
+    method: Literal[METHODS] = Field("linear", json_schema_extra=METHOD_SELECTOR,
+                                     description="mergekit merge method.")
     models: list[CheckpointRef] = Field(
         default_factory=list, json_schema_extra={"x-weightsmith": "checkpoints"},
         description="The checkpoints to merge (not the base model).")
     weights: Optional[list[float]] = Field(
-        None, description="One weight per model, in order. Empty: 1.0 each (for linear, the "
-                          "plain mean; for task arithmetic, the sum of the task vectors).")
+        None, json_schema_extra=for_methods("linear", "nuslerp", "task_arithmetic", "ties",
+                                            "dare_ties", "dare_linear", "breadcrumbs", "della"),
+        description="One weight per model, in order. Empty: 1.0 each (for linear, the "
+                    "plain mean; for task arithmetic, the sum of the task vectors).")
     density: Optional[float] = Field(
-        None, gt=0, le=1, description="Fraction of each task vector kept (ties, dare_ties, "
-                                      "dare_linear, breadcrumbs, della).")
-    t: Optional[float] = Field(None, ge=0, le=1, description="Interpolation factor from the "
-                                                             "base (0) to the model (1): slerp, "
-                                                             "nuslerp.")
+        None, gt=0, le=1,
+        json_schema_extra=for_methods("ties", "dare_ties", "dare_linear", "breadcrumbs",
+                                      "della"),
+        description="Fraction of each task vector kept (ties, dare_ties, dare_linear, "
+                    "breadcrumbs, della).")
+    t: Optional[float] = Field(None, ge=0, le=1, json_schema_extra=for_methods("slerp"),
+                               description="Interpolation factor from the base (0) to the "
+                                           "model (1): slerp.")
     base_model: Optional[CheckpointRef] = Field(
-        None, description="The base model (task-vector methods, slerp, model_stock).")
+        None, json_schema_extra=for_methods("slerp", "nuslerp", "task_arithmetic", "ties",
+                                            "dare_ties", "dare_linear", "breadcrumbs", "della",
+                                            "model_stock"),
+        description="The base model (task-vector methods, slerp, nuslerp, model_stock).")
     tokenizer_source: Optional[str] = Field(
-        None, description="The output's tokenizer: 'base', 'union', or a model reference. "
-                          "Needed when the vocabularies differ.")
+        None, json_schema_extra=ADVANCED,
+        description="The output's tokenizer: 'base', 'union', or a model reference. "
+                    "Needed when the vocabularies differ.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Dtype the merge is computed and stored in.")
-    seed: int = Field(0, description="Random seed (DARE's random drops).")
+        "float32", json_schema_extra=ADVANCED,
+        description="Dtype the merge is computed and stored in.")
+    seed: int = Field(0, json_schema_extra=ADVANCED,
+                      description="Random seed (DARE's random drops).")
     name: Optional[str] = Field(None, min_length=1, max_length=100,
                                 description="Name of the merged checkpoint. Empty: derived.")
     engine: Literal[ENGINES] = Field(
-        "auto", description="Which engine merges. 'native': the streaming engine ("
-                            f"{', '.join(NATIVE_METHODS)}; tensor by tensor, "
-                            "bounded memory, results bit-identical to mergekit's). "
-                            "'mergekit': mergekit's run_merge. 'auto': native when it covers "
-                            "the configuration, else mergekit; the job log says which ran "
-                            "and why.")
+        "auto", json_schema_extra=ADVANCED,
+        description="Which engine merges. 'native': the streaming engine ("
+                    f"{', '.join(NATIVE_METHODS)}; tensor by tensor, "
+                    "bounded memory, results bit-identical to mergekit's). "
+                    "'mergekit': mergekit's run_merge. 'auto': native when it covers "
+                    "the configuration, else mergekit; the job log says which ran "
+                    "and why.")
 
     @field_validator("engine")
     @classmethod
@@ -113,8 +136,12 @@ class Config(PluginConfig):
                                  f"{len(self.models)} models")
             if self.method in NEEDS_BASE and not self.base_model:
                 raise ValueError(f"method {self.method} needs a base_model")
-            if self.method in ("slerp", "nuslerp") and self.t is None:
-                raise ValueError(f"method {self.method} needs t")
+            # mergekit's nuslerp reads per-model weights, never t (its parameter spec)
+            if self.method == "slerp" and self.t is None:
+                raise ValueError("method slerp needs t")
+            if self.method != "slerp" and self.t is not None:
+                raise ValueError(f"t is read by slerp only, not by {self.method}: leave it "
+                                 f"empty")
         return self
 
 
@@ -149,6 +176,73 @@ def build_mergekit_config(config: Config) -> dict:
         data["tokenizer_source"] = config.tokenizer_source
     return data
 
+
+
+def foreign_config(data: dict) -> Optional[dict]:
+    """A plain mergekit configuration file (what `mergekit-yaml` reads: `merge_method` at the
+    top level) as this plugin's config, for `weightsmith run merge file.yml` and the form's
+    Load YAML; None when `data` is not one.
+
+    When the form's own fields say exactly the same merge (build_mergekit_config of them
+    gives back the file's configuration, value for value: one method, models with per-model
+    weights, one density, base_model, t, dtype, tokenizer_source), the file becomes those
+    fields, so the form shows it field by field. Anything more (slices, a top-level
+    normalize, per-model densities that differ, no dtype, a base model listed among the
+    models...) becomes `mergekit_yaml`, the whole configuration as it is, exactly what
+    wrapping the file in `mergekit_yaml:` gives: nothing in it is dropped or reinterpreted,
+    and the mergekit_yaml checks (references, paths) apply to it as to a pasted one."""
+    if not isinstance(data, dict) or "merge_method" not in data:
+        return None
+    fields = _form_fields(data)
+    if fields is not None:
+        return fields
+    import yaml
+
+    return {"mergekit_yaml": yaml.safe_dump(data, sort_keys=False, allow_unicode=True)}
+
+
+def _form_fields(data: dict) -> Optional[dict]:
+    """The form's fields for a mergekit configuration they describe exactly, else None."""
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if set(data) - {"merge_method", "models", "base_model", "dtype", "parameters",
+                    "tokenizer_source"}:
+        return None
+    models = data.get("models")
+    if not isinstance(models, list) or not models or not isinstance(data.get("merge_method"),
+                                                                       str):
+        return None
+    refs, weights, densities = [], [], []
+    for entry in models:
+        if not isinstance(entry, dict) or set(entry) - {"model", "parameters"}:
+            return None
+        params = entry.get("parameters") or {}
+        if not isinstance(params, dict) or set(params) - {"weight", "density"} \
+                or not all(number(v) for v in params.values()):
+            return None
+        refs.append(entry.get("model"))
+        weights.append(params.get("weight"))
+        densities.append(params.get("density"))
+    shared = data.get("parameters") or {}
+    if not isinstance(shared, dict) or set(shared) - {"t"} or not all(
+            number(v) for v in shared.values()):
+        return None
+    fields: dict = {"method": data["merge_method"], "models": refs}
+    if all(w is not None for w in weights):
+        fields["weights"] = weights
+    if densities[0] is not None:
+        fields["density"] = densities[0]
+    for key, value in (("base_model", data.get("base_model")), ("t", shared.get("t")),
+                       ("dtype", data.get("dtype")),
+                       ("tokenizer_source", data.get("tokenizer_source"))):
+        if value is not None:
+            fields[key] = value
+    try:
+        config = Config.model_validate(fields)
+    except ValueError:  # pydantic's ValidationError: not the form's to show, mergekit's
+        return None
+    return fields if build_mergekit_config(config) == data else None
 
 def parse_mergekit_yaml(text: str) -> dict:
     """A pasted mergekit configuration as a mapping, through the bounded YAML loader
@@ -565,4 +659,5 @@ PLUGIN = Plugin(
     Config=Config,
     run=run,
     referenced_paths=referenced_paths,
+    foreign_config=foreign_config,
 )

@@ -10,7 +10,8 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from plugins import CheckpointRef, LocalFile, NextStep, Plugin, PluginConfig
+from plugins import (ADVANCED, METHOD_SELECTOR, CheckpointRef, LocalFile, NextStep, Plugin,
+                     PluginConfig, for_methods, form_hints)
 
 from plugins.kit.assets import DEMO_CORPUS, DEMO_HELDOUT
 from plugins.kit.textfiles import check_text_file
@@ -39,45 +40,60 @@ class Config(PluginConfig):
     checkpoint: CheckpointRef = Field(description="Checkpoint to prune: registry id, name, "
                                                   "local folder or Hub id.")
     method: Literal["magnitude", "wanda", "sparsegpt", "structured"] = Field(
-        "wanda", description="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
+        "wanda", description="; ".join(f"{k}: {v}" for k, v in METHODS.items()),
+        json_schema_extra=METHOD_SELECTOR)
     sparsity: float = Field(0.5, ge=0, lt=1, description=(
         "Fraction of the decoder's linear weights set to zero (magnitude, wanda, sparsegpt). "
         "structured: the fraction of MLP channels removed from every layer."))
     pattern: Optional[str] = Field(None, description=(
         "N:M semi-structured sparsity, e.g. 2:4 or 4:8: at most N non-zero weights in every M "
-        "consecutive inputs of a row. Replaces sparsity and scope. Empty: unstructured."))
+        "consecutive inputs of a row. Replaces sparsity and scope. Empty: unstructured."),
+        json_schema_extra=for_methods("magnitude", "wanda", "sparsegpt"))
     scope: Optional[Literal["row", "layer", "global"]] = Field(None, description=(
         "Where weights compete: within each output row, within each matrix, or across the "
-        "whole model (magnitude only). Empty: the method's own (wanda: row, others: layer)."))
+        "whole model (magnitude only). Empty: the method's own (wanda: row, others: layer)."),
+        json_schema_extra=form_hints(for_methods("magnitude", "wanda", "sparsegpt"), ADVANCED))
     importance: Literal["magnitude", "taylor"] = Field("magnitude", description=(
         "structured: rank groups by their weight norm, or by first-order Taylor importance "
-        "on the calibration data (needs a backward pass)."))
+        "on the calibration data (needs a backward pass)."),
+        json_schema_extra=for_methods("structured"))
     attention_groups_removed: int = Field(0, ge=0, description=(
         "structured: key/value head groups (each with its query heads, so GQA stays uniform) "
-        "removed from every layer."))
+        "removed from every layer."),
+        json_schema_extra=for_methods("structured"))
     calibration_file: Optional[LocalFile] = Field(None, description=(
         "UTF-8 text, or .jsonl with a 'text' field per line, for activations and importance "
-        "(wanda, sparsegpt, taylor). Empty: the demo corpus (assets/demo/corpus.txt)."))
+        "(wanda, sparsegpt, taylor). Empty: the demo corpus (assets/demo/corpus.txt)."),
+        json_schema_extra=for_methods("wanda", "sparsegpt", "structured"))
     calibration_samples: int = Field(64, ge=1, le=4096, description=(
-        "Calibration windows, drawn at seeded random offsets."))
-    calibration_length: int = Field(128, ge=8, le=8192, description="Tokens per calibration "
-                                                                     "window.")
+        "Calibration windows, drawn at seeded random offsets."),
+        json_schema_extra=form_hints(for_methods("wanda", "sparsegpt", "structured"), ADVANCED))
+    calibration_length: int = Field(128, ge=8, le=8192,
+                                    description="Tokens per calibration window.",
+        json_schema_extra=form_hints(for_methods("wanda", "sparsegpt", "structured"), ADVANCED))
     domain_file: Optional[LocalFile] = Field(None, description=(
         "Domain-aware pruning (D-Pruner style): UTF-8 text of the domain to keep. Importance "
         "becomes (1 - domain_weight) * general + domain_weight * domain, and perplexity is "
-        "reported on both."))
+        "reported on both."),
+        json_schema_extra=form_hints(for_methods("wanda", "sparsegpt", "structured"), ADVANCED))
     domain_weight: float = Field(0.5, ge=0, le=1, description=(
-        "Mixing weight of the domain importance (0: general only, 1: domain only)."))
+        "Mixing weight of the domain importance (0: general only, 1: domain only)."),
+        json_schema_extra=form_hints(for_methods("wanda", "sparsegpt", "structured"), ADVANCED))
     dampening: float = Field(0.01, gt=0, le=1, description=(
-        "sparsegpt: added to the Hessian diagonal, as a fraction of its mean."))
-    block_size: int = Field(128, ge=1, le=4096, description="sparsegpt: columns processed "
-                                                            "per block.")
+        "sparsegpt: added to the Hessian diagonal, as a fraction of its mean."),
+        json_schema_extra=form_hints(for_methods("sparsegpt"), ADVANCED))
+    block_size: int = Field(128, ge=1, le=4096,
+                            description="sparsegpt: columns processed per block.",
+                            json_schema_extra=form_hints(for_methods("sparsegpt"), ADVANCED))
     eval_file: Optional[LocalFile] = Field(None, description=(
         "UTF-8 text on which perplexity is measured before and after. Empty: the demo "
-        "held-out text (assets/demo/heldout.txt)."))
+        "held-out text (assets/demo/heldout.txt)."),
+        json_schema_extra=ADVANCED)
     eval_max_tokens: Optional[int] = Field(None, ge=2, description=(
-        "Measure perplexity on the first N tokens only (quick checks). Empty: all."))
-    seed: int = Field(0, description="Random seed for the calibration windows.")
+        "Measure perplexity on the first N tokens only (quick checks). Empty: all."),
+        json_schema_extra=ADVANCED)
+    seed: int = Field(0, description="Random seed for the calibration windows.",
+                      json_schema_extra=ADVANCED)
     name: Optional[str] = Field(None, min_length=1, max_length=100,
                                 description="Name of the new checkpoint. Empty: derived.")
 

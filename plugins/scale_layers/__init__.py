@@ -7,7 +7,8 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from plugins import CheckpointRef, LocalFile, NextStep, Plugin, PluginConfig
+from plugins import (ADVANCED, METHOD_SELECTOR, CheckpointRef, LocalFile, NextStep, Plugin,
+                     PluginConfig, for_methods, form_hints)
 
 from plugins.kit.assets import DEMO_HELDOUT as DEMO_TEXT
 
@@ -27,27 +28,38 @@ class Config(PluginConfig):
                                                   "local folder or Hub id.")
     method: Literal["depth_upscale", "stack", "block_expansion", "widen_mlp",
                     "prune_depth"] = Field(
-        "block_expansion", description="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
-    solar_overlap: int = Field(8, ge=1, description="depth_upscale: layers cut from the end "
-                                                    "of the first copy and the start of the "
-                                                    "second (32 layers, 8 -> 48 layers).")
-    growth_factor: int = Field(2, ge=1, le=16, description="stack: how many times the layer "
-                                                           "stack is repeated.")
-    expand_every: int = Field(4, ge=1, description="block_expansion: insert a new block after "
-                                                   "every this many layers.")
-    intermediate_size: Optional[int] = Field(None, ge=1, description="widen_mlp: the new MLP "
-                                                                     "width (required).")
-    noise: float = Field(0.0, ge=0, le=1, description="widen_mlp: relative noise on the copied "
-                                                      "neurons to break symmetry (0: exact).")
-    remove_layers: int = Field(1, ge=1, description="prune_depth: how many layers to remove.")
+        "block_expansion", description="; ".join(f"{k}: {v}" for k, v in METHODS.items()),
+        json_schema_extra=METHOD_SELECTOR)
+    solar_overlap: int = Field(
+        8, ge=1, json_schema_extra=for_methods("depth_upscale"),
+        description="depth_upscale: layers cut from the end of the first copy and the start "
+                    "of the second (32 layers, 8 -> 48 layers).")
+    growth_factor: int = Field(2, ge=1, le=16, json_schema_extra=for_methods("stack"),
+                               description="stack: how many times the layer stack is "
+                                           "repeated.")
+    expand_every: int = Field(4, ge=1, json_schema_extra=for_methods("block_expansion"),
+                              description="block_expansion: insert a new block after every "
+                                          "this many layers.")
+    intermediate_size: Optional[int] = Field(None, ge=1, json_schema_extra=for_methods(
+        "widen_mlp"), description="widen_mlp: the new MLP width (required).")
+    noise: float = Field(0.0, ge=0, le=1,
+                         json_schema_extra=form_hints(for_methods("widen_mlp"), ADVANCED),
+                         description="widen_mlp: relative noise on the copied neurons to "
+                                     "break symmetry (0: exact).")
+    remove_layers: int = Field(1, ge=1, json_schema_extra=for_methods("prune_depth"),
+                               description="prune_depth: how many layers to remove.")
     calibration_file: Optional[LocalFile] = Field(
-        None, description="prune_depth: text to measure block influence and perplexity on. "
-                          "Empty: the demo held-out text.")
-    calibration_samples: int = Field(16, ge=1, le=4096, description="prune_depth: number of "
-                                                                     "calibration sequences.")
-    calibration_length: int = Field(128, ge=8, le=8192, description="prune_depth: tokens per "
-                                                                     "calibration sequence.")
-    seed: int = Field(0, description="Random seed (widen_mlp neuron choice and noise).")
+        None, json_schema_extra=form_hints(for_methods("prune_depth"), ADVANCED),
+        description="prune_depth: text to measure block influence and perplexity on. "
+                    "Empty: the demo held-out text.")
+    calibration_samples: int = Field(
+        16, ge=1, le=4096, json_schema_extra=form_hints(for_methods("prune_depth"), ADVANCED),
+        description="prune_depth: number of calibration sequences.")
+    calibration_length: int = Field(
+        128, ge=8, le=8192, json_schema_extra=form_hints(for_methods("prune_depth"), ADVANCED),
+        description="prune_depth: tokens per calibration sequence.")
+    seed: int = Field(0, json_schema_extra=form_hints(for_methods("widen_mlp"), ADVANCED),
+                      description="Random seed (widen_mlp neuron choice and noise).")
     name: Optional[str] = Field(None, min_length=1, max_length=100,
                                 description="Name of the new checkpoint. Empty: derived.")
 

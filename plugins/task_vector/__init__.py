@@ -23,7 +23,8 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from plugins import CheckpointRef, LocalFile, NextStep, Plugin, PluginConfig
+from plugins import (ADVANCED, LOG_SCALE, METHOD_SELECTOR, CheckpointRef, LocalFile, NextStep,
+                     Plugin, PluginConfig, for_methods, form_hints)
 
 from plugins.kit.textfiles import check_text_file
 
@@ -39,53 +40,72 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 class Config(PluginConfig):
     action: Literal[tuple(ACTIONS)] = Field(
-        "extract", description="; ".join(f"{k}: {v}" for k, v in ACTIONS.items()))
+        "extract", description="; ".join(f"{k}: {v}" for k, v in ACTIONS.items()),
+        json_schema_extra=METHOD_SELECTOR)
     finetuned: Optional[CheckpointRef] = Field(
-        None, description="extract: the fine-tuned checkpoint.")
+        None, description="extract: the fine-tuned checkpoint.",
+        json_schema_extra=for_methods("extract"))
     base: Optional[CheckpointRef] = Field(
-        None, description="extract: the checkpoint the fine-tune started from.")
+        None, description="extract: the checkpoint the fine-tune started from.",
+        json_schema_extra=for_methods("extract"))
     target: Optional[CheckpointRef] = Field(
         None, description="apply, learn, graft: the checkpoint the vectors are added to. It "
                           "need not be the vectors' base, only shape-compatible (chat vector: "
                           "add instruct - base to a continually pre-trained model). graft, "
-                          "empty: the vector's own base.")
+                          "empty: the vector's own base.",
+        json_schema_extra=for_methods("apply", "learn", "graft"))
     vectors: list[CheckpointRef] = Field(
-        default_factory=list, json_schema_extra={"x-weightsmith": "checkpoints"},
+        default_factory=list,
+        json_schema_extra=form_hints({"x-weightsmith": "checkpoints"},
+                                     for_methods("apply", "learn", "graft")),
         description="apply, learn: the task vectors (registry artifacts of kind task_vector). "
                     "graft: exactly one.")
     weights: Optional[list[float]] = Field(
         None, description="apply: one lambda per vector, in order (learn: the starting "
-                          "lambdas). Empty: 1.0 each.")
+                          "lambdas). Empty: 1.0 each.",
+        json_schema_extra=for_methods("apply", "learn"))
     layer_scales: Optional[list[float]] = Field(
         None, description="apply: one factor per decoder layer, multiplying every vector's "
                           "lambda on that layer's tensors (e.g. LiNeS: growing with depth). "
-                          "Empty: 1.0.")
+                          "Empty: 1.0.",
+        json_schema_extra=form_hints(for_methods("apply", "learn"), ADVANCED))
     block_scales: Optional[dict[str, float]] = Field(
         None, description="apply: {regular expression: factor}; the first pattern found in a "
                           "tensor's name multiplies its lambda, e.g. {'self_attn': 0.5, "
-                          "'mlp': 1.2, 'embed_tokens|lm_head': 0}. Empty: none.")
+                          "'mlp': 1.2, 'embed_tokens|lm_head': 0}. Empty: none.",
+        json_schema_extra=form_hints(for_methods("apply", "learn"), ADVANCED))
     density: Optional[float] = Field(
         None, gt=0, le=1, description="extract: keep only this fraction of each tensor's "
                                       "entries, the largest in magnitude, stored as values and "
-                                      "indices. Empty: the whole vector.")
-    dtype: Literal[DTYPES] = Field("float32", description="extract: dtype tau is stored in "
-                                                          "(it is computed in float32).")
+                                      "indices. Empty: the whole vector.",
+        json_schema_extra=for_methods("extract"))
+    dtype: Literal[DTYPES] = Field(
+        "float32", description="extract: dtype tau is stored in (it is computed in float32).",
+        json_schema_extra=form_hints(for_methods("extract"), ADVANCED))
     graft_density: float = Field(
         0.01, gt=0, le=1, description="graft: fraction of the vector's entries kept "
-                                      "(the paper grafts about 0.0001 to 0.01).")
+                                      "(the paper grafts about 0.0001 to 0.01).",
+        json_schema_extra=form_hints(for_methods("graft"), LOG_SCALE))
     learn_mask: bool = Field(
         False, description="graft: learn the mask on data_file (sigmoid relaxation, started "
-                           "from the top-k magnitudes) instead of the magnitudes alone.")
+                           "from the top-k magnitudes) instead of the magnitudes alone.",
+        json_schema_extra=for_methods("graft"))
     data_file: Optional[LocalFile] = Field(
         None, description="learn, graft with learn_mask: UTF-8 text, or .jsonl with a 'text' "
-                          "field per line, on which the coefficients (or mask) are trained.")
-    steps: int = Field(50, ge=1, le=100000, description="learn, graft: optimiser steps.")
-    learning_rate: float = Field(0.05, gt=0, description="learn, graft: Adam's step "
-                                                                 "size.")
-    samples: int = Field(16, ge=1, le=4096, description="learn, graft: token windows drawn "
-                                                        "from data_file.")
-    length: int = Field(64, ge=8, le=8192, description="learn, graft: tokens per window.")
-    seed: int = Field(0, description="Random seed for the data windows.")
+                          "field per line, on which the coefficients (or mask) are trained.",
+        json_schema_extra=for_methods("learn", "graft"))
+    steps: int = Field(50, ge=1, le=100000, description="learn, graft: optimiser steps.",
+                       json_schema_extra=form_hints(for_methods("learn", "graft"), ADVANCED))
+    learning_rate: float = Field(
+        0.05, gt=0, description="learn, graft: Adam's step size.",
+        json_schema_extra=form_hints(for_methods("learn", "graft"), LOG_SCALE, ADVANCED))
+    samples: int = Field(16, ge=1, le=4096,
+                         description="learn, graft: token windows drawn from data_file.",
+                         json_schema_extra=form_hints(for_methods("learn", "graft"), ADVANCED))
+    length: int = Field(64, ge=8, le=8192, description="learn, graft: tokens per window.",
+                        json_schema_extra=form_hints(for_methods("learn", "graft"), ADVANCED))
+    seed: int = Field(0, description="Random seed for the data windows.",
+                      json_schema_extra=form_hints(for_methods("learn", "graft"), ADVANCED))
     name: Optional[str] = Field(None, min_length=1, max_length=100,
                                 description="Name of the new checkpoint. Empty: derived.")
 

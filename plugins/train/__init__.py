@@ -10,7 +10,9 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from plugins import CheckpointRef, DataRef, LongText, Plugin, PluginConfig, NextStep, Resources
+from plugins import (ADVANCED, CPU_LABS_ONLY, GPU_LABS_ONLY, LOG_SCALE, METHOD_SELECTOR,
+                     CheckpointRef, DataRef, LongText, Plugin, PluginConfig, NextStep,
+                     Resources, for_methods, form_hints)
 from plugins.kit.trainer import (CpuProcesses, DistributedMode, GpuCount, PREVIEW_ROWS,
                                  check_layer_list, check_resumable, data_parallel_lab_problems,
                                  data_parallel_problem, data_parallel_resources, length_table,
@@ -29,70 +31,99 @@ class Config(PluginConfig):
         "them, or a Hub dataset id."))
     data_format: Literal["auto", "prompt_completion", "messages", "text"] = Field(
         "auto", description="How rows become training text. auto: 'messages' if that column "
-                            "exists, else prompt/completion, else text.")
+                            "exists, else prompt/completion, else text.",
+        json_schema_extra=ADVANCED)
     prompt_column: str = Field("prompt", min_length=1, description="prompt_completion: the "
-                                                                   "prompt column.")
+                                                                   "prompt column.",
+                               json_schema_extra=ADVANCED)
     completion_column: str = Field("completion", min_length=1,
-                                   description="prompt_completion: the completion column.")
+                                   description="prompt_completion: the completion column.",
+                                   json_schema_extra=ADVANCED)
     messages_column: str = Field("messages", min_length=1, description=(
-        "messages: the column of chat messages ([{role, content}, ...])."))
-    text_column: str = Field("text", min_length=1, description="text: the text column.")
+        "messages: the column of chat messages ([{role, content}, ...])."),
+        json_schema_extra=ADVANCED)
+    text_column: str = Field("text", min_length=1, description="text: the text column.",
+                             json_schema_extra=ADVANCED)
     chat_template: Optional[LongText] = Field(None, description=(
-        "messages: a Jinja chat template to use instead of the tokenizer's own."))
+        "messages: a Jinja chat template to use instead of the tokenizer's own."),
+        json_schema_extra=ADVANCED)
     completion_only_loss: bool = Field(True, description=(
         "Learn only the completion (prompt_completion) or the assistant turns (messages); "
-        "the prompt tokens get no loss."))
+        "the prompt tokens get no loss."),
+        json_schema_extra=ADVANCED)
     eval_data: Optional[DataRef] = Field(None, description=(
-        "Held-out data in the same format, for eval loss. Empty: none, unless eval_fraction."))
+        "Held-out data in the same format, for eval loss. Empty: none, unless eval_fraction."),
+        json_schema_extra=ADVANCED)
     eval_fraction: float = Field(0.0, ge=0, lt=0.5, description=(
-        "Fraction of the training rows held out for eval loss (seeded split)."))
+        "Fraction of the training rows held out for eval loss (seeded split)."),
+        json_schema_extra=ADVANCED)
     method: Literal["full", "lora", "dora", "qlora", "freeze", "hft"] = Field("lora", description=(
         "full: every weight; lora / dora: peft adapters (DoRA adds a learned magnitude); "
         "qlora: LoRA on a 4-bit base (GPU only); freeze: only trainable_layers; hft: Half "
-        "Fine-Tuning, half of the parameters chosen per category, the rest frozen."))
-    lora_r: int = Field(16, ge=1, le=1024, description="lora/dora/qlora: adapter rank.")
+        "Fine-Tuning, half of the parameters chosen per category, the rest frozen."),
+        json_schema_extra=METHOD_SELECTOR)
+    lora_r: int = Field(16, ge=1, le=1024, description="lora/dora/qlora: adapter rank.",
+                        json_schema_extra=for_methods("lora", "dora", "qlora"))
     lora_alpha: int = Field(32, ge=1, description="lora/dora/qlora: scaling alpha (scale = "
-                                                  "alpha / r).")
+                                                  "alpha / r).",
+        json_schema_extra=form_hints(for_methods("lora", "dora", "qlora"), ADVANCED))
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="lora/dora/qlora: dropout on "
-                                                              "the adapter input.")
+                                                              "the adapter input.",
+        json_schema_extra=form_hints(for_methods("lora", "dora", "qlora"), ADVANCED))
     target_modules: list[str] = Field(default_factory=lambda: list(ALL_LINEAR), min_length=1,
                                       description="lora/dora/qlora: linear layers that get "
-                                                  "adapters.")
+                                                  "adapters.",
+        json_schema_extra=form_hints(for_methods("lora", "dora", "qlora"), ADVANCED))
     trainable_layers: Optional[str] = Field(None, description=(
         "freeze: comma-separated decoder layer indices to train (e.g. 2,5), or 'new' for the "
-        "layers a scale_layers block expansion added to this checkpoint."))
+        "layers a scale_layers block expansion added to this checkpoint."),
+        json_schema_extra=for_methods("freeze"))
     max_length: Optional[int] = Field(None, ge=8, description=(
         "Tokens per example; longer examples are cut (and counted in the log). Empty: the "
-        "model's max_position_embeddings, at most 2048."))
+        "model's max_position_embeddings, at most 2048."),
+        json_schema_extra=ADVANCED)
     max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps. Empty: epochs.")
     epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the data when "
                                                           "max_steps is empty.")
-    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.",
+                                 json_schema_extra=LOG_SCALE)
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
-        "cosine", description="Learning-rate schedule after warm-up.")
+        "cosine", description="Learning-rate schedule after warm-up.",
+        json_schema_extra=ADVANCED)
     warmup_ratio: float = Field(0.03, ge=0, le=0.5, description="Fraction of steps spent "
-                                                                "warming up.")
-    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+                                                                "warming up.",
+                                json_schema_extra=ADVANCED)
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.",
+                                json_schema_extra=ADVANCED)
     batch_size: int = Field(8, ge=1, le=4096, description="Examples per device per step.")
     gradient_accumulation: int = Field(1, ge=1, le=1024, description="Steps accumulated per "
-                                                                     "optimizer update.")
+                                                                     "optimizer update.",
+                                       json_schema_extra=ADVANCED)
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the "
-                                                            "backward pass to save memory.")
-    logging_steps: int = Field(10, ge=1, description="Metrics every N steps.")
+                                                            "backward pass to save memory.",
+                                         json_schema_extra=ADVANCED)
+    logging_steps: int = Field(10, ge=1, description="Metrics every N steps.",
+                               json_schema_extra=ADVANCED)
     eval_steps: Optional[int] = Field(None, ge=1, description="Eval loss every N steps. "
-                                                              "Empty: at logging_steps * 5.")
+                                                              "Empty: at logging_steps * 5.",
+                                      json_schema_extra=ADVANCED)
     save_steps: int = Field(100, ge=0, description=(
         "Save and register an intermediate checkpoint every N steps (and the resume state). "
-        "0: only the final checkpoint, and Resume starts over."))
-    seed: int = Field(0, description="Random seed (data order, LoRA init, HFT choice).")
+        "0: only the final checkpoint, and Resume starts over."),
+        json_schema_extra=ADVANCED)
+    seed: int = Field(0, description="Random seed (data order, LoRA init, HFT choice).",
+                      json_schema_extra=ADVANCED)
     resume_job: Optional[str] = Field(None, pattern=r"^job-[0-9a-f]+$", description=(
         "Continue this cancelled or failed train job from its last saved state (optimizer, "
-        "schedule, RNG and data position). The other settings must be the same."))
+        "schedule, RNG and data position). The other settings must be the same."),
+        json_schema_extra=ADVANCED)
     merge_adapter: bool = Field(False, description=(
-        "lora/dora: also register base + adapter merged into a full checkpoint."))
-    gpus: GpuCount = 1
-    distributed: DistributedMode = "ddp"
-    cpu_processes: CpuProcesses = 1
+        "lora/dora: also register base + adapter merged into a full checkpoint."),
+        json_schema_extra=form_hints(for_methods("lora", "dora"), ADVANCED))
+    gpus: GpuCount = Field(1, json_schema_extra=GPU_LABS_ONLY)
+    distributed: DistributedMode = Field("ddp",
+                                         json_schema_extra=form_hints(GPU_LABS_ONLY, ADVANCED))
+    cpu_processes: CpuProcesses = Field(1, json_schema_extra=form_hints(CPU_LABS_ONLY, ADVANCED))
     name: Optional[str] = Field(None, min_length=1, max_length=100,
                                 description="Name of the new checkpoint. Empty: derived.")
 

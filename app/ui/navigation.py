@@ -1,0 +1,78 @@
+"""Navigation: the bar of tab buttons (it wraps on a narrow screen, where Gradio's tab strip
+folds tabs into a "..." menu), and the page's state in the URL (?tab=ID&job=ID&ck=ID).
+
+The server side is here: `restore` reads a page's query parameters when it loads and opens
+that tab, job and checkpoint. The browser side is app/ui/static/url_state.js: it writes the
+state back into the address bar as the person moves, and opens in-app links (`job_link`)
+without a reload."""
+
+import re
+from urllib.parse import urlencode
+
+# what a job or checkpoint id in a URL may be: ids are short words; anything else is dropped
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
+
+
+def link(text: str, **params: str) -> str:
+    """A Markdown link that opens a tab (and a job or checkpoint) in the same page; `text`
+    must already be safe Markdown (plugins.kit.markup.md)."""
+    return f"[{text}](?{urlencode(params)})"
+
+
+def job_link(job_id: str) -> str:
+    return link(job_id, tab="jobs", job=job_id) if _ID.fullmatch(job_id) else job_id
+
+
+def restore(query: dict, tab_ids: list[str]) -> tuple[str | None, str | None, str | None]:
+    """(tab, job, checkpoint) a page's query parameters ask for; None where absent or not
+    one this app has (a tab id it does not know, an id with characters no id has)."""
+    tab = query.get("tab")
+    job, ck = query.get("job"), query.get("ck")
+    return (tab if tab in tab_ids else None,
+            job if isinstance(job, str) and _ID.fullmatch(job) else None,
+            ck if isinstance(ck, str) and _ID.fullmatch(ck) else None)
+
+
+def tab_ids(tabs) -> list[str]:
+    """The ids of the top-level tabs of a gr.Tabs, in order."""
+    import gradio as gr
+
+    return [t.id for t in tabs.children if isinstance(t, gr.Tab)]
+
+
+def bar(entries: list[tuple[str, str]]) -> dict:
+    """The navigation bar, made where this is called (above the tabs): a button per (tab id,
+    label) in `entries`, in order; {tab id: button}. `wire` connects them once the tabs
+    exist."""
+    import gradio as gr
+
+    with gr.Row(elem_id="ws-nav"):
+        return {tid: gr.Button(label, size="sm", elem_id=f"nav-{tid}",
+                               elem_classes=["ws-nav-btn"]) for tid, label in entries}
+
+
+def wire(app, buttons: dict, tabs, selected_job, selected_ck) -> None:
+    """Each button opens its tab; a page load opens the tab, job and checkpoint its URL asks
+    for. Each top-level gr.Tab gets elem_id "tab-ID": url_state.js reads which one shows."""
+    import gradio as gr
+
+    ids = tab_ids(tabs)
+    if ids != list(buttons):
+        raise RuntimeError(f"the navigation bar {list(buttons)} does not match the tabs {ids}")
+    for tab in tabs.children:
+        if isinstance(tab, gr.Tab):
+            tab.elem_id = f"tab-{tab.id}"
+    for tid, button in buttons.items():
+        button.click(lambda t=tid: gr.Tabs(selected=t), outputs=tabs,
+                     api_visibility="private", show_progress="hidden")
+
+    boxes = [b for b in (selected_job, selected_ck) if b is not None]
+
+    def on_load(request: gr.Request):
+        tab, job, ck = restore(dict(request.query_params) if request else {}, ids)
+        values = [job if job else gr.skip(), ck if ck else gr.skip()]
+        return (gr.Tabs(selected=tab) if tab else gr.skip(),
+                *[v for v, b in zip(values, (selected_job, selected_ck)) if b is not None])
+
+    app.load(on_load, outputs=[tabs, *boxes], api_visibility="private",
+             show_progress="hidden")

@@ -165,3 +165,14 @@ def test_load_yaml_fills_the_form_and_reports_what_it_cannot(tmp_path, lab_dir):
     bad.write_text("checkpoint: [unclosed\n")
     values, note = load_yaml("evaluate", str(bad))
     assert values is None and "invalid YAML" in note  # the form is left as it was
+
+
+def test_no_page_holds_a_heartbeat_stream(lab):
+    """A gr.State or an unload listener makes every open page hold Gradio's heartbeat stream,
+    and a uvicorn shutdown (asgi_app) then waits for every open tab (app.ui)."""
+    from gradio.utils import connect_heartbeat
+
+    from app.ui import build_app
+
+    app = build_app(lab)
+    assert not connect_heartbeat(app.get_config_file(), app.blocks.values())

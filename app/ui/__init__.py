@@ -58,6 +58,7 @@ def build_app(lab: Lab):
     choices = checkpoint_choices(lab)
     operations = sorted(found.values(), key=lambda p: (p.order, p.title))
     # Gradio's cache (checkpoint zips, files handlers return) ages out after a day
+    # Gradio's cache (checkpoint zips, files handlers return) ages out after a day
     with gr.Blocks(title="Weightsmith", delete_cache=(3600, 86400)) as app:
         text_md("# Weightsmith")
         # tabs follow the work: Home, Playground, the operations (Plugin.order), Jobs,
@@ -119,7 +120,9 @@ def build_app(lab: Lab):
 # works; its next event starts from the initial config (a dropdown whose choices a handler
 # set then checks values against its initial choices, unless it allows custom values).
 # Not freed on disconnect (an unload listener): that makes every page hold Gradio's heartbeat
-# stream open, and a uvicorn shutdown (asgi_app) then waits for every open tab.
+# stream open, and a uvicorn shutdown (asgi_app) then waits for every open tab. A gr.State
+# anywhere does the same, so per-page values live in hidden components instead
+# (tests/test_ui.py checks that no page needs a heartbeat).
 # Gradio's queue also keeps its last GRADIO_ANALYTICS_MAX_EVENTS events (default 10,000, about
 # 1,400 page loads) and rebuilds a pandas frame of them after every event: another ~60 MiB
 # over 1,000 page loads, and CPU per event; the app keeps 1,000 unless the environment says.

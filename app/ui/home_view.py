@@ -102,7 +102,7 @@ class HomeView:
     latest: object = None
     search: object = None
     graph: object = None
-    shown: object = None  # gr.State: the graph text last drawn (redrawn only on a change)
+    shown: object = None  # the graph text last drawn (redrawn only on a change)
 
 
 def build(lab: Lab) -> HomeView:
@@ -131,7 +131,7 @@ def build(lab: Lab) -> HomeView:
                                minimum=1, maximum=500, scale=1)
             search = gr.Textbox(label="Name filter", scale=3)
         graph = text_md(elem_id="home-graph", elem_classes=["ws-lineage"])
-        shown = gr.State("")
+        shown = gr.Textbox(visible=False)  # no gr.State: see app.ui
     return HomeView(summary, story, buttons, jobs, latest, search, graph, shown)
 
 
@@ -161,10 +161,10 @@ def wire_story(lab: Lab, view: HomeView, tabs, targets: dict) -> None:
     the components to fill, fill(preset) -> their values)."""
     import gradio as gr
 
+    missing = set(view.buttons) - set(targets)
+    if missing:
+        raise RuntimeError(f"the demo story's steps {sorted(missing)} open no view")
     for key, button in view.buttons.items():
-        if key not in targets:
-            button.visible = False
-            continue
         tab_id, components, fill = targets[key]
 
         def on_click(key=key, tab_id=tab_id, fill=fill, n=len(components)):

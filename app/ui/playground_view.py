@@ -124,7 +124,7 @@ def build(lab: Lab, choices: list) -> PlaygroundView:
             go = gr.Button("Generate", variant="primary", elem_id="playground-generate")
             stop = gr.Button("Stop", variant="stop", elem_id="playground-stop")
         status = text_md(elem_id="playground-status")
-        run_id = gr.State("")
+        run_id = gr.Textbox(visible=False)  # this page's run; no gr.State (app.ui)
         columns, heads, boxes = [], [], []
         with gr.Row(equal_height=True):
             for i in range(COLUMNS):

@@ -238,11 +238,12 @@ def lineage_block(lab: Lab, elem_id: str = "lineage", whole_lab: bool = True,
                          info="Scores shown on the graph's nodes (task/metric)")
     graph = text_md(label=label, elem_id=elem_id, elem_classes=["ws-lineage"])
     block = LineageBlock(mode, limit, search, scores, graph)
-    ck = selected if selected is not None else gr.State(None)
+    # hidden components where this block shows no control (no gr.State: see app.ui)
+    ck = selected if selected is not None else gr.Textbox(visible=False)
     state_default = WHOLE_LAB if selected is None else AROUND
-    state_mode = mode if mode is not None else gr.State(state_default)
-    extra = [limit if limit is not None else gr.State(LAB_LIMIT),
-             search if search is not None else gr.State("")]
+    state_mode = mode if mode is not None else gr.Textbox(state_default, visible=False)
+    extra = [limit if limit is not None else gr.Number(LAB_LIMIT, visible=False),
+             search if search is not None else gr.Textbox(visible=False)]
 
     def redraw(c, m, n, q, picked):
         return lineage_view(lab, c, m, n, q, picked)[0]

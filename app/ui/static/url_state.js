@@ -81,17 +81,20 @@
       var button = document.getElementById("nav-" + want.tab);
       if (button) button.click();
     }
-    // a tab's boxes exist once the tab was opened: try for a few seconds
-    var tries = 0;
+    // A tab's boxes exist once the tab was opened, and a box that has just appeared may
+    // still take its first value from the page's state, undoing ours: set each box until it
+    // has kept the wanted value for a few checks in a row (or 15 s pass).
+    var tries = 0, steady = 0;
     (function fill() {
-      var pending = false;
+      var done = true;
       for (var name in BOXES) {
         if (!want[name]) continue;
         var el = box(name);
-        if (el && el.value.trim() !== want[name]) setBox(el, want[name]);
-        else if (!el) pending = true;
+        if (!el || !el.offsetParent) { done = false; continue; }
+        if (el.value.trim() !== want[name]) { setBox(el, want[name]); done = false; }
       }
-      if (pending && tries++ < 100) window.setTimeout(fill, 150);  // 15 s
+      steady = done ? steady + 1 : 0;
+      if (steady < 4 && tries++ < 100) window.setTimeout(fill, 150);
     })();
   };
 

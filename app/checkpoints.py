@@ -5,12 +5,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from app.lab import Lab
+from ops.gguf import DTYPES as GGUF_DTYPES
 from registry import CheckpointError, Registry, inspect_checkpoint, resolve_ref
 from registry import hub
+from registry.refs import find_gguf_import, is_gguf_file
 from registry.relations import RELATIONS
+
+REPO = Path(__file__).resolve().parent.parent
+GGUF_DEFAULT_DTYPE = "bfloat16"
 
 # Files of a Hub repo that make up an HF checkpoint (skip other formats a repo may carry).
 # Python files (a repo's custom modelling code) only come along in a lab that allows remote
@@ -30,9 +38,17 @@ def row_fields(info) -> dict:
 
 def import_checkpoint(lab: Lab, reg: Registry, ref: str, *, name: str | None = None,
                       user: str | None = None, metadata: dict | None = None,
-                      log=print) -> dict:
+                      log=print, dtype: str | None = None) -> dict:
     """Register an existing HF checkpoint (local folder, kept in place, or Hub id, downloaded
-    into the lab) with relation `import`. An already-registered folder returns its row."""
+    into the lab) with relation `import`. An already-registered folder returns its row.
+    A .gguf file is dequantized into a safetensors checkpoint in the lab, in `dtype`
+    (default bfloat16; see import_gguf)."""
+    if is_gguf_file(ref):
+        return import_gguf(lab, reg, ref.strip(), name=name, user=user, metadata=metadata,
+                           dtype=dtype or GGUF_DEFAULT_DTYPE, log=log)
+    if dtype is not None:
+        raise CheckpointError(f"dtype: {ref} is not a .gguf file; only a GGUF import is "
+                              f"converted to a dtype")
     resolved = resolve_ref(reg, ref)
     if resolved.kind == "registry":
         return resolved.row
@@ -88,6 +104,102 @@ def import_checkpoint(lab: Lab, reg: Registry, ref: str, *, name: str | None = N
         raise
 
 
+def import_gguf(lab: Lab, reg: Registry, path: str, *, name: str | None = None,
+                user: str | None = None, metadata: dict | None = None,
+                dtype: str = GGUF_DEFAULT_DTYPE, log=print) -> dict:
+    """Dequantize a GGUF file (llama.cpp, Ollama, LM Studio) into an HF safetensors checkpoint
+    in the lab, registered with relation `import`. Its metadata records the file's sha256,
+    size and tensor types, and the GGUF metadata that matters (architecture, context length,
+    chat template). The conversion runs in a subprocess: it loads torch and the whole model,
+    which the server never does. The same file (path, size, modification time) imported
+    before in the same dtype returns that checkpoint."""
+    from ops.gguf import GGUFError, file_sha256, read_info
+
+    from app.paths import check_path, restricted
+
+    if dtype not in GGUF_DTYPES:
+        raise CheckpointError(f"dtype: got {dtype!r}; expected one of {', '.join(GGUF_DTYPES)}")
+    if restricted(lab):  # the CLI and the Import box check first; a job's ctx.open lands here
+        problem = check_path(lab, "checkpoint", path)
+        if problem:
+            raise CheckpointError(problem)
+    source = Path(path).expanduser().resolve()
+    known = find_gguf_import(reg, source, dtype)
+    if known is not None:
+        return known
+    try:
+        info = read_info(source)
+        stat = source.stat()
+    except GGUFError as e:
+        raise CheckpointError(str(e)) from None
+    ck_id = reg.free_id("ck")
+    tmp = lab.checkpoints_dir / f".tmp-import-{ck_id}"
+    final = lab.checkpoints_dir / ck_id
+    started = time.monotonic()
+    try:
+        tmp.mkdir(parents=True)
+        log(f"dequantizing {source.name} ({info.architecture}, "
+            f"{', '.join(f'{n} {k}' for k, n in info.quantization.items())} tensors) to "
+            f"{dtype}")
+        _run_gguf_conversion(source, tmp, dtype)
+        log("hashing the GGUF file")
+        checkpoint = inspect_checkpoint(tmp)
+        record = {**info.as_metadata(), "sha256": file_sha256(source),
+                  "mtime_ns": stat.st_mtime_ns, "dtype": dtype,
+                  "seconds": round(time.monotonic() - started, 2)}
+        os.rename(tmp, final)
+        row = reg.add_checkpoint(
+            id=ck_id, name=name or source.stem, relation="import", path=str(final),
+            source=str(source), created_by=user or lab.settings.default_user,
+            metadata={**(metadata or {}), "gguf": record}, **row_fields(checkpoint))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if final.exists() and reg.get_checkpoint(ck_id) is None:
+            shutil.rmtree(final, ignore_errors=True)
+        raise
+    log(f"imported {source.name} as {row['id']} in {record['seconds']:.1f} s")
+    return row
+
+
+def _run_gguf_conversion(source: Path, dest: Path, dtype: str) -> None:
+    """`python -m app.checkpoints gguf SOURCE DEST DTYPE`: the conversion in its own process,
+    offline. A file transformers cannot read fails with the child's one-line reason."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1",
+               TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "app.checkpoints", "gguf", str(source),
+                           str(dest), dtype], capture_output=True, text=True, env=env,
+                          cwd=str(REPO))
+    if proc.returncode != 0:
+        reasons = [line[len("error: "):] for line in proc.stderr.splitlines()
+                   if line.startswith("error: ")]
+        reason = reasons[-1] if reasons else (proc.stderr.strip().splitlines() or
+                                              [f"exit code {proc.returncode}"])[-1]
+        raise CheckpointError(f"{source}: not imported: {reason[:1000]}")
+
+
+def convert_gguf(source: str, dest: str, dtype: str) -> int:
+    """The conversion subprocess: check the architecture, dequantize, save as safetensors."""
+    from ops.gguf import GGUFError, dequantized_model, read_info, unsupported_architecture
+
+    try:
+        problem = unsupported_architecture(read_info(source))
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+        model, tokenizer = dequantized_model(source, dtype)
+        model.save_pretrained(dest)
+        tokenizer.save_pretrained(dest)
+    except GGUFError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 -- transformers' reason, on one line, for the parent
+        print(f"error: transformers could not convert it ({type(e).__name__}: "
+              f"{' '.join(str(e).split())[:600]})", file=sys.stderr)
+        return 1
+    return 0
+
+
 def publish(lab: Lab, reg: Registry, tmp: Path, *, name: str, relation: str,
             parents: list[dict], job: dict | None = None, metadata: dict | None = None,
             user: str | None = None) -> dict:
@@ -124,3 +236,10 @@ def to_json(row: dict) -> dict:
             except json.JSONDecodeError:
                 pass
     return out
+
+
+if __name__ == "__main__":  # python -m app.checkpoints gguf SOURCE DEST DTYPE
+    if len(sys.argv) != 5 or sys.argv[1] != "gguf":
+        print("usage: python -m app.checkpoints gguf SOURCE DEST DTYPE", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(convert_gguf(*sys.argv[2:]))

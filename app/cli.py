@@ -336,9 +336,43 @@ def cmd_import(args) -> int:
         print(f"error: {refused}", file=sys.stderr)
         return 2
     with lab.registry() as reg:
-        row = import_checkpoint(lab, reg, args.ref, name=args.name,
+        row = import_checkpoint(lab, reg, args.ref, name=args.name, dtype=args.dtype,
                                 log=lambda m: print(m, file=sys.stderr))
     _print_json(to_json(row))
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    from app import datasets
+    from app.paths import check_path, restricted
+
+    lab = _lab(args)
+    if args.datasets_cmd == "list":
+        _print_json([{k: r[k] for k in ("id", "name", "format", "rows", "size_bytes",
+                                         "source", "path", "checkpoints", "jobs",
+                                         "created_by", "created_at")}
+                     for r in datasets.dataset_rows(lab, args.search, args.limit)])
+    elif args.datasets_cmd == "show":
+        try:
+            found = datasets.describe(lab, args.id)
+        except datasets.DatasetError as e:
+            raise UsageError(str(e)) from None
+        _print_json({**found["row"], "uses": found["uses"], "preview": {
+            "columns": found["columns"], "rows": found["rows"]},
+            **({"problem": found["problem"]} if found["problem"] else {})})
+    else:  # add: a file or folder on this machine, inside the lab's roots when shared
+        path = Path(args.path).expanduser()
+        refused = check_path(lab, "path", args.path) if restricted(lab) else None
+        if refused:
+            raise UsageError(refused)
+        if not path.exists():
+            raise UsageError(f"path: {args.path!r} does not exist; expected a data file or "
+                             f"folder")
+        try:
+            row = datasets.register_path(lab, path, user=args.user, name=args.name)
+        except datasets.DatasetError as e:
+            raise UsageError(str(e)) from None
+        _print_json(row)
     return 0
 
 
@@ -410,8 +444,8 @@ def cmd_registry(args) -> int:
                 print("error: give a checkpoint id or name, or --whole-lab (not both)",
                       file=sys.stderr)
                 return 2
-            graph = reg.lab_graph(args.limit or None, args.search) if args.whole_lab else \
-                reg.lineage(args.id, args.depth)
+            graph = reg.lab_graph(args.limit or None, args.search, datasets=True) \
+                if args.whole_lab else reg.lineage(args.id, args.depth, datasets=True)
             if args.mermaid:  # what the Registry view draws: cut to Mermaid's limits
                 shown, left_out = lineage.fit(graph, args.scores)
                 print(lineage.mermaid(shown, args.scores))
@@ -509,9 +543,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("audit", cmd_audit, "who did what and when, newest first")
     sp.add_argument("--limit", type=int, default=200)
 
-    sp = add("import", cmd_import, "register an HF checkpoint folder or Hub id (relation import)")
+    sp = add("import", cmd_import, "register an HF checkpoint folder or Hub id, or dequantize a "
+                                   ".gguf file into the lab (relation import)")
     sp.add_argument("ref", metavar="PATH_OR_HUB_ID")
     sp.add_argument("--name", default=None)
+    sp.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                    help="a .gguf file only: the dtype its tensors are dequantized to "
+                         "(default bfloat16)")
 
     sp = add("hub", cmd_hub, "publish checkpoints to the Hub and sync the registry through it")
     hsub = sp.add_subparsers(dest="hub_cmd", required=True)
@@ -530,6 +568,21 @@ def build_parser() -> argparse.ArgumentParser:
     hl = hsub.add_parser("login", help="store a Hub token (read from stdin) in the per-user "
                                        "token file, mode 0600")
     for sp2 in (hp, hs, hl):
+        sp2.add_argument("--lab", default=argparse.SUPPRESS, help=lab_help)
+
+    sp = add("datasets", cmd_datasets, "list, show and record datasets (data files by "
+             "content hash, and the jobs and checkpoints that used them)")
+    dsub = sp.add_subparsers(dest="datasets_cmd", required=True)
+    dl = dsub.add_parser("list", help="datasets, newest first, with how many jobs read each")
+    dl.add_argument("--search", default=None, help="part of a name or id")
+    dl.add_argument("--limit", type=int, default=200)
+    dsh = dsub.add_parser("show", help="one dataset: its row, uses and first rows")
+    dsh.add_argument("id")
+    dad = dsub.add_parser("add", help="record a data file or folder (hashed; kept in place)")
+    dad.add_argument("path")
+    dad.add_argument("--name", default=None, help="display name (default: the file name)")
+    dad.add_argument("--user", default=None)
+    for sp2 in (dl, dsh, dad):
         sp2.add_argument("--lab", default=argparse.SUPPRESS, help=lab_help)
 
     sp = add("registry", cmd_registry, "list, show and trace checkpoints")

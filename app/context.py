@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator
 
 from app.checkpoints import import_checkpoint, publish
 from app.lab import Lab
-from registry import CheckpointError, Registry, inspect_checkpoint, resolve_ref
+from registry import CheckpointError, RefError, Registry, inspect_checkpoint, resolve_ref
 from registry import hub
 
 
@@ -349,4 +349,8 @@ class PreviewView:
     def checkpoint_path(self, ref: str) -> str:
         with self._lab.registry() as reg:
             resolved = resolve_ref(reg, ref)
+        if resolved.kind == "gguf" and not resolved.row:  # a preview never converts a model
+            raise RefError(f"{resolved.value} is a GGUF file not imported yet; the preview "
+                           f"reads a checkpoint's tokenizer: import it first (`weightsmith "
+                           f"import FILE.gguf`, or the Registry's Import) and preview that")
         return resolved.row["path"] if resolved.row else resolved.value

@@ -17,6 +17,29 @@ from app.scheduler import Scheduler
 log = logging.getLogger("weightsmith")
 
 
+
+# Gradio's queue loops sleep 1 ms (dispatch) and 10 ms (progress messages) between looks at
+# an empty queue (its Linux defaults): 1,100 wake-ups a second, about 4% of a core for a
+# server nobody uses. Every event of this app is a click or a timer tick of 1.5 s or more,
+# and no handler streams gr.Progress, so looking every 50 and 100 ms costs nothing a person
+# sees and brings the idle server under 1% of a core (bench/load.py prints it). Gradio has
+# no setting for these; both attributes are read on every loop, so setting them after
+# .queue() takes effect.
+QUEUE_IDLE_SLEEP_S = 0.05  # what Gradio itself uses on Windows
+PROGRESS_IDLE_SLEEP_S = 0.1
+
+
+def quiet_queue(blocks):
+    """`blocks` (after .queue()) with its queue loops waking at most every
+    QUEUE_IDLE_SLEEP_S and PROGRESS_IDLE_SLEEP_S when there is nothing to do."""
+    queue = getattr(blocks, "_queue", None)
+    for name, floor in (("sleep_when_free", QUEUE_IDLE_SLEEP_S),
+                        ("progress_update_sleep_when_free", PROGRESS_IDLE_SLEEP_S)):
+        if queue is not None and isinstance(getattr(queue, name, None), (int, float)):
+            setattr(queue, name, max(getattr(queue, name), floor))
+    return blocks
+
+
 def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool = True,
           ui: bool = True, demo_skills: bool = True, demo_steps: int | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -65,7 +88,7 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
 
                 middleware = [Middleware(LoopbackHostOnly)]
             # app_kwargs go to the FastAPI constructor (gradio.routes.App.create_app)
-            app.queue().launch(server_name=host, server_port=port, prevent_thread_lock=True,
+            quiet_queue(app.queue()).launch(server_name=host, server_port=port, prevent_thread_lock=True,
                                show_error=True, css=CSS, head=HEAD, auth=login,
                                max_file_size=f"{lab.settings.max_upload_mb}mb",
                                auth_message=f"Weightsmith lab {lab.root.name}: log in",
@@ -243,7 +266,7 @@ def asgi_app(lab: Lab | str | None = None, auth_dependency=proxy_user, path: str
             if thread is not None:
                 thread.join(timeout=10)
 
-    blocks = build_app(lab).queue()
+    blocks = quiet_queue(build_app(lab).queue())
     middleware = []
     if loopback_host_only:
         from starlette.middleware import Middleware

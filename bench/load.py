@@ -2,6 +2,8 @@
 
     python bench/load.py [--clients 20] [--seconds 60] [--polls 3] [--reuse-scores]
                          [--connections 1000] [--connection-threads 4]
+                         [--pollers 20] [--poll-seconds 30] [--idle-seconds 10]
+                         [--repo OTHER_CHECKOUT]
 
 Builds a fresh temporary lab (cpu_slots = 2) with a tiny locally built Llama registered as
 `tiny`, starts `weightsmith serve --no-demo` on a random 127.0.0.1 port, then runs
@@ -15,7 +17,14 @@ latency per endpoint and overall, and the job throughput from the registry at th
 finished per minute; jobs still queued or running are counted separately). The server, its
 job processes and the temporary lab are removed at the end, also on Ctrl-C.
 
-Before the clients start, a separate phase measures the server's memory across
+First, the light-server phase: the idle server's CPU use over `--idle-seconds`, then
+`--pollers` open pages on the Jobs tab (a finished job selected) for `--poll-seconds`, each
+ticking every gr.Timer of the page at its interval and sending back the digests the page
+holds; prints each timer's p50/p95 tick latency (target p95 under 200 ms with 20 pages) and
+the server's CPU use. `--repo` measures another checkout's server with the same clients
+(e.g. a `git worktree` of the previous commit, for before and after).
+
+Then a separate phase measures the server's memory across
 `--connections` new browser pages (0: skips it; `--clients 0` runs it alone). Each does what
 a browser does when it opens the page: a new session_hash, GET /config, Gradio's heartbeat
 connection (when the config asks for one), every `load` event and one tick of every timer
@@ -228,6 +237,113 @@ def page_load(http, url: str, ticks: bool = True, config: dict | None = None,
     return session
 
 
+def tick_events(config: dict) -> list[tuple[dict, float]]:
+    """(dependency, interval in seconds) of every gr.Timer tick in an app's config."""
+    timers = {c["id"]: c.get("props", {}).get("value") for c in config["components"]
+              if c["type"] == "timer"}
+    return [(d, float(timers[t[0]])) for d in config["dependencies"] for t in d["targets"]
+            if t[1] == "tick" and t[0] in timers and timers[t[0]]]
+
+
+def poller(url: str, config: dict, job_id: str, deadline: float, stats: "Stats",
+           stop: threading.Event, detail: bool = False) -> None:
+    """One open page on the Jobs tab with `job_id` selected, until `deadline`: every timer
+    of the page ticks at its interval, as the browser sends them (Gradio's queue), and the
+    values its handlers return for components that are also its inputs (the hidden digests
+    the page holds) are sent back on the next tick. Records each tick's latency, submit to
+    completion, as "tick N s" (with `detail`, per event: "tick N s fn I")."""
+    import json
+
+    import httpx
+
+    components = {c["id"]: c for c in config["components"]}
+    selected = next(c["id"] for c in config["components"]
+                    if c.get("props", {}).get("elem_id") == "selected-job")
+    values = {i: ("" if c.get("props", {}).get("value") is None and c["type"] == "textbox"
+                  else c.get("props", {}).get("value")) for i, c in components.items()}
+    values[selected] = job_id
+    session = uuid.uuid4().hex[:11]
+    due = {d["id"]: 0.0 for d, _ in tick_events(config)}
+    events = {d["id"]: (d, every) for d, every in tick_events(config)}
+    with httpx.Client(timeout=CALL_TIMEOUT_S) as http:
+        while not stop.is_set() and time.monotonic() < deadline:
+            now_ = time.monotonic()
+            for fn, (dep, every) in events.items():
+                if due[fn] > now_:
+                    continue
+                first = due[fn] == 0.0
+                due[fn] = now_ + every
+                start = time.perf_counter()
+                # a page's first tick sends everything (it holds no digest yet): counted apart
+                name = f"tick {every:g} s" + (" (first)" if first else "") + \
+                    (f" fn {fn}" if detail else "")
+                try:
+                    r = http.post(url + "gradio_api/queue/join", json={
+                        "data": [values[i] for i in dep["inputs"]], "event_data": None,
+                        "fn_index": fn, "trigger_id": dep["targets"][0][0],
+                        "session_hash": session})
+                    r.raise_for_status()
+                    event = r.json()["event_id"]
+                    with http.stream("GET", url + "gradio_api/queue/data",
+                                     params={"session_hash": session}) as stream:
+                        for line in stream.iter_lines():
+                            if not line.startswith("data:"):
+                                continue
+                            message = json.loads(line[5:])
+                            if message.get("event_id") != event or \
+                                    message.get("msg") != "process_completed":
+                                continue
+                            if not message.get("success"):
+                                raise RuntimeError(str(message)[:300])
+                            for out, v in zip(dep["outputs"], message["output"]["data"]):
+                                if out in dep["inputs"] and not (
+                                        isinstance(v, dict) and v.get("__type__") == "update"):
+                                    values[out] = v
+                            break
+                    stats.record(name, time.perf_counter() - start)
+                except Exception as e:  # counted; the page goes on ticking
+                    stats.record(name, time.perf_counter() - start,
+                                 f"{type(e).__name__}: {str(e)[:300]}")
+            stop.wait(max(0.0, min(due.values()) - time.monotonic()))
+
+
+def pollers_phase(url: str, pid: int, n: int, seconds: float, idle_seconds: float,
+                  job_id: str, stop: threading.Event, detail: bool = False) -> bool:
+    """The server idle for `idle_seconds` (its CPU use), then `n` open pages on the Jobs tab
+    for `seconds` (`poller`): each timer's p50/p95 tick latency, and the server's CPU use.
+    True when no tick failed."""
+    import httpx
+
+    start_cpu, start = cpu_seconds(pid), time.monotonic()
+    stop.wait(idle_seconds)
+    idle = (cpu_seconds(pid) - start_cpu) / max(1e-9, time.monotonic() - start)
+    print(f"idle server: {idle * 100:.2f}% of a core over {idle_seconds:.0f} s (target: under "
+          f"1%)", flush=True)
+    with httpx.Client(timeout=CALL_TIMEOUT_S) as http:
+        config = http.get(url + "config").json()
+    stats = Stats()
+    deadline = time.monotonic() + seconds
+    start_cpu, start = cpu_seconds(pid), time.monotonic()
+    threads = [threading.Thread(target=poller, daemon=True, name=f"poller-{i}",
+                                args=(url, config, job_id, deadline, stats, stop, detail))
+               for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=seconds + CALL_TIMEOUT_S + 10)
+    busy = (cpu_seconds(pid) - start_cpu) / max(1e-9, time.monotonic() - start)
+    print(f"{n} pages on the Jobs tab for {seconds:.0f} s: server {busy * 100:.0f}% of a core")
+    for name in sorted(k for k in stats.latency if k.startswith("tick")):
+        lat = sorted(stats.latency[name])
+        print(f"  {name}: {len(lat)} ticks, p50 {percentile(lat, .5) * 1000:.0f} ms, p95 "
+              f"{percentile(lat, .95) * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms "
+              f"(target p95: under 200 ms)")
+    print(f"  errors: {len(stats.errors)}")
+    for e in stats.errors[:5]:
+        print(f"    {e}")
+    return not stats.errors
+
+
 def rss_mib(pid: int) -> float:
     """Resident memory of process `pid` (all its threads; not its child processes)."""
     import psutil
@@ -350,7 +466,18 @@ def main() -> int:
                         help="new browser pages for the server-memory phase (0: skip it)")
     parser.add_argument("--connection-threads", type=int, default=4,
                         help="pages opened at a time in that phase")
+    parser.add_argument("--pollers", type=int, default=20,
+                        help="open pages on the Jobs tab whose timers tick (0: skip)")
+    parser.add_argument("--poll-seconds", type=float, default=30.0)
+    parser.add_argument("--tick-detail", action="store_true",
+                        help="tick latencies per timer event, not per timer")
+    parser.add_argument("--idle-seconds", type=float, default=10.0,
+                        help="server CPU measured this long with no client, first")
+    parser.add_argument("--repo", default=str(REPO),
+                        help="the checkout whose `weightsmith serve` is measured (another "
+                             "commit's worktree, for before/after)")
     args = parser.parse_args()
+    server_repo = Path(args.repo).resolve()
 
     for sig in (signal.SIGINT, signal.SIGTERM):  # both end the run through `finally` below
         signal.signal(sig, interrupt)
@@ -359,7 +486,8 @@ def main() -> int:
     lab_dir.mkdir()
     (lab_dir / "lab.toml").write_text(f"cpu_slots = {args.cpu_slots}\n")
     env = {**os.environ, "WEIGHTSMITH_LAB": str(lab_dir),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(server_repo),
+                                                       os.environ.get("PYTHONPATH")]))}
     env.pop("WEIGHTSMITH_PLUGINS", None)
     for key in [k for k in env if k.startswith("WEIGHTSMITH_") and k != "WEIGHTSMITH_LAB"]:
         env.pop(key)  # the lab's own settings only
@@ -370,13 +498,13 @@ def main() -> int:
         t0 = time.perf_counter()
         build_tiny_model(tmp / "tiny-llama")
         subprocess.run([sys.executable, "-m", "app.cli", "import", str(tmp / "tiny-llama"),
-                        "--name", "tiny"], cwd=REPO, env=env, check=True, timeout=120,
+                        "--name", "tiny"], cwd=server_repo, env=env, check=True, timeout=120,
                        stdout=subprocess.DEVNULL)
         port = free_port()
         url = f"http://127.0.0.1:{port}/"
         server_log = open(tmp / "server.log", "wb")
         server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--no-demo",
-                                   "--port", str(port)], cwd=REPO, env=env,
+                                   "--port", str(port)], cwd=server_repo, env=env,
                                   stdout=server_log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
         ready_by = time.monotonic() + START_TIMEOUT_S
@@ -393,7 +521,22 @@ def main() -> int:
         print(f"set-up (model, lab, server start) {time.perf_counter() - t0:.1f} s; "
               f"{args.clients} clients for {args.seconds:.0f} s against {url}", flush=True)
 
-        memory_ok = True
+        ticks_ok = True
+        if args.pollers > 0 and args.poll_seconds > 0:
+            (tmp / "ev.yaml").write_text(f"checkpoint: tiny\nmax_tokens: {args.max_tokens}\n"
+                                         f"window: {args.window}\n")
+            done = subprocess.run([sys.executable, "-m", "app.cli", "run", "evaluate",
+                                   str(tmp / "ev.yaml"), "--wait"], cwd=server_repo, env=env,
+                                  capture_output=True, text=True, timeout=300)
+            import json
+
+            job_id = json.loads(done.stdout.strip().splitlines()[-1])["job"]
+            print(f"\nlight server: a finished job ({job_id}) selected on every page",
+                  flush=True)
+            ticks_ok = pollers_phase(url, server.pid, args.pollers, args.poll_seconds,
+                                     args.idle_seconds, job_id, stop, args.tick_detail)
+
+        memory_ok = ticks_ok
         if args.connections > 0:
             print(f"\nserver memory: {args.connections} new browser connections, "
                   f"{args.connection_threads} at a time", flush=True)
@@ -407,7 +550,7 @@ def main() -> int:
                   f"within {MEMORY_TARGET_MIB:.0f} MiB over 1,000 connections")
             for e in page_errors[:5]:
                 print(f"  {e}")
-            memory_ok = not page_errors and growth <= MEMORY_TARGET_MIB
+            memory_ok = memory_ok and not page_errors and growth <= MEMORY_TARGET_MIB
         if args.clients <= 0 or args.seconds <= 0:
             return 0 if memory_ok else 1
         print(flush=True)

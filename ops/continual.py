@@ -7,10 +7,16 @@ References:
   maximum learning rate, then cosine decay to a minimum; re-warming raises the loss at
   first but helps downstream in the longer run.
 - Replay and subset epochs: "Efficient Continual Pre-training by Mitigating the Stability
-  Gap" (Wang et al. 2024), https://arxiv.org/abs/2406.14833
+  Gap" (Wang et al. 2024), https://arxiv.org/abs/2406.14833 . Replay mixes general data in;
+  a small pool is repeated for several epochs. The subset itself is a seeded random choice
+  (in the plugin), not the paper's high-quality sub-corpus selection.
 - Vocabulary extension: "An Empirical Comparison of Vocabulary Expansion and Initialization
-  Approaches for Language Models", https://arxiv.org/abs/2407.05841 : a new token's
-  embedding is the mean of the embeddings of the sub-tokens it used to be split into.
+  Approaches for Language Models", https://arxiv.org/abs/2407.05841 , gives the rationale:
+  new embeddings initialised inside the convex hull of the existing ones, where simple
+  initialisations do about as well as advanced ones. What is here is one such simple
+  initialisation: a new token's embedding is the mean of the embeddings of the sub-tokens it
+  used to be split into (a convex combination). The paper's own method, CW2V (Constrained
+  Word2Vec, embeddings learned under a convex-hull constraint), is not implemented.
 """
 
 from __future__ import annotations
@@ -89,7 +95,9 @@ def replay_order(n_domain: int, n_replay: int, samples: int, replay_ratio: float
 def extend_vocabulary(model, tokenizer, new_tokens: list[str]) -> dict[str, list[int]]:
     """Add `new_tokens` to the tokenizer and model; each new row of the input embeddings
     (and of an untied output head) is the mean of the rows of the sub-tokens the old
-    tokenizer split the token into. Returns {token: sub-token ids}."""
+    tokenizer split the token into, so it lies in the convex hull of the existing rows (the
+    paper's rationale; this is the mean-of-sub-tokens initialisation, not its CW2V).
+    Returns {token: sub-token ids}."""
     vocab = tokenizer.get_vocab()
     fresh = [t for t in dict.fromkeys(new_tokens) if t not in vocab]
     if not fresh:

@@ -1,6 +1,6 @@
 """Pruning of decoder-only transformers: unstructured and N:M masks from magnitude, Wanda or
-SparseGPT importance, structured removal of attention head groups and MLP channels, and
-domain-aware mixing of calibration importance.
+SparseGPT importance, D-Pruner's domain-specific importance, structured removal of attention
+head groups and MLP channels, and a linear mix of general and domain calibration statistics.
 
 References:
 - Magnitude pruning: "Learning both Weights and Connections for Efficient Neural Networks",
@@ -16,11 +16,16 @@ References:
   "Importance Estimation for Neural Network Pruning" (Molchanov et al. 2019),
   https://arxiv.org/abs/1906.10771 ; applied to LLM head groups and MLP channels as in
   "LLM-Pruner", https://arxiv.org/abs/2305.11627
-- Domain-aware pruning: "Pruning as a Domain-specific LLM Extractor" (D-Pruner),
-  https://arxiv.org/abs/2405.06275 . D-Pruner refines a domain-gradient importance with a
-  general-importance regulariser; here, in its spirit, the per-weight importance is the mix
-  (1 - w) * general + w * domain of the two calibration sets' statistics (activation norms,
-  Hessians or Taylor scores), each normalised to the same scale first.
+- D-Pruner: "Pruning as a Domain-specific LLM Extractor" (Zhang et al. 2024),
+  https://arxiv.org/abs/2405.06275 , code https://github.com/psunlpgroup/D-Pruner . The
+  general importance G of each weight is the error its removal causes on general calibration
+  data (the OBS / SparseGPT layer-wise error, `obs_removal_error`); G regularises the domain
+  loss, L_total(θ') = L_domain(θ') + λ Σ_m G_m (θ'_m − θ_m)^2; each weight is scored by the
+  second-order Taylor estimate of how much L_total changes when it is set to zero, with the
+  empirical Fisher for the Hessian (`dpruner_scores`).
+- `mixed_statistics` (ours, not from a paper; it is *not* D-Pruner): the per-weight statistics
+  of Wanda, SparseGPT or structured Taylor importance are mixed as (1 - w) * general +
+  w * domain over the two calibration sets, each normalised to the same scale first.
 
 llmcompressor ships Wanda and SparseGPT modifiers, but its releases pin transformers and
 huggingface-hub versions that conflict with ours, so the algorithms are written here from
@@ -221,7 +226,8 @@ class InputStats:
 
 
 def mix_stats(general: InputStats, domain: InputStats | None, weight: float) -> InputStats:
-    """(1 - weight) * general + weight * domain, each as a per-token average first, so a larger
+    """The `mixed_statistics` option (ours; not D-Pruner, see `dpruner_scores`):
+    (1 - weight) * general + weight * domain, each as a per-token average first, so a larger
     calibration set does not dominate by size."""
     if domain is None or weight == 0:
         return general
@@ -315,7 +321,8 @@ def prune_unstructured(model, method: str, sparsity: float = 0.5,
     """Prune every decoder linear of `model` in place.
 
     method: 'magnitude' (no data), 'wanda' or 'sparsegpt' (calibration batches `general`,
-    each (B, T) token ids, optionally mixed with `domain` batches by `domain_weight`).
+    each (B, T) token ids, optionally mixed with `domain` batches by `domain_weight`: the
+    `mixed_statistics` option, `mix_stats`).
     pattern: (n, m) for N:M, which replaces `sparsity` and `scope`. scope: 'row' (per output
     row), 'layer' (per matrix) or 'global' (one threshold over all matrices; magnitude only).
     Data-aware methods go layer by layer (the Wanda and SparseGPT recipe): the calibration
@@ -404,6 +411,154 @@ def sparsity_of(model) -> tuple[list[float], float]:
         per_layer.append(z / n)
         zeros, total = zeros + z, total + n
     return per_layer, zeros / max(1, total)
+
+
+# ------------------------------------------------------------------------------- D-Pruner
+def obs_removal_error(weight: torch.Tensor, hessian: torch.Tensor,
+                      dampening: float = 0.01) -> torch.Tensor:
+    """D-Pruner's general importance of each weight: the error its removal causes on the
+    general calibration data, as the Optimal Brain Surgeon measures it for a layer (the
+    saliency SparseGPT ranks by): G_ij = w_ij^2 / (2 [H^-1]_jj), the rise of the layer's
+    squared output error per token, ||(W - W') X||^2 / tokens, when w_ij is set to zero and
+    the other weights of row i are re-fitted optimally.
+
+    weight: (out, in); hessian: (in, in) = 2 X^T X / tokens (float32), dampened like
+    `sparsegpt_prune` (dampening * mean(diag H) on the diagonal; 0 for the exact value).
+    Inputs that were never active cost nothing to remove: G = 0 there. -> (out, in) float32."""
+    W = weight.detach().float()
+    H = hessian.detach().clone().float()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    if dampening:
+        H += dampening * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], device=H.device)
+    try:
+        hinv_diag = torch.diag(torch.cholesky_inverse(torch.linalg.cholesky(H)))  # (in,)
+    except RuntimeError as exc:  # torch.linalg.LinAlgError subclasses RuntimeError
+        raise PruneError(f"the general calibration Hessian is not positive definite ({exc}); "
+                         f"raise dampening or use more calibration samples") from None
+    G = W ** 2 / (2 * hinv_diag.unsqueeze(0))
+    G[:, dead] = 0
+    return G
+
+
+@torch.no_grad()
+def general_importance(model, batches: list[torch.Tensor],
+                       dampening: float = 0.01) -> dict[str, torch.Tensor]:
+    """`obs_removal_error` of every decoder linear on the general calibration batches (each
+    (B, T) token ids), keyed 'layers.{i}.{name}'. Goes layer by layer on the dense model:
+    each layer's Hessian comes from the inputs the dense layers before it produce. Holds one
+    float32 score per prunable weight."""
+    h, kwargs = layer_inputs(model, batches)
+    out = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        stats = collect_stats(layer, h, kwargs, hessian=True)
+        for name, m in layer_linears(layer).items():
+            out[f"layers.{i}.{name}"] = obs_removal_error(m.weight, stats[name].hessian(),
+                                                          dampening)
+        h = _run_layer(layer, h, kwargs)
+    return out
+
+
+def dpruner_scores(params: dict[str, torch.Tensor], loss_of: Callable[[object], torch.Tensor],
+                   batches: list, general: dict[str, torch.Tensor], lam: float,
+                   learning_rate: float = 0.0) -> dict[str, torch.Tensor]:
+    """D-Pruner's dual-pruning importance of each weight in `params` (name -> the weight
+    tensor of the model `loss_of` runs), over the domain calibration `batches`.
+
+    The domain objective, regularised by the general importance `general` (name -> G, the
+    weight's shape; see `obs_removal_error`) around the original weights θ:
+        L_total(θ') = L_domain(θ') + lam * Σ_m G_m (θ'_m - θ_m)^2.
+    For each batch, at the current θ' (with d = θ' - θ), the change of L_total when θ'_m is
+    set to zero, to second order, with the empirical Fisher (the squared batch gradient g^2)
+    for the Hessian of L_domain:
+        ΔL_m = -(g_m + 2 lam G_m d_m) θ'_m + ½ g_m^2 θ'_m^2 + lam G_m θ'_m^2
+    (the regulariser is quadratic, so its part is exact). The score is Σ over batches of
+    |ΔL_m|. At lam = 0 it is the domain-only Taylor score Σ |g θ - ½ g^2 θ^2|.
+    learning_rate > 0 also takes a plain gradient step on L_total after each batch (the paper
+    scores while fine-tuning on the domain data); the weights are restored afterwards, so
+    the model comes back unchanged either way.
+
+    Holds the gradients and one float32 score per weight (and a copy of θ when
+    learning_rate > 0). -> {name: (same shape) float32 scores}."""
+    names = list(params)
+    tensors = [params[n] for n in names]
+    was = [t.requires_grad for t in tensors]
+    original = [t.detach().clone() for t in tensors] if learning_rate else None
+    acc = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
+    try:
+        for t in tensors:
+            t.requires_grad_(True)
+        for batch in batches:
+            grads = torch.autograd.grad(loss_of(batch), tensors)
+            with torch.no_grad():
+                for k, (n, t, g) in enumerate(zip(names, tensors, grads)):
+                    w, g = t.detach().float(), g.float()
+                    G = general[n].to(w.device)
+                    d = w - original[k].float() if original is not None else 0
+                    grad_total = g + 2 * lam * G * d  # (out, in): dL_total / dθ'
+                    change = -grad_total * w + 0.5 * g ** 2 * w ** 2 + lam * G * w ** 2
+                    acc[n] += change.abs()
+                    if learning_rate:
+                        t.sub_((learning_rate * grad_total).to(t.dtype))
+    finally:
+        with torch.no_grad():
+            for k, t in enumerate(tensors):
+                if original is not None:
+                    t.copy_(original[k])
+                t.requires_grad_(was[k])
+    return acc
+
+
+def prune_dpruner(model, general: list[torch.Tensor], domain: list[torch.Tensor],
+                  sparsity: float = 0.5, lam: float = 1.0, learning_rate: float = 0.0,
+                  pattern: tuple[int, int] | None = None, scope: str = "layer",
+                  dampening: float = 0.01,
+                  progress: Callable[[int, int], None] | None = None) -> PruneResult:
+    """D-Pruner on a decoder-only model, in place: `general_importance` on the `general`
+    batches, `dpruner_scores` of the decoder linears on the `domain` batches (each (B, T)
+    token ids; the loss is the model's next-token loss), then the lowest scores are zeroed
+    per matrix (scope 'layer', as the paper's code does), per output row ('row') or N:M
+    (`pattern`). The mask is applied to the original weights."""
+    check_supported(model)
+    if not general or not domain:
+        raise PruneError("dpruner needs general (calibration_file) and domain (domain_file) "
+                         "calibration data")
+    if scope not in ("row", "layer"):
+        raise PruneError(f"dpruner compares weights within a row or a layer, not {scope!r}")
+    device = next(model.parameters()).device
+    layers = decoder_layers(model)
+    G = general_importance(model, general, dampening)
+    if progress:
+        progress(1, 3)
+    linears = {f"layers.{i}.{name}": m for i, layer in enumerate(layers)
+               for name, m in layer_linears(layer).items()}
+    frozen = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():  # gradients for the decoder linears only
+        p.requires_grad_(False)
+    try:
+        scores = dpruner_scores(
+            {k: m.weight for k, m in linears.items()},
+            lambda ids: model(input_ids=ids.to(device), labels=ids.to(device),
+                              use_cache=False).loss,
+            domain, G, lam, learning_rate)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(frozen[id(p)])
+    if progress:
+        progress(2, 3)
+    per_module, pruned, total = {}, 0, 0
+    with torch.no_grad():
+        for key, m in linears.items():
+            mask = nm_mask(scores[key], *pattern) if pattern is not None else \
+                unstructured_mask(scores[key], sparsity, per_row=(scope == "row"))
+            m.weight[mask.to(m.weight.device)] = 0
+            per_module[key] = mask.float().mean().item()
+            pruned += int(mask.sum())
+            total += mask.numel()
+    if progress:
+        progress(3, 3)
+    per_layer, _ = sparsity_of(model)
+    return PruneResult(per_layer=per_layer, per_module=per_module, pruned=pruned, total=total)
 
 
 # ------------------------------------------------------------------------------ structured

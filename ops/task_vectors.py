@@ -1,5 +1,5 @@
-"""Task vectors as stored artifacts: extract, sparsify, apply with per-block coefficients,
-learn those coefficients, and graft a tiny mask of a vector.
+"""Task vectors as stored artifacts: extract, sparsify, apply with per-block coefficients
+(LiNeS among them), learn those coefficients, and graft a tiny mask of a vector.
 
 References:
 - Task arithmetic: Ilharco et al. 2022, "Editing Models with Task Arithmetic",
@@ -8,20 +8,33 @@ References:
 - Chat vector: "The Construction of Instruction-tuned LLMs for Finance without Instruction
   Data Using Continual Pretraining and Model Merging": the target need not be the vector's
   base; any shape-compatible checkpoint (e.g. a continually pre-trained one) will do.
+- LiNeS: Wang et al. 2024, "LiNeS: Post-training Layer Scaling Prevents Forgetting and
+  Enhances Model Merging", https://arxiv.org/abs/2410.17146: the update of decoder layer l
+  (0-based, of L) is scaled by lambda(l) = alpha + beta * l / (L - 1), beta = 1 - alpha by
+  default (the last layer keeps the whole update); tensors outside the decoder layers
+  (embeddings, final norm, LM head) get alpha. For a multi-task merge of T vectors,
+  alpha = (||sum_t tau_t||_1 / ||tau_merged||_1) / T.
 - aTLAS: "Knowledge Composition using Task Vectors with Learned Anisotropic Scaling",
-  https://arxiv.org/abs/2407.02880: one coefficient per parameter block (here: per decoder
-  layer and module, and per non-layer tensor) instead of one global lambda, optionally
-  learned by gradient descent with the weights frozen.
+  https://arxiv.org/abs/2407.02880: one coefficient per parameter block and task vector, a
+  block being one parameter tensor (the paper's and its code's granularity), started at 0
+  and learned by gradient descent with the weights frozen. The coarser `layer_module`
+  blocks (a decoder layer's self_attn, mlp, each norm) are an option of ours.
 - Grafting: Panigrahi et al. 2023, "Task-Specific Skill Localization in Fine-tuned Language
   Models", https://arxiv.org/abs/2302.06600: theta = theta_base + gamma (.) tau with a tiny
-  binary mask gamma, chosen by magnitude or learned through a sigmoid relaxation.
+  binary mask gamma (about 0.01% of the parameters). The learned mask is
+  gamma(S) = gamma_base + (1 - 2 gamma_base) (.) sigmoid(S - b), gamma_base the top-k
+  magnitude mask, S started at 0 and b large (the authors' code: `sigmoid_bias`), so it starts
+  within sigmoid(-b) of binary; the final mask is gamma rounded. The overlap of two skills'
+  masks is their similarity.
 
 Storage (why by hand: safetensors has no sparse layout, and mergekit keeps no task vectors):
 a task vector folder holds `task_vector.json` (the manifest: every tensor's shape and whether
 it is stored sparse), `config.json` of the fine-tune (so the registry knows the
 architecture), and `task_vector-NNNNN.safetensors` shards. A dense tensor is stored under its
 own name; a sparsified one as `NAME:values` (the kept entries, in the vector's dtype) and
-`NAME:indices` (their flat positions, int32, or int64 past 2^31 entries, ascending).
+`NAME:indices` (their flat positions, int32, or int64 past 2^31 entries, ascending). A graft
+keeps its mask in `graft_mask/mask.safetensors` (flat positions per tensor, same layout), a
+subfolder so that no loader takes it for weights.
 
 Every function works tensor by tensor through `safe_open`, so extracting or applying holds
 one tensor of each input (plus one output shard) at a time. Learning and grafting need the
@@ -161,11 +174,14 @@ def per_layer_sums(values: dict[str, float]) -> tuple[list[float], dict[str, flo
 def coefficient(name: str, weight: float, layer_scales: Optional[Sequence[float]] = None,
                 block_scales: Optional[dict[str, float]] = None,
                 learned: Optional[dict[str, float]] = None) -> float:
-    """lambda for one tensor of one vector: a learned block coefficient when there is one,
-    else weight x the layer's scale (if given for its layer) x the first block pattern
-    (regular expression, searched in the name) that matches."""
-    if learned is not None and block_of(name) in learned:
-        return float(learned[block_of(name)])
+    """lambda for one tensor of one vector: a learned coefficient when there is one (keyed by
+    the tensor's name, or by its layer_module block), else weight x the layer's scale (if
+    given for its layer) x the first block pattern (regular expression, searched in the
+    name) that matches."""
+    if learned is not None:
+        for key in (name, block_of(name)):
+            if key in learned:
+                return float(learned[key])
     value = float(weight)
     layer = layer_of(name)
     if layer_scales is not None and layer is not None:
@@ -178,6 +194,86 @@ def coefficient(name: str, weight: float, layer_scales: Optional[Sequence[float]
             value *= float(scale)
             break
     return value
+
+
+# ----------------------------------------------------------------------------- LiNeS
+def decoder_layers(names) -> int:
+    """L: the number of decoder layers the tensor names span (highest index + 1; 0 if none)."""
+    layers = [layer_of(n) for n in names]
+    return max((l for l in layers if l is not None), default=-1) + 1
+
+
+def lines_coefficient(name: str, num_layers: int, alpha: float,
+                      beta: Optional[float] = None) -> float:
+    """LiNeS (arXiv 2410.17146), the paper's convention: lambda(l) = alpha + beta * l / (L - 1)
+    for a tensor of decoder layer l (0-based) of L, beta = 1 - alpha when not given; alpha
+    for a tensor outside the decoder layers (embeddings, final norm, LM head). With a single
+    layer (L = 1) that layer is the last one: alpha + beta."""
+    beta = 1.0 - alpha if beta is None else beta
+    layer = layer_of(name)
+    if layer is None:
+        return float(alpha)
+    if layer >= num_layers:
+        raise TaskVectorError(f"tensor {name} is in layer {layer}, but the model has "
+                              f"{num_layers} decoder layers")
+    depth = layer / (num_layers - 1) if num_layers > 1 else 1.0
+    return float(alpha + beta * depth)
+
+
+def lines_multitask_alpha(sum_l1: float, merged_l1: float, tasks: int) -> float:
+    """LiNeS' multi-task alpha: (||sum_t tau_t||_1 / ||tau_merged||_1) / T, so the shallowest
+    layers get the mean of the task vectors whatever the merge scaled them by."""
+    if tasks < 1:
+        raise TaskVectorError("LiNeS' multi-task alpha needs at least one task vector")
+    if not merged_l1 > 0:
+        raise TaskVectorError("the merged task vector is zero: LiNeS' multi-task alpha "
+                              "(||sum tau||_1 / ||tau_merged||_1 / T) is undefined; give alpha")
+    return float(sum_l1 / merged_l1 / tasks)
+
+
+def lines_rescale_merge(base_files: Sequence[Path], model_files: Sequence[Sequence[Path]],
+                        merged_files: Sequence[Path], out_dir: Path, *,
+                        alpha: Optional[float] = None, beta: Optional[float] = None,
+                        progress: Optional[Callable[[int, int], None]] = None) -> dict:
+    """LiNeS after a merge: write theta_base + lambda(l) * (theta_merged - theta_base) for every
+    tensor of the merge into out_dir (the merged files' names and layout). alpha None: the
+    multi-task alpha, with tau_t = theta_t - theta_base over the merged models (T of them,
+    unweighted, as in the paper) and tau_merged = theta_merged - theta_base, both summed over
+    every tensor the base and all models hold (a first pass, one tensor at a time). A tensor
+    the base lacks (a tied head) is copied. Returns what was used: alpha, beta, layers,
+    tasks and (multi-task) the two L1 norms."""
+    base, merged = Shards(base_files), Shards(merged_files)
+    models = [Shards(files) for files in model_files]
+    names = [n for n in merged.keys() if n in base and merged.is_float(n)]
+    layers = decoder_layers(merged.keys())
+    info: dict = {"layers": layers, "tasks": len(models)}
+    if alpha is None:
+        sum_l1 = merged_l1 = 0.0
+        for name in names:
+            if not all(name in m for m in models):
+                continue
+            b = base.get(name).float()
+            total = sum(m.get(name).float() - b for m in models)  # sum_t tau_t, fp32
+            sum_l1 += float(total.double().abs().sum())
+            merged_l1 += float((merged.get(name).float() - b).double().abs().sum())
+        alpha = lines_multitask_alpha(sum_l1, merged_l1, len(models))
+        info.update(sum_l1=sum_l1, merged_l1=merged_l1, alpha_from="multi-task norm ratio")
+    else:
+        info["alpha_from"] = "given"
+    beta = 1.0 - alpha if beta is None else beta
+    info.update(alpha=float(alpha), beta=float(beta))
+    wanted = set(names)
+
+    def delta(name: str) -> Optional[torch.Tensor]:
+        if name not in wanted:
+            return None
+        theta = merged.get(name).float()
+        lam = lines_coefficient(name, layers, alpha, beta)
+        # theta + delta = theta_base + lam * (theta - theta_base), in float32
+        return (1.0 - lam) * (base.get(name).float() - theta)
+
+    write_updated(merged_files, out_dir, delta, progress=progress)
+    return info
 
 
 # --------------------------------------------------------------------------- extract
@@ -364,23 +460,39 @@ def _descend(trainable: list[torch.Tensor], params_of: Callable[[], dict], model
             log(step, float(loss.detach()))
 
 
+# aTLAS' blocks: what one learned coefficient covers, by the name of a tensor
+GRANULARITIES: dict[str, Callable[[str], str]] = {
+    "tensor": lambda name: name,    # one parameter tensor: the paper's (and its code's) block
+    "layer_module": block_of,       # coarser: a decoder layer's self_attn, mlp or norm
+}
+
+
 def learn_coefficients(model, vectors: Sequence[dict[str, torch.Tensor]],
-                       init: Sequence[dict[str, float]], batches: Sequence[torch.Tensor], *,
-                       steps: int, lr: float,
+                       batches: Sequence[torch.Tensor], *, steps: int, lr: float,
+                       init: Optional[Sequence[dict[str, float]]] = None,
+                       granularity: str = "tensor",
                        log: Optional[Callable[[int, float], None]] = None) -> dict:
-    """aTLAS: learn one coefficient per (vector, block) by Adam on the language-model loss
-    of theta = theta_target + sum_i lambda_{i,block} * tau_i, the model's own weights frozen.
-    `vectors`: per vector {tensor name: tau (float32, parameter's shape)}; `init`: per vector
-    {block: starting lambda}; `batches`: (batch, length) long tensors. Returns
-    {"coefficients": [{block: lambda}], "loss_before", "loss_after"} (mean loss over all
-    batches, before and after)."""
+    """aTLAS: learn one coefficient per (vector, block) by Adam on the language-model loss of
+    theta = theta_target + sum_i lambda_{i,block} * tau_i, the model's own weights frozen. A
+    block is one parameter tensor (granularity 'tensor', the paper's), or a decoder layer's
+    module ('layer_module'). `vectors`: per vector {tensor name: tau (float32, parameter's
+    shape)}; only tensors that are parameters of the model are learned (a tied head is not a
+    parameter of its own). `init`: per vector {block: starting lambda}; a block it lacks (or
+    no init at all) starts at 0, the paper's init (theta starts at the target). `batches`:
+    (batch, length) long tensors. Returns {"coefficients": [{block: lambda}], "init": the same
+    table at the start, "loss_before", "loss_after"} (mean loss over all batches)."""
+    if granularity not in GRANULARITIES:
+        raise TaskVectorError(f"granularity {granularity!r} is not one of "
+                              f"{', '.join(GRANULARITIES)}")
+    key = GRANULARITIES[granularity]
     params = {n: p.detach() for n, p in model.named_parameters()}
-    blocks = sorted({block_of(n) for v in vectors for n in v if n in params})
+    blocks = sorted({key(n) for v in vectors for n in v if n in params})
     if not blocks:
         raise TaskVectorError("no tensor of the task vectors is a parameter of the model")
     column = {b: j for j, b in enumerate(blocks)}
-    lam = torch.tensor([[float(init[i].get(b, 1.0)) for b in blocks]
-                        for i in range(len(vectors))], requires_grad=True)  # (vectors, blocks)
+    start = [[float((init[i] if init else {}).get(b, 0.0)) for b in blocks]
+             for i in range(len(vectors))]
+    lam = torch.tensor(start, requires_grad=True)  # (vectors, blocks), float32
     device = next(model.parameters()).device
     taus = [{n: t.to(device) for n, t in v.items() if n in params} for v in vectors]
 
@@ -388,7 +500,7 @@ def learn_coefficients(model, vectors: Sequence[dict[str, torch.Tensor]],
         out = dict(params)
         for i, tau in enumerate(taus):
             for name, t in tau.items():
-                out[name] = out[name] + coeffs[i, column[block_of(name)]].to(t.dtype) * t
+                out[name] = out[name] + coeffs[i, column[key(name)]].to(t.dtype) * t
         return out
 
     before = _mean_loss(model, merged(lam), batches, device)
@@ -396,7 +508,8 @@ def learn_coefficients(model, vectors: Sequence[dict[str, torch.Tensor]],
     after = _mean_loss(model, merged(lam), batches, device)
     table = [{b: float(lam.detach()[i, j]) for b, j in column.items()}
              for i in range(len(vectors))]
-    return {"coefficients": table, "loss_before": before, "loss_after": after}
+    return {"coefficients": table, "init": [dict(zip(blocks, row)) for row in start],
+            "loss_before": before, "loss_after": after}
 
 
 # ---------------------------------------------------------------------------- grafting
@@ -409,20 +522,40 @@ def top_mask(scores: dict[str, torch.Tensor], density: float) -> dict[str, torch
     return global_topk_masks(scores, sorted(scores), k, largest=True)
 
 
+GRAFT_SIGMOID_BIAS = 5.0  # b: the authors' code's sigmoid_bias; sigmoid(-5) = 0.0067
+
+
+def graft_gate(start: torch.Tensor, scores: torch.Tensor, bias: float) -> torch.Tensor:
+    """The relaxed graft mask of Panigrahi et al.: gamma = gamma_base + (1 - 2 gamma_base) (.)
+    sigmoid(S - b), gamma_base the binary start mask (bool, tau's shape) and S the scores
+    (float32, same shape). With S = 0 it is within sigmoid(-b) of gamma_base; raising S
+    moves an entry away from its start value (in towards 1 outside the start mask, out
+    towards 0 inside it)."""
+    g = start.to(scores.dtype)
+    return g + (1 - 2 * g) * torch.sigmoid(scores - bias)
+
+
 def learn_graft_mask(model, tau: dict[str, torch.Tensor], density: float,
                      batches: Sequence[torch.Tensor], *, steps: int, lr: float,
+                     bias: float = GRAFT_SIGMOID_BIAS,
                      log: Optional[Callable[[int, float], None]] = None) -> dict:
-    """Grafting with a learned mask: a real-valued score S per entry of tau, starting at +3
-    on the top-k magnitudes and -3 elsewhere, trained through the relaxation
-    theta = theta_base + sigmoid(S) * tau on the loss of the batches; the final mask is the
-    top-k of S, so exactly the same number of entries as the magnitude mask. Returns
-    {"mask", "loss_magnitude", "loss_learned"} (losses of the binary grafts)."""
+    """Grafting with a learned mask (Panigrahi et al. 2023): scores S (one per entry of tau,
+    float32, started at 0) trained by Adam through theta = theta_base + gamma(S) (.) tau with
+    gamma = graft_gate(top-k magnitude mask, S, bias), on the loss of the batches; the final
+    mask is gamma rounded (gamma > 0.5), as in the authors' code, so its size may move away
+    from the start's. Returns {"mask", "start" (the magnitude mask), "loss_magnitude",
+    "loss_learned" (losses of the two binary grafts), "gate_start_gap" (the largest
+    |gamma - gamma_base| at the start)}."""
     params = {n: p.detach() for n, p in model.named_parameters()}
     device = next(model.parameters()).device
     tau = {n: t.to(device) for n, t in tau.items() if n in params}
-    start = top_mask({n: t.abs() for n, t in tau.items()}, density)
-    scores = {n: torch.where(start[n].to(device), 3.0, -3.0).requires_grad_(True)
-              for n in tau}
+    start = {n: m.to(device) for n, m in
+             top_mask({n: t.abs() for n, t in tau.items()}, density).items()}
+    scores = {n: torch.zeros(t.shape, device=device, requires_grad=True)
+              for n, t in tau.items()}
+    with torch.no_grad():
+        gap = max(float((graft_gate(start[n], scores[n], bias) - start[n].float()).abs().max())
+                  for n in tau)
 
     def grafted(gates: dict) -> dict:
         out = dict(params)
@@ -435,10 +568,70 @@ def learn_graft_mask(model, tau: dict[str, torch.Tensor], density: float,
                           batches, device)
 
     _descend(list(scores.values()),
-             lambda: grafted({n: torch.sigmoid(s) for n, s in scores.items()}),
+             lambda: grafted({n: graft_gate(start[n], s, bias) for n, s in scores.items()}),
              model, batches, device, steps, lr, log)
-    mask = top_mask({n: s.detach().cpu() for n, s in scores.items()}, density)
-    return {"mask": mask, "loss_magnitude": mean_loss(start), "loss_learned": mean_loss(mask)}
+    with torch.no_grad():
+        mask = {n: (graft_gate(start[n], s, bias) > 0.5).cpu() for n, s in scores.items()}
+    return {"mask": mask, "start": {n: m.cpu() for n, m in start.items()},
+            "loss_magnitude": mean_loss(start), "loss_learned": mean_loss(mask),
+            "gate_start_gap": gap}
+
+
+def mask_overlap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
+    """How much two skills' grafts share (Panigrahi et al.: regions of different tasks are
+    almost disjoint; their overlap is a proxy for task similarity). a, b: bool masks by
+    tensor name; a tensor only one holds shares nothing. Returns {"kept_a", "kept_b",
+    "shared" (entries in both), "jaccard" (shared / entries in either; the similarity),
+    "shared_of_smaller" (shared / the smaller graft)}."""
+    for name in set(a) & set(b):
+        if a[name].shape != b[name].shape:
+            raise TaskVectorError(f"the grafts differ in the shape of {name}: "
+                                  f"{list(a[name].shape)} and {list(b[name].shape)}")
+    kept_a = sum(int(m.sum()) for m in a.values())
+    kept_b = sum(int(m.sum()) for m in b.values())
+    shared = sum(int((a[n] & b[n]).sum()) for n in set(a) & set(b))
+    union = kept_a + kept_b - shared
+    return {"kept_a": kept_a, "kept_b": kept_b, "shared": shared,
+            "jaccard": shared / union if union else 0.0,
+            "shared_of_smaller": shared / min(kept_a, kept_b) if min(kept_a, kept_b) else 0.0}
+
+
+GRAFT_MASK = Path("graft_mask") / "mask.safetensors"
+
+
+def save_mask(mask: dict[str, torch.Tensor], folder: Path) -> Path:
+    """Store a graft's mask in folder/graft_mask/mask.safetensors: per tensor the flat
+    positions it keeps (int32, or int64 past 2^31 entries), the shapes in the metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(folder) / GRAFT_MASK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, m in mask.items():
+        dtype = torch.int32 if m.numel() < 2 ** 31 else torch.int64
+        out[name] = m.reshape(-1).nonzero().reshape(-1).to(dtype).contiguous()
+    save_file(out, str(path), metadata={"format": "weightsmith-graft-mask", "shapes": json.dumps(
+        {n: list(m.shape) for n, m in mask.items()})})
+    return path
+
+
+def load_mask(folder: Path, label: str | None = None) -> dict[str, torch.Tensor]:
+    """The bool masks a graft stored with save_mask; TaskVectorError naming the checkpoint
+    when it has none."""
+    from safetensors import safe_open
+
+    path = Path(folder) / GRAFT_MASK
+    if not path.is_file():
+        raise TaskVectorError(f"{label or folder} has no graft mask ({GRAFT_MASK}): only "
+                              f"checkpoints made by action 'graft' do")
+    with safe_open(str(path), framework="pt") as f:
+        shapes = json.loads((f.metadata() or {}).get("shapes", "{}"))
+        out = {}
+        for name in f.keys():
+            flat = torch.zeros(math.prod(shapes[name]), dtype=torch.bool)
+            flat[f.get_tensor(name).long()] = True
+            out[name] = flat.view(*shapes[name])
+    return out
 
 
 def skill_per_layer(mask: dict[str, torch.Tensor]) -> tuple[list[float], dict[str, float]]:

@@ -2,7 +2,8 @@
 `weightsmith registry lineage --mermaid` draw.
 
 A graph is the `{root, nodes, edges}` mapping that `Registry.lineage` and `Registry.lab_graph`
-return (`root` may be None). Every text from the registry (names, tasks, metrics, relations,
+return (`root` may be None); nodes of kind "dataset" are drawn as cylinders, and their
+"data" edges dashed. Every text from the registry (names, tasks, metrics, relations,
 roles) goes through `mermaid_text` inside a quoted label; only the `<br/>` and `<b>` written
 here are markup.
 
@@ -22,7 +23,7 @@ MAX_CHARS = 48_000
 MAX_EDGES = 480
 
 _MERMAID_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 "
-                           "_.,:=+-/@*")
+                           "_.,=+-/@*")  # no ":": ":::" starts a class, even in a label
 
 
 def mermaid_text(text) -> str:
@@ -90,6 +91,9 @@ def mermaid(graph: dict, scores: list[str] | None = None) -> str:
         scores = default_scores(graph)
     lines = ["graph TD"]
     for n in graph["nodes"]:
+        if n.get("kind") == "dataset":  # a cylinder: data, not a checkpoint
+            lines.append(f'{mermaid_id(n["id"])}[("{_data_label(n)}")]:::dataset')
+            continue
         style = ":::root" if n["id"] == graph.get("root") else ""
         lines.append(f'{mermaid_id(n["id"])}["{_label(n, scores)}"]{style}')
     for e in graph["edges"]:
@@ -98,10 +102,26 @@ def mermaid(graph: dict, scores: list[str] | None = None) -> str:
             tag += f" {e['weight']:g}"
         if e.get("role"):
             tag += f" ({e['role']})"
-        lines.append(f'{mermaid_id(e["parent"])} -->|"{mermaid_text(tag)}"| '
+        arrow = "-->"
+        if e["relation"] == "data":  # dashed, labelled with the config field that read it
+            arrow, tag = "-.->", str(e.get("role") or "data")
+        lines.append(f'{mermaid_id(e["parent"])} {arrow}|"{mermaid_text(tag)}"| '
                      f'{mermaid_id(e["child"])}')
     lines.append("classDef root stroke-width:3px")
+    if any(n.get("kind") == "dataset" for n in graph["nodes"]):
+        lines.append("classDef dataset fill:#ecfeff,stroke:#0e7490")
     return "\n".join(lines)
+
+
+def _data_label(node: dict) -> str:
+    """A dataset node's label: its name, then its rows and format where known."""
+    facts = []
+    if node.get("rows") is not None:
+        facts.append(f"{node['rows']} rows")
+    if node.get("format"):
+        facts.append(str(node["format"]))
+    label = mermaid_text(node["name"])
+    return label + (f"<br/>{mermaid_text(', '.join(facts))}" if facts else "")
 
 
 def _priority(graph: dict) -> list[str]:

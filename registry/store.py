@@ -16,6 +16,7 @@ version table with forward migrations, and recursive-CTE lineage queries.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import secrets
 import sqlite3
@@ -25,6 +26,7 @@ from typing import Any, Iterator
 import sqlite_utils
 
 from registry import schema
+from registry.datasets import Datasets
 from registry.common import FINISHED, JOB_STATUSES, RegistryError, check_relation, now
 # the Mermaid text of lineage graphs lives in registry/lineage.py; re-exported from here
 from registry.lineage import mermaid, mermaid_text
@@ -43,6 +45,9 @@ __all__ = ["Registry", "RegistryError", "now", "probe", "new_id", "ID_BYTES", "F
 # (a collision among a million synced checkpoints is about 0.2 % likely; 32 bits made one
 # certain); older 8-digit ids stay valid. Job ids keep 32 bits.
 ID_BYTES = {"ck": 6, "job": 4}
+
+
+MMAP_BYTES = 256 << 20  # SQLite reads up to this much of registry.db through mmap
 
 
 def new_id(prefix: str) -> str:
@@ -66,10 +71,14 @@ class Registry:
         if self.db.journal_mode != "wal":
             self.db.enable_wal()
         conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL: survives process crashes
+        # reads through a shared memory map, not a read() per page into each connection's
+        # small private cache: the lineage of 2,000 checkpoints took 40% less time
+        conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
         self.migrate()
         # the tables with a life of their own, by composition over this connection
         self.users = Users(self.db, self.write)  # users, failed logins, audit log
         self.sync = SyncRows(self)  # Hub sync: exported and pulled rows, local sync state
+        self.datasets = Datasets(self.db, self.write)  # data by content hash, and its uses
 
     def close(self) -> None:
         self.db.close()
@@ -246,8 +255,7 @@ class Registry:
         """A page of checkpoints, newest first, each with its parents and latest scores."""
         where, params = [], []
         if search:
-            where.append("(name LIKE ? OR id LIKE ?)")
-            params += [f"%{search}%", f"{search}%"]
+            where.append(_name_or_id(search, params))
         for column, value in (("relation", relation), ("kind", kind),
                               ("architecture", architecture)):
             if value:
@@ -283,6 +291,19 @@ class Registry:
         over ten minutes, where this takes milliseconds. Without the depth, a CTE cannot
         stop at `max_depth`.
         """
+        depth_of = self._depths(ck_id, up, max_depth)
+        rows = []
+        for chunk in _chunks(list(depth_of)):
+            marks = ",".join("?" * len(chunk))
+            rows += self.db.query(
+                f"SELECT id, name, relation, kind FROM checkpoints WHERE id IN ({marks})", chunk)
+        for r in rows:
+            r["depth"] = depth_of[r["id"]]
+        rows.sort(key=lambda r: (r["depth"], r["id"]))
+        return rows
+
+    def _depths(self, ck_id: str, up: bool, max_depth: int | None) -> dict[str, int]:
+        """{checkpoint id: its shortest distance} of the walk from `ck_id` (not included)."""
         src, dst = ("child_id", "parent_id") if up else ("parent_id", "child_id")
         depth_of: dict[str, int] = {ck_id: 0}
         frontier, depth = [ck_id], 0
@@ -298,15 +319,7 @@ class Registry:
                         found.append(node)
             frontier = found
         del depth_of[ck_id]
-        rows = []
-        for chunk in _chunks(list(depth_of)):
-            marks = ",".join("?" * len(chunk))
-            rows += self.db.query(
-                f"SELECT id, name, relation, kind FROM checkpoints WHERE id IN ({marks})", chunk)
-        for r in rows:
-            r["depth"] = depth_of[r["id"]]
-        rows.sort(key=lambda r: (r["depth"], r["id"]))
-        return rows
+        return depth_of
 
     def ancestors(self, ck_id: str, max_depth: int | None = None) -> list[dict]:
         return self._walk(self.checkpoint(ck_id)["id"], True, max_depth)
@@ -314,25 +327,41 @@ class Registry:
     def descendants(self, ck_id: str, max_depth: int | None = None) -> list[dict]:
         return self._walk(self.checkpoint(ck_id)["id"], False, max_depth)
 
-    def lineage(self, ck_id: str, max_depth: int | None = None) -> dict:
-        """The lineage graph around a checkpoint: its ancestors, itself and its descendants."""
+    def lineage(self, ck_id: str, max_depth: int | None = None,
+                datasets: bool = False) -> dict:
+        """The lineage graph around a checkpoint: its ancestors, itself and its descendants;
+        with `datasets`, also the datasets that trained or calibrated them (nodes of kind
+        "dataset", edges of relation "data" whose role is the config field)."""
         root = self.checkpoint(ck_id)
-        ids = [root["id"]] + [r["id"] for r in self.ancestors(root["id"], max_depth)]
-        ids += [r["id"] for r in self.descendants(root["id"], max_depth)]
-        ids = list(dict.fromkeys(ids))
-        marks = ",".join("?" * len(ids))
-        rows = {r["id"]: r for r in self.db.query(
-            f"SELECT id, name, kind, relation, architecture, param_count, created_at "
-            f"FROM checkpoints WHERE id IN ({marks})", ids)}
+        ids = list(dict.fromkeys([root["id"], *self._depths(root["id"], True, max_depth),
+                                  *self._depths(root["id"], False, max_depth)]))
+        # the id set goes in as one JSON parameter (json_each): no limit on how many, and
+        # one statement each for rows, scores and edges (measured 2-3x faster than chunks)
+        listed = json.dumps(ids)
+        columns = ("id", "name", "kind", "relation", "architecture", "param_count",
+                   "created_at")
+        rows = {r[0]: dict(zip(columns, r)) for r in self.db.execute(
+            f"SELECT {', '.join(columns)} FROM checkpoints "
+            f"WHERE id IN (SELECT value FROM json_each(?))", [listed])}
         scores = self.latest_scores(ids)
         nodes = [{**rows[i], "scores": scores.get(i, {})} for i in sorted(
             ids, key=lambda i: (rows[i]["created_at"], i))]
-        edges = list(self.db.query(
-            f"SELECT parent_id AS parent, child_id AS child, relation, weight, density, role "
-            f"FROM edges "
-            f"WHERE child_id IN ({marks}) AND parent_id IN ({marks}) "
-            f"ORDER BY child_id, position", ids + ids))
-        return {"root": root["id"], "nodes": nodes, "edges": edges}
+        shown = set(ids)
+        found = sorted((r for r in self.db.execute(
+            "SELECT child_id, position, parent_id, relation, weight, density, role FROM edges "
+            "WHERE child_id IN (SELECT value FROM json_each(?))", [listed]) if r[2] in shown),
+            key=lambda r: (r[0], r[1] if r[1] is not None else -1))
+        edges = [{"parent": p, "child": c, "relation": rel, "weight": w, "density": d,
+                  "role": role} for c, _, p, rel, w, d, role in found]
+        graph = {"root": root["id"], "nodes": nodes, "edges": edges}
+        return self._with_datasets(graph) if datasets else graph
+
+    def _with_datasets(self, graph: dict) -> dict:
+        """`graph` with the datasets of its checkpoints: nodes in creation order, data edges
+        after the checkpoint edges."""
+        data_nodes, data_edges = self.datasets.edges([n["id"] for n in graph["nodes"]])
+        nodes = sorted(graph["nodes"] + data_nodes, key=lambda n: (n["created_at"], n["id"]))
+        return {**graph, "nodes": nodes, "edges": graph["edges"] + data_edges}
 
     def lineage_mermaid(self, ck_id: str, max_depth: int | None = None,
                         scores: list[str] | None = None) -> str:
@@ -340,14 +369,15 @@ class Registry:
         to show on the nodes (default: one headline metric per task)."""
         return mermaid(self.lineage(ck_id, max_depth), scores)
 
-    def lab_graph(self, limit: int | None = None, search: str | None = None) -> dict:
+    def lab_graph(self, limit: int | None = None, search: str | None = None,
+                  datasets: bool = False) -> dict:
         """The lab's graph, in the shape of `lineage` with no root: the latest `limit`
         checkpoints (all when None) whose name or id contains `search`, not deleted, oldest
-        first, with their latest scores and the edges between them."""
+        first, with their latest scores and the edges between them; with `datasets`, also
+        the datasets that trained or calibrated them (not counted in `limit`)."""
         where, params = ["deleted_at IS NULL"], []
         if search:
-            where.append("(instr(lower(name), lower(?)) > 0 OR instr(id, ?) > 0)")
-            params += [search, search]
+            where.append(_name_or_id(search, params))
         sql = ("SELECT id, name, kind, relation, architecture, param_count, created_at "
                "FROM checkpoints WHERE " + " AND ".join(where)
                + " ORDER BY created_at DESC, id DESC")
@@ -370,7 +400,8 @@ class Registry:
                     f"density, role FROM edges WHERE child_id IN ({marks}) "
                     f"ORDER BY child_id, position", chunk) if e["parent"] in shown]
         nodes = [{**r, "scores": scores.get(r["id"], {})} for r in rows]
-        return {"root": None, "nodes": nodes, "edges": edges}
+        graph = {"root": None, "nodes": nodes, "edges": edges}
+        return self._with_datasets(graph) if datasets and nodes else graph
 
     # ----------------------------------------------------------------- metrics & evaluations
     def add_metric(self, *, name: str, value: float, step: int | None = None,
@@ -401,12 +432,13 @@ class Registry:
         """{checkpoint: {"task/metric": latest value}} for the given checkpoints."""
         if not ids:
             return {}
-        marks = ",".join("?" * len(ids))
         out: dict[str, dict[str, float]] = {}
-        for r in self.db.query(
-                f"SELECT checkpoint_id, task, metric, value FROM evaluations "
-                f"WHERE checkpoint_id IN ({marks}) ORDER BY id", ids):
-            out.setdefault(r["checkpoint_id"], {})[f"{r['task']}/{r['metric']}"] = r["value"]
+        # sorted here, not by ORDER BY id: that made SQLite scan the whole table in id order
+        # instead of looking the checkpoints up in its checkpoint_id index
+        for _, ck, task, metric, value in sorted(self.db.execute(
+                "SELECT id, checkpoint_id, task, metric, value FROM evaluations "
+                "WHERE checkpoint_id IN (SELECT value FROM json_each(?))", [json.dumps(ids)])):
+            out.setdefault(ck, {})[f"{task}/{metric}"] = value
         return out
 
     def scores_by_key(self, content_hash: str, key: str) -> list[dict]:
@@ -522,6 +554,30 @@ class Registry:
         return list(self.db.query("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?",
                                   [limit]))
 
+    def jobs_mark(self, limit: int, job_id: str | None) -> str:
+        """A digest of what the Jobs view shows: the newest `limit` jobs' ids, statuses,
+        progress, devices and times, and the job `job_id`'s row and metric count. Equal
+        digests: nothing there changed (the view then sends nothing)."""
+        h = hashlib.blake2b(digest_size=12)
+        for row in self.db.execute(
+                "SELECT id, status, progress, progress_message, device, user, started_at, "
+                "finished_at, priority FROM jobs ORDER BY created_at DESC LIMIT ?", [limit]):
+            h.update(repr(row).encode())
+        if job_id:
+            h.update(repr(self.db.execute(
+                "SELECT status, progress, progress_message, error, device, finished_at, "
+                "(SELECT COUNT(*) FROM metrics WHERE job_id = ?), "
+                "(SELECT COUNT(*) FROM checkpoints WHERE job_id = ?) FROM jobs WHERE id = ?",
+                [job_id, job_id, job_id]).fetchall()).encode())
+        return h.hexdigest()
+
+    def registry_mark(self) -> str:
+        """A digest that changes whenever a checkpoint, edge, evaluation or dataset row is
+        written (the `changes` counters, kept by triggers: schema v8): what the checkpoint
+        lists and dropdowns show."""
+        rows = self.db.execute("SELECT tbl, n FROM changes ORDER BY tbl").fetchall()
+        return hashlib.blake2b(repr(rows).encode(), digest_size=12).hexdigest()
+
     def update_job(self, job_id: str, *, only_if_status: tuple[str, ...] | None = None,
                    **fields: Any) -> bool:
         """Update a job; with `only_if_status`, only while it is in one of those states.
@@ -550,6 +606,26 @@ class Registry:
         """From now on this connection refuses writes (a distributed job's other ranks:
         rank 0 records)."""
         self.db.execute("PRAGMA query_only = ON")
+
+
+FTS_MIN = 3  # the trigram index finds substrings of at least 3 characters
+
+
+def _name_or_id(search: str, params: list) -> str:
+    """The WHERE clause (its parameters appended to `params`) of checkpoints whose name
+    contains `search` (literally, case-insensitively) or whose id starts with it. Three or
+    more characters go through the FTS5 trigram index on names (schema v8); shorter ones
+    scan the names. An id prefix is a range on the primary key's index."""
+    if len(search) >= FTS_MIN:
+        # one FTS5 string (quotes doubled): the trigrams of `search`, in order, i.e. the
+        # substring; nothing in it is query syntax
+        name = ("rowid IN (SELECT rowid FROM checkpoints_fts WHERE checkpoints_fts MATCH ?)")
+        params.append('"' + search.replace('"', '""') + '"')
+    else:
+        name = "instr(lower(name), lower(?)) > 0"
+        params.append(search)
+    params += [search, search + "\U0010ffff"]
+    return f"({name} OR (id >= ? AND id < ?))"
 
 
 def probe(path: str | Path, timeout: float) -> None:

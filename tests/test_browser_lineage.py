@@ -2,9 +2,9 @@
 
 1. Hostile registries, generated (hypothesis): names, roles, task and metric labels full of
    quotes, brackets, pipes, `#`, `;`, backticks, unicode (emoji, RTL), HTML and Mermaid
-   keywords, with merges and adapters, up to 300 checkpoints. Each is drawn by the same
-   Gradio Markdown (its bundled Mermaid) and lineage.js the app uses, as the Registry view
-   writes it and as `weightsmith registry lineage ID --mermaid` prints it: no Mermaid error,
+   keywords, with merges, adapters and datasets (cylinders, dashed edges), up to 300
+   checkpoints. Each is drawn by the same Gradio Markdown (its bundled Mermaid) and
+   lineage.js the app uses, as the Registry view writes it and as `weightsmith registry lineage ID --mermaid` prints it: no Mermaid error,
    every node's name shown exactly as typed, nothing injected.
 2. A person's path: open a merge of three parents, zoom and pan, pick the scores on the nodes,
    click a parent's node to open it, draw the whole lab, download a checkpoint as a zip.
@@ -55,7 +55,9 @@ def lab_specs(draw, max_nodes=30):
                          draw(st.one_of(st.none(), hostile(2)))) for p in parents],
             "scores": draw(st.lists(st.tuples(hostile(2), hostile(2),
                                               st.floats(-1e3, 1e3, allow_nan=False)),
-                                    max_size=2))})
+                                    max_size=2)),
+            # datasets its job read: (name, config field), drawn as cylinders
+            "data": draw(st.lists(st.tuples(hostile(3), hostile(2)), max_size=2))})
     return spec
 
 
@@ -81,12 +83,20 @@ def big_spec(n=300):
 
 
 def build(lab, spec) -> list[dict]:
+    import hashlib
+
     rows = []
     with lab.registry() as reg:
-        for node in spec:
+        for i, node in enumerate(spec):
+            job = reg.add_job(plugin="test", config={}) if node.get("data") else None
+            for j, (name, field) in enumerate(node.get("data") or []):
+                digest = hashlib.sha256(f"{i}/{j}/{name}".encode()).hexdigest()
+                ds = reg.datasets.add(content_hash=digest, name=name, source="path")
+                reg.datasets.use(job["id"], ds["id"], field)
             rows.append(reg.add_checkpoint(
                 name=node["name"], relation=node["relation"],
                 kind="adapter" if node["relation"] == "adapter" else "model",
+                job_id=job["id"] if job else None,
                 parents=[{"id": rows[p]["id"], "weight": w, "role": r}
                          for p, w, r in node["parents"]]))
             for task, metric, value in node["scores"]:
@@ -179,6 +189,9 @@ def check_drawn(drawn: dict, graph: dict) -> None:
         assert shown[ck].startswith(name), (name, shown[ck])  # the name as typed, then scores
     tags = []
     for e in graph["edges"]:
+        if e["relation"] == "data":  # a dataset's edge: the field that read it
+            tags.append(e["role"])
+            continue
         tag = str(e["relation"]) + (f" {e['weight']:g}" if e.get("weight") is not None else "")
         tags.append(tag + (f" ({e['role']})" if e.get("role") else ""))
     assert sorted(drawn["edges"]) == sorted(tags)
@@ -203,9 +216,9 @@ def test_hostile_registries_draw_as_typed(renderer, spec, pick):
         lab = Lab(Path(tmp) / "lab")
         rows = build(lab, spec)
         with lab.registry() as reg:
-            whole = reg.lab_graph()
+            whole = reg.lab_graph(datasets=True)
             root = rows[pick % len(rows)]
-            around = reg.lineage(root["id"])
+            around = reg.lineage(root["id"], datasets=True)
         # the Registry view's whole-lab graph, default scores (every task's headline metric)
         shown, left_out = lineage.fit(whole)
         if len(spec) == 300:

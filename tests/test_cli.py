@@ -39,11 +39,16 @@ def test_demo_then_evaluate_then_lineage(lab_dir, tmp_path):
 
     graph = json.loads(run_cli(lab_dir, "registry", "lineage", base, "--json",
                                check=True).stdout)
-    (node,) = graph["nodes"]
+    (node,) = [n for n in graph["nodes"] if n["kind"] != "dataset"]
     assert node["id"] == base
+    # the corpus its pretrain job read, as a dataset node with a data edge
+    (data,) = [n for n in graph["nodes"] if n["kind"] == "dataset"]
+    assert data["name"] == "corpus.txt" and data["id"].startswith("ds-")
+    assert [(e["parent"], e["child"], e["role"]) for e in graph["edges"]] == [
+        (data["id"], base, "data")]
     assert node["scores"]["ppl:heldout.txt/perplexity"] > 1
     mermaid = run_cli(lab_dir, "registry", "lineage", "demo-base", "--mermaid", check=True).stdout
-    assert mermaid.startswith("graph TD") and "<b>ppl:heldout.txt</b>" in mermaid
+    assert mermaid.startswith("graph TD") and "<b>ppl#58;heldout.txt</b>" in mermaid
     assert "perplexity = " in mermaid
 
     jobs = json.loads(run_cli(lab_dir, "jobs", "--json", check=True).stdout)

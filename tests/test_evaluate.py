@@ -347,3 +347,68 @@ def test_scores_along_a_lineage_chain(lab):
     assert "| t/acc | 0.625 | -0.125 | +0.375 |" in summary
     frame, available, text = lineage_chain(lab, ids["ft2"], ids["ft3"])
     assert frame.empty and "ft3" in text and "is not an ancestor of ft2" in text
+
+
+def test_dtype_keeps_precisions_apart_in_scores_and_the_score_cache(lab, tiny_model_dir,
+                                                                    tmp_path):
+    """Issue 20: evaluate's dtype. auto runs in the checkpoint's own dtype (lm-eval's default);
+    a score in another precision than float32 is stored as task@dtype with the dtype in its
+    details and its key, so latest scores, Compare and reuse never mix precisions."""
+    from transformers import AutoModelForCausalLM
+
+    from app import jobs
+    from tests.test_jobs import run_to_end
+
+    text = tmp_path / "text.txt"
+    text.write_text((REPO / "assets" / "demo" / "heldout.txt").read_text()[:3000])
+
+    def evaluate(checkpoint, **kw):
+        job = jobs.submit(lab, "evaluate", {"checkpoint": str(checkpoint),
+                                            "text_file": str(text), "window": 64, **kw})
+        assert run_to_end(lab, job["id"], timeout=180) == "succeeded"
+        with lab.registry() as reg:
+            job = reg.job(job["id"])
+        return job, open(job["log_path"]).read()
+
+    def scores(name):
+        with lab.registry() as reg:
+            (ck,) = [c for c in reg.list_checkpoints() if c["name"] == name]
+            return ck["id"], reg.latest_scores([ck["id"]])[ck["id"]], reg.evaluations(ck["id"])
+
+    evaluate(tiny_model_dir)  # auto: the tiny model is float32
+    ck_id, first, rows = scores("tiny-llama")
+    assert set(first) == {"ppl:text.txt/perplexity", "ppl:text.txt/nll_per_token",
+                          "ppl:text.txt/bits_per_byte"}
+    assert {json.loads(r["details"])["dtype"] for r in rows} == {"float32"}
+
+    _, log = evaluate(tiny_model_dir, dtype="bfloat16")
+    assert "reused" not in log  # another precision is another measurement
+    _, both, rows = scores("tiny-llama")
+    half = both["ppl:text.txt@bfloat16/perplexity"]
+    assert both["ppl:text.txt/perplexity"] == first["ppl:text.txt/perplexity"]  # not replaced
+    assert half != first["ppl:text.txt/perplexity"]  # it really ran in bfloat16
+    assert half == pytest.approx(first["ppl:text.txt/perplexity"], rel=0.05)
+    assert {json.loads(r["details"])["dtype"] for r in rows if "@" in r["task"]} == {"bfloat16"}
+
+    _, log = evaluate(tiny_model_dir, dtype="float32")  # the same measurement as auto here
+    assert "reused 3 scores" in log
+    _, log = evaluate(tiny_model_dir, dtype="bfloat16")
+    assert "reused 3 scores" in log
+    _, again, _ = scores("tiny-llama")
+    assert again == both
+
+    # a bfloat16 checkpoint: auto follows it; float32 is asked for
+    stored = tmp_path / "tiny-bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(
+        stored)
+    for f in tiny_model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, stored / f.name)
+    _, log = evaluate(stored)
+    assert "dtype auto (bfloat16)" in log
+    evaluate(stored, dtype="float32")
+    _, bf16_scores, rows = scores("tiny-bf16")
+    assert {"ppl:text.txt@bfloat16/perplexity", "ppl:text.txt/perplexity"} <= set(bf16_scores)
+    by_task = {r["task"]: json.loads(r["details"])["dtype"] for r in rows}
+    assert by_task == {"ppl:text.txt@bfloat16": "bfloat16", "ppl:text.txt": "float32"}
+    assert ck_id not in {r["checkpoint_id"] for r in rows}

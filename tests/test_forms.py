@@ -221,7 +221,8 @@ def test_hidden_fields_are_not_submitted():
 def test_advanced_fields_are_marked_and_basic_ones_are_not():
     merge = leaf_specs("merge")
     assert {p for p, s in merge.items() if s.advanced} == {
-        "mergekit_yaml", "tokenizer_source", "dtype", "seed", "engine"}
+        "mergekit_yaml", "tokenizer_source", "dtype", "seed", "engine", "lines_alpha",
+        "lines_beta"}
     train = leaf_specs("train")
     basic = [p for p, s in train.items() if not s.advanced]
     assert basic[:3] == ["checkpoint", "data", "method"]

@@ -8,13 +8,14 @@ from app.ui import home_view, navigation
 
 def test_restore_opens_only_known_tabs_and_plain_ids():
     tabs = ["home", "jobs", "registry", "plugin-merge"]
-    assert navigation.restore({"tab": "jobs", "job": "job-0123abcd", "ck": "ck-1"}, tabs) == \
-        ("jobs", "job-0123abcd", "ck-1")
-    assert navigation.restore({}, tabs) == (None, None, None)
+    assert navigation.restore({"tab": "jobs", "job": "job-0123abcd", "ck": "ck-1",
+                               "ds": "ds-0123456789ab"}, tabs) == \
+        ("jobs", "job-0123abcd", "ck-1", "ds-0123456789ab")
+    assert navigation.restore({}, tabs) == (None, None, None, None)
     hostile = ["<script>alert(1)</script>", "job\x00x", "a" * 101, "../etc", " job", ""]
     for value in hostile:
-        assert navigation.restore({"tab": value, "job": value, "ck": value}, tabs) == \
-            (None, None, None), value
+        assert navigation.restore({"tab": value, "job": value, "ck": value, "ds": value},
+                                  tabs) == (None, None, None, None), value
     assert navigation.restore({"tab": "admin"}, tabs)[0] is None
 
 
@@ -96,3 +97,12 @@ def test_home_lists_running_jobs_as_links_and_escapes_their_words(lab):
     assert f"[{job['id']}](?tab=jobs&job={job['id']})" in text
     assert "<img" not in text and "queued #1" in text
     assert "1 queued" in home_view.lab_summary(lab)
+
+
+def test_use_as_input_puts_a_list_into_a_field_of_several():
+    from app.ui import registry_view
+
+    out = registry_view.use_as_input("merge", "ck-1", ["train", "merge"], frozenset({"merge"}))
+    assert out[2] == ["ck-1"] and out[1] != "ck-1"
+    out = registry_view.use_as_input("train", "ck-1", ["train", "merge"], frozenset({"merge"}))
+    assert out[1] == "ck-1"

@@ -127,7 +127,8 @@ def test_the_demo_story_by_clicking_only(page, lab_dir, tmp_path):
     expect(page).to_have_url(re.compile(r"ck=ck-"), timeout=20_000)
     lineage = page.locator("#lineage")
     svg = lineage.locator("svg[aria-roledescription]").first
-    for name in ("demo-merge", "demo-ft-capitals", "demo-ft-sums", "demo-base"):
+    for name in ("demo-merge", "demo-ft-capitals", "demo-ft-sums", "demo-base",
+                 "train_capitals.jsonl", "train_sums.jsonl"):  # the fine-tunes' data too
         expect(svg).to_contain_text(name)
     assert "Syntax error" not in (lineage.text_content() or "")
     with_parents = page.locator("#tab-registry")

@@ -294,16 +294,23 @@ def test_retention_removes_old_intermediates_but_never_parents_or_published(lab_
 
 
 def test_gpu_memory_and_utilisation_come_from_nvidia_smi(tmp_path, monkeypatch):
-    from app.ui import gpu_summary
+    from app.ui import gpu_summary, jobs_view
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi
+    jobs_view._GPU_CACHE.clear()
     assert gpu_summary().startswith("GPUs: none found")
     fake = tmp_path / "nvidia-smi"
-    fake.write_text("#!/bin/sh\necho '0, NVIDIA H100, 1200, 81559, 37'\n"
+    fake.write_text(f"#!/bin/sh\necho x >> {tmp_path}/calls\n"
+                    "echo '0, NVIDIA H100, 1200, 81559, 37'\n"
                     "echo '1, NVIDIA H100, 80000, 81559, [N/A]'\n")
     fake.chmod(0o755)
-    assert gpu_summary() == ("GPUs: **0** NVIDIA H100: 1200/81559 MiB, 37% busy · "
-                             "**1** NVIDIA H100: 80000/81559 MiB, ?% busy")
+    jobs_view._GPU_CACHE.clear()
+    expected = ("GPUs: **0** NVIDIA H100: 1200/81559 MiB, 37% busy · "
+                "**1** NVIDIA H100: 80000/81559 MiB, ?% busy")
+    assert gpu_summary() == expected
+    # every open page shows the line every 5 s: one nvidia-smi per interval serves them all
+    assert [gpu_summary() for _ in range(20)] == [expected] * 20
+    assert (tmp_path / "calls").read_text() == "x\n"
 
 
 def test_hub_org_names_bare_repos(lab_dir, monkeypatch):

@@ -296,6 +296,11 @@ def prune_config(**data):
     ({"method": "structured", "sparsity": 0}, "nothing is removed"),
     ({"method": "structured", "pattern": "2:4"}, "does not apply to method structured"),
     ({"pattern": "1:4", "sparsity": 0.3}, "fixes the sparsity at 0.75"),
+    ({"method": "dpruner"}, "dpruner needs domain_file"),
+    ({"method": "dpruner", "domain_file": "__FILE__", "scope": "global"},
+     "scope global is for method magnitude"),
+    ({"method": "dpruner", "domain_file": "__FILE__", "dpruner_lambda": -1},
+     "field 'dpruner_lambda': got -1"),
 ])
 def test_bad_prune_configs_name_the_problem(data, message, tmp_path):
     from plugins import ConfigError
@@ -409,8 +414,36 @@ def test_domain_aware_job_reports_both_perplexities(lab, tiny_model_dir, tmp_pat
     meta = json.loads(ck["metadata"])
     assert set(meta["perplexity"]) == {"ppl:heldout.txt", "ppl:law.txt"}
     assert meta["domain"]["weight"] == 0.7 and meta["domain"]["file"] == str(domain)
+    assert meta["domain"]["strategy"] == "mixed_statistics"
     assert meta["sparsity"] == pytest.approx(0.3, abs=1e-3)
     assert meta["reconstruction_error"]
+
+
+def test_dpruner_job_prunes_each_matrix_and_reports_both_perplexities(lab, tiny_model_dir,
+                                                                        tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    domain = tmp_path / "law.txt"
+    domain.write_text("The court held that the contract was void. " * 60)
+    status, job, (ck,) = run_job(lab, {"checkpoint": str(tiny_model_dir), "method": "dpruner",
+                                       "sparsity": 0.5, "domain_file": str(domain),
+                                       "dpruner_lambda": 10.0, "calibration_samples": 4,
+                                       "calibration_length": 32, "eval_max_tokens": 400})
+    assert status == "succeeded", job["error"]
+    meta = json.loads(ck["metadata"])
+    assert meta["method"] == "dpruner" and meta["scope"] == "layer"
+    assert meta["domain"]["strategy"] == "dpruner" and meta["domain"]["dpruner_lambda"] == 10.0
+    assert "weight" not in meta["domain"]
+    assert set(meta["perplexity"]) == {"ppl:heldout.txt", "ppl:law.txt"}
+    assert set(meta["sparsity_per_module"].values()) == {0.5}
+    weights = load_file(lab.checkpoints_dir / ck["id"] / "model.safetensors")
+    source = load_file(tiny_model_dir / "model.safetensors")
+    q = weights["model.layers.1.mlp.up_proj.weight"]
+    assert (q == 0).float().mean().item() == 0.5
+    kept = q != 0  # the mask is applied to the original weights: survivors are unchanged
+    assert torch.equal(q[kept], source["model.layers.1.mlp.up_proj.weight"][kept])
 
 
 def test_structured_job_shrinks_the_config_and_reports_speed(lab, tiny_model_dir):

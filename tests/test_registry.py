@@ -89,7 +89,7 @@ def test_scores_show_in_lineage_and_lists(tmp_path):
     reg.add_evaluation(checkpoint_id=ids["m"], task="ppl:x", metric="perplexity", value=11.0)
     node = [n for n in reg.lineage(ids["base"])["nodes"] if n["id"] == ids["m"]][0]
     assert node["scores"] == {"ppl:x/perplexity": 11.0}
-    assert "<b>ppl:x</b><br/>perplexity = 11" in reg.lineage_mermaid(ids["m"])
+    assert "<b>ppl#58;x</b><br/>perplexity = 11" in reg.lineage_mermaid(ids["m"])
     rows = reg.list_checkpoints(search="m")
     assert [r["name"] for r in rows] == ["m"]
     assert rows[0]["parents"] == [ids["ft2"], ids["ft3"], ids["base"]]

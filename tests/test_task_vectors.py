@@ -263,20 +263,27 @@ def test_learned_coefficients_lower_the_loss_where_the_right_lambda_is_known(
     info = meta(row)
     assert info["loss_after"] < info["loss_before"] - 0.3
     (table,) = info["coefficients"].values()
-    assert set(table) >= {"model.layers.0.self_attn", "model.layers.1.mlp"}
-    big = [v for b, v in table.items() if not b.endswith("norm")]  # matrices, not norms
-    assert sum(big) / len(big) > 0.5  # moved from 0 towards the right 1
-    # the written model is target + learned lambda per block * tau
     base_w, ft_w = weights_of(lab, "base"), weights_of(lab, "ft")
+    assert set(table) == set(base_w)  # one lambda per parameter tensor (aTLAS' blocks)
+    assert info["granularity"] == "tensor" and info["coefficient_count"] == len(base_w)
+    big = [v for b, v in table.items() if "norm" not in b]  # matrices, not norms
+    assert sum(big) / len(big) > 0.5  # moved from 0 towards the right 1
+    # the written model is target + learned lambda per tensor * tau
     result = weights_of(lab, row["id"])
-    key = "model.layers.1.mlp.up_proj.weight"
-    lam = table["model.layers.1.mlp"]
-    assert torch.equal(result[key], base_w[key] + lam * (ft_w[key] - base_w[key]))
-    # started at lambda = 1 (the plain sum), learning still lowers the loss on the data
-    uniform = meta(run_inline(lab, {"action": "learn", "target": "base", "vectors": ["skill"],
-                                    "data_file": str(TEXT), "samples": 8, "length": 32,
-                                    "steps": 10, "learning_rate": 0.05}))
-    assert uniform["loss_after"] < uniform["loss_before"]
+    for key in base_w:
+        expected = base_w[key] + table[key] * (ft_w[key] - base_w[key])
+        assert torch.equal(result[key], expected), key
+    # the coarser blocks (a layer's self_attn, mlp, each norm), started at lambda = 1 (the
+    # plain sum): learning still lowers the loss on the data
+    coarse = meta(run_inline(lab, {"action": "learn", "target": "base", "vectors": ["skill"],
+                                   "weights": [1.0], "learn_granularity": "layer_module",
+                                   "data_file": str(TEXT), "samples": 8, "length": 32,
+                                   "steps": 10, "learning_rate": 0.05}))
+    assert coarse["loss_after"] < coarse["loss_before"]
+    (table,) = coarse["coefficients"].values()
+    assert set(table) == {T.block_of(k) for k in base_w}
+    assert {"model.layers.0.self_attn", "model.layers.1.mlp", "lm_head"} <= set(table)
+    assert coarse["coefficient_count"] == len(table) < len(base_w)
 
 
 # --------------------------------------------------------------------------- graft
@@ -308,7 +315,10 @@ def test_graft_keeps_a_tiny_mask_and_reports_the_layers(lab, family):
                                "learn_mask": True, "data_file": str(TEXT), "samples": 4,
                                "length": 32, "steps": 3})
     info = meta(learned)
-    assert info["kept"] == T.kept_count(total, 0.01)
+    assert info["kept_at_start"] == T.kept_count(total, 0.01)
+    # three small Adam steps cannot move a score past b = 5: the rounded mask is the start
+    assert info["kept"] == info["kept_at_start"]
+    assert info["mask_start_gap"] == pytest.approx(1 / (1 + math.exp(5)), rel=1e-4)
     assert info["loss_learned_mask"] > 0 and info["loss_magnitude_mask"] > 0
 
 
@@ -376,3 +386,215 @@ def test_registry_view_plots_a_task_vectors_norm_per_layer(lab, family):
     assert list(series["value"]) == pytest.approx(meta(row)["norm_per_layer"])
     assert all(v > 0 for v in series["value"])
 
+
+
+# --------------------------------------------------------------------------- LiNeS
+def build_deep_model(tiny_model_dir: Path, out: Path) -> Path:
+    """A tiny Llama with 4 decoder layers (so LiNeS has layers between the first and the
+    last), with the tiny model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from ops.tiny_llama import build_llama, llama_config
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    build_llama(llama_config(tokenizer, hidden_size=32, num_layers=4, num_heads=4,
+                             num_kv_heads=2, intermediate_size=64, max_positions=256),
+                seed=0).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def deep_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    return build_deep_model(tiny_model_dir, tmp_path_factory.mktemp("deep") / "deep-llama")
+
+
+@pytest.fixture
+def deep_family(lab, deep_model_dir, tmp_path):
+    """deep-base; deep-a = base + delta A; deep-b = base + delta B; and their task vectors
+    tv-a, tv-b (all registered)."""
+    with lab.registry() as reg:
+        import_checkpoint(lab, reg, str(deep_model_dir), name="deep-base")
+        for name, seed in (("deep-a", 1), ("deep-b", 2)):
+            import_checkpoint(lab, reg, str(variant(deep_model_dir, tmp_path / name, seed)),
+                              name=name)
+    for name in ("a", "b"):
+        run_inline(lab, {"action": "extract", "finetuned": f"deep-{name}", "base": "deep-base",
+                         "name": f"tv-{name}"})
+    return tmp_path
+
+
+def paper_lines(name: str, layers: int, alpha: float, beta=None) -> float:
+    """LiNeS as the paper writes it, by hand: alpha + beta * l / (L - 1) on decoder layer l
+    (0-based), beta = 1 - alpha by default; alpha outside the decoder layers."""
+    import re
+
+    beta = 1 - alpha if beta is None else beta
+    found = re.search(r"^model\.layers\.(\d+)\.", name)
+    return alpha if found is None else alpha + beta * int(found.group(1)) / (layers - 1)
+
+
+def test_lines_lambda_is_the_papers_formula_for_every_tensor_name(deep_model_dir):
+    names = list(load_file(deep_model_dir / "model.safetensors"))
+    assert T.decoder_layers(names) == 4
+    outside = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    assert outside < set(names)
+    for alpha, beta in ((0.0, None), (0.3, None), (0.25, 0.5), (1.2, -0.4)):
+        for name in names:
+            assert T.lines_coefficient(name, 4, alpha, beta) == pytest.approx(
+                paper_lines(name, 4, alpha, beta), abs=1e-12), (name, alpha, beta)
+        for name in outside:  # alpha, not 1, outside the decoder layers
+            assert T.lines_coefficient(name, 4, alpha, beta) == alpha
+    last = "model.layers.3.mlp.down_proj.weight"
+    assert T.lines_coefficient(last, 4, 0.3) == pytest.approx(1.0)  # keeps the whole update
+    assert T.lines_coefficient("model.layers.0.mlp.down_proj.weight", 4, 0.3) == 0.3
+    assert T.lines_multitask_alpha(6.0, 2.0, 2) == 1.5
+    with pytest.raises(T.TaskVectorError, match="merged task vector is zero"):
+        T.lines_multitask_alpha(1.0, 0.0, 2)
+
+
+def test_lines_preset_on_apply_scales_every_tensor_by_the_papers_lambda(lab, deep_family):
+    base, a, b = (weights_of(lab, n) for n in ("deep-base", "deep-a", "deep-b"))
+    tau_a = {k: a[k].float() - base[k].float() for k in base}
+    tau_b = {k: b[k].float() - base[k].float() for k in base}
+    # one vector, alpha given: beta = 1 - alpha
+    row = run_inline(lab, {"action": "apply", "target": "deep-base", "vectors": ["tv-a"],
+                           "weights": [0.8], "lines": True, "lines_alpha": 0.25})
+    result = weights_of(lab, row["id"])
+    assert meta(row)["lines"]["alpha"] == 0.25 and meta(row)["lines"]["beta"] == 0.75
+    for key in base:
+        expected = base[key] + 0.8 * paper_lines(key, 4, 0.25) * tau_a[key]
+        torch.testing.assert_close(result[key], expected, rtol=0, atol=1e-6)
+    # two vectors, the multi-task alpha: (||tau_a + tau_b||_1 / ||sum lambda_i tau_i||_1) / T
+    row = run_inline(lab, {"action": "apply", "target": "deep-base",
+                           "vectors": ["tv-a", "tv-b"], "weights": [0.5, 0.7],
+                           "lines": True})
+    summed = sum(float((tau_a[k] + tau_b[k]).double().abs().sum()) for k in base)
+    merged = sum(float((0.5 * tau_a[k] + 0.7 * tau_b[k]).double().abs().sum()) for k in base)
+    alpha = summed / merged / 2
+    info = meta(row)["lines"]
+    assert info["alpha"] == pytest.approx(alpha, rel=1e-9) and 0 < alpha < 1
+    assert info["beta"] == pytest.approx(1 - alpha) and info["layers"] == 4
+    assert info["alpha_from"] == "multi-task norm ratio"
+    result = weights_of(lab, row["id"])
+    for key in base:
+        lam = paper_lines(key, 4, alpha)
+        expected = base[key] + lam * (0.5 * tau_a[key] + 0.7 * tau_b[key])
+        torch.testing.assert_close(result[key], expected, rtol=0, atol=1e-6)
+    # and the errors name the field
+    with pytest.raises(plugins.ConfigError, match="lines with one vector needs lines_alpha"):
+        jobs.submit(lab, "task_vector", {"action": "apply", "target": "deep-base",
+                                         "vectors": ["tv-a"], "lines": True})
+    with pytest.raises(plugins.ConfigError, match="leave layer_scales empty"):
+        jobs.submit(lab, "task_vector", {"action": "apply", "target": "deep-base",
+                                         "vectors": ["tv-a"], "lines": True,
+                                         "lines_alpha": 0.5, "layer_scales": [1, 1, 1, 1]})
+    with pytest.raises(plugins.ConfigError, match="read only with lines: true"):
+        jobs.submit(lab, "task_vector", {"action": "apply", "target": "deep-base",
+                                         "vectors": ["tv-a"], "lines_alpha": 0.5})
+
+
+# --------------------------------------------------------------------------- aTLAS
+def test_atlas_learns_one_coefficient_per_tensor_per_vector_from_zero(tiny_model_dir,
+                                                                      tmp_path):
+    """The paper's granularity: tensors x vectors coefficients, all started at 0 (theta starts
+    at the target), and the loss on the data falls."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ft = trained(tiny_model_dir, tmp_path / "ft")
+    base_w = load_file(tiny_model_dir / "model.safetensors")
+    ft_w = load_file(ft / "model.safetensors")
+    noise = load_file(variant(tiny_model_dir, tmp_path / "noise", 5) / "model.safetensors")
+    vectors = [{k: ft_w[k] - base_w[k] for k in base_w},
+               {k: noise[k] - base_w[k] for k in base_w}]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = AutoTokenizer.from_pretrained(tiny_model_dir)(TEXT.read_text())["input_ids"]
+    batches = list(torch.tensor([ids[i:i + 32] for i in range(0, 32 * 8, 32)]).split(4))
+    losses = []
+    result = T.learn_coefficients(model, vectors, batches, steps=15, lr=0.1,
+                                  log=lambda step, loss: losses.append(loss))
+    tensors = [n for n, _ in model.named_parameters()]
+    assert len(tensors) == len(base_w)  # untied: every stored tensor is a parameter
+    assert sum(len(t) for t in result["coefficients"]) == len(tensors) * len(vectors)
+    assert all(set(t) == set(tensors) for t in result["coefficients"])
+    assert all(v == 0.0 for t in result["init"] for v in t.values())  # the paper's init
+    assert losses[0] == pytest.approx(result["loss_before"], rel=0.2)
+    assert result["loss_after"] < result["loss_before"] - 0.1
+    assert result["coefficients"][0] != result["init"][0]
+    coarse = T.learn_coefficients(model, vectors, batches, steps=1, lr=0.1,
+                                  granularity="layer_module")
+    assert len(coarse["coefficients"][0]) == len({T.block_of(n) for n in tensors}) < \
+        len(tensors)
+    with pytest.raises(T.TaskVectorError, match="granularity 'layer' is not one of"):
+        T.learn_coefficients(model, vectors, batches, steps=1, lr=0.1, granularity="layer")
+
+
+# --------------------------------------------------------------------------- grafting
+def test_graft_mask_starts_almost_binary_at_the_top_k_mask():
+    gen = torch.Generator().manual_seed(0)
+    tau = {"a": torch.randn(40, 50, generator=gen), "b": torch.randn(300, generator=gen)}
+    start = T.top_mask({n: t.abs() for n, t in tau.items()}, 0.01)
+    assert sum(int(m.sum()) for m in start.values()) == T.kept_count(2300, 0.01)
+    off = 1 / (1 + math.exp(5))  # sigmoid(-b), b = 5
+    for name, t in tau.items():
+        scores = torch.zeros(t.shape)  # S starts at 0
+        gate = T.graft_gate(start[name], scores, 5.0)
+        torch.testing.assert_close(gate, torch.where(start[name], 1 - off, off), rtol=0,
+                                   atol=1e-7)
+        assert torch.equal(gate > 0.5, start[name])  # rounded: exactly the top-k mask
+        # a score raised past b flips an entry: in from outside, out from inside
+        raised = T.graft_gate(start[name], torch.full(t.shape, 10.0), 5.0)
+        assert torch.equal(raised > 0.5, ~start[name])
+    assert T.GRAFT_SIGMOID_BIAS == 5.0
+
+
+def test_graft_default_size_is_the_papers_and_overlap_is_reported(lab, family):
+    config = plugins.get("task_vector").Config
+    assert config.model_fields["graft_density"].default == 1e-4  # about 0.01%
+    run_inline(lab, {"action": "extract", "finetuned": "instruct", "base": "base",
+                     "name": "tv-instruct"})
+    run_inline(lab, {"action": "extract", "finetuned": "cpt", "base": "base",
+                     "name": "tv-cpt"})
+    first = run_inline(lab, {"action": "graft", "vectors": ["tv-instruct"], "name": "g1"})
+    total = meta(first)["entries"]
+    assert meta(first)["kept"] == T.kept_count(total, 1e-4) == round(total * 1e-4)
+    # toy grafts of two skills, large enough to share entries: each stores its mask
+    a = run_inline(lab, {"action": "graft", "vectors": ["tv-instruct"], "name": "ga",
+                         "graft_density": 0.2})
+    b = run_inline(lab, {"action": "graft", "vectors": ["tv-cpt"], "name": "gb",
+                         "graft_density": 0.2, "compare_grafts": ["ga", "g1"]})
+    mask_a, mask_b = T.load_mask(Path(a["path"])), T.load_mask(Path(b["path"]))
+    base, result = weights_of(lab, "base"), weights_of(lab, "gb")
+    for key in base:  # the stored mask is what was grafted
+        assert torch.equal(mask_b[key], result[key] != base[key]), key
+    shared = sum(int((mask_a[k] & mask_b[k]).sum()) for k in base)
+    either = sum(int((mask_a[k] | mask_b[k]).sum()) for k in base)
+    overlap = meta(b)["mask_overlap"]
+    with lab.registry() as reg:
+        assert [o["graft"] for o in overlap] == [reg.checkpoint("ga")["id"],
+                                                 reg.checkpoint("g1")["id"]]
+    assert overlap[0]["shared"] == shared > 0
+    assert overlap[0]["jaccard"] == pytest.approx(shared / either)
+    kept = meta(a)["kept"]
+    assert overlap[0]["kept_a"] == overlap[0]["kept_b"] == kept
+    assert overlap[0]["shared_of_smaller"] == pytest.approx(shared / kept)
+    # independent noise: about what two random 20% masks share (0.2 x 0.2 of the entries)
+    assert 0.5 * 0.04 * total < shared < 2 * 0.04 * total
+    with pytest.raises(T.TaskVectorError, match="base has no graft mask"):
+        run_inline(lab, {"action": "graft", "vectors": ["tv-cpt"], "compare_grafts": ["base"]})
+
+
+def test_mask_overlap_of_two_toy_grafts():
+    a = {"t1": torch.tensor([1, 1, 1, 1, 0, 0], dtype=torch.bool),
+         "t2": torch.zeros(3, dtype=torch.bool)}
+    b = {"t1": torch.tensor([0, 0, 1, 1, 1, 0], dtype=torch.bool),
+         "t2": torch.tensor([1, 0, 0], dtype=torch.bool)}
+    overlap = T.mask_overlap(a, b)
+    assert overlap == {"kept_a": 4, "kept_b": 4, "shared": 2, "jaccard": 2 / 6,
+                       "shared_of_smaller": 0.5}
+    assert T.mask_overlap(a, a)["jaccard"] == 1.0
+    assert T.mask_overlap(a, {"t1": ~a["t1"]})["jaccard"] == 0.0
+    with pytest.raises(T.TaskVectorError, match="differ in the shape of t1"):
+        T.mask_overlap(a, {"t1": torch.zeros(5, dtype=torch.bool)})

@@ -186,7 +186,8 @@ def test_lora_lowers_the_loss_and_merges_to_the_same_logits(lab, sft_model_dir, 
     steps = [c for c in made if json.loads(c["metadata"]).get("intermediate")]
     adapter = next(c for c in made if c["name"] == "tiny-sft-lora")
     merged = next(c for c in made if c["relation"] == "adapter_merge")
-    assert [json.loads(c["metadata"])["step"] for c in steps] == [10, 20, 30]
+    # step 30 is the final model, registered once as tiny-sft-lora (issue 20)
+    assert [json.loads(c["metadata"])["step"] for c in steps] == [10, 20]
     assert all(c["relation"] == "adapter" for c in steps)
     with lab.registry() as reg:
         metrics = reg.metrics(job["id"])
@@ -210,6 +211,20 @@ def test_lora_lowers_the_loss_and_merges_to_the_same_logits(lab, sft_model_dir, 
     meta = json.loads(adapter["metadata"])
     assert meta["data"]["format"] == "prompt_completion" and meta["final_eval_loss"] > 0
     assert meta["trainable_parameters"] < meta["total_parameters"] / 2
+
+
+def test_max_steps_below_save_steps_registers_the_final_model_once(lab, tiny_model_dir,
+                                                                  tmp_path):
+    """transformers saves at the last step whatever save_steps says; that save is the final
+    model, not an intermediate checkpoint of its own (issue 20: NAME-step3 and NAME, with
+    identical files)."""
+    data = write_jsonl(tmp_path / "colors.jsonl", arithmetic_rows())
+    status, job, made = run_job(lab, base_config(tiny_model_dir, data, method="full",
+                                                 max_steps=3, save_steps=100, name="once"))
+    assert status == "succeeded", job["error"]
+    assert [c["name"] for c in made] == ["once"]
+    assert json.loads(made[0]["metadata"])["steps"] == 3
+    assert not (lab.root / "runs" / job["id"]).exists()
 
 
 def test_merge_adapter_folds_a_registered_adapter_into_its_base(lab, sft_model_dir, tmp_path):

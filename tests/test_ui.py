@@ -74,7 +74,7 @@ def test_prune_through_the_generated_form(server, lab_dir):
     assert re.search(r"\| ppl:heldout.txt/perplexity \| [0-9.]+ \| \+[0-9.]+ \|", summary)
     assert "| vs tiny |" in summary
     assert details["metadata"]["sparsity_per_layer"] == [0.5, 0.5]
-    assert "ppl:heldout.txt" in lineage  # the score and its delta on the lineage graph
+    assert "ppl#58;heldout.txt" in lineage  # the score on the lineage graph (":" encoded)
 
 
 def test_bad_values_come_back_as_field_named_errors(server):
@@ -103,7 +103,7 @@ def test_preview_is_the_yaml_the_cli_accepts(server, tmp_path, lab_dir):
     assert "weightsmith run evaluate" in text
     config = yaml.safe_load(text)
     assert config == {"checkpoint": "tiny", "window": 32, "batch_size": 8, "max_tokens": 100,
-                      "reuse_scores": True}  # a checkbox always has a value
+                      "reuse_scores": True, "dtype": "auto"}  # a checkbox, a dropdown: a value
     (tmp_path / "c.yaml").write_text(text)
     proc = run_cli(lab_dir, "run", "evaluate", tmp_path / "c.yaml", "--wait")
     assert proc.returncode == 0, proc.stderr

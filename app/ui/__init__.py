@@ -14,8 +14,8 @@ from pathlib import Path
 
 import plugins
 from app.lab import Lab
-from app.ui import (compare_view, forms_view, home_view, jobs_view, navigation,
-                    playground_view, registry_view)
+from app.ui import (compare_view, datasets_view, forms_view, home_view, jobs_view,
+                    navigation, playground_view, registry_view)
 # the handlers, importable from app.ui as before the views had modules of their own
 from app.ui.compare_view import compare, lineage_chain
 from app.ui.forms_view import load_yaml, preview, preview_data, submit_form
@@ -25,13 +25,14 @@ from app.ui.registry_view import (CK_COLUMNS, checkpoint_detail, checkpoint_tabl
                                   delete_checkpoint_form, import_form, per_layer_frame,
                                   publish_to_hub, save_hub_token, suggested_next,
                                   sync_registry_form)
-from app.ui.shared import (UPLOAD_SUFFIXES, UploadError, checkpoint_choices, request_user,
-                           save_upload, text_md, upload_to_box)
+from app.ui.shared import (UPLOAD_SUFFIXES, Ticks, UploadError, checkpoint_choices,
+                           dataset_choices, request_user, save_upload, text_md, upload_to_box)
 
 __all__ = [
     "ANALYTICS_EVENTS", "CK_COLUMNS", "CSS", "HEAD", "JOB_COLUMNS", "LOG_LINES",
     "SESSION_CAPACITY", "UPLOAD_SUFFIXES", "UploadError", "bound_sessions", "build_app",
-    "checkpoint_choices", "checkpoint_detail", "checkpoint_table", "compare", "delete_checkpoint_form",
+    "checkpoint_choices", "checkpoint_detail", "checkpoint_table", "compare",
+    "dataset_choices", "delete_checkpoint_form",
     "gpu_summary", "import_form", "job_detail", "job_table", "lineage_chain", "load_yaml",
     "per_layer_frame", "plotted_metrics", "preview", "preview_data", "publish_to_hub",
     "request_user", "resume_job", "retry_job", "save_hub_token", "save_upload", "stop_job",
@@ -50,23 +51,22 @@ HEAD = "".join(f"<script>\n{p.read_text()}\n</script>\n" for p in sorted(_STATIC
 
 
 def build_app(lab: Lab):
-    """The workbench for `lab`: Home, Playground, a tab per plugin, then Jobs, Registry and
-    Compare, under a navigation bar."""
+    """The workbench for `lab`: Home, Playground, a tab per plugin, then Jobs, Registry,
+    Compare and Datasets, under a navigation bar."""
     import gradio as gr
 
     found = plugins.discover()
     choices = checkpoint_choices(lab)
     operations = sorted(found.values(), key=lambda p: (p.order, p.title))
     # Gradio's cache (checkpoint zips, files handlers return) ages out after a day
-    # Gradio's cache (checkpoint zips, files handlers return) ages out after a day
     with gr.Blocks(title="Weightsmith", delete_cache=(3600, 86400)) as app:
         text_md("# Weightsmith")
         # tabs follow the work: Home, Playground, the operations (Plugin.order), Jobs,
-        # Registry, Compare; the bar above them wraps where Gradio's tab strip would fold
+        # Registry, Compare, Datasets; the bar wraps where Gradio's tab strip would fold
         nav = navigation.bar([("home", "Home"), ("playground", "Playground")]
                              + [(f"plugin-{p.name}", p.title) for p in operations]
                              + [("jobs", "Jobs"), ("registry", "Registry"),
-                                ("compare", "Compare")])
+                                ("compare", "Compare"), ("datasets", "Datasets")])
         with gr.Tabs(elem_id="ws-tabs") as tabs:
             home = home_view.build(lab)
             playground = playground_view.build(lab, choices)
@@ -74,7 +74,12 @@ def build_app(lab: Lab):
             jobs = jobs_view.build(lab)
             registry = registry_view.build(lab, tabs, found, forms.first_checkpoint)
             compared = compare_view.build(lab, choices)
-        navigation.wire(app, nav, tabs, jobs.selected, registry.selected)
+            data = datasets_view.build(lab, tabs, forms.data_widgets,
+                                       {p.name: p.title for p in operations})
+        # the Jobs view's 1.5 s timer ticks only while the Jobs tab is open
+        fast, slow = gr.Timer(1.5, active=False), gr.Timer(5.0)
+        navigation.wire(app, nav, tabs, {"job": jobs.selected, "ck": registry.selected,
+                                         "ds": data.selected}, live={"jobs": fast})
         registry.graph.load(app)
         # Home's demo story: each step's button opens its view filled in
         story = {key: (f"plugin-{key}", forms.inputs[key],
@@ -87,23 +92,51 @@ def build_app(lab: Lab):
         home_view.wire_story(lab, home, tabs, story)
 
         # Live updates: poll the registry (state lives there, not in this process). The
-        # timers stay outside the tabs, whose children are rendered only once opened.
-        fast, slow = gr.Timer(1.5), gr.Timer(5.0)
-        jobs_view.poll(lab, jobs, fast, slow)
-        home_view.poll(lab, home, slow, app)
+        # timers stay outside the tabs, whose children are rendered only once opened; each
+        # tick returns a digest into a hidden box, and the box's change event sends the
+        # view only when it moved (jobs_view.poll, home_view.poll, registry_mark below).
+        slow_ticks = Ticks()  # one event per page every 5 s for every view below
+        jobs_view.poll(lab, jobs, fast, slow_ticks)
+        home_view.poll(lab, home, slow_ticks, app)
         dropdowns = forms.checkpoint_dropdowns + compared.checkpoint_dropdowns + \
             playground.checkpoint_dropdowns
+
+        # the registry's digest on the slow timer; the table and every checkpoint dropdown
+        # only when it (or the search) changed
+        registry_shown = gr.Textbox(visible=False)
+
+        def registry_mark(search_text):
+            with lab.registry() as reg:
+                return f"{reg.registry_mark()}:{search_text}"
 
         def refresh_registry(search_text):
             return registry_view.registry_lists(lab, search_text, len(dropdowns))
 
-        slow.tick(refresh_registry, inputs=registry.search,
-                  outputs=[registry.table] + dropdowns, api_visibility="private",
-                  show_progress="hidden")
+        slow_ticks.add(registry_mark, [registry.search], [registry_shown])
+        slow_ticks.wire(slow)
+        registry_shown.change(refresh_registry, inputs=registry.search,
+                              outputs=[registry.table] + dropdowns, api_visibility="private",
+                              show_progress="hidden", concurrency_limit=Ticks.CONCURRENCY,
+                              concurrency_id="ticks")
         # each page load gets the registry as it is now, not as it was at server start
         app.load(refresh_registry, inputs=registry.search,
                  outputs=[registry.table] + dropdowns, api_visibility="private",
                  show_progress="hidden")
+        # a data field's registered datasets: on page load, and when its form is opened
+        every = [d for picks in forms.dataset_dropdowns.values() for d in picks]
+
+        def refresh_datasets(n: int):  # one output: the update itself, not a list of one
+            update = gr.Dropdown(choices=dataset_choices(lab))
+            return update if n == 1 else [update] * n
+
+        if every:
+            app.load(lambda: refresh_datasets(len(every)), outputs=every,
+                     api_visibility="private", show_progress="hidden")
+        for name, picks in forms.dataset_dropdowns.items():
+            if picks:
+                nav[f"plugin-{name}"].click(lambda n=len(picks): refresh_datasets(n),
+                                            outputs=picks, api_visibility="private",
+                                            show_progress="hidden")
         bound_sessions(app)  # per-page server memory is capped (see there)
     return app
 

@@ -16,7 +16,7 @@ from app import forms
 from app import jobs as jobs_mod
 from app.lab import Lab
 from app.ui import navigation
-from app.ui.shared import request_user, text_md, upload_to_box
+from app.ui.shared import dataset_choices, request_user, text_md, upload_to_box
 from plugins.kit import markup
 
 
@@ -184,11 +184,13 @@ def _widget(gr, spec: forms.FieldSpec, value, choices):
                            filterable=True)
     if spec.kind == forms.FILE:
         return gr.Textbox(value=value, label=label, scale=4,
-                          info=(info or "") + " (a path on the server, or upload a file)")
+                          info=(info or "") + " (a path on the server, a registered "
+                                              "dataset's id, or upload a file)")
     if spec.kind == forms.DATA:
         return gr.Textbox(value=value, label=label, scale=4,
-                          info=(info or "") + " (a path on the server, a Hub dataset id, or "
-                                              "upload a file)")
+                          info=(info or "") + " (a path on the server, a registered "
+                                              "dataset's id, a Hub dataset id, or upload "
+                                              "a file)")
     if spec.kind == forms.YAML:
         return gr.Textbox(value=value, label=label, info=(info or "") + " (YAML)")
     return gr.Textbox(value=value, label=label, info=info,
@@ -204,27 +206,42 @@ class FormField:
     widget: object
     box: object
     error: object
+    datasets: object = None  # a data field's "Registered dataset" dropdown
 
 
 def _field(gr, lab: Lab, plugin_name: str, spec: forms.FieldSpec, value, choices,
-           shown: bool) -> FormField:
-    """A field's widget (with an Upload button for a file or data field) and its error line,
-    in a column of their own when the method or the lab may hide them."""
+           shown: bool, data_choices: list) -> FormField:
+    """A field's widget (with an Upload button and a registered-dataset dropdown for a file
+    or data field) and its error line, in a column of their own when the method or the lab
+    may hide them."""
     box = gr.Column(visible=shown, elem_id=_dom_id("field", plugin_name, spec.path),
                     min_width=0) if spec.methods is not None or spec.lab else None
+    registered = None
     with box or contextlib.nullcontext():
         if spec.kind in forms.UPLOADABLE:
             with gr.Row(equal_height=True):
                 widget = _widget(gr, spec, value, choices)
+                registered = gr.Dropdown(
+                    choices=data_choices, value=None, label="or a registered dataset",
+                    scale=2, filterable=True,
+                    elem_id=_dom_id("dataset", plugin_name, spec.path))
                 upload = gr.UploadButton("Upload", type="filepath", size="sm", scale=0,
                                          elem_id=_dom_id("upload", plugin_name, spec.path))
-                upload.upload(lambda f: upload_to_box(lab, f), inputs=upload, outputs=widget,
-                              api_visibility="private")
+
+            def on_upload(request: gr.Request, f):
+                return upload_to_box(lab, f, request_user(request))
+
+            def on_pick(ds_id):  # the dataset's id goes into the box; the dropdown clears
+                return (ds_id, None) if ds_id else (gr.skip(), gr.skip())
+
+            upload.upload(on_upload, inputs=upload, outputs=widget, api_visibility="private")
+            registered.input(on_pick, inputs=registered, outputs=[widget, registered],
+                             api_visibility="private", show_progress="hidden")
         else:
             widget = _widget(gr, spec, value, choices)
         error = gr.HTML(visible=False, elem_id=_dom_id("error", plugin_name, spec.path),
                         padding=False)
-    return FormField(spec, widget, box, error)
+    return FormField(spec, widget, box, error, registered)
 
 
 def _layout(gr, specs: list, advanced: bool, make) -> None:
@@ -260,6 +277,9 @@ class PluginForms:
     checkpoint_dropdowns: list = field(default_factory=list)  # refreshed with the registry
     first_checkpoint: dict = field(default_factory=dict)  # plugin name -> its first one
     inputs: dict = field(default_factory=dict)  # plugin name -> its widgets, in leaves order
+    # plugin name -> its data fields' "registered dataset" dropdowns (refreshed on opening)
+    dataset_dropdowns: dict = field(default_factory=dict)
+    data_widgets: dict = field(default_factory=dict)  # (plugin name, field path) -> widget
 
 
 def form_values(plugin_name: str, config: dict) -> list:
@@ -272,12 +292,14 @@ def build(lab: Lab, found: dict, choices: list) -> PluginForms:
     dropdowns. GPU fields show only if the lab has GPUs (asked once, here)."""
     made = PluginForms()
     gpu_lab = lab_has_gpus(lab)
+    data_choices = dataset_choices(lab)
     for plugin in sorted(found.values(), key=lambda p: (p.order, p.title)):
-        _plugin_tab(lab, plugin, choices, made, gpu_lab)
+        _plugin_tab(lab, plugin, choices, made, gpu_lab, data_choices)
     return made
 
 
-def _plugin_tab(lab: Lab, plugin, choices: list, made: PluginForms, gpu_lab: bool) -> None:
+def _plugin_tab(lab: Lab, plugin, choices: list, made: PluginForms, gpu_lab: bool,
+                data_choices: list) -> None:
     import gradio as gr
 
     name = plugin.name
@@ -294,7 +316,8 @@ def _plugin_tab(lab: Lab, plugin, choices: list, made: PluginForms, gpu_lab: boo
         def make(spec):
             shown = forms.on_lab(spec, gpu_lab) and forms.for_method(spec, method,
                                                                    method_choices)
-            built[spec.path] = _field(gr, lab, name, spec, values[spec.path], choices, shown)
+            built[spec.path] = _field(gr, lab, name, spec, values[spec.path], choices, shown,
+                                      data_choices)
 
         _layout(gr, specs, False, make)
         advanced = None
@@ -305,9 +328,14 @@ def _plugin_tab(lab: Lab, plugin, choices: list, made: PluginForms, gpu_lab: boo
         fields = [built[s.path] for s in flat]  # in `leaves` order: the API's inputs
         inputs = [f.widget for f in fields]
         made.inputs[name] = inputs
+        made.dataset_dropdowns[name] = [f.datasets for f in fields if f.datasets is not None]
+        made.data_widgets.update({(name, f.spec.path): f.widget for f in fields
+                                  if f.datasets is not None})
         made.checkpoint_dropdowns += [f.widget for f in fields
                                       if f.spec.kind in (forms.CHECKPOINT, forms.CHECKPOINTS)]
-        firsts = [f for f in fields if f.spec.kind == forms.CHECKPOINT]
+        # "Use as input" fills the first checkpoint field every method shows (Merge: its
+        # models, not the base model that linear hides), else the first one
+        firsts = [f for f in fields if f.spec.kind in (forms.CHECKPOINT, forms.CHECKPOINTS)]
         first = next((f for f in firsts if f.box is None), firsts[0] if firsts else None)
         if first is not None:
             made.first_checkpoint[name] = first.widget

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from app import demo
 from app.lab import Lab
 from app.ui import navigation
-from app.ui.shared import text_md
+from app.ui.shared import Ticks, text_md
 from plugins.kit import markup
 
 GRAPH_LATEST = 40  # checkpoints drawn on Home by default: a lab's recent work, readable
@@ -103,6 +103,7 @@ class HomeView:
     search: object = None
     graph: object = None
     shown: object = None  # the graph text last drawn (redrawn only on a change)
+    mark: object = None  # the registry and jobs digests of the last refresh
 
 
 def build(lab: Lab) -> HomeView:
@@ -132,13 +133,19 @@ def build(lab: Lab) -> HomeView:
             search = gr.Textbox(label="Name filter", scale=3)
         graph = text_md(elem_id="home-graph", elem_classes=["ws-lineage"])
         shown = gr.Textbox(visible=False)  # no gr.State: see app.ui
-    return HomeView(summary, story, buttons, jobs, latest, search, graph, shown)
+        mark = gr.Textbox(visible=False)
+    return HomeView(summary, story, buttons, jobs, latest, search, graph, shown, mark)
 
 
 def poll(lab: Lab, view: HomeView, timer, app) -> None:
     """Draw the graph when a page loads; refresh the summary, the story, the jobs and (when
-    it changed) the graph on `timer`."""
+    it changed) the graph when the lab's digest, read on `timer` (an app.ui.shared.Ticks),
+    changes."""
     import gradio as gr
+
+    def mark(latest, search):  # a digest on the timer; the rest only when it changes
+        with lab.registry() as reg:
+            return f"{reg.registry_mark()}:{reg.jobs_mark(50, None)}:{latest}:{search}"
 
     def refresh(latest, search, shown):
         steps = demo.demo_story(lab)
@@ -146,11 +153,12 @@ def poll(lab: Lab, view: HomeView, timer, app) -> None:
         return (lab_summary(lab), story_markdown(steps), *story_buttons(steps),
                 active_jobs(lab), text if text != shown else gr.skip(), text)
 
-    outputs = [view.summary, view.story, *view.buttons.values(), view.jobs, view.graph,
-               view.shown]
-    inputs = [view.latest, view.search, view.shown]
-    timer.tick(refresh, inputs=inputs, outputs=outputs, api_visibility="private",
-               show_progress="hidden")
+    timer.add(mark, [view.latest, view.search], [view.mark])
+    view.mark.change(refresh, inputs=[view.latest, view.search, view.shown],
+                     outputs=[view.summary, view.story, *view.buttons.values(), view.jobs,
+                              view.graph, view.shown],
+                     api_visibility="private", show_progress="hidden",
+                     concurrency_limit=Ticks.CONCURRENCY, concurrency_id="ticks")
     for trigger in (app.load, view.latest.submit, view.search.submit):
         trigger(lambda n, s: (lab_graph(lab, n, s),) * 2, inputs=[view.latest, view.search],
                 outputs=[view.graph, view.shown], api_visibility="private")

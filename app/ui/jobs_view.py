@@ -3,6 +3,7 @@ tail and metric curves, and Stop, Retry and Resume. It polls the registry, so a 
 second tab shows the same state."""
 
 import json
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -13,12 +14,13 @@ from app import jobs as jobs_mod
 from app.auth import NotAllowed
 from app.lab import Lab
 from app.scheduler import log_tail
-from app.ui.shared import copy_first_cell, request_user, text_md
+from app.ui.shared import Ticks, copy_first_cell, request_user, text_md
 from plugins.kit import markup
 from registry import RegistryError
 
 JOB_COLUMNS = ["id", "plugin", "status", "progress", "user", "device", "duration", "created"]
 LOG_LINES = 60
+TABLE_ROWS = 200  # the newest jobs the table shows
 
 
 # ---------------------------------------------------------------------------------- handlers
@@ -31,11 +33,18 @@ def _duration(job: dict) -> str:
     return f"{(end - start).total_seconds():.0f} s"
 
 
+_GPU_CACHE: dict = {}  # {"at": monotonic time, "rows": gpu_status()}: one nvidia-smi per
+GPU_CACHE_SECONDS = 4.0  # interval for the whole server, not one per open page
+
+
 def gpu_summary() -> str:
     """One line per GPU for the Jobs view (nvidia-smi), or a note that there is none."""
     from app.scheduler import gpu_status
 
-    rows = gpu_status()
+    cached = _GPU_CACHE.get("at")
+    if cached is None or time.monotonic() - cached > GPU_CACHE_SECONDS:
+        _GPU_CACHE.update(rows=gpu_status(), at=time.monotonic())
+    rows = _GPU_CACHE["rows"]
     if not rows:
         return "GPUs: none found (nvidia-smi absent or reports none); jobs run on the CPU."
 
@@ -52,7 +61,7 @@ def job_table(lab: Lab) -> list[list]:
     from app.scheduler import queue_positions
 
     with lab.registry() as reg:
-        rows = reg.jobs(limit=200)
+        rows = reg.jobs(limit=TABLE_ROWS)
         places = queue_positions(reg)
     return [[r["id"], r["plugin"],
              f"queued #{places[r['id']]}" if r["id"] in places else r["status"],
@@ -202,6 +211,7 @@ class JobsView:
     log: object
     plot_metrics: object
     plot: object
+    shown: object = None  # the jobs_mark of what the page shows (see `poll`)
 
 
 def build(lab: Lab) -> JobsView:
@@ -230,6 +240,7 @@ def build(lab: Lab) -> JobsView:
                 plot = gr.LinePlot(x="step", y="value", color="name",
                                    label="Metrics", visible=False)
         action = text_md(elem_id="job-action")
+        shown = gr.Textbox(visible=False)  # a digest of what the timer last sent
 
     copy_first_cell(table, selected)
     selected.change(lambda j: job_table_view(lab, j), inputs=selected, outputs=table,
@@ -252,16 +263,44 @@ def build(lab: Lab) -> JobsView:
     retry.click(on_retry, inputs=selected, outputs=[action, selected], api_name="retry_job")
     resume.click(on_resume, inputs=selected, outputs=[action, selected],
                  api_name="resume_job")
-    return JobsView(gpus, table, selected, status, progress, log, plot_metrics, plot)
+    return JobsView(gpus, table, selected, status, progress, log, plot_metrics, plot, shown)
+
+
+def view_mark(lab: Lab, job_id: str | None) -> str:
+    """What the Jobs view shows, as a digest: the job list and the selected job's row, its
+    metrics and its log's size; a running job's duration in 5-second steps."""
+    with lab.registry() as reg:
+        mark = reg.jobs_mark(TABLE_ROWS, job_id or None)
+        job = reg.job(job_id, missing_ok=True) if job_id else None
+    log = Path(job["log_path"]) if job and job["log_path"] else None
+    size = log.stat().st_size if log is not None and log.exists() else 0
+    return f"{mark}:{size}:{int(time.time() // 5)}"
+
+
+def jobs_refresh(lab: Lab, job_id: str | None, chosen: list[str] | None) -> tuple:
+    """What the Jobs view shows: (table, status, bar, log, plot, plot choices)."""
+    return (job_table_view(lab, job_id), *live_job(lab, job_id, chosen))
+
+
+# The Jobs timer ticks every 1.5 s on every page that shows the Jobs tab. A tick returns only
+# a digest of the jobs (one indexed query) into a hidden box; the box's change event, which
+# the page fires only when the digest differs, sends the table, log and plot. A tick that
+# returned skip() updates instead would still cost Gradio a new component and its config
+# per output, per page (it rebuilds every updated output), so 20 pages watching an idle lab
+# kept half a core busy (bench/load.py --pollers).
+TICK_CONCURRENCY = Ticks.CONCURRENCY  # ticks of different pages run side by side
 
 
 def poll(lab: Lab, view: JobsView, fast, slow) -> None:
-    """Keep the tab live: the job list and the selected job on the `fast` gr.Timer, the GPU
-    line on the `slow` one."""
-    fast.tick(lambda j, c: (job_table_view(lab, j), *live_job(lab, j, c)),
-              inputs=[view.selected, view.plot_metrics],
-              outputs=[view.table, view.status, view.progress, view.log, view.plot,
-                       view.plot_metrics],
-              api_visibility="private", show_progress="hidden")
-    slow.tick(gpu_summary, outputs=view.gpus, api_visibility="private",
-              show_progress="hidden")
+    """Keep the tab live: the job list and the selected job when their digest changes, read
+    on the `fast` gr.Timer; the GPU line on the `slow` one (an app.ui.shared.Ticks)."""
+    fast.tick(lambda j: view_mark(lab, j), inputs=view.selected, outputs=view.shown,
+              api_visibility="private", show_progress="hidden",
+              concurrency_limit=TICK_CONCURRENCY, concurrency_id="ticks")
+    view.shown.change(lambda j, c: jobs_refresh(lab, j, c),
+                      inputs=[view.selected, view.plot_metrics],
+                      outputs=[view.table, view.status, view.progress, view.log, view.plot,
+                               view.plot_metrics],
+                      api_visibility="private", show_progress="hidden",
+                      concurrency_limit=TICK_CONCURRENCY, concurrency_id="ticks")
+    slow.add(gpu_summary, [], [view.gpus])

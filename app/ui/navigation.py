@@ -1,8 +1,8 @@
 """Navigation: the bar of tab buttons (it wraps on a narrow screen, where Gradio's tab strip
-folds tabs into a "..." menu), and the page's state in the URL (?tab=ID&job=ID&ck=ID).
+folds tabs into a "..." menu), and the page's state in the URL (?tab=ID&job=ID&ck=ID&ds=ID).
 
 The server side is here: `restore` reads a page's query parameters when it loads and opens
-that tab, job and checkpoint. The browser side is app/ui/static/url_state.js: it writes the
+that tab, job, checkpoint and dataset. The browser side is app/ui/static/url_state.js: it writes the
 state back into the address bar as the person moves, and opens in-app links (`job_link`)
 without a reload."""
 
@@ -23,14 +23,16 @@ def job_link(job_id: str) -> str:
     return link(job_id, tab="jobs", job=job_id) if _ID.fullmatch(job_id) else job_id
 
 
-def restore(query: dict, tab_ids: list[str]) -> tuple[str | None, str | None, str | None]:
-    """(tab, job, checkpoint) a page's query parameters ask for; None where absent or not
-    one this app has (a tab id it does not know, an id with characters no id has)."""
+BOXES = ("job", "ck", "ds")  # the selected job, checkpoint and dataset, in the URL
+
+
+def restore(query: dict, tab_ids: list[str]) -> tuple[str | None, ...]:
+    """(tab, job, checkpoint, dataset) a page's query parameters ask for; None where absent
+    or not one this app has (a tab id it does not know, an id with characters no id has)."""
     tab = query.get("tab")
-    job, ck = query.get("job"), query.get("ck")
+    ids = [query.get(name) for name in BOXES]
     return (tab if tab in tab_ids else None,
-            job if isinstance(job, str) and _ID.fullmatch(job) else None,
-            ck if isinstance(ck, str) and _ID.fullmatch(ck) else None)
+            *[v if isinstance(v, str) and _ID.fullmatch(v) else None for v in ids])
 
 
 def tab_ids(tabs) -> list[str]:
@@ -51,9 +53,12 @@ def bar(entries: list[tuple[str, str]]) -> dict:
                                elem_classes=["ws-nav-btn"]) for tid, label in entries}
 
 
-def wire(app, buttons: dict, tabs, selected_job, selected_ck) -> None:
-    """Each button opens its tab; a page load opens the tab, job and checkpoint its URL asks
-    for. Each top-level gr.Tab gets elem_id "tab-ID": url_state.js reads which one shows."""
+def wire(app, buttons: dict, tabs, boxes: dict, live: dict | None = None) -> None:
+    """Each button opens its tab; a page load opens the tab, and fills the job, checkpoint
+    and dataset boxes (`boxes`: BOXES name -> its selected-id textbox, where the page has
+    one) its URL asks for. `live`: tab id -> a gr.Timer that ticks only while that tab is
+    open (every opening goes through a button or the page load). Each top-level gr.Tab gets
+    elem_id "tab-ID": url_state.js reads which one shows."""
     import gradio as gr
 
     ids = tab_ids(tabs)
@@ -62,17 +67,24 @@ def wire(app, buttons: dict, tabs, selected_job, selected_ck) -> None:
     for tab in tabs.children:
         if isinstance(tab, gr.Tab):
             tab.elem_id = f"tab-{tab.id}"
-    for tid, button in buttons.items():
-        button.click(lambda t=tid: gr.Tabs(selected=t), outputs=tabs,
-                     api_visibility="private", show_progress="hidden")
+    live = live or {}
+    timers = list(live.values())
 
-    boxes = [b for b in (selected_job, selected_ck) if b is not None]
+    def timer_states(tab: str | None) -> list:
+        return [gr.Timer(active=tab == t) for t in live]
+
+    for tid, button in buttons.items():
+        button.click(lambda t=tid: (gr.Tabs(selected=t), *timer_states(t)),
+                     outputs=[tabs, *timers], api_visibility="private",
+                     show_progress="hidden")
+
+    names = [n for n in BOXES if boxes.get(n) is not None]
 
     def on_load(request: gr.Request):
-        tab, job, ck = restore(dict(request.query_params) if request else {}, ids)
-        values = [job if job else gr.skip(), ck if ck else gr.skip()]
-        return (gr.Tabs(selected=tab) if tab else gr.skip(),
-                *[v for v, b in zip(values, (selected_job, selected_ck)) if b is not None])
+        tab, *values = restore(dict(request.query_params) if request else {}, ids)
+        wanted = dict(zip(BOXES, values))
+        return (gr.Tabs(selected=tab) if tab else gr.skip(), *timer_states(tab),
+                *[wanted[n] if wanted[n] else gr.skip() for n in names])
 
-    app.load(on_load, outputs=[tabs, *boxes], api_visibility="private",
-             show_progress="hidden")
+    app.load(on_load, outputs=[tabs, *timers, *[boxes[n] for n in names]],
+             api_visibility="private", show_progress="hidden")

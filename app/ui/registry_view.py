@@ -41,7 +41,8 @@ def checkpoint_detail(lab: Lab, ck_id: str | None) -> tuple[str, str, dict]:
             parents = reg.parents(row["id"])
             evaluations = reg.evaluations(row["id"])
             deltas = reg.score_deltas(row["id"])
-            graph = reg.lineage(row["id"], max_depth=LINEAGE_DEPTH)
+            graph = reg.lineage(row["id"], max_depth=LINEAGE_DEPTH, datasets=True)
+            data = reg.datasets.of_job(row["job_id"]) if row["job_id"] else []
     except RegistryError as e:
         return markup.md(e), "", {}
     md = markup.md  # every value below may be a member's text: shown literally
@@ -56,6 +57,12 @@ def checkpoint_detail(lab: Lab, ck_id: str | None) -> tuple[str, str, dict]:
             f"{md(p['parent_name'])} ({md(p['relation'])}"
             + (f", weight {p['weight']:g}" if p["weight"] is not None else "")
             + (f", {md(p['role'])}" if p["role"] else "") + ")" for p in parents)
+    if data:  # what its job read: each dataset opens in the Datasets tab
+        from app.ui.navigation import link
+
+        summary += "\n\nData: " + ", ".join(
+            f"{link(md(d['name']), tab='datasets', ds=d['id'])} ({md(d['field'])}, "
+            f"{md(d['id'])})" for d in data)
     if row.get("hub_repo") or row.get("sync_status"):
         summary += (f"\n\nHub: {md(row['hub_repo'] or '-')} · {md(row['sync_status'] or '-')}"
                     + (f" at {md(row['hub_commit'][:12])}" if row.get("hub_commit") else "")
@@ -143,11 +150,11 @@ def lineage_graph(lab: Lab, ck_id: str | None, whole_lab: bool = False, limit=LA
     no checkpoint to draw around (or it is not in the registry)."""
     with lab.registry() as reg:
         if whole_lab:
-            return reg.lab_graph(_limit(limit), (search or "").strip() or None)
+            return reg.lab_graph(_limit(limit), (search or "").strip() or None, datasets=True)
         if not ck_id:
             return None
         try:
-            return reg.lineage(ck_id, max_depth=LINEAGE_DEPTH)
+            return reg.lineage(ck_id, max_depth=LINEAGE_DEPTH, datasets=True)
         except RegistryError:
             return None
 
@@ -536,15 +543,18 @@ def show_per_layer(lab: Lab, ck_id: str | None):
     return gr.BarPlot(value=frame, visible=len(frame) > 0)
 
 
-def use_as_input(plugin_name: str | None, ck_id: str | None, plugin_names: list[str]) -> tuple:
+def use_as_input(plugin_name: str | None, ck_id: str | None, plugin_names: list[str],
+                 lists: frozenset = frozenset()) -> tuple:
     """"Use as input": open the plugin's tab with the checkpoint in its first checkpoint
-    field; (the tabs, then one update per plugin in `plugin_names`)."""
+    field (a list of one for the plugins in `lists`, whose field takes several); (the tabs,
+    then one update per plugin in `plugin_names`)."""
     import gradio as gr
 
     if not plugin_name or not ck_id:
         return gr.skip(), *[gr.skip() for _ in plugin_names]
+    value = [ck_id] if plugin_name in lists else ck_id
     return (gr.Tabs(selected=f"plugin-{plugin_name}"),
-            *[ck_id if name == plugin_name else gr.skip() for name in plugin_names])
+            *[value if name == plugin_name else gr.skip() for name in plugin_names])
 
 
 def registry_lists(lab: Lab, search_text: str, n_dropdowns: int) -> tuple:
@@ -630,7 +640,8 @@ def build(lab: Lab, tabs, found: dict, first_checkpoint: dict) -> RegistryView:
     selected.change(lambda c: show_per_layer(lab, c), inputs=selected, outputs=per_layer,
                     api_visibility="private")
     names = list(first_checkpoint)
-    use.click(lambda p, c: use_as_input(p, c, names), inputs=[use_plugin, selected],
+    lists = frozenset(n for n in names if getattr(first_checkpoint[n], "multiselect", False))
+    use.click(lambda p, c: use_as_input(p, c, names, lists), inputs=[use_plugin, selected],
               outputs=[tabs] + [first_checkpoint[n] for n in names], api_name="use_as_input",
               api_visibility="private")
     return RegistryView(search, table, selected, graph)

@@ -37,6 +37,37 @@ def copy_first_cell(table, box) -> None:
     table.select(first_cell, outputs=box, api_visibility="private")
 
 
+class Ticks:
+    """Handlers that share one gr.Timer event: each view `add`s (fn, inputs, outputs) and
+    `wire` registers a single tick that calls them all, so a page makes one round trip per
+    tick, not one per view (with 20 pages open, each event costs the queue its own
+    dispatch). A handler with one output returns its value; with several, a tuple."""
+
+    CONCURRENCY = 8  # ticks of different pages run side by side (read-only, mostly SQLite)
+
+    def __init__(self):
+        self.parts: list[tuple] = []
+
+    def add(self, fn, inputs: list, outputs: list) -> None:
+        self.parts.append((fn, list(inputs), list(outputs)))
+
+    def wire(self, timer) -> None:
+        inputs = [c for _, ins, _ in self.parts for c in ins]
+        outputs = [c for _, _, outs in self.parts for c in outs]
+
+        def tick(*values):
+            out, at = [], 0
+            for fn, ins, outs in self.parts:
+                got = fn(*values[at:at + len(ins)])
+                at += len(ins)
+                out.extend([got] if len(outs) == 1 else got)
+            return tuple(out)
+
+        timer.tick(tick, inputs=inputs, outputs=outputs, api_visibility="private",
+                   show_progress="hidden", concurrency_limit=self.CONCURRENCY,
+                   concurrency_id="ticks")
+
+
 # What an upload may be: data files that plugins read as data. Uploads are never code: no
 # Python, pickles or shared objects, and code fields (lm-eval task folders) refuse uploads/.
 UPLOAD_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".tsv", ".yaml", ".yml", ".parquet",
@@ -73,12 +104,38 @@ def save_upload(lab: Lab, temp_path: str | None) -> str:
     return str(target)
 
 
-def upload_to_box(lab: Lab, temp_path: str | None):
-    """The Upload button: the kept file's path, or the box unchanged and a warning toast."""
+def keep_upload(lab: Lab, temp_path: str | None, user: str | None = None) -> dict | None:
+    """Keep an upload in the lab (`save_upload`) and record it as a dataset (by content
+    hash, named after the uploaded file); its dataset row, or None for no file."""
+    from app.datasets import DatasetError, register_path
+
+    kept = save_upload(lab, temp_path)
+    if not kept:
+        return None
+    try:
+        return register_path(lab, kept, user=user, source="upload",
+                             name=Path(temp_path).name)
+    except DatasetError as e:
+        Path(kept).unlink(missing_ok=True)
+        raise UploadError(f"upload refused: {e}") from None
+
+
+def upload_to_box(lab: Lab, temp_path: str | None, user: str | None = None):
+    """The Upload button of a data field: the kept file's path (the file is recorded as a
+    dataset), or the box unchanged and a warning toast."""
     import gradio as gr
 
     try:
-        return save_upload(lab, temp_path)
+        row = keep_upload(lab, temp_path, user)
     except UploadError as e:
         gr.Warning(str(e))
         return gr.skip()
+    return row["path"] if row else ""
+
+
+def dataset_choices(lab: Lab) -> list[tuple[str, str]]:
+    """(label, id) of the lab's datasets, newest first, for the data fields' dropdowns."""
+    from app.datasets import dataset_rows
+
+    return [(f"{r['name']} ({r['id']}" + (f", {r['rows']} rows)" if r["rows"] is not None
+                                          else ")"), r["id"]) for r in dataset_rows(lab)]

@@ -35,8 +35,10 @@ class Config(PluginConfig):
     replay_ratio: float = Field(0.0, ge=0, le=0.9, description=(
         "Fraction of training blocks drawn from replay_data (0.25: one in four)."))
     domain_subset_blocks: Optional[int] = Field(None, ge=1, description=(
-        "Train on only this many domain blocks (a seeded choice), repeated for as many "
-        "epochs as the steps need: the small high-quality subset strategy."),
+        "Train on only this many domain blocks, chosen at random (seeded), repeated for as "
+        "many epochs as the steps need: the 'several epochs on a right-sized subset' "
+        "strategy of the stability-gap paper. The blocks are not chosen by quality (the "
+        "paper's high-quality sub-corpus strategy is not implemented)."),
         json_schema_extra=ADVANCED)
     block_size: Optional[int] = Field(None, ge=8, description=(
         "Tokens per packed block (documents joined with the EOS token). Empty: the model's "
@@ -64,7 +66,8 @@ class Config(PluginConfig):
         json_schema_extra=ADVANCED)
     new_tokens: list[str] = Field(default_factory=list, description=(
         "Domain tokens to add to the vocabulary; each new embedding starts as the mean of "
-        "its old sub-token embeddings."),
+        "its old sub-token embeddings (so it lies in the convex hull of the existing ones). "
+        "Not CW2V or a learned initialisation."),
         json_schema_extra=ADVANCED)
     domain_eval_file: Optional[LocalFile] = Field(None, description=(
         "Held-out domain text for the stability-gap curve. Empty: eval_blocks blocks held "
@@ -247,7 +250,7 @@ def run(config: Config, ctx) -> None:
     general_eval, general_path = _text_blocks(config.general_eval_file, DEMO_HELDOUT,
                                               "general_eval_file", tokenizer, block,
                                               config.eval_blocks, sep)
-    if config.domain_subset_blocks:
+    if config.domain_subset_blocks:  # a seeded random subset: no selection by quality
         g = torch.Generator().manual_seed(config.seed)
         pick = torch.randperm(domain.size(0), generator=g)[:config.domain_subset_blocks]
         domain = domain[pick.sort().values]
@@ -304,6 +307,10 @@ def run(config: Config, ctx) -> None:
 
     def on_save(step: int, folder: str) -> None:
         if not ctx.is_main_process:  # the Trainer calls back on every rank
+            return
+        if step >= config.max_steps:
+            # transformers saves at the last step whatever save_steps says; that state is the
+            # final model, which run registers once as base_name (the folder stays for resume)
             return
         pending = ctx.new_checkpoint("continue_pretrain", parents=[ck],
                                      name=f"{base_name}-step{step}",

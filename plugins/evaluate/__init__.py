@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -18,6 +18,11 @@ from plugins import (ADVANCED, CheckpointRef, CodePath, DataRef, LabFacts, Local
                      PluginConfig)
 
 from plugins.kit.assets import DEMO_HELDOUT as DEMO_TEXT
+
+# A score measured in another precision than float32 is stored under its task name with the
+# dtype after "@" (demo/capitals@bfloat16/acc), so that the registry's latest scores, Compare
+# and the score cache never put a bfloat16 score next to a float32 one as the same measurement.
+FULL_PRECISION = "float32"
 
 LM_EVAL_MISSING = ("lm-eval is not installed; install the extra with "
                    "pip install 'weightsmith[lm-eval]' (or pip install lm-eval)")
@@ -70,6 +75,15 @@ class Config(PluginConfig):
         json_schema_extra=ADVANCED)
     lm_eval_num_fewshot: Optional[int] = Field(
         None, ge=0, le=64, description="lm-eval few-shot examples. Empty: each task's default.",
+        json_schema_extra=ADVANCED)
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description=(
+            "Precision the model runs in while it is scored. auto: the checkpoint's own dtype "
+            "(its config.json), which is lm-eval's default (HFLM dtype='auto'); float32: full "
+            "precision, much faster than bfloat16 on CPU; bfloat16: half the memory, for GPUs. "
+            "Scores in another precision than float32 are stored under the task name with "
+            "the dtype added (demo/capitals@bfloat16), so precisions are never compared as "
+            "one measurement."),
         json_schema_extra=ADVANCED)
     reuse_scores: bool = Field(
         True, description="Reuse a task's scores measured before on a checkpoint with the "
@@ -130,6 +144,33 @@ def check_finite_weights(model, what: str) -> None:
                          f"none were recorded")
 
 
+def planned_dtype(ck, requested: str) -> str:
+    """The dtype the model will be loaded in, known before loading it: the requested one, or
+    for auto the checkpoint's config.json `dtype` (`torch_dtype` before transformers 5);
+    "auto" when the folder does not say (an adapter: its base decides)."""
+    if requested != "auto":
+        return requested
+    try:
+        config = ck.config()
+    except (OSError, ValueError):
+        return "auto"
+    if not isinstance(config, dict):
+        return "auto"
+    name = config.get("dtype") or config.get("torch_dtype")
+    return str(name).removeprefix("torch.") if isinstance(name, str) and name else "auto"
+
+
+def precision_key(dtype: str) -> dict:
+    """What a score key holds of the precision: nothing for float32 (the keys of scores
+    measured before evaluate had a dtype field, all float32 on the demo, stay valid)."""
+    return {} if dtype == FULL_PRECISION else {"dtype": dtype}
+
+
+def score_task(task: str, dtype: str) -> str:
+    """The task name a score is stored under: `task` in float32, `task@<dtype>` otherwise."""
+    return task if dtype == FULL_PRECISION else f"{task}@{dtype}"
+
+
 def select_tasks(suite, names: list[str]):
     from plugins.evaluate.suites import SuiteError
 
@@ -152,13 +193,20 @@ def run(config: Config, ctx) -> None:
     from plugins.evaluate.suites import load_suite
 
     ck = ctx.open(config.checkpoint)
-    ctx.log(f"evaluating {ck.name} ({ck.id}) with device {ctx.device}")
+    planned = planned_dtype(ck, config.dtype)
+    ctx.log(f"evaluating {ck.name} ({ck.id}) with device {ctx.device}, dtype {config.dtype}"
+            + (f" ({planned})" if config.dtype == "auto" and planned != "auto" else ""))
     loaded: dict = {}
 
     def model_and_tokenizer():  # loaded once, only if some task is not reused
         if not loaded:
+            import torch
+
             loaded["tokenizer"] = ck.load_tokenizer()
-            loaded["model"] = ck.load_model(device=ctx.device)
+            wanted = getattr(torch, planned, None)  # "auto", or a name torch does not know
+            loaded["model"] = ck.load_model(
+                device=ctx.device, dtype=wanted if isinstance(wanted, torch.dtype) else "auto")
+            loaded["dtype"] = str(loaded["model"].dtype).removeprefix("torch.")
             check_finite_weights(loaded["model"], f"{ck.name} ({ck.id})")
         return loaded["model"], loaded["tokenizer"]
 
@@ -166,11 +214,11 @@ def run(config: Config, ctx) -> None:
     text = config.perplexity_file()
     if text is not None:
         jobs.append(_perplexity_job(config, text, config.task or f"ppl:{text.name}",
-                                    config.window, config.stride, config.max_tokens))
+                                    config.window, config.stride, config.max_tokens, planned))
     if config.suite:
         suite = load_suite(config.suite, ctx.suites_dir)
         for task in select_tasks(suite, config.tasks):
-            jobs.append(_suite_job(config, suite, task))
+            jobs.append(_suite_job(config, suite, task, planned))
     if config.lm_eval_tasks:
         jobs.append(_lm_eval_job(config))
 
@@ -195,21 +243,23 @@ def run(config: Config, ctx) -> None:
         if broken:  # an infinite perplexity or a NaN accuracy is no score: record none
             raise ValueError(f"{label}: the model's scores are not finite ({', '.join(broken)}); "
                              f"nothing was recorded")
+        dtype = loaded["dtype"]
         for task, metric, value, stderr, details in rows:
-            ctx.evaluation(ck, task, metric, value, _stderr(stderr),
-                           details={**details, "key": key} if key else details)
+            details = {**details, "dtype": dtype, **({"key": key} if key else {})}
+            ctx.evaluation(ck, score_task(task, dtype), metric, value, _stderr(stderr),
+                           details=details)
     ctx.progress(1.0, "done")
 
 
 def _perplexity_job(config: Config, path: Path, task: str, window: int,
-                    stride: int | None, max_tokens: int | None):
+                    stride: int | None, max_tokens: int | None, dtype: str):
     from plugins.evaluate.suites import file_key
 
     if not path.is_file():
         raise FileNotFoundError(f"text_file {path} does not exist")
     stride = stride or max(1, window // 2)
     key = file_key(path, {"kind": "perplexity", "window": window, "stride": stride,
-                          "max_tokens": max_tokens, "task": task})
+                          "max_tokens": max_tokens, "task": task, **precision_key(dtype)})
 
     def compute(model, tokenizer, report, ctx):
         import torch
@@ -241,16 +291,16 @@ def _perplexity_job(config: Config, path: Path, task: str, window: int,
     return task, key, compute
 
 
-def _suite_job(config: Config, suite, task):
+def _suite_job(config: Config, suite, task, dtype: str):
     from plugins.evaluate.suites import load_items, task_key
 
     if task.type == "perplexity":
         label, job = f"{suite.name}/{task.name}", _perplexity_job(
             config, suite.file(task), f"{suite.name}/{task.name}", task.window, task.stride,
-            None)
+            None, dtype)
         return label, job[1], job[2]
     label = f"{suite.name}/{task.name}"
-    key = task_key(suite, task, {"limit": config.limit})
+    key = task_key(suite, task, {"limit": config.limit, **precision_key(dtype)})
 
     def compute(model, tokenizer, report, ctx):
         from ops.evaluation import greedy_generate, generation_match, mean, mean_stderr

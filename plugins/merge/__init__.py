@@ -18,7 +18,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ops.merge import METHODS as NATIVE_METHODS, native_refusal
 from plugins import (ADVANCED, METHOD_SELECTOR, CheckpointRef, LongText, Plugin,
-                     PluginConfig, for_methods)
+                     PluginConfig, for_methods, form_hints)
 
 METHODS = ("linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_ties", "dare_linear",
            "breadcrumbs", "della", "model_stock", "passthrough")
@@ -27,6 +27,7 @@ NEEDS_BASE = {"slerp", "nuslerp", "task_arithmetic", "ties", "dare_ties", "dare_
 USES_DENSITY = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "della"}
 USES_WEIGHT = USES_DENSITY | {"linear", "task_arithmetic"}  # mergekit requires a weight
 ENGINES = ("auto", "native", "mergekit")
+LINES_METHODS = ("task_arithmetic", "ties")  # LiNeS rescales their merged task vector
 
 
 class Config(PluginConfig):
@@ -78,6 +79,23 @@ class Config(PluginConfig):
                       description="Random seed (DARE's random drops).")
     name: Optional[str] = Field(None, min_length=1, max_length=100,
                                 description="Name of the merged checkpoint. Empty: derived.")
+    lines: bool = Field(
+        False, json_schema_extra=for_methods(*LINES_METHODS),
+        description="LiNeS after the merge (arXiv 2410.17146; task_arithmetic and ties): the "
+                    "merged task vector (merge - base_model) is scaled by alpha + beta * l / "
+                    "(L - 1) on decoder layer l of L and by alpha on the embeddings, final "
+                    "norm and head, so shallow layers stay near the base. alpha: (||sum of "
+                    "the models' task vectors||_1 / ||merged task vector||_1) / T.")
+    lines_alpha: Optional[float] = Field(
+        None, ge=0, le=10,
+        json_schema_extra=form_hints(for_methods(*LINES_METHODS), ADVANCED),
+        description="With lines: LiNeS' alpha, the scale of the shallowest layer and of the "
+                    "tensors outside the layers. Empty: the multi-task norm ratio.")
+    lines_beta: Optional[float] = Field(
+        None, ge=-10, le=10,
+        json_schema_extra=form_hints(for_methods(*LINES_METHODS), ADVANCED),
+        description="With lines: LiNeS' beta, what the deepest layer adds to alpha. Empty: "
+                    "1 - alpha.")
     engine: Literal[ENGINES] = Field(
         "auto", json_schema_extra=ADVANCED,
         description="Which engine merges. 'native': the streaming engine ("
@@ -142,6 +160,23 @@ class Config(PluginConfig):
             if self.method != "slerp" and self.t is not None:
                 raise ValueError(f"t is read by slerp only, not by {self.method}: leave it "
                                  f"empty")
+        if not self.lines and (self.lines_alpha is not None or self.lines_beta is not None):
+            raise ValueError("lines_alpha and lines_beta are read only with lines: true")
+        if self.lines:
+            if self.mergekit_yaml:
+                data = parse_mergekit_yaml(self.mergekit_yaml)
+                method, base = data.get("merge_method"), data.get("base_model")
+                if not data.get("models"):
+                    raise ValueError("lines needs a mergekit_yaml with models (not slices or "
+                                     "modules): it rescales the merged task vector tensor by "
+                                     "tensor")
+            else:
+                method, base = self.method, self.base_model
+            if method not in LINES_METHODS:
+                raise ValueError(f"lines (LiNeS) rescales a {' or '.join(LINES_METHODS)} "
+                                 f"merge, not {method}")
+            if not base:
+                raise ValueError("lines needs a base_model: LiNeS scales merge - base_model")
         return self
 
 
@@ -581,7 +616,44 @@ def run(config: Config, ctx) -> None:
     if engine == "mergekit":  # the native engine checks every chunk as it writes it
         ctx.progress(0.9, "checking the result")
         check_finite(out.path)
+    if config.lines:
+        out.metadata["lines"] = apply_lines(config, resolved, out.path, ctx)
     ctx.progress(1.0, "merged")
+
+
+def apply_lines(config: Config, resolved: dict, folder, ctx) -> dict:
+    """LiNeS on the merge just written (ops.task_vectors.lines_rescale_merge): the rescaled
+    shards go to a hidden folder, then replace the merged ones; returns alpha, beta, L, T
+    and (multi-task alpha) the norms, for the checkpoint's metadata."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from ops.checkpoint_files import weight_files
+    from ops.task_vectors import lines_rescale_merge
+
+    folder = Path(folder)
+    base = resolved["base_model"]
+    models = [e["model"] for e in resolved["models"] if e["model"] != base]
+    merged = weight_files(folder)
+    for path in [*merged, *weight_files(Path(base)), *(f for m in models
+                                                         for f in weight_files(Path(m)))]:
+        if path.suffix != ".safetensors":
+            raise ValueError(f"lines reads safetensors, and {path} is not: convert the "
+                             f"models, or merge without lines")
+    staging = folder / ".lines"
+    staging.mkdir()
+    ctx.progress(0.92, "LiNeS")
+    info = lines_rescale_merge(weight_files(Path(base)), [weight_files(Path(m)) for m in models],
+                               merged, staging, alpha=config.lines_alpha,
+                               beta=config.lines_beta)
+    for file in merged:
+        os.replace(staging / file.name, file)
+    shutil.rmtree(staging)
+    ctx.log(f"LiNeS: merged task vector scaled by {info['alpha']:.6g} + {info['beta']:.6g} * "
+            f"l / ({info['layers']} - 1) on decoder layer l, {info['alpha']:.6g} outside the "
+            f"layers (alpha {info['alpha_from']}, T = {info['tasks']})")
+    return info
 
 
 def choose_engine(asked: str, merge_config, resolved: dict):

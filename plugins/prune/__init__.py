@@ -10,8 +10,8 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from plugins import (ADVANCED, METHOD_SELECTOR, CheckpointRef, LocalFile, NextStep, Plugin,
-                     PluginConfig, for_methods, form_hints)
+from plugins import (ADVANCED, LOG_SCALE, METHOD_SELECTOR, CheckpointRef, LocalFile, NextStep,
+                     Plugin, PluginConfig, for_methods, form_hints)
 
 from plugins.kit.assets import DEMO_CORPUS, DEMO_HELDOUT
 from plugins.kit.textfiles import check_text_file
@@ -22,7 +22,12 @@ METHODS = {
     "sparsegpt": "zero weights and update the rest to reconstruct each layer's output "
                  "(Frantar & Alistarh 2023)",
     "structured": "remove whole attention groups and MLP channels: a smaller, faster model",
+    "dpruner": "D-Pruner (Zhang et al. 2024): score each weight by how much zeroing it changes "
+               "the domain loss (domain_file) regularised by its general importance "
+               "(calibration_file)",
 }
+DATA_METHODS = ("wanda", "sparsegpt", "structured", "dpruner")
+MIXED_STATISTICS = ("wanda", "sparsegpt", "structured")  # methods domain_weight mixes
 
 
 def nm_pattern(pattern: str) -> tuple[int, int]:
@@ -36,23 +41,28 @@ def nm_pattern(pattern: str) -> tuple[int, int]:
     return n, m
 
 
+# dpruner's default λ, measured on the demo model (README, `### prune`)
+DPRUNER_LAMBDA = 1e5
+
+
 class Config(PluginConfig):
     checkpoint: CheckpointRef = Field(description="Checkpoint to prune: registry id, name, "
                                                   "local folder or Hub id.")
-    method: Literal["magnitude", "wanda", "sparsegpt", "structured"] = Field(
+    method: Literal["magnitude", "wanda", "sparsegpt", "structured", "dpruner"] = Field(
         "wanda", description="; ".join(f"{k}: {v}" for k, v in METHODS.items()),
         json_schema_extra=METHOD_SELECTOR)
     sparsity: float = Field(0.5, ge=0, lt=1, description=(
-        "Fraction of the decoder's linear weights set to zero (magnitude, wanda, sparsegpt). "
-        "structured: the fraction of MLP channels removed from every layer."))
+        "Fraction of the decoder's linear weights set to zero (magnitude, wanda, sparsegpt, "
+        "dpruner). structured: the fraction of MLP channels removed from every layer."))
     pattern: Optional[str] = Field(None, description=(
         "N:M semi-structured sparsity, e.g. 2:4 or 4:8: at most N non-zero weights in every M "
         "consecutive inputs of a row. Replaces sparsity and scope. Empty: unstructured."),
-        json_schema_extra=for_methods("magnitude", "wanda", "sparsegpt"))
+        json_schema_extra=for_methods("magnitude", "wanda", "sparsegpt", "dpruner"))
     scope: Optional[Literal["row", "layer", "global"]] = Field(None, description=(
         "Where weights compete: within each output row, within each matrix, or across the "
         "whole model (magnitude only). Empty: the method's own (wanda: row, others: layer)."),
-        json_schema_extra=form_hints(for_methods("magnitude", "wanda", "sparsegpt"), ADVANCED))
+        json_schema_extra=form_hints(for_methods("magnitude", "wanda", "sparsegpt", "dpruner"),
+                                     ADVANCED))
     importance: Literal["magnitude", "taylor"] = Field("magnitude", description=(
         "structured: rank groups by their weight norm, or by first-order Taylor importance "
         "on the calibration data (needs a backward pass)."),
@@ -63,22 +73,35 @@ class Config(PluginConfig):
         json_schema_extra=for_methods("structured"))
     calibration_file: Optional[LocalFile] = Field(None, description=(
         "UTF-8 text, or .jsonl with a 'text' field per line, for activations and importance "
-        "(wanda, sparsegpt, taylor). Empty: the demo corpus (assets/demo/corpus.txt)."),
-        json_schema_extra=for_methods("wanda", "sparsegpt", "structured"))
+        "(wanda, sparsegpt, taylor; dpruner: the general set its general importance comes "
+        "from). Empty: the demo corpus (assets/demo/corpus.txt)."),
+        json_schema_extra=for_methods(*DATA_METHODS))
     calibration_samples: int = Field(64, ge=1, le=4096, description=(
         "Calibration windows, drawn at seeded random offsets."),
-        json_schema_extra=form_hints(for_methods("wanda", "sparsegpt", "structured"), ADVANCED))
+        json_schema_extra=form_hints(for_methods(*DATA_METHODS), ADVANCED))
     calibration_length: int = Field(128, ge=8, le=8192,
                                     description="Tokens per calibration window.",
-        json_schema_extra=form_hints(for_methods("wanda", "sparsegpt", "structured"), ADVANCED))
+        json_schema_extra=form_hints(for_methods(*DATA_METHODS), ADVANCED))
     domain_file: Optional[LocalFile] = Field(None, description=(
-        "Domain-aware pruning (D-Pruner style): UTF-8 text of the domain to keep. Importance "
-        "becomes (1 - domain_weight) * general + domain_weight * domain, and perplexity is "
-        "reported on both."),
-        json_schema_extra=form_hints(for_methods("wanda", "sparsegpt", "structured"), ADVANCED))
+        "UTF-8 text of the domain to keep; perplexity is reported on it too. dpruner "
+        "(required): the domain calibration set whose regularised loss scores the weights. "
+        "wanda, sparsegpt, structured: the mixed_statistics option, a linear mix "
+        "(1 - domain_weight) * general + domain_weight * domain of the two sets' importance "
+        "statistics (ours, not D-Pruner)."),
+        json_schema_extra=form_hints(for_methods(*DATA_METHODS), ADVANCED))
     domain_weight: float = Field(0.5, ge=0, le=1, description=(
-        "Mixing weight of the domain importance (0: general only, 1: domain only)."),
-        json_schema_extra=form_hints(for_methods("wanda", "sparsegpt", "structured"), ADVANCED))
+        "mixed_statistics: weight of the domain statistics in the mix (0: general only, 1: "
+        "domain only)."),
+        json_schema_extra=form_hints(for_methods(*MIXED_STATISTICS), ADVANCED))
+    dpruner_lambda: float = Field(DPRUNER_LAMBDA, ge=0, le=1e12, description=(
+        "dpruner: λ, the weight of the general-importance regulariser "
+        "λ·Σ G·(θ' − θ)² in the domain loss. 0: the domain-only Taylor score."),
+        json_schema_extra=for_methods("dpruner"))
+    dpruner_learning_rate: float = Field(0.0, ge=0, le=1, description=(
+        "dpruner: take a gradient step of this size on the regularised loss after each "
+        "domain batch while scoring, as the paper scores during fine-tuning (the weights "
+        "are restored before pruning). 0: score at the original weights."),
+        json_schema_extra=form_hints(for_methods("dpruner"), ADVANCED, LOG_SCALE))
     dampening: float = Field(0.01, gt=0, le=1, description=(
         "sparsegpt: added to the Hessian diagonal, as a fraction of its mean."),
         json_schema_extra=form_hints(for_methods("sparsegpt"), ADVANCED))
@@ -126,8 +149,12 @@ class Config(PluginConfig):
                              "scope row does not apply")
         if self.domain_file and not self.uses_data:
             raise ValueError(f"domain_file needs importance measured on data (wanda, "
-                             f"sparsegpt, or structured with importance taylor), not {m}"
+                             f"sparsegpt, dpruner, or structured with importance taylor), "
+                             f"not {m}"
                              + (" with importance magnitude" if m == "structured" else ""))
+        if m == "dpruner" and not self.domain_file:
+            raise ValueError("dpruner needs domain_file: the domain text whose loss scores "
+                             "the weights")
         if self.pattern and self.sparsity != 0.5 and self.sparsity != self._nm_sparsity():
             raise ValueError(f"pattern {self.pattern} fixes the sparsity at "
                              f"{self._nm_sparsity():g}; leave sparsity at its default")
@@ -135,8 +162,8 @@ class Config(PluginConfig):
 
     @property
     def uses_data(self) -> bool:
-        return self.method in ("wanda", "sparsegpt") or (self.method == "structured"
-                                                          and self.importance == "taylor")
+        return self.method in ("wanda", "sparsegpt", "dpruner") or (
+            self.method == "structured" and self.importance == "taylor")
 
     def _nm_sparsity(self) -> float:
         n, m = nm_pattern(self.pattern)
@@ -211,7 +238,11 @@ def run(config: Config, ctx) -> None:
     if config.domain_file:
         domain, meta["domain"], domain_text = _windows(tokenizer, config.domain_file, None,
                                                        config, "domain_file")
-        meta["domain"]["weight"] = config.domain_weight
+        if config.method == "dpruner":
+            meta["domain"].update(strategy="dpruner", dpruner_lambda=config.dpruner_lambda,
+                                  dpruner_learning_rate=config.dpruner_learning_rate)
+        else:
+            meta["domain"].update(strategy="mixed_statistics", weight=config.domain_weight)
         eval_sets[f"ppl:{Path(meta['domain']['file']).name}"] = domain_text
     ctx.progress(0.05, "measuring perplexity before")
     before = {task: _perplexity(model, tokenizer, text, config.eval_max_tokens)
@@ -273,11 +304,19 @@ def run(config: Config, ctx) -> None:
     else:
         pattern = nm_pattern(config.pattern) if config.pattern else None
         scope = config.scope or ("row" if config.method == "wanda" else "layer")
-        result = P.prune_unstructured(
-            model, config.method, config.sparsity, pattern=pattern, scope=scope,
-            general=general, domain=domain, domain_weight=config.domain_weight,
-            block_size=config.block_size, dampening=config.dampening,
-            progress=layer_progress)
+        if config.method == "dpruner":
+            ctx.progress(0.1, "general importance, then Taylor scores of the regularised "
+                              "domain loss (backward passes)")
+            result = P.prune_dpruner(
+                model, general, domain, config.sparsity, lam=config.dpruner_lambda,
+                learning_rate=config.dpruner_learning_rate, pattern=pattern, scope=scope,
+                dampening=config.dampening, progress=layer_progress)
+        else:
+            result = P.prune_unstructured(
+                model, config.method, config.sparsity, pattern=pattern, scope=scope,
+                general=general, domain=domain, domain_weight=config.domain_weight,
+                block_size=config.block_size, dampening=config.dampening,
+                progress=layer_progress)
         per_layer, total = P.sparsity_of(model)
         zeros = sum(int((p == 0).sum()) for p in model.parameters())
         meta.update(pattern=config.pattern, scope=None if pattern else scope,
@@ -320,8 +359,9 @@ PLUGIN = Plugin(
     name="prune",
     order=50,
     title="Prune",
-    description="Zero weights (magnitude, Wanda, SparseGPT; unstructured or N:M) or remove "
-                "attention groups and MLP channels; perplexity before and after is recorded.",
+    description="Zero weights (magnitude, Wanda, SparseGPT, D-Pruner; unstructured or N:M) or "
+                "remove attention groups and MLP channels; perplexity before and after is "
+                "recorded.",
     Config=Config,
     run=run,
     per_layer_series=("sparsity_per_layer",),

@@ -355,7 +355,7 @@ def run(config: Config, ctx) -> None:
             ctx.log(f"resuming from {resume_from}")
     relation = "adapter" if config.method in ADAPTER_METHODS else "finetune"
     base_name = config.name or f"{ck.name}-{config.method}"
-    last_step = [0]
+    last_step = [0, 0]  # (global step, the run's total steps), as on_step last saw them
 
     def on_metrics(m) -> None:
         for key, value in m.values.items():
@@ -365,6 +365,10 @@ def run(config: Config, ctx) -> None:
     def on_save(step: int, folder: str) -> None:
         if not ctx.is_main_process:  # the Trainer calls back on every rank
             return
+        if last_step[1] and step >= last_step[1]:
+            # transformers saves at the last step whatever save_steps says; that state is the
+            # final model, which run registers once as base_name (the folder stays for resume)
+            return
         pending = ctx.new_checkpoint(relation, parents=[_base_edge(ck, relation)],
                                      name=f"{base_name}-step{step}",
                                      metadata={**meta, "step": step}, intermediate=True)
@@ -372,7 +376,7 @@ def run(config: Config, ctx) -> None:
         ctx.publish(pending)
 
     def on_step(step: int, total_steps: int) -> None:
-        last_step[0] = step
+        last_step[0], last_step[1] = step, total_steps
         if total_steps:
             ctx.progress(0.03 + 0.9 * step / total_steps, f"step {step}/{total_steps}")
 

@@ -1,7 +1,8 @@
 // Lineage graphs: every Mermaid diagram inside an element with class "ws-lineage"
 // (app/ui/registry_view.py: lineage_block, graph_markdown), on any tab.
 // - A click on a node opens its checkpoint: the Registry tab (id "registry") is selected and
-//   its "Selected checkpoint" box (#selected-checkpoint) set, so its .change handlers run.
+//   its "Selected checkpoint" box (#selected-checkpoint) set, so its .change handlers run;
+//   a dataset node (an id "ds-...") opens the Datasets tab the same way.
 //   Node ids are registry/lineage.py's mermaid_id: "n_" then the checkpoint id with every
 //   character but letters and digits written as _<hex code>_; Mermaid draws a node as
 //   <g id="...flowchart-<node id>-<n>">.
@@ -38,7 +39,8 @@
 
   function openCheckpoint(id) {
     if (window.wsOpen) {  // url_state.js: opens the tab and sets the box until it holds
-      window.wsOpen({ tab: "registry", ck: id });
+      // a dataset node (registry/datasets.py ids) opens the Datasets tab
+      window.wsOpen(/^ds-/.test(id) ? { tab: "datasets", ds: id } : { tab: "registry", ck: id });
       return;
     }
     const box = () => document.querySelector(

@@ -1,12 +1,12 @@
-// The workbench's state in the address bar: ?tab=ID&job=ID&ck=ID.
+// The workbench's state in the address bar: ?tab=ID&job=ID&ck=ID&ds=ID.
 // The server restores them when a page loads (app.ui.navigation.restore); this script keeps
 // the address bar in step with what the page shows, marks the current tab in the navigation
 // bar, and opens in-app links (href="?tab=...") without a reload: window.wsOpen({tab, job,
-// ck}) clicks the navigation button and fills the selected-job / selected-checkpoint boxes,
-// whose change handlers load the job or checkpoint. It reads nothing from the server.
+// ck, ds}) clicks the navigation button and fills the selected-job / -checkpoint / -dataset
+// boxes, whose change handlers load the job, checkpoint or dataset. It reads nothing from the server.
 (function () {
   "use strict";
-  var BOXES = { job: "selected-job", ck: "selected-checkpoint" };
+  var BOXES = { job: "selected-job", ck: "selected-checkpoint", ds: "selected-dataset" };
   var initial = new URLSearchParams(window.location.search);
   var started = Date.now();
   var settled = false;

@@ -32,6 +32,11 @@ PREVIEW_COLUMNS = 12
 CELL_CHARS = 300
 MAX_JSON_BYTES = 64 << 20  # a .json document is parsed whole; above this its rows are unknown
 MAX_NAME = 120
+BINARY_FORMATS = ("arrow",)
+# Files and folders up to this size are hashed at submit (about a second per GiB here);
+# larger ones are recorded by path, size and modification time (metadata "hashed": false),
+# so a submit never reads a large corpus in the server's request.
+MAX_HASH_BYTES = 1 << 30
 
 
 class DatasetError(ValueError):
@@ -97,6 +102,41 @@ def file_format(path: Path) -> str:
                                                                  or "file")
 
 
+def _count_lines(path: Path, nonblank: bool) -> int:
+    """Lines of a file (with `nonblank`, only those holding more than whitespace), read in
+    1 MiB chunks: a file of one 5 GB line costs no more memory than any other."""
+    count, content, last = 0, False, b"\n"
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            lines = chunk.split(b"\n")
+            for done in lines[:-1]:  # every complete line in this chunk
+                count += 1 if (not nonblank or content or done.strip()) else 0
+                content = False
+            content = content or bool(lines[-1].strip())
+            last = chunk[-1:]
+    if last != b"\n" and (content or not nonblank):  # a last line without its newline
+        count += 1
+    return count
+
+
+def _lines(f, n: int):
+    """Up to `n` lines of a text file, each cut at CELL_CHARS * 4 characters (the rest of a
+    longer line is skipped unread into memory)."""
+    cap = CELL_CHARS * 4
+    got = 0
+    while got < n:
+        line = f.readline(cap)
+        if not line:
+            return
+        if not line.endswith("\n"):  # cut: skip to the end of this line, a chunk at a time
+            while True:
+                rest = f.readline(1 << 16)
+                if not rest or rest.endswith("\n"):
+                    break
+        got += 1
+        yield line.rstrip("\n")
+
+
 def count_rows(path: Path) -> int | None:
     """Rows of a data file (JSONL: non-blank lines; CSV/TSV: records after the header; text:
     lines; JSON: items of its top-level list; Parquet: from its footer), summed over a
@@ -107,15 +147,16 @@ def count_rows(path: Path) -> int | None:
         return sum(known) if known else None
     kind = file_format(path)
     if kind == "jsonl":
-        with open(path, "rb") as f:
-            return sum(1 for line in f if line.strip())
+        return _count_lines(path, nonblank=True)
     if kind == "text":
-        with open(path, "rb") as f:
-            return sum(1 for _ in f)
+        return _count_lines(path, nonblank=False)
     if kind in ("csv", "tsv"):
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
-            return max(0, sum(1 for _ in csv.reader(f, delimiter="\t" if kind == "tsv"
-                                                     else ",")) - 1)
+        try:
+            with open(path, newline="", encoding="utf-8", errors="replace") as f:
+                return max(0, sum(1 for _ in csv.reader(f, delimiter="\t" if kind == "tsv"
+                                                         else ",")) - 1)
+        except csv.Error:  # e.g. a cell over the csv module's field limit: rows unknown
+            return None
     if kind == "json" and path.stat().st_size <= MAX_JSON_BYTES:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -167,25 +208,30 @@ def preview(path: Path, n: int = PREVIEW_ROWS) -> tuple[list[str], list[list[str
     if kind == "jsonl":
         records = []
         with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
+            for line in _lines(f, 4 * n):
                 if len(records) >= n:
                     break
                 if line.strip():
                     try:
                         records.append(json.loads(line))
-                    except ValueError:
-                        records.append({"(not JSON)": line.rstrip("\n")})
+                    except ValueError:  # not JSON, or a line too long to show whole
+                        records.append({"(not JSON)": line})
         return _table(records)
     if kind in ("csv", "tsv"):
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
-            reader = csv.reader(f, delimiter="\t" if kind == "tsv" else ",")
-            header = next(reader, [])[:PREVIEW_COLUMNS]
-            rows = []
-            for record in reader:
-                if len(rows) >= n:
-                    break
-                rows.append([_cell(v) for v in record[:len(header)]])
+        try:
+            with open(path, newline="", encoding="utf-8", errors="replace") as f:
+                reader = csv.reader(f, delimiter="\t" if kind == "tsv" else ",")
+                header = next(reader, [])[:PREVIEW_COLUMNS]
+                rows = []
+                for record in reader:
+                    if len(rows) >= n:
+                        break
+                    rows.append([_cell(v) for v in record[:len(header)]])
+        except csv.Error as e:  # a cell over the csv module's field limit
+            raise DatasetError(f"{path.name} cannot be read as {kind.upper()} ({e})") from None
         return [_cell(h) for h in header], rows
+    if kind in BINARY_FORMATS:
+        raise DatasetError(f"{path.name} is a binary {kind} file: no preview of its rows")
     if kind == "json" and path.stat().st_size <= MAX_JSON_BYTES:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -200,13 +246,8 @@ def preview(path: Path, n: int = PREVIEW_ROWS) -> tuple[list[str], list[list[str
         except Exception as e:  # noqa: BLE001 -- a broken file: say so, no traceback
             raise DatasetError(f"{path.name} is not a readable Parquet file ({e})") from None
         return _table(batch.to_pylist() if batch is not None else [])
-    lines = []
     with open(path, encoding="utf-8", errors="replace") as f:  # text, YAML, anything else
-        for line in f:
-            if len(lines) >= n:
-                break
-            lines.append([_cell(line.rstrip("\n"))])
-    return ["text"], lines
+        return ["text"], [[_cell(line)] for line in _lines(f, n)]
 
 
 # ---------------------------------------------------------------------------- records
@@ -217,36 +258,71 @@ def clean_name(name: str) -> str:
     return name[:MAX_NAME] or "dataset"
 
 
-def register_path(lab: Lab, path: str | Path, *, user: str | None, source: str = "path",
-                  name: str | None = None) -> dict:
-    """The dataset row of a local file or folder, recorded (hashed) if new; a file unchanged
-    since its last hash is not read again. Raises DatasetError if it cannot be read."""
-    real = Path(path).expanduser()
+def path_facts(lab: Lab, path: str | Path, *, source: str = "path",
+               name: str | None = None) -> dict:
+    """What a local file or folder is recorded as (its hash, format, rows, size...), read
+    without writing anything: a file unchanged since its last hash (same path, size and
+    modification time) is not read again, and one larger than MAX_HASH_BYTES is recorded by
+    path, size and time. Raises DatasetError if it cannot be read."""
+    real = Path(path).expanduser().absolute()
     try:
         size, mtime = fingerprint(real)
         with lab.registry() as reg:
             known = reg.datasets.known_file(str(real), size, mtime)
         if known is not None and not known["deleted_at"]:
-            return known
-        digest, files = content_hash(real)
-        rows = count_rows(real)
+            return {"known": known, "path": str(real), "size": size, "mtime": mtime}
+        metadata = None
+        if size > MAX_HASH_BYTES:
+            digest = hashlib.sha256(f"fingerprint\0{real}\0{size}\0{mtime}".encode()).hexdigest()
+            files = None if real.is_dir() else 1
+            rows = None
+            metadata = {"hashed": False, "why": f"over {MAX_HASH_BYTES >> 30} GiB: recorded "
+                                                 f"by path, size and modification time"}
+        else:
+            digest, files = content_hash(real)
+            rows = count_rows(real)
     except OSError as e:
         raise DatasetError(f"{path}: cannot be read ({e.strerror or e})") from None
+    return {"known": None, "content_hash": digest, "name": clean_name(name or real.name),
+            "source": source, "path": str(real), "format": file_format(real), "rows": rows,
+            "files": files, "size": size, "mtime": mtime, "metadata": metadata}
+
+
+def record(reg, facts: dict, user: str | None) -> dict:
+    """Write what `path_facts` found (inside the caller's registry connection); the row."""
+    if facts["known"] is not None:
+        return facts["known"]
+    row = reg.datasets.add(content_hash=facts["content_hash"], name=facts["name"],
+                           source=facts["source"], path=facts["path"], format=facts["format"],
+                           rows=facts["rows"], files=facts["files"],
+                           size_bytes=facts["size"], created_by=user,
+                           metadata=facts["metadata"])
+    if facts["path"] is not None:
+        reg.datasets.remember_file(facts["path"], facts["size"], facts["mtime"], row["id"])
+    return row
+
+
+def register_path(lab: Lab, path: str | Path, *, user: str | None, source: str = "path",
+                  name: str | None = None) -> dict:
+    """The dataset row of a local file or folder, recorded if new (`path_facts`)."""
+    facts = path_facts(lab, path, source=source, name=name)
     with lab.registry() as reg:
-        row = reg.datasets.add(content_hash=digest, name=clean_name(name or real.name),
-                               source=source, path=str(real), format=file_format(real),
-                               rows=rows, files=files, size_bytes=size,
-                               created_by=user or lab.settings.default_user)
-        reg.datasets.remember_file(str(real), size, mtime, row["id"])
-        return row
+        return record(reg, facts, user or lab.settings.default_user)
+
+
+def hub_facts(hub_id: str) -> dict:
+    return {"known": None, "name": clean_name(hub_id), "source": f"hf://{hub_id}",
+            "content_hash": hashlib.sha256(f"hf://{hub_id}".encode()).hexdigest(),
+            "path": None, "format": "hub", "rows": None, "files": None, "size": None,
+            "mtime": None, "metadata": None}
 
 
 def register_hub(lab: Lab, hub_id: str, *, user: str | None) -> dict:
     """The dataset row of a Hub dataset id (the lab holds no copy: it is recorded by id)."""
-    digest = hashlib.sha256(f"hf://{hub_id}".encode()).hexdigest()
+    facts = hub_facts(hub_id)
     with lab.registry() as reg:
-        return reg.datasets.add(content_hash=digest, name=clean_name(hub_id),
-                                source=f"hf://{hub_id}", format="hub",
+        return reg.datasets.add(content_hash=facts["content_hash"], name=facts["name"],
+                                source=facts["source"], format="hub",
                                 created_by=user or lab.settings.default_user)
 
 
@@ -283,11 +359,11 @@ def resolve_refs(lab: Lab, plugin: plugins.Plugin, data: dict) -> dict:
     return out
 
 
-def config_datasets(lab: Lab, config, plugin: plugins.Plugin,
-                    user: str | None) -> list[tuple[str, dict]]:
-    """(field, dataset row) for every data value of a validated config: local files and
-    folders by content hash, Hub dataset ids by id; bare names (a suite) are not datasets.
-    An unreadable file is a ConfigError at its field."""
+def config_datasets(lab: Lab, config, plugin: plugins.Plugin) -> list[tuple[str, dict]]:
+    """(field, `path_facts` or `hub_facts`) for every data value of a validated config:
+    local files and folders by content hash, Hub dataset ids by id; bare names (a suite)
+    are not datasets. Writes nothing (submit `record`s them with the job). An unreadable
+    file is a ConfigError at its field."""
     from app.paths import path_values
 
     found, problems = [], []
@@ -297,9 +373,9 @@ def config_datasets(lab: Lab, config, plugin: plugins.Plugin,
         path = Path(value).expanduser()
         try:
             if path.exists():
-                found.append((field, register_path(lab, path, user=user)))
+                found.append((field, path_facts(lab, path)))
             elif marker == "data" and is_hub_id(value):
-                found.append((field, register_hub(lab, value, user=user)))
+                found.append((field, hub_facts(value)))
         except DatasetError as e:
             problems.append(f"field '{field}': {e}")
     if problems:

@@ -168,12 +168,12 @@ def lab_gpus(lab: Lab) -> list[int]:
 def submit(lab: Lab, plugin_name: str, data: dict, *, user: str | None = None,
            priority: int = 0) -> dict:
     """Validate and queue a job; returns its registry row. Raises ConfigError on bad input."""
-    from app.datasets import config_datasets
+    from app.datasets import config_datasets, record
 
     plugin, config = check_config(lab, plugin_name, data)
     config_dict = config.model_dump(mode="json")
-    # the data it reads, by content hash (hashed here, before the registry's write lock)
-    read = config_datasets(lab, config, plugin, user or lab.settings.default_user)
+    # the data it reads, by content hash (hashed here, before any write; recorded with the job)
+    read = config_datasets(lab, config, plugin)
     field = plugin.resume_field
     resumed = getattr(config, field) if field else None
     if resumed:  # resuming reads that job's saved state: its owner's or an admin's to do
@@ -199,7 +199,8 @@ def submit(lab: Lab, plugin_name: str, data: dict, *, user: str | None = None,
             job_dir.mkdir(parents=True, exist_ok=True)
             (job_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
             reg.update_job(job["id"], job_dir=str(job_dir), log_path=str(job_dir / "log.txt"))
-            for data_field, dataset in read:
+            for data_field, facts in read:
+                dataset = record(reg, facts, job["user"])
                 reg.datasets.use(job["id"], dataset["id"], data_field)
             audit(reg, job["user"], "job.submit", job["id"], {"plugin": plugin.name})
         except BaseException:

@@ -88,14 +88,15 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
 
                 middleware = [Middleware(LoopbackHostOnly)]
             # app_kwargs go to the FastAPI constructor (gradio.routes.App.create_app)
-            quiet_queue(app.queue()).launch(server_name=host, server_port=port, prevent_thread_lock=True,
-                               show_error=True, css=CSS, head=HEAD, auth=login,
-                               max_file_size=f"{lab.settings.max_upload_mb}mb",
-                               auth_message=f"Weightsmith lab {lab.root.name}: log in",
-                               # per-page memory bound (app.ui.bound_sessions); launch
-                               # would otherwise reset it to Gradio's 10,000
-                               state_session_capacity=app.state_session_capacity,
-                               app_kwargs={"middleware": middleware})
+            quiet_queue(app.queue()).launch(
+                server_name=host, server_port=port, prevent_thread_lock=True,
+                show_error=True, css=CSS, head=HEAD, auth=login,
+                max_file_size=f"{lab.settings.max_upload_mb}mb",
+                auth_message=f"Weightsmith lab {lab.root.name}: log in",
+                # per-page memory bound (app.ui.bound_sessions); launch would otherwise
+                # reset it to Gradio's 10,000
+                state_session_capacity=app.state_session_capacity,
+                app_kwargs={"middleware": middleware})
             install_log_redaction()  # the handlers Gradio's uvicorn set up meanwhile
             log.info("serving %s at http://%s:%d", lab.root, host, port)
             # jobs start once the page answers: a queued job's worker imports torch, which

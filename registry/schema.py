@@ -139,7 +139,14 @@ def _v8(db: sqlite_utils.Database) -> None:
     # substring search on checkpoint names through SQLite's FTS5 with the trigram tokenizer
     # (case-insensitive; any 3 or more characters, not only whole words), kept in step with
     # the table by sqlite-utils' triggers: a LIKE '%s%' scan read all rows (35 ms at 100k)
+    import sqlite3
+
+    if sqlite3.sqlite_version_info < (3, 34):
+        raise RegistryError(f"this Python's SQLite is {sqlite3.sqlite_version}; the registry "
+                            f"needs 3.34 or later (FTS5's trigram tokenizer, for search)")
     db["checkpoints"].enable_fts(["name"], create_triggers=True, tokenize="trigram")
+    # the Jobs view's list and digest read the newest jobs: an index, not a sort of all
+    db["jobs"].create_index(["created_at"])
     # a change counter per table, kept by triggers whatever writes the row: the workbench's
     # timers compare it and send the checkpoint lists and dropdowns only when it moved
     db.execute("CREATE TABLE changes (tbl TEXT PRIMARY KEY, n INTEGER NOT NULL DEFAULT 0)")

@@ -571,6 +571,25 @@ class Registry:
                 [job_id, job_id, job_id]).fetchall()).encode())
         return h.hexdigest()
 
+    def lab_counts(self) -> dict:
+        """{"checkpoints": not deleted, "queued": ..., "running": ...}: counts, not rows."""
+        out = {"checkpoints": self.db.execute(
+            "SELECT COUNT(*) FROM checkpoints WHERE deleted_at IS NULL").fetchone()[0]}
+        for status in ("queued", "running"):
+            out[status] = self.db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?",
+                                          [status]).fetchone()[0]
+        return out
+
+    def active_jobs_mark(self) -> str:
+        """A digest of the queued and running jobs (ids, statuses, progress) and the number
+        of jobs in each status: what Home's job list and counts show."""
+        h = hashlib.blake2b(digest_size=12)
+        for sql in ("SELECT id, status, progress, device FROM jobs "
+                    "WHERE status IN ('queued', 'running') ORDER BY id",
+                    "SELECT status, COUNT(*) FROM jobs GROUP BY status ORDER BY status"):
+            h.update(repr(self.db.execute(sql).fetchall()).encode())
+        return h.hexdigest()
+
     def registry_mark(self) -> str:
         """A digest that changes whenever a checkpoint, edge, evaluation or dataset row is
         written (the `changes` counters, kept by triggers: schema v8): what the checkpoint
@@ -616,7 +635,7 @@ def _name_or_id(search: str, params: list) -> str:
     contains `search` (literally, case-insensitively) or whose id starts with it. Three or
     more characters go through the FTS5 trigram index on names (schema v8); shorter ones
     scan the names. An id prefix is a range on the primary key's index."""
-    if len(search) >= FTS_MIN:
+    if len(search) >= FTS_MIN and all(c >= " " for c in search):  # FTS5 ends a query at NUL
         # one FTS5 string (quotes doubled): the trigrams of `search`, in order, i.e. the
         # substring; nothing in it is query syntax
         name = ("rowid IN (SELECT rowid FROM checkpoints_fts WHERE checkpoints_fts MATCH ?)")
@@ -624,7 +643,8 @@ def _name_or_id(search: str, params: list) -> str:
     else:
         name = "instr(lower(name), lower(?)) > 0"
         params.append(search)
-    params += [search, search + "\U0010ffff"]
+    prefix = search.lower()  # ids are lowercase
+    params += [prefix, prefix + "\U0010ffff"]
     return f"({name} OR (id >= ? AND id < ?))"
 
 

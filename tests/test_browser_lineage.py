@@ -4,7 +4,8 @@
    quotes, brackets, pipes, `#`, `;`, backticks, unicode (emoji, RTL), HTML and Mermaid
    keywords, with merges, adapters and datasets (cylinders, dashed edges), up to 300
    checkpoints. Each is drawn by the same Gradio Markdown (its bundled Mermaid) and
-   lineage.js the app uses, as the Registry view writes it and as `weightsmith registry lineage ID --mermaid` prints it: no Mermaid error,
+   lineage.js the app uses, as the Registry view writes it and as `weightsmith registry
+   lineage ID --mermaid` prints it: no Mermaid error,
    every node's name shown exactly as typed, nothing injected.
 2. A person's path: open a merge of three parents, zoom and pan, pick the scores on the nodes,
    click a parent's node to open it, draw the whole lab, download a checkpoint as a zip.

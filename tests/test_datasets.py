@@ -258,3 +258,56 @@ def test_the_cli_records_lists_and_shows_datasets(lab_dir, tmp_path):
     unknown = run_cli(lab_dir, "datasets", "show", "ds-000000000000")
     assert unknown.returncode == 2 and "no dataset" in unknown.stderr
     assert "Traceback" not in missing.stderr + unknown.stderr
+
+
+def test_hostile_and_large_files_are_read_in_bounded_pieces(lab, tmp_path, monkeypatch):
+    big_cell = tmp_path / "big.csv"
+    big_cell.write_text('text\n"' + "x" * 200_000 + '"\n')  # over the csv module's limit
+    assert datasets.count_rows(big_cell) is None
+    with pytest.raises(datasets.DatasetError, match="cannot be read as CSV"):
+        datasets.preview(big_cell)
+    one_line = tmp_path / "one.jsonl"
+    one_line.write_text(json.dumps({"text": "y" * 3_000_000}))  # one 3 MB line, no newline
+    assert datasets.count_rows(one_line) == 1
+    columns, rows = datasets.preview(one_line)  # shown cut, never parsed whole
+    assert len(rows) == 1 and len(rows[0][0]) == datasets.CELL_CHARS
+    lines = tmp_path / "lines.txt"
+    lines.write_text("a\n\nb\n   \nc")
+    jsonl = tmp_path / "blank.jsonl"
+    jsonl.write_text('{"a": 1}\n\n  \n{"a": 2}\n{"a": 3}')
+    assert datasets.count_rows(lines) == 5 and datasets.count_rows(jsonl) == 3
+    (tmp_path / "t.arrow").write_bytes(b"\x00\x01binary")
+    with pytest.raises(datasets.DatasetError, match="binary"):
+        datasets.preview(tmp_path / "t.arrow")
+    # above MAX_HASH_BYTES: recorded by path, size and time, not read at submit
+    monkeypatch.setattr(datasets, "MAX_HASH_BYTES", 5)
+    monkeypatch.setattr(datasets, "content_hash", lambda p: pytest.fail("hashed"))
+    row = datasets.register_path(lab, lines, user=None)
+    assert json.loads(row["metadata"])["hashed"] is False and row["rows"] is None
+    # a relative path is recorded absolute
+    monkeypatch.chdir(tmp_path)
+    assert datasets.register_path(lab, "blank.jsonl", user=None)["path"] == str(jsonl)
+
+
+def test_an_upload_of_known_bytes_fills_the_form_with_the_new_file(lab, tmp_path):
+    from app.ui.shared import upload_to_box
+
+    first = write_jsonl(tmp_path / "first.jsonl", [{"a": 1}])
+    known = datasets.register_path(lab, first, user="ann")
+    first.write_text("edited since\n")  # the known dataset's file is not what is uploaded
+    again = tmp_path / "gradio" / "mine.jsonl"
+    again.parent.mkdir()
+    write_jsonl(again, [{"a": 1}])
+    kept = upload_to_box(lab, str(again), "bob")
+    assert kept != str(first) and Path(kept).parent == lab.root / "uploads"
+    assert Path(kept).read_text() == again.read_text()
+    with lab.registry() as reg:  # the same bytes: the same dataset
+        assert [r["id"] for r in reg.datasets.list()] == [known["id"]]
+
+
+def test_a_refused_submit_records_no_dataset(lab, reader, tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
+    with pytest.raises(plugins.ConfigError):  # the checkpoint does not exist
+        jobs.submit(lab, READER.name, {"checkpoint": "no-such", "data": str(data)})
+    with lab.registry() as reg:
+        assert reg.datasets.list() == [] and reg.jobs() == []

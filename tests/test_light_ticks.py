@@ -88,3 +88,11 @@ def test_the_queue_of_an_idle_server_wakes_rarely():
     queue = quiet_queue(blocks.queue())._queue
     assert queue.sleep_when_free == QUEUE_IDLE_SLEEP_S >= 0.05
     assert queue.progress_update_sleep_when_free == PROGRESS_IDLE_SLEEP_S
+
+
+def test_homes_digest_sees_any_queued_job_start(lab):
+    with lab.registry() as reg:
+        made = [reg.add_job(plugin="x", config={}) for _ in range(60)]
+        before = reg.active_jobs_mark()
+        reg.update_job(made[0]["id"], status="running")  # the oldest, far below the newest 50
+        assert reg.active_jobs_mark() != before

@@ -54,3 +54,10 @@ def test_an_older_registry_gets_its_names_indexed(tmp_path, monkeypatch):
     with Registry(tmp_path / "r.db") as new:
         assert new.schema_version() == store.SCHEMA_VERSION >= 8
         assert names(new.list_checkpoints(search="acy-mo")) == {"legacy-model"}
+
+
+def test_control_characters_and_case_in_a_search_are_only_text(reg):
+    ck = reg.add_checkpoint(name="abc", relation="import")
+    assert reg.list_checkpoints(search="a\0bc") == []  # FTS5 would end the query at NUL
+    assert reg.lab_graph(search="ab\x01c")["nodes"] == []
+    assert names(reg.list_checkpoints(search=ck["id"].upper())) == {"abc"}  # ids: lowercase

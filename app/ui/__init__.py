@@ -122,6 +122,11 @@ def build_app(lab: Lab):
         app.load(refresh_registry, inputs=registry.search,
                  outputs=[registry.table] + dropdowns, api_visibility="private",
                  show_progress="hidden")
+        # the Datasets table as it is now whenever its tab is opened (the bar's button: a tab
+        # selected by the server fires no select event)
+        nav["datasets"].click(lambda q: datasets_view.dataset_table(lab, q),
+                              inputs=data.search, outputs=data.table,
+                              api_visibility="private", show_progress="hidden")
         # a data field's registered datasets: on page load, and when its form is opened
         every = [d for picks in forms.dataset_dropdowns.values() for d in picks]
 

@@ -81,11 +81,12 @@ def dataset_detail(lab: Lab, ds_id: str | None) -> tuple[str, dict]:
 def upload_dataset(lab: Lab, temp_path: str | None, user: str | None) -> tuple[str, str]:
     """Keep an uploaded file as a dataset: (message, its id for the selected box)."""
     try:
-        row = keep_upload(lab, temp_path, user)
+        kept = keep_upload(lab, temp_path, user)
     except UploadError as e:
         return markup.md(e), ""
-    if row is None:
+    if kept is None:
         return "", ""
+    row = kept[1]
     rows = f", {row['rows']} rows" if row["rows"] is not None else ""
     return (f"Recorded {markup.md(row['name'])} ({row['id']}{rows}). Use it in a form's data "
             f"field: pick it under *or a registered dataset*, or type `{row['id']}`."), row["id"]
@@ -100,6 +101,7 @@ def use_targets(data_widgets: dict, titles: dict) -> list[tuple[str, str]]:
 class DatasetsView:
     selected: object
     table: object
+    search: object
 
 
 def build(lab: Lab, tabs, data_widgets: dict, titles: dict) -> DatasetsView:
@@ -156,4 +158,4 @@ def build(lab: Lab, tabs, data_widgets: dict, titles: dict) -> DatasetsView:
     use.click(on_use, inputs=[target, selected],
               outputs=[tabs] + [data_widgets[k] for k in keys] + [message],
               api_visibility="private")
-    return DatasetsView(selected, table)
+    return DatasetsView(selected, table, search)

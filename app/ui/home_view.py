@@ -23,11 +23,9 @@ STORY_BUTTONS = {"merge": "Merge the fine-tunes", "compare": "Compare with paren
 
 # ---------------------------------------------------------------------------------- handlers
 def lab_summary(lab: Lab) -> str:
-    with lab.registry() as reg:
-        n_ck = len(reg.list_checkpoints(limit=100_000))
-        jobs = reg.jobs(limit=1000)
-    running = sum(j["status"] == "running" for j in jobs)
-    queued = sum(j["status"] == "queued" for j in jobs)
+    with lab.registry() as reg:  # counts, not rows: a lab may hold 100,000 checkpoints
+        counts = reg.lab_counts()
+    n_ck, running, queued = counts["checkpoints"], counts["running"], counts["queued"]
     return (f"Lab `{markup.md(lab.root)}` · {n_ck} checkpoint{'s' * (n_ck != 1)} · "
             f"{running} job{'s' * (running != 1)} running · {queued} queued")
 
@@ -145,7 +143,7 @@ def poll(lab: Lab, view: HomeView, timer, app) -> None:
 
     def mark(latest, search):  # a digest on the timer; the rest only when it changes
         with lab.registry() as reg:
-            return f"{reg.registry_mark()}:{reg.jobs_mark(50, None)}:{latest}:{search}"
+            return f"{reg.registry_mark()}:{reg.active_jobs_mark()}:{latest}:{search}"
 
     def refresh(latest, search, shown):
         steps = demo.demo_story(lab)

@@ -56,9 +56,17 @@ class Ticks:
         outputs = [c for _, _, outs in self.parts for c in outs]
 
         def tick(*values):
+            import logging
+
+            import gradio as gr
+
             out, at = [], 0
             for fn, ins, outs in self.parts:
-                got = fn(*values[at:at + len(ins)])
+                try:  # one view failing (a locked registry) leaves the others updating
+                    got = fn(*values[at:at + len(ins)])
+                except Exception:  # noqa: BLE001 -- logged; the view keeps what it shows
+                    logging.getLogger(__name__).exception("a timer's view failed")
+                    got = gr.skip() if len(outs) == 1 else (gr.skip(),) * len(outs)
                 at += len(ins)
                 out.extend([got] if len(outs) == 1 else got)
             return tuple(out)
@@ -104,17 +112,20 @@ def save_upload(lab: Lab, temp_path: str | None) -> str:
     return str(target)
 
 
-def keep_upload(lab: Lab, temp_path: str | None, user: str | None = None) -> dict | None:
+def keep_upload(lab: Lab, temp_path: str | None,
+                user: str | None = None) -> tuple[str, dict] | None:
     """Keep an upload in the lab (`save_upload`) and record it as a dataset (by content
-    hash, named after the uploaded file); its dataset row, or None for no file."""
+    hash, named after the uploaded file): (the kept file's path, its dataset row), or None
+    for no file. Bytes the lab has seen before are that dataset, first path and all; the
+    path returned is always the file just kept."""
     from app.datasets import DatasetError, register_path
 
     kept = save_upload(lab, temp_path)
     if not kept:
         return None
     try:
-        return register_path(lab, kept, user=user, source="upload",
-                             name=Path(temp_path).name)
+        return kept, register_path(lab, kept, user=user, source="upload",
+                                   name=Path(temp_path).name)
     except DatasetError as e:
         Path(kept).unlink(missing_ok=True)
         raise UploadError(f"upload refused: {e}") from None
@@ -126,11 +137,11 @@ def upload_to_box(lab: Lab, temp_path: str | None, user: str | None = None):
     import gradio as gr
 
     try:
-        row = keep_upload(lab, temp_path, user)
+        kept = keep_upload(lab, temp_path, user)
     except UploadError as e:
         gr.Warning(str(e))
         return gr.skip()
-    return row["path"] if row else ""
+    return kept[0] if kept else ""
 
 
 def dataset_choices(lab: Lab) -> list[tuple[str, str]]:

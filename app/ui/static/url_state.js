@@ -3,7 +3,8 @@
 // the address bar in step with what the page shows, marks the current tab in the navigation
 // bar, and opens in-app links (href="?tab=...") without a reload: window.wsOpen({tab, job,
 // ck, ds}) clicks the navigation button and fills the selected-job / -checkpoint / -dataset
-// boxes, whose change handlers load the job, checkpoint or dataset. It reads nothing from the server.
+// boxes, whose change handlers load the job, checkpoint or dataset. It reads nothing from the
+// server.
 (function () {
   "use strict";
   var BOXES = { job: "selected-job", ck: "selected-checkpoint", ds: "selected-dataset" };

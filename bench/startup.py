@@ -78,13 +78,24 @@ def rendered_at(port: int, start: float, chromium: str | None) -> float | None:
 
 def one_run(lab: Path, chromium: str | None) -> tuple[float, float | None]:
     port = free_port()
-    proc, start, _ = spawn_serve(lab, port)
+    proc, start, env = spawn_serve(lab, port)
     try:
         wait_ready(proc, port)
         return time.perf_counter() - start, rendered_at(port, start, chromium)
     finally:
         proc.terminate()
         proc.wait(20)
+        cancel_jobs(env)  # jobs outlive their server: the next run must not share the CPU
+
+
+def cancel_jobs(env: dict) -> None:
+    """Cancel the lab's queued and running jobs (their processes outlive the server)."""
+    jobs = subprocess.run([sys.executable, "-m", "app.cli", "jobs", "--json"], env=env,
+                          cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for job in json.loads(jobs):
+        if job["status"] in ("queued", "running"):
+            subprocess.run([sys.executable, "-m", "app.cli", "cancel", job["id"]],
+                           env=env, cwd=REPO, capture_output=True, check=True)
 
 
 def first_start(lab: Path, chromium: str | None) -> tuple[float, float | None]:
@@ -100,12 +111,7 @@ def first_start(lab: Path, chromium: str | None) -> tuple[float, float | None]:
     finally:
         proc.terminate()
         proc.wait(20)
-        jobs = subprocess.run([sys.executable, "-m", "app.cli", "jobs", "--json"], env=env,
-                              cwd=REPO, capture_output=True, text=True, check=True).stdout
-        for job in json.loads(jobs):
-            if job["status"] in ("queued", "running"):
-                subprocess.run([sys.executable, "-m", "app.cli", "cancel", job["id"]],
-                               env=env, cwd=REPO, capture_output=True, check=True)
+        cancel_jobs(env)
 
 
 def main() -> int:

@@ -2,9 +2,10 @@
 the Registry with lineage graphs.
 
 One module per view, each with a `build(...)` that makes its tab's components, wires their
-events and returns what the other views need: `forms_view` (a tab per plugin), `jobs_view`,
-`registry_view` (checkpoints, lineage, Hub), `compare_view`; `shared` holds what several
-use. `build_app` assembles them. Every handler is a plain function over the lab, calling the
+events and returns what the other views need: `home_view`, `playground_view`, `forms_view`
+(a tab per plugin), `jobs_view`, `registry_view` (checkpoints, lineage, Hub),
+`compare_view`, `datasets_view`; `navigation` the bar and the URL state; `shared` holds
+what several use (uploads, the shared timer `Ticks`). `build_app` assembles them. Every handler is a plain function over the lab, calling the
 same functions as the CLI (`app.jobs.submit`, `app.jobs.cancel`, the registry), so a
 refresh, a second tab or a server restart shows the same state: nothing lives in the
 server's memory. No torch import here, and gradio only once an app is built.

@@ -7,15 +7,11 @@ it opens the dataset. Screenshots go to test-artifacts/screenshots/datasets-*.pn
 import hashlib
 import json
 import re
-import subprocess
-import sys
-import urllib.request
 
 import pytest
 
-from tests.conftest import REPO, cli_env, wait_for
 from tests.test_browser import CHROMIUM, FLAGS, SHOTS
-from tests.test_ui import free_port
+from tests.test_browser_forms import serve_builtin
 
 playwright = pytest.importorskip("playwright.sync_api")
 expect = playwright.expect
@@ -46,23 +42,8 @@ def served(lab_dir):
         reg.datasets.use(job["id"], ds["id"], "data")
         tuned = reg.add_checkpoint(name="tuned", relation="finetune", job_id=job["id"],
                                    parents=[{"id": base["id"]}])
-    env = cli_env(lab_dir)
-    env.pop("WEIGHTSMITH_PLUGINS", None)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--no-demo", "--port",
-                             str(port)], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
-
-    def up():
-        try:
-            return urllib.request.urlopen(url, timeout=2).status == 200
-        except OSError:
-            assert proc.poll() is None, "the server exited"
-            return False
-
+    proc, url = serve_builtin(lab_dir)
     try:
-        wait_for(up, 120, interval=0.5, what="the server")
         SHOTS.mkdir(parents=True, exist_ok=True)
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)

@@ -21,12 +21,9 @@ expect = playwright.expect
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def page(lab_dir):
-    """`weightsmith serve --no-demo` on an empty lab without GPUs, every built-in plugin (no
-    WEIGHTSMITH_PLUGINS), and a 1280x800 page on it."""
-    lab_dir.mkdir(parents=True, exist_ok=True)
-    (lab_dir / "lab.toml").write_text("auto_eval = false\ngpus = []\n")
+def serve_builtin(lab_dir):
+    """`weightsmith serve --no-demo` on the lab with every built-in plugin (no
+    WEIGHTSMITH_PLUGINS), answering; (process, URL)."""
     env = cli_env(lab_dir)
     env.pop("WEIGHTSMITH_PLUGINS", None)
     port = free_port()
@@ -44,6 +41,21 @@ def page(lab_dir):
 
     try:
         wait_for(up, 120, interval=0.5, what="the server")
+    except BaseException:
+        proc.terminate()
+        proc.wait(20)
+        raise
+    return proc, url
+
+
+@pytest.fixture
+def page(lab_dir):
+    """`weightsmith serve --no-demo` on an empty lab without GPUs, every built-in plugin (no
+    WEIGHTSMITH_PLUGINS), and a 1280x800 page on it."""
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    (lab_dir / "lab.toml").write_text("auto_eval = false\ngpus = []\n")
+    proc, url = serve_builtin(lab_dir)
+    try:
         SHOTS.mkdir(parents=True, exist_ok=True)
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)

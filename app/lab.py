@@ -23,6 +23,9 @@ class SettingsError(ValueError):
     pass
 
 
+BOOLEAN_SETTINGS = ("allow_trust_remote_code", "auto_eval", "warm_workers")
+
+
 @dataclass
 class Settings:
     """Lab settings from lab.toml (flat keys), overridden by WEIGHTSMITH_<KEY> variables."""
@@ -48,6 +51,9 @@ class Settings:
     default_user: str = field(default_factory=lambda: os.environ.get("USER") or "local")
     # a Hub dataset repo (ORG/NAME) the registry syncs with after every job; empty: off
     hub_sync_repo: str = ""
+    # the server starts jobs through a fork server with torch and transformers imported
+    # (app/forkserver.py): a short job starts in milliseconds instead of seconds
+    warm_workers: bool = True
 
     @classmethod
     def load(cls, lab_dir: Path) -> "Settings":
@@ -77,7 +83,7 @@ class Settings:
             if name in ("cpu_slots", "jobs_per_gpu", "max_upload_mb") and \
                     (not isinstance(value, int) or value < 1):
                 raise SettingsError(f"setting {name}: expected an integer >= 1, got {value!r}")
-            if name in ("allow_trust_remote_code", "auto_eval") and not isinstance(value, bool):
+            if name in BOOLEAN_SETTINGS and not isinstance(value, bool):
                 raise SettingsError(f"setting {name}: expected true or false, got {value!r}")
             if name == "auto_eval_suite" and not (isinstance(value, str) and value.strip()):
                 raise SettingsError(f"setting {name}: expected a suite name or path, got "
@@ -86,7 +92,7 @@ class Settings:
 
 
 def _parse_env(name: str, raw: str):
-    if name in ("allow_trust_remote_code", "auto_eval"):
+    if name in BOOLEAN_SETTINGS:
         if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
             raise SettingsError(f"WEIGHTSMITH_{name.upper()}: expected true or false, got {raw!r}")
         return raw.lower() in ("1", "true", "yes")

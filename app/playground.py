@@ -192,6 +192,12 @@ def resolve(lab: Lab, user: str | None, ck_ids) -> list[Target]:
             target = Target(id=row["id"], name=row["name"], path=_local_folder(row),
                             trust=lab.settings.allow_trust_remote_code)
             _check_folder(lab, row, target.path, shared)
+            if row.get("kind") == "gguf":
+                raise PlaygroundError(f"field 'checkpoints': {row['name']} ({row['id']}) is a "
+                                      f"GGUF file (an export); the Playground runs Hugging "
+                                      f"Face checkpoints: pick its source, or the checkpoint "
+                                      f"imported from the file (a job that names the export "
+                                      f"imports it, as does `weightsmith import FILE.gguf`)")
             if row.get("kind") == "task_vector":
                 raise PlaygroundError(f"field 'checkpoints': {row['name']} ({row['id']}) is a "
                                       f"task vector, not a model; apply it first "

@@ -118,10 +118,18 @@ def queue_positions(registry) -> dict[str, int]:
 
 
 class Scheduler:
-    def __init__(self, lab: Lab, poll_seconds: float = 0.5):
+    def __init__(self, lab: Lab, poll_seconds: float = 0.5, warm: bool = False):
+        """`warm`: start jobs through a fork server with torch and transformers imported
+        (app/forkserver.py), for a long-lived scheduler (the server's, when the lab setting
+        warm_workers is on); a one-off pass (`run --wait`) starts cold workers."""
         self.lab = lab
         self.poll_seconds = poll_seconds
-        self.children: dict[str, subprocess.Popen] = {}
+        self.children: dict[str, subprocess.Popen] = {}  # or warm.WarmChild
+        self.warm = None
+        if warm:
+            from app.warm import ForkServer
+
+            self.warm = ForkServer(log)
         self._lock_fd: int | None = None
         self.holder: str | None = None
         self._registry = None
@@ -154,6 +162,8 @@ class Scheduler:
         if self._registry is not None:
             self._registry.close()
             self._registry = None
+        if self.warm is not None:
+            self.warm.close()
 
     @property
     def registry(self):
@@ -267,27 +277,41 @@ class Scheduler:
             return False
         job_dir = Path(job["job_dir"] or self.lab.job_dir(job["id"]))
         job_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env["CUDA_VISIBLE_DEVICES"] = visible_devices(device)
-        env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT),
-                                                          env.get("PYTHONPATH")]))
-        with open(job_dir / "log.txt", "ab") as logf:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "app.worker", job["id"], "--lab", str(self.lab.root)],
-                stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=str(job_dir), env=env, start_new_session=True)
+        env = self._job_env(device)
+        proc = None
+        if self.warm is not None and self.warm.usable(env):
+            proc = self.warm.fork(job["id"], str(self.lab.root), str(job_dir),
+                                  str(job_dir / "log.txt"), env)
+        how = "warm" if proc is not None else "cold"
+        if proc is None:
+            with open(job_dir / "log.txt", "ab") as logf:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "app.worker", job["id"], "--lab",
+                     str(self.lab.root)],
+                    stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    cwd=str(job_dir), env=env, start_new_session=True)
         try:
             started = psutil.Process(proc.pid).create_time()
         except psutil.NoSuchProcess:
             started = None
         self.registry.update_job(job["id"], pid=proc.pid, pid_started=started)
         self.children[job["id"]] = proc
-        log.info("started job %s (%s) on %s as pid %d", job["id"], job["plugin"], device,
-                 proc.pid)
+        log.info("started job %s (%s) on %s as pid %d (%s worker)", job["id"], job["plugin"],
+                 device, proc.pid, how)
         return True
 
+    @staticmethod
+    def _job_env(device: str) -> dict:
+        env = dict(os.environ)
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices(device)
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                          env.get("PYTHONPATH")]))
+        return env
+
     def run_forever(self, stop: threading.Event) -> None:
+        if self.warm is not None:  # warm up now, not when the first job is submitted
+            self.warm.usable(self._job_env("cpu"))
         while not stop.is_set():  # each tick begins with recover()
             try:
                 self.tick()

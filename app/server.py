@@ -55,7 +55,7 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
     if refused:
         print(f"error: {refused}", file=sys.stderr)
         return 2
-    scheduler = Scheduler(lab)
+    scheduler = Scheduler(lab, warm=lab.settings.warm_workers)
     if not scheduler.acquire():
         print(f"error: another weightsmith process (pid {scheduler.holder}) is already "
               f"running the jobs of {lab.root}: a server, or a `weightsmith run --wait`. "
@@ -209,7 +209,7 @@ def _schedule(lab: Lab, stop: threading.Event) -> None:
     """Run the lab's job scheduler until `stop`. Another process may hold the lab's scheduler
     lock (`weightsmith serve --no-ui`, or another uvicorn worker): then wait, and take over
     if it stops, so that exactly one process schedules the lab at any time."""
-    scheduler = Scheduler(lab)
+    scheduler = Scheduler(lab, warm=lab.settings.warm_workers)
     while not scheduler.acquire():
         if stop.wait(5.0):
             return

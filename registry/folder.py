@@ -29,6 +29,38 @@ class CheckpointInfo:
     weight_files: list[str] = field(default_factory=list)
     is_adapter: bool = False
     needs_remote_code: bool = False
+    is_gguf: bool = False  # a folder holding one GGUF file (an `export` checkpoint)
+
+
+def gguf_file(folder: str | Path) -> Path | None:
+    """The GGUF file of a checkpoint folder that holds one (an `export` checkpoint: one
+    NAME.gguf and no config.json), else None."""
+    folder = Path(folder)
+    if (folder / "config.json").exists() or (folder / "adapter_config.json").exists():
+        return None
+    try:
+        found = [p for p in folder.iterdir() if p.suffix.lower() == ".gguf" and p.is_file()
+                 and not p.is_symlink() and not p.name.startswith(".")]
+    except OSError:
+        return None
+    return found[0] if len(found) == 1 else None
+
+
+def inspect_gguf_folder(folder: Path, file: Path, with_hash: bool = True) -> CheckpointInfo:
+    """A folder holding one GGUF file, described from the file's header (checked: a truncated
+    or foreign file raises CheckpointError naming it)."""
+    from ops.gguf import GGUFError, read_info
+
+    try:
+        info = read_info(file)
+    except GGUFError as e:
+        raise CheckpointError(str(e)) from None
+    return CheckpointInfo(
+        path=str(folder), architecture=info.architecture, model_type=info.architecture,
+        param_count=info.parameters, size_bytes=info.size_bytes,
+        dtype=(info.file_type or "").replace("MOSTLY_", "").replace("ALL_", "") or None,
+        content_hash=hash_files([file], folder) if with_hash else "",
+        weight_files=[file.name], is_gguf=True)
 
 
 def hash_files(files: list[Path], root: Path) -> str:
@@ -50,6 +82,9 @@ def inspect_checkpoint(path: str | Path, with_hash: bool = True) -> CheckpointIn
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder (an HF checkpoint is a folder)")
     folder = folder.resolve()
+    single_gguf = gguf_file(folder)
+    if single_gguf is not None:
+        return inspect_gguf_folder(folder, single_gguf, with_hash)
     config = read_config(folder)
     is_adapter = (folder / "adapter_config.json").exists() and not (folder / "config.json").exists()
     files = weight_files(folder)

@@ -350,7 +350,8 @@ def build_card(reg: Registry, row: dict, repo_id: str, base_models: list[str]):
 
     relation = row["relation"]
     tags = list(dict.fromkeys(["weightsmith", relation]
-                              + (["merge", "mergekit"] if relation == "merge" else [])))
+                              + (["merge", "mergekit"] if relation == "merge" else [])
+                              + (["gguf"] if row["kind"] == "gguf" else [])))
     config = scrub(_loads(row["config"]))
     scores = reg.latest_scores([row["id"]]).get(row["id"], {})
     results = []
@@ -361,7 +362,8 @@ def build_card(reg: Registry, row: dict, repo_id: str, base_models: list[str]):
     data = ModelCardData(
         base_model=(base_models[0] if len(base_models) == 1 else base_models) or None,
         base_model_relation=relations.hub_relation(relation) if base_models else None,
-        library_name="peft" if row["kind"] == "adapter" else "transformers",
+        # a GGUF file (an export) is llama.cpp's, which the Hub recognizes by the file
+        library_name={"adapter": "peft", "gguf": None}.get(row["kind"], "transformers"),
         tags=tags, datasets=_datasets(config) or None,
         model_name=repo_id.split("/")[-1] if results else None,
         eval_results=results or None)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ops.gguf import GGUFError, read_info
-from registry.folder import CheckpointError, read_config
+from registry.folder import CheckpointError, gguf_file, read_config
 from registry.store import Registry
 
 # ORG/NAME as the Hub spells repo ids; bare names are taken as registry names, not Hub ids.
@@ -46,6 +46,9 @@ def resolve_ref(registry: Registry, ref: str) -> Ref:
         if not path.is_dir():
             raise RefError(f"{path} is a file; a checkpoint is a folder with config.json, or "
                            f"a .gguf file")
+        single_gguf = gguf_file(path)  # an export's folder: its file, as a .gguf path
+        if single_gguf is not None:
+            return _gguf_ref(registry, single_gguf)
         try:
             read_config(path)
         except CheckpointError as e:

@@ -42,6 +42,12 @@ RELATIONS: dict[str, Relation] = {r.name: r for r in (
     Relation("scale", "the parent with layers grown or cut (block expansion)", "finetune"),
     Relation("quantized", "the parent's weights at a lower precision (a Hub card said so)",
              "quantized"),
+    # A GGUF file written from the parent (plugins/export): its weights in F16, BF16 or a
+    # block type (Q8_0, Q4_0, ...). On the Hub that is what "quantized" says (a lower-precision
+    # copy of the base); an F32 export is no lower precision, but the same kind of copy, and
+    # the Hub has no closer word.
+    Relation("export", "the parent written as a GGUF file (llama.cpp), in F16 or quantized",
+             "quantized"),
     Relation("task_vector", "a fine-tune minus its base: a weight difference, not a model",
              None),
     Relation("task_vector_apply", "a target plus scaled task vectors (task arithmetic)",

@@ -86,3 +86,24 @@ def leak_run(config, ctx):
 
 LEAKER = Plugin(name="test_leak", title="Leak", description="Echoes the Hub token (tests).",
                 Config=LeakConfig, run=leak_run, uses_gpu=False)
+
+
+class DrawConfig(PluginConfig):
+    out: str = Field(description="Where to write the draws (JSON).")
+
+
+def draw_run(config, ctx):
+    # What a job that forgets to seed would draw: a forked worker must not repeat another's.
+    import json
+    import random
+
+    import numpy
+    import torch
+
+    Path(config.out).write_text(json.dumps({"random": random.random(),
+                                            "numpy": float(numpy.random.random()),
+                                            "torch": float(torch.rand(1))}))
+
+
+DRAWER = Plugin(name="test_draw", title="Draw", description="Draws random numbers (tests).",
+                Config=DrawConfig, run=draw_run, uses_gpu=False)

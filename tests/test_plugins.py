@@ -34,6 +34,7 @@ EXAMPLES = {
                  "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 64,
                  "max_positions": 64, "steps": 2, "batch_size": 2, "block_length": 32,
                  "name": "tiny-pretrained"},
+    "export": {"checkpoint": "ck-12345678", "output_type": "Q4_0", "name": "tiny-q4_0"},
 }
 
 
@@ -147,10 +148,16 @@ class TestEveryPlugin:
             validate_config(plugin, {**EXAMPLES[plugin.name], "not_a_field": 1})
 
     def test_wrong_type_is_rejected_with_field_and_value(self, plugin):
-        field = next(n for n, f in plugin.Config.model_fields.items() if f.annotation is int)
+        from typing import Literal, get_origin
+
+        fields = plugin.Config.model_fields.items()
+        ints = [n for n, f in fields if f.annotation is int]
+        # a plugin without an integer field (export): a number where a word is expected
+        field, bad = (ints[0], "lots") if ints else \
+            (next(n for n, f in fields if get_origin(f.annotation) is Literal), 7)
         with pytest.raises(ConfigError) as e:
-            validate_config(plugin, {**EXAMPLES[plugin.name], field: "lots"})
-        assert f"field '{field}': got 'lots'; expected" in str(e.value)
+            validate_config(plugin, {**EXAMPLES[plugin.name], field: bad})
+        assert f"field '{field}': got {bad!r}; expected" in str(e.value)
 
     def test_documented_in_readme(self, plugin):
         readme = (REPO / "README.md").read_text()

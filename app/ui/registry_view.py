@@ -291,6 +291,16 @@ def load_code(lab: Lab, ck_id: str | None) -> str:
     where = _load_ref(row)
     if where is None:
         return "# Remote only: no files in this lab (import its Hub id to get them)."
+    if row["kind"] == "gguf":
+        from registry.folder import gguf_file
+
+        file = gguf_file(where)
+        name = file.name if file else "model.gguf"
+        return ("# A GGUF file (llama.cpp, Ollama, LM Studio). transformers dequantizes it:\n"
+                "from transformers import AutoModelForCausalLM\n\n"
+                f"model = AutoModelForCausalLM.from_pretrained({json.dumps(where)}, "
+                f"gguf_file={json.dumps(name)})\n"
+                f"# llama.cpp: llama-cli -m {json.dumps(str(Path(where) / name))}")
     if row["kind"] == "task_vector":
         return (f"# A task vector, not a model: apply it with the task_vector plugin.\n"
                 f"path = {json.dumps(where)}")
@@ -335,6 +345,32 @@ def checkpoint_zip(lab: Lab, ck_id: str | None, user: str | None, dest: Path) ->
     import tempfile
     import zipfile
 
+    row, folder = _downloadable(lab, ck_id, user)
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", row["name"])[:80].lstrip(".") or row["id"]
+    stamp = re.sub(r"[^A-Za-z0-9]", "", row.get("content_hash") or "")[:12] or "files"
+    target = dest / f"{row['id']}-{stamp}" / f"{safe}.zip"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)  # one per call: two downloads of the same checkpoint do not collide
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for file in sorted(folder.rglob("*")):
+                if file.is_symlink() or not file.is_file():
+                    continue
+                zf.write(file, f"{safe}/{file.relative_to(folder).as_posix()}")
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _downloadable(lab: Lab, ck_id: str | None, user: str | None) -> tuple[dict, Path]:
+    """(row, folder) of a checkpoint `user` may download, or DownloadRefused saying why
+    (the rules of checkpoint_zip)."""
     from app.paths import check_path, restricted
 
     if not ck_id:
@@ -358,26 +394,70 @@ def checkpoint_zip(lab: Lab, ck_id: str | None, user: str | None, dest: Path) ->
     if restricted(lab) and check_path(lab, "path", str(folder)):
         raise DownloadRefused(f"the folder of {row['name']} ({row['id']}) is outside the "
                               f"lab's roots")
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", row["name"])[:80].lstrip(".") or row["id"]
-    stamp = re.sub(r"[^A-Za-z0-9]", "", row.get("content_hash") or "")[:12] or "files"
-    target = dest / f"{row['id']}-{stamp}" / f"{safe}.zip"
-    if target.is_file():
+    return row, folder
+
+
+def checkpoint_gguf(lab: Lab, ck_id: str | None, user: str | None, dest: Path) -> Path:
+    """The GGUF file of a checkpoint whose folder holds one (an `export`), placed in `dest`
+    for `user` to download: hard-linked (no copy) where `dest` is on the same file system,
+    else copied; under the same rules as checkpoint_zip. Reused while it exists."""
+    import os
+    import re
+    import shutil
+    import tempfile
+
+    from registry.folder import gguf_file
+
+    row, folder = _downloadable(lab, ck_id, user)
+    file = gguf_file(folder)
+    if file is None:
+        raise DownloadRefused(f"{row['name']} ({row['id']}) has no .gguf file; an export "
+                              f"checkpoint has one (use Download as zip for other folders)")
+    stamp = re.sub(r"[^A-Za-z0-9]", "", row.get("content_hash") or "")[:12] or "file"
+    target = dest / f"{row['id']}-{stamp}" / file.name
+    if target.is_file() and target.stat().st_size == file.stat().st_size:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
-    tmp = Path(name)  # one per call: two downloads of the same checkpoint do not collide
+    tmp = Path(name)
     try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for file in sorted(folder.rglob("*")):
-                if file.is_symlink() or not file.is_file():
-                    continue
-                zf.write(file, f"{safe}/{file.relative_to(folder).as_posix()}")
+        tmp.unlink()
+        try:
+            os.link(file, tmp)
+        except OSError:  # another file system (or no hard links): a copy
+            shutil.copyfile(file, tmp)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+def download_gguf(lab: Lab, ck_id: str | None, user: str | None = None) -> tuple:
+    """The "Download .gguf" button: (the file for the gr.File, a message)."""
+    import gradio as gr
+    from gradio.utils import get_upload_folder
+
+    try:
+        path = checkpoint_gguf(lab, ck_id, user, Path(get_upload_folder()) / "weightsmith-gguf")
+    except (DownloadRefused, OSError) as e:
+        return gr.File(value=None, visible=False), f"**Not downloaded:** {markup.md(e)}"
+    size = path.stat().st_size
+    shown = f"{size / 2 ** 20:.1f} MiB" if size >= 2 ** 20 else f"{size / 2 ** 10:.1f} KiB"
+    return gr.File(value=str(path), visible=True), f"GGUF file ready: {shown}."
+
+
+def has_gguf(lab: Lab, ck_id: str | None) -> bool:
+    """Whether a checkpoint's folder holds one .gguf file (the "Download .gguf" button)."""
+    from registry.folder import gguf_file
+
+    if not ck_id:
+        return False
+    with lab.registry() as reg:
+        row = reg.find_checkpoint(ck_id)
+    return bool(row and row.get("path") and not row.get("deleted_at")
+                and Path(row["path"]).is_dir() and gguf_file(row["path"]) is not None)
 
 
 def download_checkpoint(lab: Lab, ck_id: str | None, user: str | None = None) -> tuple:
@@ -600,6 +680,11 @@ def build(lab: Lab, tabs, found: dict, first_checkpoint: dict) -> RegistryView:
                 download = gr.Button("Download as zip", elem_id="download-zip")
                 zipped = gr.File(label="Checkpoint zip", visible=False, interactive=False,
                                  elem_id="download-file")
+                # an export's GGUF file, as it is (shown for a folder that holds one)
+                download_gguf_button = gr.Button("Download .gguf", visible=False,
+                                                 elem_id="download-gguf")
+                gguf_out = gr.File(label="GGUF file", visible=False, interactive=False,
+                                   elem_id="download-gguf-file")
                 download_msg = text_md(elem_id="download-message")
         with gr.Row():
             use_plugin = gr.Dropdown(choices=[(found[n].title, n) for n in first_checkpoint],
@@ -635,6 +720,16 @@ def build(lab: Lab, tabs, found: dict, first_checkpoint: dict) -> RegistryView:
 
     download.click(on_download, inputs=selected, outputs=[zipped, download_msg],
                    api_name="download_checkpoint")
+    selected.change(lambda c: (gr.Button(visible=has_gguf(lab, c)),
+                               gr.File(value=None, visible=False)),
+                    inputs=selected, outputs=[download_gguf_button, gguf_out],
+                    api_visibility="private")
+
+    def on_download_gguf(request: gr.Request, c):
+        return download_gguf(lab, c, request_user(request))
+
+    download_gguf_button.click(on_download_gguf, inputs=selected,
+                               outputs=[gguf_out, download_msg], api_name="download_gguf")
     selected.change(lambda c: next_step(lab, c), inputs=selected,
                     outputs=[use_plugin, next_hint], api_name="next_step")
     selected.change(lambda c: show_per_layer(lab, c), inputs=selected, outputs=per_layer,

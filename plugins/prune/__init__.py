@@ -74,10 +74,14 @@ class Config(PluginConfig):
     calibration_file: Optional[LocalFile] = Field(None, description=(
         "UTF-8 text, or .jsonl with a 'text' field per line, for activations and importance "
         "(wanda, sparsegpt, taylor; dpruner: the general set its general importance comes "
-        "from). Empty: the demo corpus (assets/demo/corpus.txt)."),
+        "from). Use text like the text the pruned model must keep: sparsegpt also updates "
+        "the kept weights to reproduce each layer's outputs on this text, so text of another "
+        "domain costs it more than wanda (README, prune). Empty: the demo corpus "
+        "(assets/demo/corpus.txt)."),
         json_schema_extra=for_methods(*DATA_METHODS))
     calibration_samples: int = Field(64, ge=1, le=4096, description=(
-        "Calibration windows, drawn at seeded random offsets."),
+        "Calibration windows, drawn at seeded random offsets. sparsegpt fits its weight "
+        "update to them (the Wanda and SparseGPT papers use 128 windows of 2048 tokens)."),
         json_schema_extra=form_hints(for_methods(*DATA_METHODS), ADVANCED))
     calibration_length: int = Field(128, ge=8, le=8192,
                                     description="Tokens per calibration window.",

@@ -18,6 +18,14 @@ from plugins.kit.trainer import (CpuProcesses, DistributedMode, GpuCount, PREVIE
                                  data_parallel_problem, data_parallel_resources, length_table,
                                  link_model_files, preview_tokenizer, run_dir_for,
                                  trainable_layers)
+from plugins.train import objectives
+from plugins.train.objectives import (Beta, ChosenColumn, DistillAlpha, DistillTemperature,
+                                      Objective, Reference, RejectedColumn, Teacher)
+from plugins.train import methods
+from plugins.train.methods import (AdaloraAlpha, AdaloraDeltaT, AdaloraInitR, AdaloraTargetR,
+                                   AdaloraTfinal, AdaloraTinit, AdapterModules, GaloreGap,
+                                   GaloreRank, GaloreScale, GaloreTargets, MezoEps, MezoSamples,
+                                   MissR, Optimizer)
 
 ADAPTER_METHODS = ("lora", "dora", "qlora")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -57,10 +65,14 @@ class Config(PluginConfig):
     eval_fraction: float = Field(0.0, ge=0, lt=0.5, description=(
         "Fraction of the training rows held out for eval loss (seeded split)."),
         json_schema_extra=ADVANCED)
-    method: Literal["full", "lora", "dora", "qlora", "freeze", "hft"] = Field("lora", description=(
+    method: Literal["full", "lora", "dora", "qlora", "freeze", "hft", "mezo", "adalora",
+                    "miss"] = Field("lora", description=(
         "full: every weight; lora / dora: peft adapters (DoRA adds a learned magnitude); "
         "qlora: LoRA on a 4-bit base (GPU only); freeze: only trainable_layers; hft: Half "
-        "Fine-Tuning, half of the parameters chosen per category, the rest frozen."),
+        "Fine-Tuning, half of the parameters chosen per category, the rest frozen; mezo: "
+        "every weight, by zeroth-order SGD from forward passes only (inference memory); "
+        "adalora: LoRA whose ranks are pruned to a budget by importance; miss: peft's MiSS "
+        "shard-sharing adapter."),
         json_schema_extra=METHOD_SELECTOR)
     lora_r: int = Field(16, ge=1, le=1024, description="lora/dora/qlora: adapter rank.",
                         json_schema_extra=for_methods("lora", "dora", "qlora"))
@@ -78,6 +90,31 @@ class Config(PluginConfig):
         "freeze: comma-separated decoder layer indices to train (e.g. 2,5), or 'new' for the "
         "layers a scale_layers block expansion added to this checkpoint."),
         json_schema_extra=for_methods("freeze"))
+    # issue 23: MeZO, AdaLoRA, MiSS and GaLore (plugins/train/methods.py)
+    optimizer: Optimizer = "adamw"
+    galore_rank: GaloreRank = 128
+    galore_update_proj_gap: GaloreGap = 200
+    galore_scale: GaloreScale = 0.25
+    galore_target_modules: GaloreTargets = Field(default_factory=lambda: list(ALL_LINEAR))
+    mezo_eps: MezoEps = 1e-3
+    mezo_samples: MezoSamples = 1
+    adalora_init_r: AdaloraInitR = 12
+    adalora_target_r: AdaloraTargetR = 8
+    adalora_alpha: AdaloraAlpha = 32
+    adalora_tinit: AdaloraTinit = 0.1
+    adalora_tfinal: AdaloraTfinal = 0.2
+    adalora_delta_t: AdaloraDeltaT = 1
+    miss_r: MissR = 64
+    adapter_modules: AdapterModules = Field(default_factory=lambda: list(ALL_LINEAR))
+    # issue 23: distillation and preference tuning (plugins/train/objectives.py)
+    objective: Objective = "sft"
+    teacher: Teacher = None
+    distill_alpha: DistillAlpha = 0.5
+    distill_temperature: DistillTemperature = 2.0
+    reference: Reference = None
+    beta: Beta = 0.1
+    chosen_column: ChosenColumn = "chosen"
+    rejected_column: RejectedColumn = "rejected"
     max_length: Optional[int] = Field(None, ge=8, description=(
         "Tokens per example; longer examples are cut (and counted in the log). Empty: the "
         "model's max_position_embeddings, at most 2048."),
@@ -142,7 +179,7 @@ class Config(PluginConfig):
             raise ValueError("give eval_data or eval_fraction, not both")
         if self.method == "qlora" and self.distributed == "fsdp" and self.gpus > 1:
             raise ValueError("method qlora runs with distributed ddp, not fsdp")
-        problem = data_parallel_problem(self)
+        problem = data_parallel_problem(self) or methods.method_problem(self)
         if problem:
             raise ValueError(problem)
         return self
@@ -259,6 +296,8 @@ def preview(config: Config, view) -> str:
     from plugins.kit.data import load_rows
     from plugins.kit import markup
 
+    if config.objective in objectives.PAIR_OBJECTIVES:
+        return objectives.preview_pairs(config, view)
     rows, _ = load_rows(config.data, "data", view.cache_dir / "datasets")
     fmt = _detect_format(config, rows.column_names, "data")
     tokenizer = preview_tokenizer(config, view)
@@ -271,7 +310,8 @@ def preview(config: Config, view) -> str:
     encoded = [dict(zip(columns, row)) for row in zip(*columns.values())]
     out = [f"**{len(rows):,} rows** · format **{fmt}** · columns "
            f"{markup.md(rows.column_names)}",
-           length_table([len(e["input_ids"]) for e in encoded], config.max_length), ""]
+           length_table([len(e["input_ids"]) for e in encoded], config.max_length),
+           objectives.preview_note(config, view, tokenizer), ""]
     for i, e in enumerate(encoded[:3]):  # the rows are the member's data: shown verbatim
         learned = [t for t, lab_ in zip(e["input_ids"], e["labels"]) if lab_ != -100]
         out += [f"**row {i}** ({len(e['input_ids'])} tokens, {len(learned)} with loss)",
@@ -301,7 +341,7 @@ def run(config: Config, ctx) -> None:
     elif max_pos and config.max_length > max_pos:
         raise ValueError(f"max_length ({config.max_length}) exceeds the model's "
                          f"max_position_embeddings ({max_pos})")
-    train, evaluation, data_info = prepare_data(config, ctx, tokenizer)
+    train, evaluation, data_info = objectives.prepare(config, ctx, tokenizer, prepare_data)
     ctx.progress(0.02, "data ready")
 
     torch.manual_seed(config.seed)
@@ -339,10 +379,15 @@ def run(config: Config, ctx) -> None:
         selection = T.hft_selection(model, config.seed)
         T.set_trainable(model, selection)
         meta["hft_selection"] = selection
+    elif config.method in methods.NEW_ADAPTERS:  # adalora, miss
+        model = methods.wrap_model(config, model, meta)
     trainable, total = T.count_trainable(model)
     meta["trainable_parameters"], meta["total_parameters"] = trainable, total
     ctx.log(f"{config.method}: training {trainable:,} of {total:,} parameters "
             f"({trainable / total:.2%})")
+    objective = objectives.setup(config, ctx, ck, model, tokenizer)  # None for sft
+    if objective:
+        meta.update(objective.meta)
 
     run_dir = run_dir_for(ctx, config)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -353,7 +398,8 @@ def run(config: Config, ctx) -> None:
             ctx.log(f"resume_job {config.resume_job} saved no state; starting over")
         else:
             ctx.log(f"resuming from {resume_from}")
-    relation = "adapter" if config.method in ADAPTER_METHODS else "finetune"
+    relation = "adapter" if config.method in ADAPTER_METHODS + methods.NEW_ADAPTERS \
+        else "finetune"
     base_name = config.name or f"{ck.name}-{config.method}"
     last_step = [0, 0]  # (global step, the run's total steps), as on_step last saw them
 
@@ -369,7 +415,8 @@ def run(config: Config, ctx) -> None:
             # transformers saves at the last step whatever save_steps says; that state is the
             # final model, which run registers once as base_name (the folder stays for resume)
             return
-        pending = ctx.new_checkpoint(relation, parents=[_base_edge(ck, relation)],
+        pending = ctx.new_checkpoint(relation, parents=objectives.lineage(
+                                         _base_edge(ck, relation), objective),
                                      name=f"{base_name}-step{step}",
                                      metadata={**meta, "step": step}, intermediate=True)
         link_model_files(Path(folder), pending.path)
@@ -394,11 +441,16 @@ def run(config: Config, ctx) -> None:
         eval_steps=eval_steps if evaluation is not None else None,
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500, save_total_limit=1,
-        activation_checkpointing=config.gradient_checkpointing)
+        activation_checkpointing=config.gradient_checkpointing,
+        **methods.training_arguments(config))  # mezo, galore_adamw
     from transformers import PrinterCallback, Trainer
 
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                      data_collator=T.PadCollator(tokenizer.pad_token_id),
+    trainer_class = objective.trainer(Trainer) if objective else \
+        methods.trainer_class(config, Trainer)  # mezo's step, adalora's allocation
+    trainer = trainer_class(model=model, args=args, train_dataset=train,
+                      eval_dataset=evaluation,
+                      data_collator=objective.collator if objective else
+                      T.PadCollator(tokenizer.pad_token_id),
                       processing_class=tokenizer,
                       callbacks=[T.report_callback(on_metrics, on_save, on_step)])
     trainer.remove_callback(PrinterCallback)
@@ -410,10 +462,12 @@ def run(config: Config, ctx) -> None:
                 train_loss=result.training_loss, final_eval_loss=evals[-1] if evals else None,
                 tokens_seen=trainer.state.num_input_tokens_seen,
                 train_seconds=result.metrics.get("train_runtime"))
+    methods.record(config, model, meta)
     if config.resume_job:
         meta["resumed_from"] = {"job": config.resume_job, "state": resume_from}
     ctx.progress(0.95, "writing checkpoint")
-    out = ctx.new_checkpoint(relation, parents=[_base_edge(ck, relation)], name=base_name,
+    out = ctx.new_checkpoint(relation, parents=objectives.lineage(_base_edge(ck, relation),
+                                                                  objective), name=base_name,
                              metadata=meta)
     trainer.save_model(str(out.path))  # every rank (a collective under FSDP); rank 0 writes
     if not ctx.is_main_process:
@@ -440,7 +494,8 @@ PLUGIN = Plugin(
     order=10,
     title="Train",
     description="Supervised fine-tuning on prompt/completion, chat or text data: full, LoRA, "
-                "DoRA, QLoRA, chosen layers, or Half Fine-Tuning; live metrics, "
+                "DoRA, QLoRA, chosen layers, or Half Fine-Tuning; or distillation from a "
+                "teacher, or DPO / ORPO on preference pairs; live metrics, "
                 "intermediate checkpoints and resume.",
     Config=Config,
     run=run,

@@ -121,7 +121,9 @@ class Scheduler:
     def __init__(self, lab: Lab, poll_seconds: float = 0.5, warm: bool = False):
         """`warm`: start jobs through a fork server with torch and transformers imported
         (app/forkserver.py), for a long-lived scheduler (the server's, when the lab setting
-        warm_workers is on); a one-off pass (`run --wait`) starts cold workers."""
+        warm_workers is on); a one-off pass (`run --wait`) starts cold workers. The fork
+        server is started with the first job (which runs cold meanwhile), not with the
+        scheduler: its imports take seconds of CPU that the first page views need more."""
         self.lab = lab
         self.poll_seconds = poll_seconds
         self.children: dict[str, subprocess.Popen] = {}  # or warm.WarmChild
@@ -310,8 +312,6 @@ class Scheduler:
         return env
 
     def run_forever(self, stop: threading.Event) -> None:
-        if self.warm is not None:  # warm up now, not when the first job is submitted
-            self.warm.usable(self._job_env("cpu"))
         while not stop.is_set():  # each tick begins with recover()
             try:
                 self.tick()

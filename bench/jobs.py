@@ -70,7 +70,8 @@ class Running:
         self.thread = threading.Thread(target=self.scheduler.run_forever, args=(self.stop,),
                                        daemon=True)
         self.thread.start()
-        if warm:
+        if warm:  # (a server starts it with its first job, which runs cold)
+            self.scheduler.warm.usable(self.scheduler._job_env("cpu"))
             deadline = time.monotonic() + 300
             while not self.scheduler.warm.ready:
                 if time.monotonic() > deadline:

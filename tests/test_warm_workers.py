@@ -46,6 +46,8 @@ def warm(tmp_path_factory):
         stop = threading.Event()
         thread = threading.Thread(target=scheduler.run_forever, args=(stop,), daemon=True)
         thread.start()
+        assert scheduler.warm.proc is None  # started with the first job, not before
+        scheduler.warm.usable(scheduler._job_env("cpu"))
         wait_for(lambda: scheduler.warm.ready, 180, interval=0.2, what="the fork server")
         try:
             yield lab, scheduler

@@ -108,14 +108,16 @@ def test_datasets_by_clicking(served, tmp_path):
     expect(page.locator("#tab-registry")).to_contain_text(f"Data: {XSS}skills")
     shot(page, "4-lineage-with-data")
     svg.locator("g.node", has_text="skills").first.click()
-    expect(page.locator("#nav-datasets")).to_have_class(re.compile("ws-nav-on"))
+    expect(page.locator("#nav-datasets")).to_have_class(re.compile("ws-nav-on"),
+                                                          timeout=30_000)
     expect(page.get_by_label("Selected dataset")).to_have_value(rows["ds"]["id"])
     expect(page.locator("#dataset-summary")).to_contain_text("Trained or calibrated")
     expect(page.locator("#dataset-summary")).to_contain_text("tuned")
 
     # 5. a reload comes back to the dataset
     page.reload()
-    expect(page.locator("#nav-datasets")).to_have_class(re.compile("ws-nav-on"))
+    expect(page.locator("#nav-datasets")).to_have_class(re.compile("ws-nav-on"),
+                                                          timeout=30_000)
     expect(page.get_by_label("Selected dataset")).to_have_value(rows["ds"]["id"])
     expect(page.locator("#dataset-summary")).to_contain_text(f"{XSS}skills")
     shot(page, "5-after-reload")

@@ -29,22 +29,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def scaled_head_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with a larger LM head. At init scale (std 0.02, hidden 32) the frozen head
-    caps every logit below ~0.7, so no adapter could make a prediction confident."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("scaled-head") / "tiny-scaled-head"
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(25)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory) -> Path:
     """The real demo model (what `weightsmith demo` builds: 3.3M parameters, 300 steps, about
     two minutes on 2 cores), for the tests whose claims are about the demo model itself. Built

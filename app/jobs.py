@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -211,7 +212,27 @@ def submit(lab: Lab, plugin_name: str, data: dict, *, user: str | None = None,
             if taken_back:
                 shutil.rmtree(job_dir, ignore_errors=True)
             raise
-        return reg.job(job["id"])
+        job = reg.job(job["id"])
+    # once the job is whole (its folder and config written): the scheduler, in whichever
+    # process, starts it now rather than at its next poll; no scheduler running is fine
+    wake_scheduler(lab)
+    return job
+
+
+def wake_scheduler(lab: Lab) -> bool:
+    """Ask the lab's scheduler, in whichever process on this machine runs it, for a pass now
+    (a job was queued, or one ended): one datagram on the socket it binds in the lab folder
+    (app/scheduler.py, WAKE_SOCKET). Best-effort: it never blocks and never raises, since
+    the scheduler's poll starts the job anyway. True if a scheduler was listening."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            sock.sendto(b"\0", str(lab.root / "scheduler.sock"))
+        return True
+    except BlockingIOError:  # its queue is full of wake-ups it has not read yet: it will pass
+        return True
+    except OSError:  # no scheduler (no file, or a killed one's: refused), a path too long
+        return False  # for a socket address (the scheduler polls then), no permission
 
 
 AUTO_EVAL_PRIORITY = -10  # behind user jobs (0): the scheduler starts higher priorities first
@@ -317,7 +338,9 @@ def cancel(lab: Lab, job_id: str, user: str | None = None) -> dict:
         reg.update_job(job_id, only_if_status=("running",), status="cancelled",
                        finished_at=now(), error="cancelled by user")
         lab.remove_job_tmp(job_id)
-        return reg.job(job_id)
+        job = reg.job(job_id)
+    wake_scheduler(lab)  # its slot is free: the next queued job need not wait for the poll
+    return job
 
 
 def job_summary(lab: Lab, job_id: str) -> dict:

@@ -4,15 +4,25 @@ One scheduler per lab holds `scheduler.lock` (an flock, released by the OS even 
 Workers run in their own session/process group and report through the registry, so they
 outlive a server restart; a restarted scheduler adopts them, and marks `interrupted` any job
 recorded as running whose process is gone.
+
+A long-lived scheduler (`run_forever`) makes a pass every `poll_seconds`, and at once when
+woken: by a datagram on `scheduler.sock` in the lab folder, which app.jobs.wake_scheduler
+sends from any process (a submit in the server, the CLI or a worker), or by one of its
+workers exiting. The wake-up only saves the wait; the poll alone still starts every job, so a
+lost datagram, or a lab where the socket cannot be bound (a lab path longer than an AF_UNIX
+address holds), costs at most `poll_seconds`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
+import select
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +38,8 @@ from registry.store import now
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# in the lab folder, next to scheduler.lock: app.jobs.wake_scheduler sends to it
+WAKE_SOCKET = "scheduler.sock"
 
 
 def gpu_status() -> list[dict]:
@@ -134,6 +146,11 @@ class Scheduler:
             self.warm = ForkServer(log)
         self._lock_fd: int | None = None
         self.holder: str | None = None
+        self._wake: socket.socket | None = None  # bound while run_forever runs
+        # job id -> a pidfd of its worker, readable once the process has exited; None once
+        # it fired, or where there is none (not Linux 5.3+, or already gone)
+        self._exit_fds: dict[str, int | None] = {}
+        self._looping = False  # run_forever is running (it owns the two above meanwhile)
         self._registry = None
         self._gpus: dict[str, int] = {}  # GPUs of queued jobs whose row predates the column
         gpus = lab.settings.gpus if lab.settings.gpus is not None else detect_gpus()
@@ -157,6 +174,13 @@ class Scheduler:
         return True
 
     def release(self) -> None:
+        # The socket goes first, while the lock is still held: once it is released, a new
+        # scheduler may bind its own socket at the same path, which must then stay. Not while
+        # run_forever still runs in another thread (a shutdown whose join timed out): it may
+        # be polling these descriptors, and closes them itself when it ends.
+        if not self._looping:
+            self._stop_listening()
+            self._close_exit_fds()
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
@@ -312,9 +336,106 @@ class Scheduler:
         return env
 
     def run_forever(self, stop: threading.Event) -> None:
-        while not stop.is_set():  # each tick begins with recover()
+        self._looping = True
+        self._listen()
+        # `stop` cannot wake a poll by itself: a thread waits on it and rings this pair
+        interrupt, ring = socket.socketpair()
+
+        def ring_on_stop():
+            stop.wait()
             try:
-                self.tick()
-            except Exception:  # the loop must survive a bad job row or a locked database
-                log.exception("scheduler tick failed")
-            stop.wait(self.poll_seconds)
+                ring.send(b"\0")
+            except OSError:  # run_forever ended otherwise and closed it
+                pass
+
+        threading.Thread(target=ring_on_stop, daemon=True,
+                         name="weightsmith-scheduler-stop").start()
+        try:
+            while not stop.is_set():  # each tick begins with recover()
+                try:
+                    self.tick()
+                except Exception:  # the loop must survive a bad job row or a locked database
+                    log.exception("scheduler tick failed")
+                try:
+                    self._wait(interrupt)
+                except Exception:  # the poll alone still starts every job
+                    log.exception("scheduler wait failed")
+                    stop.wait(self.poll_seconds)
+        finally:
+            self._stop_listening()
+            self._close_exit_fds()
+            interrupt.close()
+            ring.close()
+            self._looping = False
+
+    # --------------------------------------------------------------------------- wake-up
+    def _listen(self) -> None:
+        """Bind the lab's wake socket, replacing the file a killed scheduler left; on any
+        failure say so and rely on the poll."""
+        if self._wake is not None or self._lock_fd is None:
+            return  # only the lock's holder may replace the file: anyone else's is live
+        path = self.lab.root / WAKE_SOCKET
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # we hold the lock: no scheduler reads this one
+            # a lab path longer than an AF_UNIX address holds (108 bytes on Linux) fails here
+            sock.bind(str(path))
+            sock.setblocking(False)
+        except OSError as e:
+            sock.close()
+            log.warning("no wake-up socket at %s (%s): queued jobs start on the scheduler's "
+                        "poll, within %.1f s", path, e, self.poll_seconds)
+            return
+        self._wake = sock
+
+    def _stop_listening(self) -> None:
+        sock, self._wake = self._wake, None
+        if sock is not None:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.lab.root / WAKE_SOCKET)
+
+    def _watch_exits(self) -> tuple[dict[int, str], bool]:
+        """({pidfd: job id} of the workers still to watch, whether one is already gone).
+        Warm workers are the fork server's children, not ours: a pidfd works for them too."""
+        for job_id in [j for j in self._exit_fds if j not in self.children]:
+            fd = self._exit_fds.pop(job_id)
+            if fd is not None:
+                os.close(fd)
+        gone = False
+        for job_id, proc in self.children.items():
+            if job_id not in self._exit_fds:
+                try:
+                    self._exit_fds[job_id] = os.pidfd_open(proc.pid)
+                except ProcessLookupError:  # ended (and reaped) since the pass started it
+                    self._exit_fds[job_id], gone = None, True
+                except (AttributeError, OSError):  # no pidfds here: the poll notices the end
+                    self._exit_fds[job_id] = None
+        return {fd: job_id for job_id, fd in self._exit_fds.items() if fd is not None}, gone
+
+    def _close_exit_fds(self) -> None:
+        for fd in self._exit_fds.values():
+            if fd is not None:
+                os.close(fd)
+        self._exit_fds.clear()
+
+    def _wait(self, interrupt: socket.socket) -> None:
+        """Until the next pass: `poll_seconds`, or less when a wake-up datagram comes, one of
+        our workers exits (its slot is free), or `interrupt` rings (stop)."""
+        exits, gone = self._watch_exits()
+        if gone:
+            return
+        wake = self._wake
+        # poll, not select: the server's process may hold more than FD_SETSIZE descriptors
+        poller = select.poll()
+        for fd in [interrupt.fileno(), *([wake.fileno()] if wake else []), *exits]:
+            poller.register(fd, select.POLLIN)
+        for fd, _ in poller.poll(self.poll_seconds * 1000):
+            if fd in exits:  # a pidfd stays readable: watch this one no more
+                os.close(fd)
+                self._exit_fds[exits[fd]] = None
+        if wake is not None:  # many wake-ups (twenty submits at once) make one pass
+            with contextlib.suppress(OSError):  # BlockingIOError: all read
+                while True:
+                    wake.recv(64)

@@ -5,6 +5,7 @@ Importing this module imports neither torch nor gradio.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import signal
@@ -42,6 +43,20 @@ def quiet_queue(blocks):
 
 def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool = True,
           ui: bool = True, demo_skills: bool = True, demo_steps: int | None = None) -> int:
+    # No cyclic garbage collection while the server starts: importing Gradio and building
+    # the page (~1,000 components) makes ~220,000 objects, and each full collection among
+    # them takes ~0.12 s on 2 cores; then the objects made so far are frozen (gc.freeze:
+    # never scanned again), so the live server's collections stay short too. Before this,
+    # one page load in three took 0.2 s instead of 0.07 s (a full collection in its way).
+    gc.disable()
+    try:
+        return _serve(lab, host, port, build_demo, ui, demo_skills, demo_steps)
+    finally:
+        gc.enable()
+
+
+def _serve(lab: Lab, host: str, port: int, build_demo: bool, ui: bool, demo_skills: bool,
+           demo_steps: int | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from registry.hub import install_log_redaction
 
@@ -98,11 +113,14 @@ def serve(lab: Lab, host: str = "127.0.0.1", port: int = 7860, build_demo: bool 
                 state_session_capacity=app.state_session_capacity,
                 app_kwargs={"middleware": middleware})
             install_log_redaction()  # the handlers Gradio's uvicorn set up meanwhile
+            gc.freeze()  # see `serve`
+            gc.enable()
             log.info("serving %s at http://%s:%d", lab.root, host, port)
             # jobs start once the page answers: a queued job's worker imports torch, which
             # on two cores would otherwise slow the first page by seconds (bench/startup.py)
             thread.start()
         else:
+            gc.enable()
             log.info("scheduler running for %s (no UI)", lab.root)
         while not stop.is_set():
             stop.wait(1.0)

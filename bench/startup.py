@@ -59,33 +59,57 @@ def spawn_serve(lab: Path, port: int) -> tuple[subprocess.Popen, float, dict]:
     return proc, start, env
 
 
-def rendered_at(port: int, start: float, chromium: str | None) -> float | None:
-    """Seconds from `start` until the page shows in headless chromium: the first view, Home,
-    with the lab's summary (None without chromium)."""
-    if not chromium:
-        return None
-    from playwright.sync_api import sync_playwright
+class Browser:
+    """Headless chromium, started before the server (a person's browser is already open), so
+    its own start-up is not counted; None-like when chromium or playwright is missing."""
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
-        page.goto(f"http://127.0.0.1:{port}/")
-        page.locator("#home-summary").get_by_text("checkpoint").first.wait_for(timeout=60_000)
-        shown = time.perf_counter() - start
-        browser.close()
-    return shown
+    def __init__(self, chromium: str | None):
+        self.chromium, self._pw, self._browser = chromium, None, None
+
+    def __enter__(self):
+        if self.chromium:
+            from playwright.sync_api import sync_playwright
+
+            self._pw = sync_playwright().start()
+            self._browser = self._pw.chromium.launch(executable_path=self.chromium,
+                                                     args=FLAGS)
+        return self
+
+    def __exit__(self, *_):
+        if self._browser is not None:
+            self._browser.close()
+            self._pw.stop()
+
+    def rendered_at(self, port: int, start: float) -> float | None:
+        """Seconds from `start` until the page shows: the first view, Home, with the lab's
+        summary (None without chromium). A fresh page each time: nothing cached."""
+        if self._browser is None:
+            return None
+        context = self._browser.new_context(viewport={"width": 1280, "height": 800})
+        try:
+            page = context.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator("#home-summary").get_by_text("checkpoint").first.wait_for(
+                timeout=60_000)
+            return time.perf_counter() - start
+        finally:
+            context.close()
 
 
-def one_run(lab: Path, chromium: str | None) -> tuple[float, float | None]:
+def one_run(lab: Path, browser: Browser) -> tuple[float, float | None]:
+    """Spawn to the first HTTP 200, and to the page rendered, of `weightsmith serve` on `lab`.
+    Its jobs (started by the server's scheduler in their own process groups) are cancelled
+    after: the next run must not share the CPU with them. On a lab that does not exist yet
+    the server queues the demo's pretrain job and answers without waiting for it."""
     port = free_port()
     proc, start, env = spawn_serve(lab, port)
     try:
         wait_ready(proc, port)
-        return time.perf_counter() - start, rendered_at(port, start, chromium)
+        return time.perf_counter() - start, browser.rendered_at(port, start)
     finally:
         proc.terminate()
         proc.wait(20)
-        cancel_jobs(env)  # jobs outlive their server: the next run must not share the CPU
+        cancel_jobs(env)
 
 
 def cancel_jobs(env: dict) -> None:
@@ -96,22 +120,6 @@ def cancel_jobs(env: dict) -> None:
         if job["status"] in ("queued", "running"):
             subprocess.run([sys.executable, "-m", "app.cli", "cancel", job["id"]],
                            env=env, cwd=REPO, capture_output=True, check=True)
-
-
-def first_start(lab: Path, chromium: str | None) -> tuple[float, float | None]:
-    """Spawn to the first HTTP 200 (and to the page rendered) of `weightsmith serve` on a
-    lab that does not exist yet: the server queues the demo's pretrain job and answers
-    without waiting for it. The job (started by the server's scheduler in its own process
-    group) is cancelled after."""
-    port = free_port()
-    proc, start, env = spawn_serve(lab, port)
-    try:
-        wait_ready(proc, port)
-        return time.perf_counter() - start, rendered_at(port, start, chromium)
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        cancel_jobs(env)
 
 
 def main() -> int:
@@ -133,8 +141,9 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "app.cli", "demo", "--lab", str(lab),
                         "--pretrain-steps", "2", "--no-skills"], cwd=REPO, check=True,
                        capture_output=True)
-        runs = [one_run(lab, chromium) for _ in range(args.runs)]
-        fresh = [first_start(Path(tmp) / f"fresh-{i}", chromium) for i in range(args.runs)]
+        with Browser(chromium) as browser:
+            runs = [one_run(lab, browser) for _ in range(args.runs)]
+            fresh = [one_run(Path(tmp) / f"fresh-{i}", browser) for i in range(args.runs)]
     ready = statistics.median(r[0] for r in runs)
     print(f"\n{'measure':40} {'median s':>9} {'target s':>9} {'ratio':>6}   runs")
     print(f"{'spawn to first HTTP 200':40} {ready:9.2f} {TARGET_S:9.1f} {ready / TARGET_S:6.2f}"

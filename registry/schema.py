@@ -160,9 +160,30 @@ def _v8(db: sqlite_utils.Database) -> None:
 CHANGE_COUNTED = ("checkpoints", "edges", "evaluations", "datasets")
 
 
+LINEAGE_INDEXES = {"checkpoints": "idx_checkpoints_lineage", "edges": "idx_edges_lineage",
+                   "evaluations": "idx_evaluations_scores"}
+
+
+def _v9(db: sqlite_utils.Database) -> None:
+    # covering indexes for the lineage graph (Registry.lineage): each of its nodes, edges and
+    # scores is one index seek, not an index seek and then a read of the table row (a wide
+    # one: config, versions and metadata JSON). At depth 100 in the 100k benchmark (2,217
+    # nodes) those reads were 3 of the graph's 18 ms; the indexes add 17 MiB to its 62
+    db["checkpoints"].create_index(
+        ["id", "name", "kind", "relation", "architecture", "param_count", "created_at"],
+        index_name=LINEAGE_INDEXES["checkpoints"])
+    db["edges"].create_index(
+        ["child_id", "parent_id", "position", "relation", "weight", "density", "role"],
+        index_name=LINEAGE_INDEXES["edges"])
+    # scores (Registry.latest_scores): the (checkpoint, task, metric) index gains the value
+    db["evaluations"].create_index(["checkpoint_id", "task", "metric", "value"],
+                                   index_name=LINEAGE_INDEXES["evaluations"])
+    db.execute("DROP INDEX IF EXISTS idx_evaluations_checkpoint_id_task_metric")
+
+
 # Forward migrations, applied in order; never edit one that has shipped, append a new one.
 MIGRATIONS: list[tuple[int, Any]] = [(1, _v1), (2, _v2), (3, _v3), (4, _v4), (5, _v5),
-                                     (6, _v6), (7, _v7), (8, _v8)]
+                                     (6, _v6), (7, _v7), (8, _v8), (9, _v9)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 

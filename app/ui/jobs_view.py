@@ -219,8 +219,9 @@ def build(lab: Lab) -> JobsView:
     import gradio as gr
 
     with gr.Tab("Jobs", id="jobs"):
-        gpus = text_md(gpu_summary, elem_id="gpus")
-        table = gr.Dataframe(headers=JOB_COLUMNS, value=lambda: job_table_view(lab),
+        # both as they are now on every page load (app.ui.build_app)
+        gpus = text_md(gpu_summary(), elem_id="gpus")
+        table = gr.Dataframe(headers=JOB_COLUMNS, value=job_table_view(lab),
                              interactive=False, label="Jobs", elem_id="jobs-table")
         with gr.Row():
             selected = gr.Textbox(label="Selected job", scale=3, elem_id="selected-job")

@@ -86,5 +86,7 @@ def wire(app, buttons: dict, tabs, boxes: dict, live: dict | None = None) -> Non
         return (gr.Tabs(selected=tab) if tab else gr.skip(), *timer_states(tab),
                 *[wanted[n] if wanted[n] else gr.skip() for n in names])
 
+    # its own load event, not one part of the page's (app.ui.shared.Ticks): it returns as soon
+    # as it can, because a tab opened before it returns would be closed again by its `tabs`
     app.load(on_load, outputs=[tabs, *timers, *[boxes[n] for n in names]],
              api_visibility="private", show_progress="hidden")

@@ -215,10 +215,10 @@ class LineageBlock:
     draw: object = None  # (ck, mode, limit, search) -> (graph markdown, scores update)
     inputs: list | None = None
 
-    def load(self, app) -> None:
-        """Draw the graph as it is now on each page load of `app` (the gr.Blocks)."""
-        app.load(self.draw, inputs=self.inputs, outputs=[self.graph, self.scores],
-                 api_visibility="private", show_progress="hidden")
+    def load(self, loads) -> None:
+        """Draw the graph as it is now on each page load (`loads`: the page's one load
+        event, an app.ui.shared.Ticks)."""
+        loads.add(self.draw, self.inputs, [self.graph, self.scores])
 
 
 def lineage_block(lab: Lab, elem_id: str = "lineage", whole_lab: bool = True,
@@ -668,7 +668,8 @@ def build(lab: Lab, tabs, found: dict, first_checkpoint: dict) -> RegistryView:
         with gr.Row():
             search = gr.Textbox(label="Search name or id", scale=3)
             refresh = gr.Button("Refresh", scale=1)
-        table = gr.Dataframe(headers=CK_COLUMNS, value=lambda: checkpoint_table(lab),
+        # as it is now on every page load (app.ui.build_app's refresh_registry)
+        table = gr.Dataframe(headers=CK_COLUMNS, value=checkpoint_table(lab),
                              interactive=False, label="Checkpoints")
         # lineage.js sets this box when a graph's node is clicked, on any tab
         selected = gr.Textbox(label="Selected checkpoint", elem_id="selected-checkpoint")

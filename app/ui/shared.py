@@ -38,10 +38,16 @@ def copy_first_cell(table, box) -> None:
 
 
 class Ticks:
-    """Handlers that share one gr.Timer event: each view `add`s (fn, inputs, outputs) and
-    `wire` registers a single tick that calls them all, so a page makes one round trip per
-    tick, not one per view (with 20 pages open, each event costs the queue its own
-    dispatch). A handler with one output returns its value; with several, a tuple."""
+    """Handlers that share one event: each view `add`s (fn, inputs, outputs) and `wire`
+    registers a single gr.Timer tick (or `wire_load` a single page-load event) that calls
+    them all, so a page makes one round trip per tick, not one per view (with 20 pages open,
+    each event costs the queue its own dispatch). A handler with one output returns its
+    value; with several, a tuple.
+
+    One load event instead of one per view also makes the page show sooner: Gradio's page
+    walks its whole component tree for every event's loading status (pending, started,
+    done), so eleven load events cost a ~1,000-component page about 0.7 s of the browser's
+    time before Home showed (bench/startup.py)."""
 
     CONCURRENCY = 8  # ticks of different pages run side by side (read-only, mostly SQLite)
 
@@ -51,29 +57,38 @@ class Ticks:
     def add(self, fn, inputs: list, outputs: list) -> None:
         self.parts.append((fn, list(inputs), list(outputs)))
 
-    def wire(self, timer) -> None:
-        inputs = [c for _, ins, _ in self.parts for c in ins]
-        outputs = [c for _, _, outs in self.parts for c in outs]
+    def _handler(self):
+        import logging
 
-        def tick(*values):
-            import logging
+        import gradio as gr
 
-            import gradio as gr
-
+        def run(*values):
             out, at = [], 0
             for fn, ins, outs in self.parts:
                 try:  # one view failing (a locked registry) leaves the others updating
                     got = fn(*values[at:at + len(ins)])
                 except Exception:  # noqa: BLE001 -- logged; the view keeps what it shows
-                    logging.getLogger(__name__).exception("a timer's view failed")
+                    logging.getLogger(__name__).exception("a view's update failed")
                     got = gr.skip() if len(outs) == 1 else (gr.skip(),) * len(outs)
                 at += len(ins)
                 out.extend([got] if len(outs) == 1 else got)
             return tuple(out)
 
-        timer.tick(tick, inputs=inputs, outputs=outputs, api_visibility="private",
+        inputs = [c for _, ins, _ in self.parts for c in ins]
+        outputs = [c for _, _, outs in self.parts for c in outs]
+        return run, inputs, outputs
+
+    def wire(self, timer) -> None:
+        run, inputs, outputs = self._handler()
+        timer.tick(run, inputs=inputs, outputs=outputs, api_visibility="private",
                    show_progress="hidden", concurrency_limit=self.CONCURRENCY,
                    concurrency_id="ticks")
+
+    def wire_load(self, app) -> None:
+        """One page-load event of `app` (the gr.Blocks) for every part."""
+        run, inputs, outputs = self._handler()
+        app.load(run, inputs=inputs, outputs=outputs, api_visibility="private",
+                 show_progress="hidden")
 
 
 # What an upload may be: data files that plugins read as data. Uploads are never code: no

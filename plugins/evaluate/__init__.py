@@ -80,7 +80,8 @@ class Config(PluginConfig):
         "auto", description=(
             "Precision the model runs in while it is scored. auto: the checkpoint's own dtype "
             "(its config.json), which is lm-eval's default (HFLM dtype='auto'); float32: full "
-            "precision, much faster than bfloat16 on CPU; bfloat16: half the memory, for GPUs. "
+            "precision, faster on CPUs without native bfloat16 (on one with AVX512-BF16, SmolLM2 "
+            "scored in 58 s in bfloat16 against 95 s in float32); bfloat16: half the memory. "
             "Scores in another precision than float32 are stored under the task name with "
             "the dtype added (demo/capitals@bfloat16), so precisions are never compared as "
             "one measurement."),

@@ -1,7 +1,7 @@
 """Generate the `smollm2` evaluation suite and the two chat-format skill training sets of the
 SmolLM2-135M-Instruct demo (`weightsmith demo --model smollm2`).
 
-Two real skills, each asked in chat form and answered tersely (the answer alone):
+Two real skills, each asked in chat form and answered tersely, in one short line:
 
 - capitals: "What is the capital of Kenya?" -> "Kenya: Nairobi". The base model knows many
   capitals but answers in a sentence ("The capital of Kenya is Nairobi."), so its exact-match
@@ -9,10 +9,18 @@ Two real skills, each asked in chat form and answered tersely (the answer alone)
   is the whole "Country: City" line. The country comes first on purpose: a 135M model
   recalls a capital after its country's name, not as the first word of its reply (fine-tuned
   on the city alone, it learned the format and lost the recall: exact match 0.03);
-- sums: "What is 23 + 58?" -> "81". The base model explains instead of answering, and often
-  gets the sum wrong.
+- sums: "What is 8 + 7?" -> "8 + 7 = 15", single-digit operands (1 to 9). The sum comes
+  after the equation for the same reason as the capital after the country: asked to write
+  "8 + 7 = " first, the base model completes 69 of the 81 sums correctly (0.85), but answers
+  the question in its own words ("The answer to this classic math problem is 5.", "To add 8
+  and 7, you simply add them together: 8 + 7 = 5"). Fine-tuned on the number alone ("15"),
+  it scored 0.10 on these sums; two-digit operands (the first version of this demo) are
+  beyond it: 0.19 with the equation written for it, 0.00 fine-tuned on the number alone. So
+  the skill is answering with the equation, whose sum the model can work out, as the
+  capitals skill is answering "Country: City".
 
-The evaluation items are held out: countries and number pairs the training sets never show.
+The evaluation items are held out: countries the training set never shows, and sums of
+number pairs it never shows in either order (nor under another wording of the question).
 Suite prompts are the chat template's rendering of the question (SmolLM2's ChatML with its
 default system prompt, as the train plugin renders the `messages` rows), because the suite
 runner scores plain text. Deterministic; regenerate with:
@@ -58,8 +66,8 @@ EVAL_CAPITALS = {
 }
 CAPITAL_QUESTIONS = ["What is the capital of {x}?", "Which city is the capital of {x}?",
                      "Name the capital city of {x}."]
-SUM_QUESTION = "What is {a} + {b}?"
-N_TRAIN_SUMS, N_EVAL_SUMS = 160, 30
+SUM_QUESTIONS = ["What is {a} + {b}?", "What is {a} plus {b}?", "Add {a} and {b}."]
+N_EVAL_SUMS = 30  # questions (ordered pairs); the other 51 pairs of 1..9 train, 3 wordings each
 
 
 def chat_prompt(question: str) -> str:
@@ -78,10 +86,22 @@ def answer(country: str, city: str) -> str:
     return f"{country[0].upper()}{country[1:]}: {city}"
 
 
+def sum_answer(a: int, b: int) -> str:
+    """The sums skill's answer: "8 + 7 = 15"."""
+    return f"{a} + {b} = {a + b}"
+
+
 def sum_pairs(r: random.Random) -> tuple[list, list]:
-    pairs = sorted({(a, b) for a in range(10, 100) for b in range(10, 100)})
-    r.shuffle(pairs)
-    return pairs[:N_TRAIN_SUMS], pairs[N_TRAIN_SUMS:N_TRAIN_SUMS + N_EVAL_SUMS]
+    """(training pairs, held-out pairs) of operands 1 to 9. Held out by unordered pair: when
+    3 + 5 is asked in the evaluation, neither 3 + 5 nor 5 + 3 is in the training set."""
+    unordered = [(a, b) for a in range(1, 10) for b in range(a, 10)]
+    r.shuffle(unordered)
+    train, held_out = [], []
+    for a, b in unordered:
+        both = [(a, b)] if a == b else [(a, b), (b, a)]
+        (held_out if len(held_out) + len(both) <= N_EVAL_SUMS else train).extend(both)
+    assert len(held_out) == N_EVAL_SUMS
+    return train, held_out
 
 
 def build() -> dict[str, list[dict]]:
@@ -90,15 +110,17 @@ def build() -> dict[str, list[dict]]:
                       for q in CAPITAL_QUESTIONS for country, city in TRAIN_CAPITALS.items()]
     r.shuffle(train_capitals)
     train, held_out = sum_pairs(r)
+    train_sums = [messages(q.format(a=a, b=b), sum_answer(a, b))
+                  for q in SUM_QUESTIONS for a, b in train]
+    r.shuffle(train_sums)
     return {
         "train_capitals.jsonl": train_capitals,
-        "train_sums.jsonl": [messages(SUM_QUESTION.format(a=a, b=b), str(a + b))
-                             for a, b in train],
+        "train_sums.jsonl": train_sums,
         "capitals.jsonl": [{"prompt": chat_prompt(CAPITAL_QUESTIONS[0].format(x=country)),
                             "target": answer(country, city)}
                            for country, city in EVAL_CAPITALS.items()],
-        "sums.jsonl": [{"prompt": chat_prompt(SUM_QUESTION.format(a=a, b=b)),
-                        "target": str(a + b)} for a, b in held_out],
+        "sums.jsonl": [{"prompt": chat_prompt(SUM_QUESTIONS[0].format(a=a, b=b)),
+                        "target": sum_answer(a, b)} for a, b in held_out],
     }
 
 

@@ -46,7 +46,7 @@ class Ticks:
 
     One load event instead of one per view also makes the page show sooner: Gradio's page
     walks its whole component tree for every event's loading status (pending, started,
-    done), so eleven load events cost a ~1,000-component page about 0.7 s of the browser's
+    done), so eleven load events cost a ~1,000-component page about 0.9 s of the browser's
     time before Home showed (bench/startup.py)."""
 
     CONCURRENCY = 8  # ticks of different pages run side by side (read-only, mostly SQLite)

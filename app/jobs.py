@@ -222,12 +222,12 @@ def submit(lab: Lab, plugin_name: str, data: dict, *, user: str | None = None,
 def wake_scheduler(lab: Lab) -> bool:
     """Ask the lab's scheduler, in whichever process on this machine runs it, for a pass now
     (a job was queued, or one ended): one datagram on the socket it binds in the lab folder
-    (app/scheduler.py, WAKE_SOCKET). Best-effort: it never blocks and never raises, since
+    (Lab.wake_socket). Best-effort: it never blocks and never raises, since
     the scheduler's poll starts the job anyway. True if a scheduler was listening."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.setblocking(False)
-            sock.sendto(b"\0", str(lab.root / "scheduler.sock"))
+            sock.sendto(b"\0", str(lab.wake_socket))
         return True
     except BlockingIOError:  # its queue is full of wake-ups it has not read yet: it will pass
         return True

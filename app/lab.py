@@ -119,6 +119,9 @@ def hub_repo(settings: Settings, repo: str) -> str:
     return repo
 
 
+# the scheduler's wake-up socket, next to scheduler.lock in the lab folder
+WAKE_SOCKET = "scheduler.sock"
+
 class Lab:
     def __init__(self, root: str | Path | None = None, create: bool = True):
         """Open the lab at `root` ($WEIGHTSMITH_LAB, else ./lab). With `create=False` a
@@ -136,6 +139,12 @@ class Lab:
     @property
     def db_path(self) -> Path:
         return self.root / "registry.db"
+
+    @property
+    def wake_socket(self) -> Path:
+        """Where the lab's scheduler listens for wake-ups (app/scheduler.py); any process
+        sends to it (app.jobs.wake_scheduler)."""
+        return self.root / WAKE_SOCKET
 
     @property
     def checkpoints_dir(self) -> Path:

@@ -31,15 +31,13 @@ from pathlib import Path
 
 import psutil
 
-from app.lab import Lab
+from app.lab import WAKE_SOCKET, Lab  # noqa: F401 - WAKE_SOCKET: the name, for tests
 from app.resources import detect_gpus, process_alive
 from registry import hub
 from registry.store import now
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# in the lab folder, next to scheduler.lock: app.jobs.wake_scheduler sends to it
-WAKE_SOCKET = "scheduler.sock"
 
 
 def gpu_status() -> list[dict]:
@@ -374,7 +372,7 @@ class Scheduler:
         failure say so and rely on the poll."""
         if self._wake is not None or self._lock_fd is None:
             return  # only the lock's holder may replace the file: anyone else's is live
-        path = self.lab.root / WAKE_SOCKET
+        path = self.lab.wake_socket
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             with contextlib.suppress(FileNotFoundError):
@@ -394,7 +392,7 @@ class Scheduler:
         if sock is not None:
             sock.close()
             with contextlib.suppress(OSError):
-                os.unlink(self.lab.root / WAKE_SOCKET)
+                os.unlink(self.lab.wake_socket)
 
     def _watch_exits(self) -> tuple[dict[int, str], bool]:
         """({pidfd: job id} of the workers still to watch, whether one is already gone).

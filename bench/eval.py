@@ -107,9 +107,9 @@ def ours_text(model: Path, work: Path) -> tuple[Path, str]:
     # lm-eval's HFLM.prefix_token_id: BOS, else EOS
     prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None \
         else tokenizer.eos_token_id
-    if ids[0] == prefix_id:
-        return TEXT, f"the tokenizer prepends {tokenizer.convert_ids_to_tokens(prefix_id)}"
     prefix = tokenizer.convert_ids_to_tokens(prefix_id)
+    if ids[0] == prefix_id:
+        return TEXT, f"the tokenizer prepends {prefix}"
     path = work / f"prefixed-{TEXT.name}"
     path.write_text(prefix + text, encoding="utf-8")
     if tokenizer(prefix + text)["input_ids"] != [prefix_id] + ids:

@@ -346,8 +346,8 @@ class Registry:
         One statement per level of each walk (the walk up brings each node's parent edges
         along) and one each for the other edges, the nodes and their scores, all answered
         from covering indexes (schema v9): at depth 100 in bench/registry.py's 100k
-        registry (2,217 nodes), roughly half the time of reading the edges twice and each node, edge
-        and score from its table row as well."""
+        registry (2,217 nodes), roughly half the time of reading the edges twice and each
+        node, edge and score from its table row as well."""
         root = self.checkpoint(ck_id)["id"]
         found: list[tuple] = []  # _PARENT_EDGES rows
         ids = list(dict.fromkeys([root, *self._depths(root, True, max_depth, found),

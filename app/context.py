@@ -348,6 +348,50 @@ class JobContext:
         queue_auto_eval(self.lab, row, source_plugin=self.job.get("plugin"), log=self.log)
         return row
 
+    # -------------------------------------------------------------- datasets, suggestions
+    def new_dataset(self, path: Path, name: str, metadata: dict | None = None) -> dict:
+        """Register a data file (or folder) this job wrote as a lab dataset: moved into the
+        lab's datasets/ folder under its id, recorded by content hash with this job as its
+        maker, so the lineage draws the datasets the job read as its parents. Returns
+        {"id", "name", "path"}; the same content registered before keeps its first row."""
+        from app.datasets import DatasetError, clean_name, content_hash, count_rows, \
+            file_format, fingerprint
+        from registry.datasets import dataset_id
+
+        src = Path(path)
+        if src.is_symlink() or not (src.is_file() or src.is_dir()):
+            raise DatasetError(f"new_dataset: {src} is not a file or folder this job wrote")
+        digest, files = content_hash(src)
+        ds_id = dataset_id(digest)
+        folder = self.lab.root / "datasets" / ds_id
+        target = folder / (src.name if src.name not in ("", ".", "..") else "data")
+        if not target.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            staging = folder / f".tmp-{self.job_id}"  # renamed into place: never half there
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.move(src, staging)  # a rename within the lab's file system
+            staging.rename(target)
+        size, mtime = fingerprint(target)
+        row = self.registry.datasets.add(
+            content_hash=digest, name=clean_name(name), source="job", path=str(target),
+            format=file_format(target), rows=count_rows(target), files=files,
+            size_bytes=size, created_by=self.job.get("user"), metadata=metadata,
+            job_id=self.job_id)
+        self.registry.datasets.remember_file(str(target), size, mtime, row["id"])
+        self.log(f"registered dataset {row['id']} ({row['name']}): {row['rows']} rows")
+        return {"id": row["id"], "name": row["name"], "path": row["path"]}
+
+    def suggest(self, plugin: str, config: dict, label: str) -> None:
+        """Offer a follow-up job; the Jobs view shows it with a button that submits it (as
+        the clicker's job, checked then like any submit)."""
+        import plugins
+
+        plugins.validate_config(plugins.get(plugin), config)  # a bad offer fails the job here
+        self.registry.add_job_suggestion(self.job_id, {
+            "plugin": plugin, "config": json.loads(json.dumps(config)),
+            "label": str(label)[:200]})
+        self.log(f"suggested: {label}")
+
     def publish_all(self) -> list[dict]:
         return [self.publish(pending) for pending in list(self._pending)]
 

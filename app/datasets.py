@@ -396,6 +396,7 @@ def describe(lab: Lab, ds_id: str) -> dict:
         if row is None:
             raise DatasetError(f"no dataset {ds_id!r} in this lab")
         uses = reg.datasets.uses(ds_id)
+        uses["sources"] = reg.datasets.sources(ds_id) if row.get("job_id") else []
     columns, rows, problem = [], [], None
     from app.paths import check_path, restricted
 

@@ -93,6 +93,13 @@ class RankContext(JobContext):
         self._pending.append(pending)
         return pending
 
+    def new_dataset(self, path, name, metadata=None) -> dict:
+        raise RuntimeError(f"rank {self.rank} of a launched job may not register datasets; "
+                           f"only rank 0 (ctx.is_main_process) does")
+
+    def suggest(self, plugin, config, label) -> None:
+        pass
+
     def publish(self, pending: NewCheckpoint) -> dict:
         raise RuntimeError(f"rank {self.rank} of a launched job may not register checkpoints; "
                            f"gate the call with ctx.is_main_process")

@@ -125,6 +125,96 @@ class PadCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+class PackCollator:
+    """Padding-free batches: a list of {"input_ids", "labels"} packed into rows as wide as the
+    batch's longest example (best-fit decreasing), each example keeping its own position ids
+    (0, 1, ...) and no attention mask, so the model's attention keeps examples apart.
+
+    transformers builds a block-diagonal causal mask from position ids that restart
+    (masking_utils.find_packed_sequence_indices, for sdpa, eager and flex attention; flash
+    attention takes them as varlen boundaries). Each example's first label is IGNORE, since
+    the shifted loss would otherwise predict it from the previous example's last token; in
+    a padded batch that label is never predicted either, so both batches predict the same
+    tokens and the loss (summed over them, divided by their count) is the same.
+
+    Written here rather than transformers' DataCollatorWithFlattening, which puts the whole
+    batch in one row: where the mask is dense (sdpa, eager: CPU and non-flash GPUs) attention
+    then costs the square of the batch's total tokens, more than the padded batch it
+    replaces. Rows no wider than the longest example cost at most what padding did, less the
+    pad tokens. The tail of a row that no example fills is padding with its own positions
+    and no labels (it attends only to itself).
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    @staticmethod
+    def rows(lengths: list[int]) -> list[list[int]]:
+        """Example indices per row: best-fit decreasing into rows of the longest length."""
+        width = max(lengths)
+        rows: list[list[int]] = []
+        room: list[int] = []
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            fits = [r for r in range(len(rows)) if room[r] >= lengths[i]]
+            if fits:
+                best = min(fits, key=lambda r: room[r])
+                rows[best].append(i)
+                room[best] -= lengths[i]
+            else:
+                rows.append([i])
+                room.append(width - lengths[i])
+        return rows
+
+    def __call__(self, examples: list[dict]) -> dict:
+        lengths = [len(e["input_ids"]) for e in examples]
+        width = max(lengths)
+        packed = self.rows(lengths)
+        ids = torch.full((len(packed), width), self.pad, dtype=torch.long)  # (R, W)
+        labels = torch.full((len(packed), width), IGNORE, dtype=torch.long)
+        positions = torch.zeros((len(packed), width), dtype=torch.long)
+        for r, members in enumerate(packed):
+            at = 0
+            for i in members:
+                n = lengths[i]
+                ids[r, at:at + n] = torch.as_tensor(examples[i]["input_ids"])
+                labels[r, at:at + n] = torch.as_tensor(examples[i]["labels"])
+                labels[r, at] = IGNORE
+                positions[r, at:at + n] = torch.arange(n)
+                at += n
+            positions[r, at:] = torch.arange(width - at)  # the tail: a run of its own
+        # use_cache=False: a model in training mode otherwise makes a KV cache, and with one
+        # transformers skips the packed-sequence mask (the examples would see each other)
+        return {"input_ids": ids, "labels": labels, "position_ids": positions,
+                "use_cache": False}
+
+
+def packing_keeps_examples_apart(model, vocab_size: int | None = None) -> bool:
+    """Whether `model` attends within each packed example only: logits of two short examples
+    packed in one row (PackCollator) equal their logits run one at a time. One forward pass
+    of 24 tokens; the model is left in the mode it was in."""
+    vocab = int(vocab_size or getattr(model.config, "vocab_size", 0) or 2)
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, vocab, (n,), generator=gen) for n in (13, 11))
+    row = torch.cat([a, b])[None].to(device)  # (1, 24)
+    positions = torch.cat([torch.arange(13), torch.arange(11)])[None].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model(input_ids=row, position_ids=positions,
+                           use_cache=False).logits[0].float()
+            alone = torch.cat([model(input_ids=x[None].to(device),
+                                     use_cache=False).logits[0].float() for x in (a, b)])
+    except (TypeError, ValueError, RuntimeError):  # no position_ids, or a shape it refuses
+        return False
+    finally:
+        model.train(was_training)
+    tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
+    scale = max(1.0, float(alone.abs().max()))
+    return bool((packed - alone).abs().max() <= tol * scale)
+
+
 # ------------------------------------------------------------------ trainable parameters
 def decoder_layers(model) -> nn.ModuleList:
     try:

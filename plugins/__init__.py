@@ -331,6 +331,10 @@ class Plugin:
     # tool this plugin replaces (e.g. a plain mergekit YAML for merge), as this plugin's
     # config; None when `data` is not one. `weightsmith run` and the form's Load YAML use it.
     foreign_config: Optional[Callable[[dict], Optional[dict]]] = None
+    # pareto(config) -> (x metric, y metric): two metrics the job logs once per candidate
+    # (same step = same candidate), both higher-is-better or as plugins/kit/metrics.py says;
+    # the Jobs view plots them one against the other, live, with the Pareto front marked.
+    pareto: Optional[Callable[[Any], tuple[str, str]]] = None
 
     def needs(self, config: Any) -> Resources:
         """The config's Resources (the default when the plugin declares none)."""

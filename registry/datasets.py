@@ -36,9 +36,10 @@ class Datasets:
     def add(self, *, content_hash: str, name: str, source: str, path: str | None = None,
             format: str | None = None, rows: int | None = None, files: int | None = None,
             size_bytes: int | None = None, created_by: str | None = None,
-            metadata: dict | None = None) -> dict:
+            metadata: dict | None = None, job_id: str | None = None) -> dict:
         """Record a dataset, or return the row already recorded with this content (its first
-        name, path and creator stay; a soft-deleted one comes back)."""
+        name, path and creator stay; a soft-deleted one comes back). `job_id`: the job that
+        wrote it (the datasets that job read are then its parents)."""
         ds_id = dataset_id(content_hash)
         with self.write():
             known = self.get(ds_id)
@@ -54,7 +55,8 @@ class Datasets:
                 "id": ds_id, "name": name, "content_hash": content_hash, "path": path,
                 "source": source, "format": format, "rows": rows, "files": files,
                 "size_bytes": size_bytes, "created_at": now(), "created_by": created_by,
-                "metadata": json.dumps(metadata, sort_keys=True) if metadata else None})
+                "metadata": json.dumps(metadata, sort_keys=True) if metadata else None,
+                "job_id": job_id})
         return self.get(ds_id)
 
     def get(self, ds_id: str | None) -> dict | None:
@@ -113,6 +115,18 @@ class Datasets:
             "SELECT d.*, j.field FROM job_datasets j JOIN datasets d ON d.id = j.dataset_id "
             "WHERE j.job_id = ? ORDER BY j.field", [job_id]))
 
+    def made_by(self, job_id: str) -> list[dict]:
+        """The datasets job `job_id` wrote (ctx.new_dataset), oldest first."""
+        return list(self.db.query("SELECT * FROM datasets WHERE job_id = ? "
+                                  "ORDER BY created_at, id", [job_id]))
+
+    def sources(self, ds_id: str) -> list[dict]:
+        """The datasets the job that wrote `ds_id` read (its parents), with the field."""
+        return list(self.db.query(
+            "SELECT s.*, j.field FROM datasets d JOIN job_datasets j ON j.job_id = d.job_id "
+            "JOIN datasets s ON s.id = j.dataset_id WHERE d.id = ? AND s.id != d.id "
+            "ORDER BY j.field, s.id", [ds_id]))
+
     def uses(self, ds_id: str, limit: int = 200) -> dict:
         """{"jobs": [...], "checkpoints": [...]}: the jobs that read a dataset (newest
         first, with the field) and the checkpoints they registered (not deleted)."""
@@ -146,6 +160,29 @@ class Datasets:
                     "id": r["parent"], "name": r["name"], "kind": "dataset",
                     "relation": "dataset", "format": r["format"], "rows": r["rows"],
                     "created_at": r["created_at"], "scores": {}})
+                edges.append({"parent": r["parent"], "child": r["child"], "relation": "data",
+                              "weight": None, "density": None, "role": r["field"]})
+        # a dataset a job wrote (a selection) has the datasets that job read as parents,
+        # and so on up: walked level by level, each dataset once
+        todo = list(nodes)
+        seen = set(todo)
+        while todo:
+            marks = ",".join("?" * len(todo))
+            rows = list(self.db.query(
+                f"SELECT d.id AS child, s.id AS parent, s.name, s.created_at, s.format, "
+                f"s.rows, j.field FROM datasets d "
+                f"JOIN job_datasets j ON j.job_id = d.job_id "
+                f"JOIN datasets s ON s.id = j.dataset_id "
+                f"WHERE d.id IN ({marks}) AND s.id != d.id ORDER BY d.id, j.field, s.id", todo))
+            todo = []
+            for r in rows:
+                if r["parent"] not in seen:
+                    seen.add(r["parent"])
+                    todo.append(r["parent"])
+                    nodes[r["parent"]] = {
+                        "id": r["parent"], "name": r["name"], "kind": "dataset",
+                        "relation": "dataset", "format": r["format"], "rows": r["rows"],
+                        "created_at": r["created_at"], "scores": {}}
                 edges.append({"parent": r["parent"], "child": r["child"], "relation": "data",
                               "weight": None, "density": None, "role": r["field"]})
         return sorted(nodes.values(), key=lambda n: (n["created_at"], n["id"])), edges

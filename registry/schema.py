@@ -182,9 +182,19 @@ def _v9(db: sqlite_utils.Database) -> None:
     db.execute("DROP INDEX IF EXISTS idx_evaluations_checkpoint_id_task_metric")
 
 
+def _v10(db: sqlite_utils.Database) -> None:
+    # a dataset a job wrote (select_data's selection): `job_id` is that job, so the datasets
+    # the job read are its parents in the lineage (registry/datasets.py `edges`)
+    db["datasets"].add_column("job_id", str)
+    db["datasets"].create_index(["job_id"])
+    # follow-up jobs a job offers (mixture_law's predicted continue_pretrain config): a JSON
+    # list of {"plugin", "config", "label"}, which the Jobs view offers to submit
+    db["jobs"].add_column("suggestions", str)
+
+
 # Forward migrations, applied in order; never edit one that has shipped, append a new one.
 MIGRATIONS: list[tuple[int, Any]] = [(1, _v1), (2, _v2), (3, _v3), (4, _v4), (5, _v5),
-                                     (6, _v6), (7, _v7), (8, _v8), (9, _v9)]
+                                     (6, _v6), (7, _v7), (8, _v8), (9, _v9), (10, _v10)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 

@@ -587,7 +587,7 @@ class Registry:
         if job_id:
             h.update(repr(self.db.execute(
                 "SELECT status, progress, progress_message, error, device, finished_at, "
-                "(SELECT COUNT(*) FROM metrics WHERE job_id = ?), "
+                "suggestions, (SELECT COUNT(*) FROM metrics WHERE job_id = ?), "
                 "(SELECT COUNT(*) FROM checkpoints WHERE job_id = ?) FROM jobs WHERE id = ?",
                 [job_id, job_id, job_id]).fetchall()).encode())
         return h.hexdigest()
@@ -636,6 +636,18 @@ class Registry:
         with self.write():
             cur = self.db.execute(sql, params)
         return cur.rowcount > 0
+
+    def add_job_suggestion(self, job_id: str, suggestion: dict) -> None:
+        """Append a follow-up job ({"plugin", "config", "label"}) that job `job_id` offers."""
+        with self.write():
+            row = self.job(job_id)
+            found = json.loads(row["suggestions"]) if row.get("suggestions") else []
+            found.append(suggestion)
+            self.db["jobs"].update(job_id, {"suggestions": json.dumps(found, sort_keys=True)})
+
+    def job_suggestions(self, job_id: str) -> list[dict]:
+        row = self.job(job_id, missing_ok=True)
+        return json.loads(row["suggestions"]) if row and row.get("suggestions") else []
 
     def job_checkpoints(self, job_id: str) -> list[str]:
         return [r["id"] for r in self.db.query(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from plugins import CheckpointRef, Plugin, PluginConfig
+from plugins import CheckpointRef, DataRef, Plugin, PluginConfig
 
 
 class SleepConfig(PluginConfig):
@@ -107,3 +107,26 @@ def draw_run(config, ctx):
 
 DRAWER = Plugin(name="test_draw", title="Draw", description="Draws random numbers (tests).",
                 Config=DrawConfig, run=draw_run, uses_gpu=False)
+
+
+class SelectConfig(PluginConfig):
+    pool: DataRef = Field(description="Rows to select from (JSON lines).")
+    keep: int = Field(2, ge=1, le=1000, description="How many of the first rows to keep.")
+    suggest_copy_of: str = Field("", description="A checkpoint to suggest copying next.")
+    suggest_plugin: str = Field("test_copy", description="The plugin of the suggestion.")
+
+
+def select_run(config, ctx):
+    rows = Path(config.pool).read_text().splitlines()[:config.keep]
+    out = ctx.work_dir / "selected.jsonl"
+    out.write_text("".join(r + "\n" for r in rows))
+    made = ctx.new_dataset(out, f"first {config.keep}", metadata={"keep": config.keep})
+    ctx.metric("kept", len(rows))
+    if config.suggest_copy_of:
+        ctx.suggest(config.suggest_plugin, {"source": config.suggest_copy_of, "name": "suggested-copy"},
+                    label=f"copy of {config.suggest_copy_of} (from {made['id']})")
+
+
+SELECTOR = Plugin(name="test_select", title="Select", description="Keeps the first rows "
+                  "of a data file as a new dataset (tests).", Config=SelectConfig,
+                  run=select_run, uses_gpu=False)

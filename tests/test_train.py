@@ -430,3 +430,101 @@ def test_data_preview_before_run(lab, tiny_model_dir, tmp_path):
         {"checkpoint": str(tiny_model_dir), "data": str(tmp_path / "colors.jsonl"),
          "text_column": "prompt", "block_size": 16}))
     assert "**data**: 40 documents" in shown and "blocks of 16" in shown
+
+
+# ----------------------------------------------------------------- padding-free batches
+def variable_rows(n=48, seed=0):
+    """Prompt/completion rows of very different lengths (3 to ~60 tokens)."""
+    import random
+
+    rnd = random.Random(seed)
+    words = ["red", "green", "blue", "black", "white", "pink", "gold", "gray"]
+    return [{"prompt": " ".join(rnd.choice(words) for _ in range(rnd.randint(1, 30))) + ":",
+             "completion": " " + " ".join(rnd.choice(words) for _ in range(rnd.randint(1, 12)))}
+            for _ in range(n)]
+
+
+def test_packed_rows_hold_every_example_once_and_give_the_padded_loss(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = [5, 17, 9, 30, 3, 12, 28, 2, 30, 1]
+    examples = []
+    for n in lengths:
+        ids = torch.randint(3, 200, (n,), generator=gen).tolist()
+        keep = torch.rand(n, generator=gen) > 0.3
+        examples.append({"input_ids": ids, "labels": [t if k else T.IGNORE
+                                                      for t, k in zip(ids, keep.tolist())]})
+    packed = T.PackCollator(0)(examples)
+    padded = T.PadCollator(0)(examples)
+    rows, width = packed["input_ids"].shape
+    assert width == max(lengths) and rows < len(lengths) and "attention_mask" not in packed
+    assert packed["use_cache"] is False
+    # every example once, in one row, its positions 0..n-1; its first label ignored
+    placed = sorted(i for row in T.PackCollator.rows(lengths) for i in row)
+    assert placed == list(range(len(lengths)))
+    starts = (packed["position_ids"] == 0).sum().item()
+    assert starts >= len(lengths)
+    real = (packed["labels"] != T.IGNORE).sum().item()
+    assert real == sum(sum(1 for t in e["labels"][1:] if t != T.IGNORE) for e in examples)
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+    assert T.packing_keeps_examples_apart(model)
+    assert model.training  # the check leaves the mode as it was
+    with torch.no_grad():
+        a = model(**packed).loss.item()
+        b = model(**padded).loss.item()
+        cache_on = dict(packed, use_cache=True)
+        c = model(**cache_on).loss.item()  # with a KV cache, examples see each other
+    assert a == pytest.approx(b, rel=1e-5)
+    assert abs(c - b) > 1e-4
+
+
+def test_a_model_that_mixes_packed_examples_gets_length_grouped_batches(monkeypatch,
+                                                                        tiny_model_dir):
+    from plugins import train as plugin
+
+    logged = []
+
+    class Ctx:
+        def log(self, message):
+            logged.append(message)
+
+    monkeypatch.setattr(T, "packing_keeps_examples_apart", lambda model: False)
+    config = plugin.Config(checkpoint="x", data="d.jsonl")
+    tok = type("Tok", (), {"pad_token_id": 0})()
+    meta = {}
+    collator, grouped = plugin.batching(config, Ctx(), None, tok, None, meta)
+    assert grouped and isinstance(collator, T.PadCollator)
+    assert meta["batching"] == "length_grouped" and "mixes packed examples" in logged[0]
+    with pytest.raises(ValueError, match="batching: padding_free needs"):
+        plugin.batching(config.model_copy(update={"batching": "padding_free"}), Ctx(), None,
+                        tok, None, {})
+
+
+def test_batching_other_than_auto_is_refused_for_preference_objectives():
+    from plugins import ConfigError, get, validate_config
+
+    with pytest.raises(ConfigError, match="field 'batching'.*applies to objective sft"):
+        validate_config(get("train"), {"checkpoint": "x", "data": "d.jsonl", "objective": "dpo",
+                                       "batching": "padding_free"})
+
+
+def test_padding_free_training_follows_the_padded_loss_curve(lab, tiny_model_dir, tmp_path):
+    """The same data, seed and steps, full fine-tuning (no dropout): the packed job's logged
+    losses equal the padded job's within float noise; length-grouped batches also train."""
+    data = write_jsonl(tmp_path / "var.jsonl", variable_rows())
+    curves = {}
+    for how in ("padded", "padding_free", "length_grouped"):
+        status, job, made = run_job(lab, base_config(
+            tiny_model_dir, data, method="full", max_steps=12, batch_size=8, logging_steps=1,
+            learning_rate=1e-3, batching=how, name=f"ft-{how}"))
+        assert status == "succeeded", job["error"]
+        (ck,) = made
+        meta = json.loads(ck["metadata"])
+        assert meta["batching"] == how
+        with lab.registry() as reg:
+            curves[how] = [m["value"] for m in reg.metrics(job["id"]) if m["name"] == "loss"]
+    assert len(curves["padded"]) == 12
+    assert curves["padding_free"] == pytest.approx(curves["padded"], rel=1e-4)
+    assert curves["length_grouped"][-1] < curves["length_grouped"][0]

@@ -62,6 +62,10 @@ def dataset_detail(lab: Lab, ds_id: str | None) -> tuple[str, dict]:
                f"Where: {md(where)}"
                + (f"\n\nSHA-256: `{row['content_hash']}`" if row["path"] else "")
                + f"\n\nIn a form's data field, this dataset is `{row['id']}`.")
+    if row.get("job_id"):  # written by a job (a selection): which, and from what
+        summary += f"\n\n**Made by** {job_link(row['job_id'])}" + (" from " + ", ".join(
+            f"{link(md(s['name']), tab='datasets', ds=s['id'])} ({md(s['field'])})"
+            for s in uses["sources"]) if uses["sources"] else "")
     if uses["checkpoints"]:
         summary += "\n\n**Trained or calibrated**: " + ", ".join(
             f"{link(md(c['name']), tab='registry', ck=c['id'])} ({md(c['field'])})"

@@ -97,12 +97,15 @@ def job_detail(lab: Lab, job_id: str | None) -> tuple[str, str, str, object]:
             return f"No job {markup.md(job_id)}.", "", "", empty
         metrics = reg.metrics(job_id)
         made = reg.job_checkpoints(job_id)
+        made_data = [d["id"] for d in reg.datasets.made_by(job_id)]
     pct = (job["progress"] or 0) * 100
     status = (f"**{markup.md(job['id'])}** · {markup.md(job['plugin'])} · "
               f"**{markup.md(job['status'])}** · device {markup.md(job['device'] or '-')} · "
               f"{_duration(job)}")
     if made:
         status += f"\n\nCheckpoints: {markup.md(', '.join(made))}"
+    if made_data:
+        status += f"\n\nDatasets: {markup.md(', '.join(made_data))}"
     scores = [m for m in metrics if m["step"] is None]  # final numbers, e.g. evaluations
     if scores:
         status += "\n\n" + " · ".join(f"{markup.md(m['name'])} = {m['value']:.4g}"
@@ -131,17 +134,96 @@ def plotted_metrics(names: list[str], chosen: list[str] | None) -> list[str]:
     return default or names
 
 
+def pareto_frame(lab: Lab, job_id: str | None, frame) -> tuple[object, str, str]:
+    """(points, x metric, y metric) of a job whose plugin declares `pareto`: one row per
+    candidate that logged both metrics at the same step, with `front` saying whether it is
+    on the Pareto front (plugins.kit.metrics says which way each is better); empty when the
+    job's plugin declares none."""
+    import pandas as pd
+
+    from plugins.kit.metrics import better, pareto_front
+
+    empty = pd.DataFrame({"x": [], "y": [], "front": [], "candidate": []})
+    if not job_id or not len(frame):
+        return empty, "", ""
+    with lab.registry() as reg:
+        job = reg.job(job_id, missing_ok=True)
+    try:
+        plugin = plugins.get(job["plugin"]) if job else None
+        axes = plugin.pareto(plugin.Config.model_validate_json(job["config"])) \
+            if plugin and plugin.pareto else None
+    except Exception:  # a plugin gone or changed since the job: no plot rather than an error
+        axes = None
+    if not axes:
+        return empty, "", ""
+    x_name, y_name = axes
+    xs = {int(r.step): r.value for r in frame.itertuples() if r.name == x_name}
+    ys = {int(r.step): r.value for r in frame.itertuples() if r.name == y_name}
+    steps = sorted(set(xs) & set(ys))
+    if not steps:
+        return empty, x_name, y_name
+    points = [(xs[s], ys[s]) for s in steps]
+    on = pareto_front(points, better(x_name), better(y_name))
+    return pd.DataFrame({"x": [p[0] for p in points], "y": [p[1] for p in points],
+                         "front": ["Pareto front" if o else "candidate" for o in on],
+                         "candidate": steps}), x_name, y_name
+
+
+def suggestion_text(suggestions: list[dict]) -> str:
+    """The follow-up jobs a job offers, as Markdown (user-controlled text escaped)."""
+    import yaml
+
+    if not suggestions:
+        return ""
+    out = ["**Suggested next** (the button submits the first, as your job):"]
+    for n, item in enumerate(suggestions, 1):
+        out.append(f"{n}. {markup.md(item.get('label', ''))} "
+                   f"({markup.md(item.get('plugin', ''))})")
+        out.append(markup.code_block(yaml.safe_dump(item.get("config", {}), sort_keys=True),
+                                     "yaml"))
+    return "\n\n".join(out)
+
+
 def live_job(lab: Lab, job_id: str | None, chosen: list[str] | None = None) -> tuple:
     """job_detail as the view's updates: (status, bar, log, the plot with the chosen curves,
-    the Plot dropdown with every curve's name); plot and dropdown hidden when empty."""
+    the Plot dropdown with every curve's name, the Pareto plot, the Submit-suggestion
+    button); plots, dropdown and button hidden when they have nothing to show."""
     import gradio as gr
 
     status, bar, log, frame = job_detail(lab, job_id)
+    points, x_name, y_name = pareto_frame(lab, job_id, frame)
+    suggested = []
+    if job_id:
+        with lab.registry() as reg:
+            suggested = reg.job_suggestions(job_id)
+    if suggested:
+        status += "\n\n" + suggestion_text(suggested)
     names = sorted(set(frame["name"])) if len(frame) else []
     shown = plotted_metrics(names, chosen)
     frame = frame[frame["name"].isin(shown)] if len(frame) else frame
     return (status, bar, log, gr.LinePlot(value=frame, visible=len(frame) > 0),
-            gr.Dropdown(choices=names, visible=bool(names)))
+            gr.Dropdown(choices=names, visible=bool(names)),
+            gr.ScatterPlot(value=points, visible=len(points) > 0, x_title=x_name or None,
+                           y_title=y_name or None),
+            gr.Button(visible=bool(suggested)))
+
+
+def submit_suggestion(lab: Lab, job_id: str | None, user: str | None = None) -> tuple[str, str]:
+    """Submit the first follow-up job the selected job offers, as the clicker's job (checked
+    like any submit: a member's own data and checkpoints only)."""
+    if not job_id:
+        return "Select a job first.", ""
+    with lab.registry() as reg:
+        suggested = reg.job_suggestions(job_id)
+    if not suggested:
+        return f"{markup.md(job_id)} suggests no follow-up job.", job_id
+    first = suggested[0]
+    try:
+        new = jobs_mod.submit(lab, first["plugin"], first["config"], user=user)
+    except (plugins.ConfigError, plugins.PluginError, RegistryError, NotAllowed) as e:
+        return f"**Not submitted:** {markup.md(e)}", job_id
+    return (f"Submitted {markup.md(first.get('label', ''))} as **{markup.md(new['id'])}**.",
+            new["id"])
 
 
 def stop_job(lab: Lab, job_id: str | None, user: str | None = None) -> str:
@@ -211,6 +293,8 @@ class JobsView:
     log: object
     plot_metrics: object
     plot: object
+    pareto: object
+    suggest: object
     shown: object = None  # the jobs_mark of what the page shows (see `poll`)
 
 
@@ -240,6 +324,11 @@ def build(lab: Lab) -> JobsView:
                     info="Curves to draw (empty: the losses and perplexities).")
                 plot = gr.LinePlot(x="step", y="value", color="name",
                                    label="Metrics", visible=False)
+                # a search's candidates, one metric against another (Plugin.pareto)
+                pareto = gr.ScatterPlot(x="x", y="y", color="front", label="Candidates",
+                                        tooltip=["candidate", "x", "y"], visible=False,
+                                        elem_id="job-pareto")
+        suggest = gr.Button("Submit suggested job", visible=False, elem_id="job-suggest")
         action = text_md(elem_id="job-action")
         shown = gr.Textbox(visible=False)  # a digest of what the timer last sent
 
@@ -248,6 +337,9 @@ def build(lab: Lab) -> JobsView:
                     api_visibility="private", show_progress="hidden")
     selected.change(lambda j: live_job(lab, j)[:4], inputs=selected,
                     outputs=[status, progress, log, plot], api_name="job_detail")
+    selected.change(lambda j: live_job(lab, j)[5:], inputs=selected,
+                    outputs=[pareto, suggest], api_visibility="private",
+                    show_progress="hidden")
     plot_metrics.change(lambda j, c: live_job(lab, j, c)[3], inputs=[selected, plot_metrics],
                         outputs=plot, api_visibility="private")
 
@@ -260,11 +352,17 @@ def build(lab: Lab) -> JobsView:
     def on_resume(request: gr.Request, j):
         return resume_job(lab, j, request_user(request))
 
+    def on_suggest(request: gr.Request, j):
+        return submit_suggestion(lab, j, request_user(request))
+
+    suggest.click(on_suggest, inputs=selected, outputs=[action, selected],
+                  api_name="submit_suggestion")
     stop.click(on_stop, inputs=selected, outputs=action, api_name="stop_job")
     retry.click(on_retry, inputs=selected, outputs=[action, selected], api_name="retry_job")
     resume.click(on_resume, inputs=selected, outputs=[action, selected],
                  api_name="resume_job")
-    return JobsView(gpus, table, selected, status, progress, log, plot_metrics, plot, shown)
+    return JobsView(gpus, table, selected, status, progress, log, plot_metrics, plot, pareto,
+                    suggest, shown)
 
 
 def view_mark(lab: Lab, job_id: str | None) -> str:
@@ -279,7 +377,8 @@ def view_mark(lab: Lab, job_id: str | None) -> str:
 
 
 def jobs_refresh(lab: Lab, job_id: str | None, chosen: list[str] | None) -> tuple:
-    """What the Jobs view shows: (table, status, bar, log, plot, plot choices)."""
+    """What the Jobs view shows: (table, status, bar, log, plot, plot choices, Pareto plot,
+    suggestion button)."""
     return (job_table_view(lab, job_id), *live_job(lab, job_id, chosen))
 
 
@@ -301,7 +400,7 @@ def poll(lab: Lab, view: JobsView, fast, slow) -> None:
     view.shown.change(lambda j, c: jobs_refresh(lab, j, c),
                       inputs=[view.selected, view.plot_metrics],
                       outputs=[view.table, view.status, view.progress, view.log, view.plot,
-                               view.plot_metrics],
+                               view.plot_metrics, view.pareto, view.suggest],
                       api_visibility="private", show_progress="hidden",
                       concurrency_limit=TICK_CONCURRENCY, concurrency_id="ticks")
     slow.add(gpu_summary, [], [view.gpus])

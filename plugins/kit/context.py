@@ -93,6 +93,20 @@ class JobContext(Protocol):
                        intermediate: bool = False) -> NewCheckpoint: ...
     def publish(self, pending: NewCheckpoint) -> dict: ...
 
+    # datasets and suggestions
+    def new_dataset(self, path: Path, name: str,
+                    metadata: Optional[dict] = None) -> dict:
+        """Register a data file (or folder) this job wrote as a lab dataset: it is moved
+        into the lab's datasets folder, recorded by content hash with this job as its
+        maker (so the lineage draws the datasets the job read -> this dataset), and can be
+        named by any data field. Returns {"id", "name", "path"}. Main process only."""
+        ...
+
+    def suggest(self, plugin: str, config: dict, label: str) -> None:
+        """Offer a follow-up job (a config of `plugin`) that the Jobs view shows on this
+        job with a button that opens it in the plugin's form. Main process only."""
+        ...
+
     # the lab, read-only
     def parents(self, checkpoint_id: str) -> list[Edge]: ...
     def ancestors(self, checkpoint_id: str) -> list[str]: ...

@@ -107,3 +107,27 @@ def is_gain(delta: float, way: Direction) -> Optional[bool]:
     if delta == 0:
         return None
     return (delta > 0) == (way == "higher")
+
+
+def pareto_front(points: list[tuple[float, float]], x_way: Direction = "higher",
+                 y_way: Direction = "higher") -> list[bool]:
+    """For each (x, y) point, whether no other point is at least as good on both axes and
+    better on one (the Pareto front; `x_way`/`y_way` say which way is better). Sorted sweep,
+    O(n log n): equal points are all on the front."""
+    sx = 1.0 if x_way == "higher" else -1.0
+    sy = 1.0 if y_way == "higher" else -1.0
+    keyed = sorted(range(len(points)), key=lambda i: (-sx * points[i][0], -sy * points[i][1]))
+    on = [False] * len(points)
+    best_y = float("-inf")  # the best y among points with a strictly better x
+    i = 0
+    while i < len(keyed):
+        j = i  # a run of equal x: compared with the better x only, then among themselves
+        while j < len(keyed) and points[keyed[j]][0] == points[keyed[i]][0]:
+            j += 1
+        run_best = sy * points[keyed[i]][1]  # the run is sorted by y, best first
+        for k in keyed[i:j]:
+            y = sy * points[k][1]
+            on[k] = y > best_y and y == run_best
+        best_y = max(best_y, run_best)
+        i = j
+    return on

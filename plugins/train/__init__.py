@@ -133,6 +133,15 @@ class Config(PluginConfig):
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.",
                                 json_schema_extra=ADVANCED)
     batch_size: int = Field(8, ge=1, le=4096, description="Examples per device per step.")
+    batching: Literal["auto", "padding_free", "length_grouped", "padded"] = Field(
+        "auto", description=(
+            "How examples of different lengths share a batch (objective sft). padding_free: "
+            "packed into rows with no padding, each example attending only to itself "
+            "(checked on the model before training; the same loss as padded); "
+            "length_grouped: batches of similar lengths, padded (transformers' "
+            "group_by_length); padded: batches in data order, padded to their longest. "
+            "auto: padding_free where the model passes the check, else length_grouped."),
+        json_schema_extra=ADVANCED)
     gradient_accumulation: int = Field(1, ge=1, le=1024, description="Steps accumulated per "
                                                                      "optimizer update.",
                                        json_schema_extra=ADVANCED)
@@ -163,6 +172,15 @@ class Config(PluginConfig):
     cpu_processes: CpuProcesses = Field(1, json_schema_extra=form_hints(CPU_LABS_ONLY, ADVANCED))
     name: Optional[str] = Field(None, min_length=1, max_length=100,
                                 description="Name of the new checkpoint. Empty: derived.")
+
+    @field_validator("batching")
+    @classmethod
+    def _batching_for_sft(cls, value: str, info):
+        objective = info.data.get("objective")
+        if value not in ("auto", "padded") and objective not in (None, "sft"):
+            raise ValueError(f"batching {value} applies to objective sft; objective "
+                             f"{objective} batches its own way (use auto)")
+        return value
 
     @field_validator("trainable_layers")
     @classmethod
@@ -321,6 +339,37 @@ def preview(config: Config, view) -> str:
 
 
 # ------------------------------------------------------------------------------ the run
+def batching(config: Config, ctx, model, tokenizer, objective, meta: dict):
+    """(data collator, group by length?) for the run, recorded in meta["batching"].
+    padding_free (ops.training.PackCollator) only where the model keeps packed examples
+    apart (`packing_keeps_examples_apart`, one small forward pass): asked for explicitly on
+    a model that fails the check, the job stops with that reason; auto falls back to
+    length-grouped batches and says so."""
+    from ops import training as T
+
+    pad = T.PadCollator(tokenizer.pad_token_id)
+    if objective is not None:
+        meta["batching"] = "objective"
+        return objective.collator, False
+    how = config.batching
+    if how in ("auto", "padding_free"):
+        if T.packing_keeps_examples_apart(model):
+            how = "padding_free"
+        elif how == "padding_free":
+            raise ValueError("batching: padding_free needs an attention that keeps packed "
+                             "examples apart by their position ids; this model's logits "
+                             "change when two examples share a row. Use length_grouped")
+        else:
+            how = "length_grouped"
+            ctx.log("batching: the model's attention mixes packed examples; batches of "
+                    "similar lengths instead")
+    meta["batching"] = how
+    ctx.log(f"batching: {how}")
+    if how == "padding_free":
+        return T.PackCollator(tokenizer.pad_token_id), False
+    return pad, how == "length_grouped"
+
+
 def run(config: Config, ctx) -> None:
     import torch
 
@@ -427,6 +476,9 @@ def run(config: Config, ctx) -> None:
         if total_steps:
             ctx.progress(0.03 + 0.9 * step / total_steps, f"step {step}/{total_steps}")
 
+    collator, grouped = batching(config, ctx, model, tokenizer, objective, meta)
+    if grouped:  # the sampler reads lengths from this column instead of every row's ids
+        train = train.add_column("length", [len(x) for x in train["input_ids"]])
     eval_steps = config.eval_steps or config.logging_steps * 5
     args = T.training_arguments(
         str(run_dir), device=ctx.device, seed=config.seed, data_seed=config.seed,
@@ -442,6 +494,7 @@ def run(config: Config, ctx) -> None:
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500, save_total_limit=1,
         activation_checkpointing=config.gradient_checkpointing,
+        train_sampling_strategy="group_by_length" if grouped else "random",
         **methods.training_arguments(config))  # mezo, galore_adamw
     from transformers import PrinterCallback, Trainer
 
@@ -449,8 +502,7 @@ def run(config: Config, ctx) -> None:
         methods.trainer_class(config, Trainer)  # mezo's step, adalora's allocation
     trainer = trainer_class(model=model, args=args, train_dataset=train,
                       eval_dataset=evaluation,
-                      data_collator=objective.collator if objective else
-                      T.PadCollator(tokenizer.pad_token_id),
+                      data_collator=collator,
                       processing_class=tokenizer,
                       callbacks=[T.report_callback(on_metrics, on_save, on_step)])
     trainer.remove_callback(PrinterCallback)

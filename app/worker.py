@@ -232,6 +232,20 @@ def _distributed(call: str) -> None:
         getattr(dist, call)()
 
 
+def _quiet_progress_bars() -> None:
+    """No tqdm bars in the job log (transformers' "Loading weights" on every model load, Hub
+    downloads): in a file they are lines of carriage returns. ctx.progress reports instead.
+    Called per job, so a fork-server child (whose imports came before its environment) is
+    quiet too."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="weightsmith-worker")
     parser.add_argument("job_id")
@@ -242,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     sys.stdout, sys.stderr = hub.RedactingStream(sys.stdout), hub.RedactingStream(sys.stderr)
+    _quiet_progress_bars()
     lab = Lab(args.lab)
     if args.rank:
         return run_rank(lab, args.job_id)

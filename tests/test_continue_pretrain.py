@@ -163,3 +163,83 @@ def test_bad_requests_get_clear_errors(lab, tiny_model_dir, domain_file, extra, 
     with lab.registry() as reg:
         error = reg.job(job["id"])["error"]
     assert __import__("re").search(message, error), error
+
+
+# ------------------------------------------------------------ domain upsampling at the end
+@pytest.mark.parametrize("steps,per_step,ratio,fraction,share", [
+    (24, 4, 0.25, 0.25, 1.0), (50, 8, 0.5, 0.2, 0.8), (7, 3, 0.3, 0.1, 0.9),
+    (10, 5, 0.9, 0.5, 0.35)])
+def test_upsample_end_phases_hold_their_mix_exactly(steps, per_step, ratio, fraction, share):
+    from ops.continual import mixture_phases, phased_order
+
+    phases = mixture_phases(steps, per_step, ratio, "upsample_end", fraction, share)
+    main, up = phases
+    last = max(1, round(fraction * steps))
+    assert (main["first_step"], main["last_step"]) == (1, steps - last)
+    assert (up["first_step"], up["last_step"]) == (steps - last + 1, steps)
+    assert up["replay_ratio"] == pytest.approx(1 - share)
+    order = phased_order(9, 5, [p["samples"] for p in phases],
+                         [p["replay_ratio"] for p in phases], seed=3)
+    assert len(order) == steps * per_step
+    cut = main["samples"]
+    for phase, part in ((main, order[:cut]), (up, order[cut:])):
+        replay = sum(p == "replay" for p, _ in part)
+        assert {"domain": len(part) - replay, "replay": replay} == phase["blocks"]
+        assert replay == math.floor(phase["samples"] * phase["replay_ratio"])
+        for start in range(0, len(part), per_step):  # every step gets its share, to within one
+            got = sum(p == "replay" for p, _ in part[start:start + per_step])
+            assert abs(got - phase["replay_ratio"] * per_step) <= 1
+    constant = mixture_phases(steps, per_step, ratio)
+    assert [p["phase"] for p in constant] == ["constant"]
+    assert phased_order(9, 5, [constant[0]["samples"]], [ratio], 3) == \
+        replay_order(9, 5, steps * per_step, ratio, 3)  # the old stream, unchanged
+
+
+def test_mixture_phases_refuse_bad_settings():
+    from ops.continual import mixture_phases
+
+    with pytest.raises(ContinualError, match="upsample_fraction must lie in"):
+        mixture_phases(10, 2, 0.5, "upsample_end", 0.6, 1.0)
+    with pytest.raises(ContinualError, match="upsample_domain_ratio must lie in"):
+        mixture_phases(10, 2, 0.5, "upsample_end", 0.2, 0.0)
+    with pytest.raises(ContinualError, match="is not constant or upsample_end"):
+        mixture_phases(10, 2, 0.5, "cosine")
+    one = mixture_phases(1, 4, 0.5, "upsample_end", 0.2, 1.0)  # a single step: all upsampled
+    assert [p["phase"] for p in one] == ["upsample"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"mixture_schedule": "upsample_end"}, "needs replay_ratio > 0"),
+    ({"mixture_schedule": "upsample_end", "replay_ratio": 0.25, "replay_data": "g.txt",
+      "upsample_domain_ratio": 0.7}, r"upsample_domain_ratio \(0.7\) must exceed"),
+    ({"mixture_schedule": "upsample_end", "replay_ratio": 0.25, "replay_data": "g.txt",
+      "upsample_fraction": 0.6}, "field 'upsample_fraction'"),
+])
+def test_upsample_settings_are_checked_before_queueing(extra, message):
+    import plugins
+    from plugins import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        plugins.validate_config(plugins.get("continue_pretrain"),
+                                {"checkpoint": "ck-12345678", "data": "d.txt", **extra})
+
+
+def test_upsample_end_job_serves_each_phase_exactly(lab, tiny_model_dir, domain_file):
+    """24 steps of 4 blocks at replay 0.25, the last 25% (6 steps) domain only: the served
+    counts per phase are the schedule's, block for block."""
+    config = {"checkpoint": str(tiny_model_dir), "data": str(domain_file),
+              "replay_data": str(REPO / "assets" / "demo" / "heldout.txt"),
+              "replay_ratio": 0.25, "mixture_schedule": "upsample_end",
+              "upsample_fraction": 0.25, "upsample_domain_ratio": 1.0, "block_size": 32,
+              "max_steps": 24, "batch_size": 4, "eval_steps": 12, "logging_steps": 12,
+              "eval_blocks": 4, "save_steps": 0}
+    status, job, (ck,) = run_job(lab, config)
+    assert status == "succeeded", job["error"]
+    meta = json.loads(ck["metadata"])
+    phases = meta["mixture_schedule"]["phases"]
+    assert [(p["phase"], p["first_step"], p["last_step"]) for p in phases] == \
+        [("main", 1, 18), ("upsample", 19, 24)]
+    assert meta["served_by_phase"] == {"main": {"domain": 54, "replay": 18},
+                                       "upsample": {"domain": 24, "replay": 0}}
+    assert meta["served_by_phase"] == {p["phase"]: p["blocks"] for p in phases}
+    assert meta["served"] == {"domain": 78, "replay": 18}

@@ -135,3 +135,12 @@ def test_the_jobs_view_plots_a_search_pareto_front(lab):
     assert plot.visible is True
     assert rows == {0: "Pareto front", 1: "candidate", 2: "candidate", 3: "Pareto front",
                     4: "Pareto front"}
+
+
+def test_a_search_plots_its_fitness_by_default():
+    from app.ui.jobs_view import plotted_metrics
+
+    names = ["best_fitness", "demo/sums/exact_match", "fitness", "recipe/weight[0]"]
+    assert plotted_metrics(names, None) == ["best_fitness", "fitness"]
+    assert plotted_metrics(names + ["loss"], None) == ["loss"]
+    assert plotted_metrics(names, ["recipe/weight[0]"]) == ["recipe/weight[0]"]

@@ -35,6 +35,16 @@ EXAMPLES = {
                  "max_positions": 64, "steps": 2, "batch_size": 2, "block_length": 32,
                  "name": "tiny-pretrained"},
     "export": {"checkpoint": "ck-12345678", "output_type": "Q4_0", "name": "tiny-q4_0"},
+    "merge_search": {"models": ["ck-11111111", "ck-22222222"], "base_model": "ck-12345678",
+                     "method": "ties", "density_range": [0.3, 0.9],
+                     "fitness": {"demo/capitals/acc": 0.5, "demo/sums/exact_match": 0.5},
+                     "max_candidates": 16, "keep_top": 2},
+    "mixture_law": {"checkpoint": "ck-12345678", "data": "medical.jsonl",
+                    "replay_data": "general.txt", "replay_ratios": [0.1, 0.3, 0.5],
+                    "step_grid": [50, 100, 200], "max_general_ppl_increase": 0.05},
+    "select_data": {"checkpoint": "ck-12345678", "pool": "pool.jsonl", "targets": "targets.jsonl",
+                    "fraction": 0.05, "projection_dim": 1024, "checkpoints": 4,
+                    "name": "pool-less"},
 }
 
 

@@ -528,3 +528,31 @@ def test_padding_free_training_follows_the_padded_loss_curve(lab, tiny_model_dir
     assert len(curves["padded"]) == 12
     assert curves["padding_free"] == pytest.approx(curves["padded"], rel=1e-4)
     assert curves["length_grouped"][-1] < curves["length_grouped"][0]
+
+
+def test_a_job_from_before_a_new_field_can_still_be_resumed():
+    """A field added since the prior job ran (batching) counts as its default there; a
+    setting that really differs still refuses the resume."""
+    from plugins import train as plugin
+    from plugins.kit.context import JobRecord
+    from plugins.kit.trainer import check_resumable
+
+    config = plugin.Config(checkpoint="ck-1", data="d.jsonl", resume_job="job-0123abcd")
+    old = config.model_dump(mode="json")
+    del old["batching"]
+    old["resume_job"] = None
+
+    class Ctx:
+        job = {"plugin": "train"}
+
+        def __init__(self, prior):
+            self.prior = prior
+
+        def job_record(self, job_id):
+            return JobRecord(id=job_id, plugin="train", status="cancelled", config=self.prior)
+
+    check_resumable(Ctx(old), config)  # no error
+    with pytest.raises(ValueError, match=r"different settings \(batching\)"):
+        check_resumable(Ctx(old), config.model_copy(update={"batching": "padded"}))
+    with pytest.raises(ValueError, match=r"different settings \(learning_rate\)"):
+        check_resumable(Ctx({**old, "learning_rate": 1e-3}), config)

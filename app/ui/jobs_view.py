@@ -127,11 +127,12 @@ def job_detail(lab: Lab, job_id: str | None) -> tuple[str, str, str, object]:
 
 def plotted_metrics(names: list[str], chosen: list[str] | None) -> list[str]:
     """The curves drawn: the user's choice, else the losses and perplexities (metrics of
-    other scales, such as tokens/s or the learning rate, would flatten them), else all."""
+    other scales, such as tokens/s or the learning rate, would flatten them), else a
+    search's fitness, else all."""
     if chosen:
         return [n for n in chosen if n in names]
     default = [n for n in names if "loss" in n or "ppl" in n or "perplexity" in n]
-    return default or names
+    return default or [n for n in names if "fitness" in n] or names
 
 
 def pareto_frame(lab: Lab, job_id: str | None, frame) -> tuple[object, str, str]:
@@ -313,6 +314,7 @@ def build(lab: Lab) -> JobsView:
             retry = gr.Button("Retry", scale=1)
             resume = gr.Button("Resume", scale=1)
         status = text_md(elem_id="job-status")
+        suggest = gr.Button("Submit suggested job", visible=False, elem_id="job-suggest")
         progress = gr.HTML(elem_id="job-progress")
         with gr.Row():
             log = gr.Textbox(label="Log (live tail)", lines=16, max_lines=16,
@@ -328,7 +330,6 @@ def build(lab: Lab) -> JobsView:
                 pareto = gr.ScatterPlot(x="x", y="y", color="front", label="Candidates",
                                         tooltip=["candidate", "x", "y"], visible=False,
                                         elem_id="job-pareto")
-        suggest = gr.Button("Submit suggested job", visible=False, elem_id="job-suggest")
         action = text_md(elem_id="job-action")
         shown = gr.Textbox(visible=False)  # a digest of what the timer last sent
 

@@ -3,10 +3,11 @@ general text, and the stability-gap curve measured as it trains (ops/continual.p
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -34,6 +35,19 @@ class Config(PluginConfig):
         "General (upstream) text mixed into the domain stream, same forms as data."))
     replay_ratio: float = Field(0.0, ge=0, le=0.9, description=(
         "Fraction of training blocks drawn from replay_data (0.25: one in four)."))
+    mixture_schedule: Literal["constant", "upsample_end"] = Field("constant", description=(
+        "constant: replay_ratio for every step. upsample_end: replay_ratio, then over the "
+        "last upsample_fraction of the steps a domain share of upsample_domain_ratio "
+        "(domain upsampling at the end of training, Blakeney et al. 2024)."),
+        json_schema_extra=ADVANCED)
+    upsample_fraction: float = Field(0.2, gt=0, le=0.5, description=(
+        "upsample_end: the last fraction of the optimizer steps that upsamples the domain "
+        "(the paper finds the last 10-20% best)."),
+        json_schema_extra=ADVANCED)
+    upsample_domain_ratio: float = Field(1.0, gt=0, le=1, description=(
+        "upsample_end: share of domain blocks in the last phase (1.0: domain only); must be "
+        "above the domain share before it, 1 - replay_ratio."),
+        json_schema_extra=ADVANCED)
     domain_subset_blocks: Optional[int] = Field(None, ge=1, description=(
         "Train on only this many domain blocks, chosen at random (seeded), repeated for as "
         "many epochs as the steps need: the 'several epochs on a right-sized subset' "
@@ -109,6 +123,14 @@ class Config(PluginConfig):
     def _settings(self):
         if self.replay_ratio and not self.replay_data:
             raise ValueError("replay_ratio > 0 needs replay_data")
+        if self.mixture_schedule == "upsample_end":
+            if not self.replay_ratio:
+                raise ValueError("mixture_schedule upsample_end needs replay_ratio > 0: with "
+                                 "no replay the domain share is already 1")
+            if self.upsample_domain_ratio <= 1 - self.replay_ratio:
+                raise ValueError(f"upsample_domain_ratio ({self.upsample_domain_ratio:g}) "
+                                 f"must exceed the domain share before the upsampling, 1 - "
+                                 f"replay_ratio ({1 - self.replay_ratio:g})")
         if self.min_learning_rate > self.max_learning_rate:
             raise ValueError(f"min_learning_rate ({self.min_learning_rate:g}) must not exceed "
                              f"max_learning_rate ({self.max_learning_rate:g})")
@@ -119,11 +141,18 @@ class Config(PluginConfig):
 
 
 class _Stream:
-    """Map-style dataset over the mixed order [(pool, index)], counting what it hands out."""
+    """Map-style dataset over the mixed order [(pool, index)], counting what it hands out,
+    in all and per phase of the mixture schedule ([{"phase", "samples"}] in stream order)."""
 
-    def __init__(self, order, pools):
+    def __init__(self, order, pools, phases=()):
         self.order, self.pools = order, pools
         self.served = {"domain": 0, "replay": 0}
+        self.ends = []  # (first stream index past the phase, phase name)
+        end = 0
+        for p in phases:
+            end += p["samples"]
+            self.ends.append((end, p["phase"]))
+        self.by_phase = {name: {"domain": 0, "replay": 0} for _, name in self.ends}
 
     def __len__(self) -> int:
         return len(self.order)
@@ -131,6 +160,10 @@ class _Stream:
     def __getitem__(self, i: int) -> dict:
         pool, j = self.order[i]
         self.served[pool] += 1
+        for end, name in self.ends:
+            if i < end:
+                self.by_phase[name][pool] += 1
+                break
         block = self.pools[pool][j]
         return {"input_ids": block, "labels": block}
 
@@ -156,15 +189,21 @@ def _documents(source: str, field: str, config: Config, ctx, tokenizer) -> tuple
 
 
 def served_by_all(served: dict, world_size: int) -> dict:
-    """Blocks served from each pool, summed over the processes of a launched job (each one
-    draws its own batches from the stream)."""
+    """Blocks served from each pool ({pool: n}, or {phase: {pool: n}}), summed over the
+    processes of a launched job (each one draws its own batches from the stream)."""
     if world_size == 1:
-        return dict(served)
+        return json.loads(json.dumps(served))
     import torch.distributed as dist
 
     everyone = [None] * world_size
-    dist.all_gather_object(everyone, dict(served))
-    return {pool: sum(s[pool] for s in everyone) for pool in served}
+    dist.all_gather_object(everyone, json.loads(json.dumps(served)))
+
+    def total(key, parts):
+        if isinstance(parts[0], dict):
+            return {k: total(k, [p[k] for p in parts]) for k in parts[0]}
+        return sum(parts)
+
+    return total(None, everyone)
 
 
 def _text_blocks(path, default, field: str, tokenizer, block: int, limit: int, sep: int):
@@ -211,7 +250,8 @@ def run(config: Config, ctx) -> None:
 
     from ops import training as T
     from ops.pretrain import Blocks
-    from ops.continual import extend_vocabulary, pack_documents, replay_order
+    from ops.continual import (extend_vocabulary, mixture_phases, pack_documents,
+                               phased_order, rewarm_trainer_arguments)
 
     if config.resume_job:
         check_resumable(ctx, config)
@@ -262,11 +302,20 @@ def run(config: Config, ctx) -> None:
         meta["replay"] = {"data": config.replay_data, "data_sha256": replay_hash,
                           "blocks": pools["replay"].size(0), "ratio": config.replay_ratio}
     # every process takes batch_size blocks a step, in turn from the one ordered stream
-    samples = config.max_steps * config.batch_size * config.gradient_accumulation * \
-        ctx.world_size
+    per_step = config.batch_size * config.gradient_accumulation * ctx.world_size
+    phases = mixture_phases(config.max_steps, per_step, config.replay_ratio,
+                            config.mixture_schedule, config.upsample_fraction,
+                            config.upsample_domain_ratio)
     n_replay = pools["replay"].size(0) if "replay" in pools else 0
-    order = replay_order(domain.size(0), n_replay, samples, config.replay_ratio, config.seed)
-    stream = _Stream(order, pools)
+    order = phased_order(domain.size(0), n_replay, [p["samples"] for p in phases],
+                         [p["replay_ratio"] for p in phases], config.seed)
+    stream = _Stream(order, pools, phases)
+    meta["mixture_schedule"] = {"kind": config.mixture_schedule, "phases": phases}
+    if config.mixture_schedule == "upsample_end":
+        up = phases[-1]
+        ctx.log(f"mixture: replay {config.replay_ratio:g} until step {up['first_step'] - 1}, "
+                f"then domain share {config.upsample_domain_ratio:g} for steps "
+                f"{up['first_step']}-{up['last_step']}")
     n_domain = sum(1 for p, _ in order if p == "domain")
     meta.update(data={"data": config.data, "data_sha256": domain_hash,
                       "domain_blocks": domain.size(0), "block_size": block,
@@ -326,13 +375,11 @@ def run(config: Config, ctx) -> None:
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation,
-        learning_rate=config.max_learning_rate, lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr": config.min_learning_rate},
-        warmup_steps=math.ceil(config.warmup_ratio * config.max_steps),
-        weight_decay=config.weight_decay, max_steps=config.max_steps,
+        **rewarm_trainer_arguments(config.max_steps, config.max_learning_rate,
+                                   config.min_learning_rate, config.warmup_ratio,
+                                   config.weight_decay),  # the mix is read in order
         logging_steps=config.logging_steps, eval_strategy="steps",
         eval_steps=config.eval_steps, eval_on_start=resume_from is None,
-        train_sampling_strategy="sequential",  # the replay mix is laid out in order
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500, save_total_limit=1)
     trainer = Trainer(model=model, args=args, train_dataset=stream,
@@ -356,6 +403,7 @@ def run(config: Config, ctx) -> None:
     meta.update(
         stability_gap=points, steps=trainer.state.global_step, train_loss=result.training_loss,
         served=served_by_all(stream.served, ctx.world_size),
+        served_by_phase=served_by_all(stream.by_phase, ctx.world_size),
         forgetting={"general_ppl_before": start.get("general"),
                     "general_ppl_after": end.get("general"),
                     "rise": end["general"] - start["general"],

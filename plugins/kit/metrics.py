@@ -113,10 +113,14 @@ def pareto_front(points: list[tuple[float, float]], x_way: Direction = "higher",
                  y_way: Direction = "higher") -> list[bool]:
     """For each (x, y) point, whether no other point is at least as good on both axes and
     better on one (the Pareto front; `x_way`/`y_way` say which way is better). Sorted sweep,
-    O(n log n): equal points are all on the front."""
+    O(n log n): equal points are all on the front; a point with a NaN or infinite
+    coordinate is never on it and hides no other."""
+    import math
+
     sx = 1.0 if x_way == "higher" else -1.0
     sy = 1.0 if y_way == "higher" else -1.0
-    keyed = sorted(range(len(points)), key=lambda i: (-sx * points[i][0], -sy * points[i][1]))
+    finite = [i for i, (x, y) in enumerate(points) if math.isfinite(x) and math.isfinite(y)]
+    keyed = sorted(finite, key=lambda i: (-sx * points[i][0], -sy * points[i][1]))
     on = [False] * len(points)
     best_y = float("-inf")  # the best y among points with a strictly better x
     i = 0

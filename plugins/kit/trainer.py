@@ -6,6 +6,7 @@ the plugin record names the hooks (`resources=data_parallel_resources`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -112,7 +113,16 @@ def check_resumable(ctx, config) -> None:
         raise ValueError(f"resume_job: {config.resume_job} is {prior.status}; only a "
                          f"cancelled, failed or interrupted job can be resumed")
     new = config.model_dump(mode="json")
-    differ = [k for k in new if k not in ("resume_job", "name") and prior.config.get(k) != new[k]]
+    fields = type(config).model_fields
+
+    def before(key):  # a field added since the prior job ran (train's batching): its default
+        if key in prior.config:
+            return prior.config[key]
+        if fields[key].is_required():
+            return None
+        return json.loads(json.dumps(fields[key].get_default(call_default_factory=True)))
+
+    differ = [k for k in new if k not in ("resume_job", "name") and before(k) != new[k]]
     if differ:
         raise ValueError(f"resume_job: {config.resume_job} ran with different settings "
                          f"({', '.join(differ)}); resume needs the same ones")

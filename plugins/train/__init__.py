@@ -214,7 +214,7 @@ def resources(config: Config) -> Resources:
 
 
 # ------------------------------------------------------------------------------ data
-def _detect_format(config: Config, columns: list[str], field: str) -> str:
+def detect_format(config: Config, columns: list[str], field: str) -> str:
     fmt = config.data_format
     if fmt == "auto":
         if config.messages_column in columns:
@@ -266,7 +266,7 @@ def prepare_data(config: Config, ctx, tokenizer) -> tuple:
 
     cache = ctx.cache_dir
     rows, fingerprint = load_rows(config.data, "data", cache / "datasets")
-    fmt = _detect_format(config, rows.column_names, "data")
+    fmt = detect_format(config, rows.column_names, "data")
     if fmt == "messages" and not (config.chat_template or tokenizer.chat_template):
         raise ValueError("data is in chat 'messages' format but the tokenizer has no chat "
                          "template; set chat_template")
@@ -283,7 +283,7 @@ def prepare_data(config: Config, ctx, tokenizer) -> tuple:
     evaluation = None
     if config.eval_data:
         eval_rows, eval_fp = load_rows(config.eval_data, "eval_data", cache / "datasets")
-        _detect_format(config.model_copy(update={"data_format": fmt}), eval_rows.column_names,
+        detect_format(config.model_copy(update={"data_format": fmt}), eval_rows.column_names,
                        "eval_data")
         evaluation, _, _ = cached_tokenize(eval_rows, eval_fp, tokenizer, options, encode,
                                            cache / "tokenized", ctx.log)
@@ -317,7 +317,7 @@ def preview(config: Config, view) -> str:
     if config.objective in objectives.PAIR_OBJECTIVES:
         return objectives.preview_pairs(config, view)
     rows, _ = load_rows(config.data, "data", view.cache_dir / "datasets")
-    fmt = _detect_format(config, rows.column_names, "data")
+    fmt = detect_format(config, rows.column_names, "data")
     tokenizer = preview_tokenizer(config, view)
     if fmt == "messages" and not (config.chat_template or tokenizer.chat_template):
         raise ValueError("data is in chat 'messages' format but the tokenizer has no chat "

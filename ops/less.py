@@ -301,6 +301,10 @@ def less_scores(model, candidates: Sequence[dict], targets: Sequence[dict],
                         f"or cut by max_length)")
     learnable = torch.tensor([has_loss(c) for c in candidates], dtype=torch.bool)
     scores = torch.zeros(len(candidates), dtype=torch.float64)
+    if projection is not None and projection.cache is None:
+        # R is drawn again for every batch when it is too big to keep: batches of up to
+        # 256 MiB of gradients draw it that many times fewer
+        batch_size = max(batch_size, min(1024, (256 << 20) // (4 * projection.dim_in)))
     weights = checkpoint_weights([c.learning_rate for c in checkpoints])
     model.eval()
     for checkpoint, weight in zip(checkpoints, weights):
@@ -311,7 +315,7 @@ def less_scores(model, candidates: Sequence[dict], targets: Sequence[dict],
                                  on_example):
             cos = f @ target_features.T                                   # (B, m)
             scores[start:start + len(f)] += weight * cos.mean(dim=1).double().cpu()
-    scores[~learnable] = -math.inf
+    scores[~learnable | ~torch.isfinite(scores)] = -math.inf  # a NaN would scramble the order
     return scores
 
 

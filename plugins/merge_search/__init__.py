@@ -19,7 +19,8 @@ for two decades; it handles the box bounds of every parameter with its BoundTran
 smooth transformation, so the search never proposes an out-of-range weight) and is seeded,
 so a search is reproducible. Writing CMA-ES by hand would only re-derive it worse.
 
-Candidates run one after another in the job's process (see the README: no `parallel` yet).
+Candidates run one after another in the job's process, or `parallel: N` at a time in N
+worker processes (one per GPU on a GPU lab), with the same candidates and scores.
 """
 
 from __future__ import annotations

@@ -86,15 +86,20 @@ def job_table_view(lab: Lab, selected: str | None = None):
 
 def job_detail(lab: Lab, job_id: str | None) -> tuple[str, str, str, object]:
     """(status markdown, progress bar HTML, log tail, metrics DataFrame) for one job."""
+    return _job_view(lab, job_id)[:4]
+
+
+def _job_view(lab: Lab, job_id: str | None) -> tuple[str, str, str, object, dict | None]:
+    """job_detail, and the job's row (None when there is none), read in one connection."""
     import pandas as pd
 
     empty = pd.DataFrame({"step": [], "value": [], "name": []})
     if not job_id:
-        return "Select a job in the table.", "", "", empty
+        return "Select a job in the table.", "", "", empty, None
     with lab.registry() as reg:
         job = reg.job(job_id, missing_ok=True)
         if job is None:
-            return f"No job {markup.md(job_id)}.", "", "", empty
+            return f"No job {markup.md(job_id)}.", "", "", empty, None
         metrics = reg.metrics(job_id)
         made = reg.job_checkpoints(job_id)
         made_data = [d["id"] for d in reg.datasets.made_by(job_id)]
@@ -122,7 +127,7 @@ def job_detail(lab: Lab, job_id: str | None) -> tuple[str, str, str, object]:
     frame = pd.DataFrame({"step": [m["step"] for m in curves],
                           "value": [m["value"] for m in curves],
                           "name": [m["name"] for m in curves]}) if curves else empty
-    return status, bar, log, frame
+    return status, bar, log, frame, job
 
 
 def plotted_metrics(names: list[str], chosen: list[str] | None) -> list[str]:
@@ -135,7 +140,7 @@ def plotted_metrics(names: list[str], chosen: list[str] | None) -> list[str]:
     return default or [n for n in names if "fitness" in n] or names
 
 
-def pareto_frame(lab: Lab, job_id: str | None, frame) -> tuple[object, str, str]:
+def pareto_frame(job: dict | None, frame) -> tuple[object, str, str]:
     """(points, x metric, y metric) of a job whose plugin declares `pareto`: one row per
     candidate that logged both metrics at the same step, with `front` saying whether it is
     on the Pareto front (plugins.kit.metrics says which way each is better); empty when the
@@ -145,14 +150,12 @@ def pareto_frame(lab: Lab, job_id: str | None, frame) -> tuple[object, str, str]
     from plugins.kit.metrics import better, pareto_front
 
     empty = pd.DataFrame({"x": [], "y": [], "front": [], "candidate": []})
-    if not job_id or not len(frame):
+    if job is None or not len(frame):
         return empty, "", ""
-    with lab.registry() as reg:
-        job = reg.job(job_id, missing_ok=True)
     try:
-        plugin = plugins.get(job["plugin"]) if job else None
+        plugin = plugins.get(job["plugin"])
         axes = plugin.pareto(plugin.Config.model_validate_json(job["config"])) \
-            if plugin and plugin.pareto else None
+            if plugin.pareto else None
     except Exception:  # a plugin gone or changed since the job: no plot rather than an error
         axes = None
     if not axes:
@@ -191,12 +194,9 @@ def live_job(lab: Lab, job_id: str | None, chosen: list[str] | None = None) -> t
     button); plots, dropdown and button hidden when they have nothing to show."""
     import gradio as gr
 
-    status, bar, log, frame = job_detail(lab, job_id)
-    points, x_name, y_name = pareto_frame(lab, job_id, frame)
-    suggested = []
-    if job_id:
-        with lab.registry() as reg:
-            suggested = reg.job_suggestions(job_id)
+    status, bar, log, frame, job = _job_view(lab, job_id)
+    points, x_name, y_name = pareto_frame(job, frame)
+    suggested = json.loads(job["suggestions"]) if job and job.get("suggestions") else []
     if suggested:
         status += "\n\n" + suggestion_text(suggested)
     names = sorted(set(frame["name"])) if len(frame) else []

@@ -140,7 +140,7 @@ class Config(PluginConfig):
         return self
 
 
-class _Stream:
+class Stream:
     """Map-style dataset over the mixed order [(pool, index)], counting what it hands out,
     in all and per phase of the mixture schedule ([{"phase", "samples"}] in stream order)."""
 
@@ -168,7 +168,9 @@ class _Stream:
         return {"input_ids": block, "labels": block}
 
 
-def _documents(source: str, field: str, config: Config, ctx, tokenizer) -> tuple[list, str]:
+def documents(source: str, field: str, config: Config, ctx, tokenizer) -> tuple[list, str]:
+    """(token ids per non-empty document of `config.text_column`, the data's fingerprint);
+    mixture_law reads its data through this too."""
     from plugins.kit.data import cached_tokenize, load_rows
 
     cache = ctx.cache_dir
@@ -206,7 +208,7 @@ def served_by_all(served: dict, world_size: int) -> dict:
     return total(None, everyone)
 
 
-def _text_blocks(path, default, field: str, tokenizer, block: int, limit: int, sep: int):
+def text_blocks(path, default, field: str, tokenizer, block: int, limit: int, sep: int):
     from plugins.kit.textfiles import read_text_file
     from ops.continual import pack_documents
 
@@ -276,10 +278,10 @@ def run(config: Config, ctx) -> None:
         raise ValueError(f"block_size ({block}) exceeds the model's max_position_embeddings "
                          f"({max_pos})")
 
-    docs, domain_hash = _documents(config.data, "data", config, ctx, tokenizer)
+    docs, domain_hash = documents(config.data, "data", config, ctx, tokenizer)
     domain = pack_documents(docs, block, sep)  # (N, block)
     if config.domain_eval_file:
-        domain_eval, _ = _text_blocks(config.domain_eval_file, None, "domain_eval_file",
+        domain_eval, _ = text_blocks(config.domain_eval_file, None, "domain_eval_file",
                                       tokenizer, block, config.eval_blocks, sep)
     else:
         if domain.size(0) <= config.eval_blocks:
@@ -287,7 +289,7 @@ def run(config: Config, ctx) -> None:
                              f"eval_blocks ({config.eval_blocks}) would leave none to train "
                              f"on (lower eval_blocks or give domain_eval_file)")
         domain_eval, domain = domain[-config.eval_blocks:], domain[:-config.eval_blocks]
-    general_eval, general_path = _text_blocks(config.general_eval_file, DEMO_HELDOUT,
+    general_eval, general_path = text_blocks(config.general_eval_file, DEMO_HELDOUT,
                                               "general_eval_file", tokenizer, block,
                                               config.eval_blocks, sep)
     if config.domain_subset_blocks:  # a seeded random subset: no selection by quality
@@ -296,7 +298,7 @@ def run(config: Config, ctx) -> None:
         domain = domain[pick.sort().values]
     pools = {"domain": domain}
     if config.replay_data:
-        replay_docs, replay_hash = _documents(config.replay_data, "replay_data", config, ctx,
+        replay_docs, replay_hash = documents(config.replay_data, "replay_data", config, ctx,
                                               tokenizer)
         pools["replay"] = pack_documents(replay_docs, block, sep)
         meta["replay"] = {"data": config.replay_data, "data_sha256": replay_hash,
@@ -309,7 +311,7 @@ def run(config: Config, ctx) -> None:
     n_replay = pools["replay"].size(0) if "replay" in pools else 0
     order = phased_order(domain.size(0), n_replay, [p["samples"] for p in phases],
                          [p["replay_ratio"] for p in phases], config.seed)
-    stream = _Stream(order, pools, phases)
+    stream = Stream(order, pools, phases)
     meta["mixture_schedule"] = {"kind": config.mixture_schedule, "phases": phases}
     if config.mixture_schedule == "upsample_end":
         up = phases[-1]

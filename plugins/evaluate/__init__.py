@@ -214,12 +214,12 @@ def run(config: Config, ctx) -> None:
     jobs = []  # (label, key or None, compute function)
     text = config.perplexity_file()
     if text is not None:
-        jobs.append(_perplexity_job(config, text, config.task or f"ppl:{text.name}",
+        jobs.append(perplexity_job(config, text, config.task or f"ppl:{text.name}",
                                     config.window, config.stride, config.max_tokens, planned))
     if config.suite:
         suite = load_suite(config.suite, ctx.suites_dir)
         for task in select_tasks(suite, config.tasks):
-            jobs.append(_suite_job(config, suite, task, planned))
+            jobs.append(suite_job(config, suite, task, planned))
     if config.lm_eval_tasks:
         jobs.append(_lm_eval_job(config))
 
@@ -252,8 +252,8 @@ def run(config: Config, ctx) -> None:
     ctx.progress(1.0, "done")
 
 
-def _perplexity_job(config: Config, path: Path, task: str, window: int,
-                    stride: int | None, max_tokens: int | None, dtype: str):
+def perplexity_job(config: Config, path: Path, task: str, window: int,
+                   stride: int | None, max_tokens: int | None, dtype: str):
     from plugins.evaluate.suites import file_key
 
     if not path.is_file():
@@ -292,11 +292,11 @@ def _perplexity_job(config: Config, path: Path, task: str, window: int,
     return task, key, compute
 
 
-def _suite_job(config: Config, suite, task, dtype: str):
+def suite_job(config: Config, suite, task, dtype: str):
     from plugins.evaluate.suites import load_items, task_key
 
     if task.type == "perplexity":
-        label, job = f"{suite.name}/{task.name}", _perplexity_job(
+        label, job = f"{suite.name}/{task.name}", perplexity_job(
             config, suite.file(task), f"{suite.name}/{task.name}", task.window, task.stride,
             None, dtype)
         return label, job[1], job[2]

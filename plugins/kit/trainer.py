@@ -140,6 +140,23 @@ def link_model_files(source: Path, dest: Path) -> None:
                 shutil.copy2(f, dest / f.name)
 
 
+def open_for_training(ctx, config):
+    """(checkpoint, its tokenizer with a pad token, config with max_length set): the
+    checkpoint's max_position_embeddings (at most 2048) when empty, refused when above it.
+    For configs with `checkpoint` and `max_length` (train, select_data)."""
+    ck = ctx.open(config.checkpoint)
+    tokenizer = ck.load_tokenizer()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    max_pos = ck.config().get("max_position_embeddings")
+    if config.max_length is None:
+        config = config.model_copy(update={"max_length": min(max_pos or 2048, 2048)})
+    elif max_pos and config.max_length > max_pos:
+        raise ValueError(f"max_length ({config.max_length}) exceeds the model's "
+                         f"max_position_embeddings ({max_pos})")
+    return ck, tokenizer, config
+
+
 def preview_tokenizer(config, view):
     """The tokenizer of the config's checkpoint, without registering anything."""
     from transformers import AutoTokenizer

@@ -628,7 +628,7 @@ class _Candidates:
 
         from transformers.utils import logging as hf_logging
 
-        from plugins.evaluate import Config as EvaluateConfig, _perplexity_job, _suite_job
+        from plugins.evaluate import Config as EvaluateConfig, perplexity_job, suite_job
         from plugins.evaluate.suites import load_suite
         from plugins.kit.assets import DEMO_HELDOUT
 
@@ -645,11 +645,11 @@ class _Candidates:
         evaluate = EvaluateConfig(checkpoint="candidate", suite=setup["suite"],
                                   limit=config.limit, batch_size=config.batch_size,
                                   reuse_scores=False)
-        self.jobs = [_suite_job(evaluate, suite, task, "float32") for task in plan["tasks"]]
+        self.jobs = [suite_job(evaluate, suite, task, "float32") for task in plan["tasks"]]
         self.text = None
         if config.perplexity_penalty:
             path = Path(config.text_file).expanduser() if config.text_file else DEMO_HELDOUT
-            self.text = _perplexity_job(evaluate, path, f"ppl:{path.name}", 256, 128,
+            self.text = perplexity_job(evaluate, path, f"ppl:{path.name}", 256, 128,
                                         config.perplexity_tokens, "float32")
 
     def score(self, values: dict, folder) -> tuple[dict, list, Optional[float]]:

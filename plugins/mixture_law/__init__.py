@@ -144,34 +144,6 @@ class Config(PluginConfig):
 
 
 # ------------------------------------------------------------------------------ the data
-def _documents(source: str, field: str, config: Config, ctx, tokenizer) -> list:
-    from plugins.kit.data import cached_tokenize, load_rows
-
-    rows, fingerprint = load_rows(source, field, ctx.cache_dir / "datasets")
-    if config.text_column not in rows.column_names:
-        raise ValueError(f"{field}: missing column {config.text_column!r}; the data has "
-                         f"columns {rows.column_names}")
-    column = config.text_column
-    docs, _, _ = cached_tokenize(
-        rows, fingerprint, tokenizer, {"documents": column},
-        lambda batch: {"input_ids": tokenizer([str(t) for t in batch[column]],
-                                              add_special_tokens=False)["input_ids"]},
-        ctx.cache_dir / "tokenized", ctx.log)
-    ids = [d for d in docs["input_ids"] if d]
-    if not ids:
-        raise ValueError(f"{field}: {source} has no text")
-    return ids
-
-
-def _text_blocks(path, default, field: str, tokenizer, block: int, limit: int, sep: int):
-    from ops.continual import pack_documents
-    from plugins.kit.textfiles import read_text_file
-
-    _, text = read_text_file(path, field, default)
-    docs = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in text.split("\n\n")]
-    return pack_documents([d for d in docs if d], block, sep)[:limit]
-
-
 def _weights_hash(folder: Path) -> str:
     """sha256 over the checkpoint's config and weight files (names and contents)."""
     h = hashlib.sha256()
@@ -192,21 +164,6 @@ def _tensor_hash(t) -> str:
     return h.hexdigest()
 
 
-class _Mix:
-    """Map-style dataset over a replay order [(pool, index)]."""
-
-    def __init__(self, order, pools):
-        self.order, self.pools = order, pools
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __getitem__(self, i: int) -> dict:
-        pool, j = self.order[i]
-        block = self.pools[pool][j]
-        return {"input_ids": block, "labels": block}
-
-
 # ------------------------------------------------------------------------------- a cell
 def _train_cell(config: Config, ctx, ck, tokenizer, pools, ratio: float, steps: int,
                 out_dir: Path):
@@ -216,6 +173,7 @@ def _train_cell(config: Config, ctx, ck, tokenizer, pools, ratio: float, steps: 
 
     from ops import training as T
     from ops.continual import replay_order, rewarm_trainer_arguments
+    from plugins.continue_pretrain import Stream
 
     model = ck.load_model(device=ctx.device, dtype=torch.float32)
     n_replay = pools["replay"].size(0) if ratio else 0
@@ -227,7 +185,7 @@ def _train_cell(config: Config, ctx, ck, tokenizer, pools, ratio: float, steps: 
         **rewarm_trainer_arguments(steps, config.max_learning_rate, config.min_learning_rate,
                                    config.warmup_ratio, config.weight_decay),
         logging_steps=steps, eval_strategy="no", save_strategy="no")
-    trainer = Trainer(model=model, args=args, train_dataset=_Mix(order, pools),
+    trainer = Trainer(model=model, args=args, train_dataset=Stream(order, pools),
                       processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
     trainer.train()
@@ -252,6 +210,7 @@ class Cells:
         import torch
 
         from ops.continual import pack_documents
+        from plugins.continue_pretrain import documents, text_blocks
 
         self.config, self.ctx = config, ctx
         self.ck = ck = ctx.open(config.checkpoint)
@@ -264,11 +223,11 @@ class Cells:
         if max_pos and block > max_pos:
             raise ValueError(f"block_size ({block}) exceeds the model's "
                              f"max_position_embeddings ({max_pos})")
-        domain = pack_documents(_documents(config.data, "data", config, ctx, tokenizer),
+        domain = pack_documents(documents(config.data, "data", config, ctx, tokenizer)[0],
                                 block, sep)  # (N, block)
         if config.domain_eval_file:
-            domain_eval = _text_blocks(config.domain_eval_file, None, "domain_eval_file",
-                                       tokenizer, block, config.eval_blocks, sep)
+            domain_eval, _ = text_blocks(config.domain_eval_file, None, "domain_eval_file",
+                                         tokenizer, block, config.eval_blocks, sep)
         else:
             if domain.size(0) <= config.eval_blocks:
                 raise ValueError(f"data packs into {domain.size(0)} blocks of {block}; "
@@ -276,11 +235,11 @@ class Cells:
                                  f"none to train on (lower eval_blocks or give "
                                  f"domain_eval_file)")
             domain_eval, domain = domain[-config.eval_blocks:], domain[:-config.eval_blocks]
-        general_eval = _text_blocks(config.general_eval_file, DEMO_HELDOUT,
-                                    "general_eval_file", tokenizer, block, config.eval_blocks,
-                                    sep)
-        replay = pack_documents(_documents(config.replay_data, "replay_data", config, ctx,
-                                           tokenizer), block, sep)
+        general_eval, _ = text_blocks(config.general_eval_file, DEMO_HELDOUT,
+                                      "general_eval_file", tokenizer, block,
+                                      config.eval_blocks, sep)
+        replay = pack_documents(documents(config.replay_data, "replay_data", config, ctx,
+                                          tokenizer)[0], block, sep)
         self.pools = {"domain": domain, "replay": replay}
         self.evals = {"domain": domain_eval, "general": general_eval}
         self.block = block

@@ -269,17 +269,9 @@ def run(config: Config, ctx) -> None:
 
     from ops import less
     from ops import training as T
+    from plugins.kit.trainer import open_for_training
 
-    ck = ctx.open(config.checkpoint)
-    tokenizer = ck.load_tokenizer()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    max_pos = ck.config().get("max_position_embeddings")
-    if config.max_length is None:
-        config = config.model_copy(update={"max_length": min(max_pos or 2048, 2048)})
-    elif max_pos and config.max_length > max_pos:
-        raise ValueError(f"max_length ({config.max_length}) exceeds the model's "
-                         f"max_position_embeddings ({max_pos})")
+    ck, tokenizer, config = open_for_training(ctx, config)
     pool_rows, pool_enc, pool_fp, fmt = _encoded(config, ctx, tokenizer, config.pool, "pool")
     target_rows, target_enc, target_fp, _ = _encoded(
         config.model_copy(update={"data_format": fmt}), ctx, tokenizer, config.targets,

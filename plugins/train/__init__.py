@@ -16,8 +16,8 @@ from plugins import (ADVANCED, CPU_LABS_ONLY, GPU_LABS_ONLY, LOG_SCALE, METHOD_S
 from plugins.kit.trainer import (CpuProcesses, DistributedMode, GpuCount, PREVIEW_ROWS,
                                  check_layer_list, check_resumable, data_parallel_lab_problems,
                                  data_parallel_problem, data_parallel_resources, length_table,
-                                 link_model_files, preview_tokenizer, run_dir_for,
-                                 trainable_layers)
+                                 link_model_files, open_for_training, preview_tokenizer,
+                                 run_dir_for, trainable_layers)
 from plugins.train import objectives
 from plugins.train.objectives import (Beta, ChosenColumn, DistillAlpha, DistillTemperature,
                                       Objective, Reference, RejectedColumn, Teacher)
@@ -380,16 +380,7 @@ def run(config: Config, ctx) -> None:
     if config.method == "qlora" and not ctx.device.startswith("cuda"):
         raise ValueError("method: qlora needs a CUDA GPU (4-bit bitsandbytes); this job runs "
                          "on CPU")
-    ck = ctx.open(config.checkpoint)
-    tokenizer = ck.load_tokenizer()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    max_pos = ck.config().get("max_position_embeddings")
-    if config.max_length is None:
-        config = config.model_copy(update={"max_length": min(max_pos or 2048, 2048)})
-    elif max_pos and config.max_length > max_pos:
-        raise ValueError(f"max_length ({config.max_length}) exceeds the model's "
-                         f"max_position_embeddings ({max_pos})")
+    ck, tokenizer, config = open_for_training(ctx, config)
     train, evaluation, data_info = objectives.prepare(config, ctx, tokenizer, prepare_data)
     ctx.progress(0.02, "data ready")
 

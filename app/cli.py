@@ -309,11 +309,16 @@ def cmd_cancel(args) -> int:
     from app.auth import NotAllowed
 
     lab = _lab(args)
+    from app.executors import ExecutorError
+
     try:
         job = jobs_mod.cancel(lab, args.job, user=_acting_user(lab, args))
     except NotAllowed as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ExecutorError as e:  # the cluster engine did not answer: the job is as it was
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps({"job": job["id"], "status": job["status"]}))
     return 0
 

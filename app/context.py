@@ -152,7 +152,8 @@ class JobContext:
     def device(self) -> str:
         """'cuda' when the scheduler gave this job a GPU (and torch can use it), else 'cpu'."""
         if self._device is None:
-            assigned = (self.job.get("device") or "cpu").startswith("cuda")
+            placed = self.job.get("device") or "cpu"  # cuda:0,1; or ray:cuda (app/executors)
+            assigned = placed.startswith("cuda") or placed.endswith(":cuda")
             self._device = "cpu"
             if assigned:
                 import torch
@@ -343,6 +344,10 @@ class JobContext:
         self.log(f"registered checkpoint {row['id']} ({row['name']})")
         for task, metric, value, stderr, details in pending.evaluations:
             self.evaluation(row["id"], task, metric, value, stderr, details)
+        note = getattr(self.registry, "note", None)
+        if note is not None:  # a worker on another node: the server queues it on replay
+            note("auto_eval", checkpoint=row["id"])
+            return row
         from app.jobs import queue_auto_eval  # app.jobs imports plugins: import when needed
 
         queue_auto_eval(self.lab, row, source_plugin=self.job.get("plugin"), log=self.log)

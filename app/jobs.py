@@ -333,7 +333,11 @@ def cancel(lab: Lab, job_id: str, user: str | None = None) -> dict:
         if job["status"] != "running":
             return job
         reg.update_job(job_id, cancel_requested=1)
-        if process_alive(job["pid"], job["pid_started"]):
+        if job.get("executor"):  # the engine ends the worker's whole process tree
+            from app.executors import executor_for
+
+            executor_for(lab.settings, job["executor"]).stop(job["engine_id"] or job_id)
+        elif process_alive(job["pid"], job["pid_started"]):
             kill_tree(job["pid"], lab.settings.cancel_grace_seconds)
         reg.update_job(job_id, only_if_status=("running",), status="cancelled",
                        finished_at=now(), error="cancelled by user")

@@ -23,7 +23,8 @@ class SettingsError(ValueError):
     pass
 
 
-BOOLEAN_SETTINGS = ("allow_trust_remote_code", "auto_eval", "warm_workers")
+EXECUTORS = ("local", "ray")  # app/executors
+BOOLEAN_SETTINGS = ("allow_trust_remote_code", "auto_eval", "warm_workers", "cluster_gpus")
 
 
 @dataclass
@@ -54,6 +55,18 @@ class Settings:
     # the server starts jobs through a fork server with torch and transformers imported
     # (app/forkserver.py): a short job starts in milliseconds instead of seconds
     warm_workers: bool = True
+    # where jobs run (app/executors): "local", this machine's scheduler; "ray", a Ray
+    # cluster's Jobs API at `ray_address`. A cluster engine runs at most `cluster_max_jobs`
+    # of the lab's jobs at once (the rest wait in the lab's fair queue), each as
+    # `cluster_python -m app.worker` (default: this server's Python, which every node must
+    # have at the same path, like the lab folder itself)
+    executor: str = "local"
+    ray_address: str = "http://127.0.0.1:8265"
+    cluster_max_jobs: int = 4
+    cluster_python: str = ""
+    # whether a job that uses a GPU asks the cluster engine for its GPUs (false: a CPU-only
+    # cluster, where every job runs on CPU)
+    cluster_gpus: bool = True
 
     @classmethod
     def load(cls, lab_dir: Path) -> "Settings":
@@ -80,11 +93,16 @@ class Settings:
                     isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
                 raise SettingsError(f"setting {name}: expected a list of folder paths, "
                                     f"got {value!r}")
-            if name in ("cpu_slots", "jobs_per_gpu", "max_upload_mb") and \
-                    (not isinstance(value, int) or value < 1):
+            if name in ("cpu_slots", "jobs_per_gpu", "max_upload_mb", "cluster_max_jobs") \
+                    and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise SettingsError(f"setting {name}: expected an integer >= 1, got {value!r}")
             if name in BOOLEAN_SETTINGS and not isinstance(value, bool):
                 raise SettingsError(f"setting {name}: expected true or false, got {value!r}")
+            if name == "executor" and value not in EXECUTORS:
+                raise SettingsError(f"setting executor: expected one of "
+                                    f"{', '.join(EXECUTORS)}, got {value!r}")
+            if name in ("ray_address", "cluster_python") and not isinstance(value, str):
+                raise SettingsError(f"setting {name}: expected a string, got {value!r}")
             if name == "auto_eval_suite" and not (isinstance(value, str) and value.strip()):
                 raise SettingsError(f"setting {name}: expected a suite name or path, got "
                                     f"{value!r}")
@@ -100,7 +118,7 @@ def _parse_env(name: str, raw: str):
         return [int(x) for x in raw.split(",") if x.strip()] if raw.strip() else []
     if name in ("allowed_roots", "code_roots"):
         return [p for p in raw.split(os.pathsep) if p.strip()]
-    if name in ("cpu_slots", "jobs_per_gpu", "max_upload_mb"):
+    if name in ("cpu_slots", "jobs_per_gpu", "max_upload_mb", "cluster_max_jobs"):
         try:
             return int(raw)
         except ValueError:
@@ -135,6 +153,7 @@ class Lab:
         self.checkpoints_dir.mkdir(exist_ok=True)
         self.jobs_dir.mkdir(exist_ok=True)
         self.settings = Settings.load(self.root)
+        self.open_registry = None  # set by a remote worker: it never opens registry.db
 
     @property
     def db_path(self) -> Path:
@@ -155,6 +174,10 @@ class Lab:
         return self.root / "jobs"
 
     def registry(self) -> Registry:
+        """A new connection to the lab's registry; on a remote worker (app/worker.py
+        --remote), a JournalRegistry over its snapshot instead (`open_registry`)."""
+        if self.open_registry is not None:
+            return self.open_registry()
         return Registry(self.db_path)
 
     def job_dir(self, job_id: str) -> Path:

@@ -151,6 +151,8 @@ class Scheduler:
         self._looping = False  # run_forever is running (it owns the two above meanwhile)
         self._registry = None
         self._gpus: dict[str, int] = {}  # GPUs of queued jobs whose row predates the column
+        self._executors: dict = {}  # cluster executors by name, made when first needed
+        self._engine_warned: dict[str, str] = {}  # the last "unreachable" said per engine
         gpus = lab.settings.gpus if lab.settings.gpus is not None else detect_gpus()
         self.gpu_capacity = {f"cuda:{i}": lab.settings.jobs_per_gpu for i in gpus}
         self.cpu_capacity = lab.settings.cpu_slots
@@ -188,6 +190,10 @@ class Scheduler:
             self._registry = None
         if self.warm is not None:
             self.warm.close()
+        for executor in self._executors.values():
+            if executor is not None:
+                executor.close()
+        self._executors.clear()
 
     @property
     def registry(self):
@@ -200,6 +206,8 @@ class Scheduler:
         """At start: jobs recorded as running whose process is gone become `interrupted`."""
         lost = []
         for job in self.registry.jobs(status="running", limit=10_000):
+            if job.get("executor"):  # a cluster engine's: _watch_cluster asks the engine
+                continue
             if job["id"] not in self.children and not process_alive(job["pid"],
                                                                       job["pid_started"]):
                 self._finish_lost(job, "interrupted",
@@ -220,6 +228,7 @@ class Scheduler:
             if job["status"] == "running":  # the worker died before recording its end
                 status = "cancelled" if job["cancel_requested"] else "failed"
                 self._finish_lost(job, status, f"worker exited with code {code}", code)
+        self._watch_cluster()
         self.recover()  # adopted jobs (started by an earlier server) that have since died
         self._start_queued(only)
 
@@ -266,7 +275,11 @@ class Scheduler:
             return
         running = self.registry.jobs(status="running", limit=10_000)
         queued = fair_order(queued, running, self.registry.last_starts())
-        busy = Counter(d for j in running for d in device_list(j["device"]))
+        if self.lab.settings.executor != "local":
+            self._hand_over_queued(queued, running, only)
+            return
+        busy = Counter(d for j in running if not j.get("executor")
+                       for d in device_list(j["device"]))
         gpu_waiting = False  # a GPU job is waiting: later ones must not take its GPUs
         for job in queued:
             if only and job["id"] != only:
@@ -323,6 +336,149 @@ class Scheduler:
         log.info("started job %s (%s) on %s as pid %d (%s worker)", job["id"], job["plugin"],
                  device, proc.pid, how)
         return True
+
+    # ------------------------------------------------------------------ cluster executors
+    def _executor(self, name: str):
+        from app.executors import executor_for
+
+        if name not in self._executors:
+            self._executors[name] = executor_for(self.lab.settings, name)
+        return self._executors[name]
+
+    def _hand_over_queued(self, queued: list[dict], running: list[dict],
+                          only: str | None) -> None:
+        """Hand queued jobs, in fair order, to the lab's cluster engine while it runs fewer
+        than `cluster_max_jobs` of them; the engine places each on a node with room."""
+        import plugins
+
+        name = self.lab.settings.executor
+        free = self.lab.settings.cluster_max_jobs - sum(1 for j in running if j.get("executor"))
+        for job in queued:
+            if free <= 0:
+                return
+            if only and job["id"] != only:
+                continue
+            try:
+                plugin = plugins.get(job["plugin"])
+                config = plugins.validate_config(plugin, json.loads(job["config"]))
+                gpus = self._job_gpus(job, plugin) \
+                    if plugin.uses_gpu and self.lab.settings.cluster_gpus else 0
+                processes = plugin.needs(config).processes("cuda" if gpus else "cpu")
+            except (plugins.PluginError, plugins.ConfigError, ValueError) as e:
+                self.registry.update_job(job["id"], only_if_status=("queued",), status="failed",
+                                         finished_at=now(), error=str(e))
+                continue
+            if processes > 1:
+                self.registry.update_job(
+                    job["id"], only_if_status=("queued",), status="failed", finished_at=now(),
+                    error=f"the job runs as {processes} processes; on the {name} executor a "
+                          f"job runs as one process for now (set gpus / cpu_processes to 1)")
+                continue
+            if self.hand_over(job, name, gpus):
+                free -= 1
+
+    def hand_over(self, job: dict, name: str, gpus: int) -> bool:
+        """Start a queued job through cluster executor `name`; False if someone else claimed
+        it first or the engine refused it (the job then failed with the engine's reason)."""
+        from app.executors import ExecutorError, Needs, Submission
+        from registry.journal import SNAPSHOT
+
+        device = f"{name}:{'cuda' if gpus else 'cpu'}"
+        if not self.registry.update_job(job["id"], only_if_status=("queued",), status="running",
+                                        device=device, started_at=now(), executor=name,
+                                        engine_id=job["id"], journal_offset=0):
+            return False
+        job_dir = Path(job["job_dir"] or self.lab.job_dir(job["id"]))
+        job_dir.mkdir(parents=True, exist_ok=True)
+        self.registry.snapshot(job_dir / SNAPSHOT)  # what the worker reads instead of the db
+        python = self.lab.settings.cluster_python or sys.executable
+        env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        # the lab's settings overrides and plugin list are the server's; never a secret
+        # (the engine shows a job's environment to whoever can see its dashboard)
+        for key, value in os.environ.items():
+            if (key.startswith("WEIGHTSMITH_") or key in ("HF_HOME", "HF_ENDPOINT")) and \
+                    not any(word in key for word in ("TOKEN", "SECRET", "PASSWORD", "KEY")):
+                env[key] = value
+        if not gpus:  # Ray leaves a GPU-less job the node's GPUs: it must not use them
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        sub = Submission(job["id"], [python, "-m", "app.worker", job["id"], "--lab",
+                                     str(self.lab.root), "--remote"],
+                         env=env, cwd=str(job_dir), needs=Needs(gpus=gpus, cpus=1),
+                         stop_grace_s=self.lab.settings.cancel_grace_seconds)
+        try:
+            engine_id = self._executor(name).submit(sub)
+        except ExecutorError as e:
+            self.registry.update_job(job["id"], only_if_status=("running",), status="failed",
+                                     finished_at=now(),
+                                     error=f"could not hand the job to {name}: {e}")
+            (job_dir / SNAPSHOT).unlink(missing_ok=True)
+            log.warning("job %s: %s refused it: %s", job["id"], name, e)
+            return False
+        self.registry.update_job(job["id"], engine_id=engine_id)
+        log.info("handed job %s (%s) to %s as %s (%d GPUs)", job["id"], job["plugin"], name,
+                 engine_id, gpus)
+        return True
+
+    def _watch_cluster(self) -> None:
+        """Each running job of a cluster engine: replay its journal's new lines, and when the
+        engine says it has ended without the worker having recorded its end (killed, out of
+        memory, a node lost), record that, with the engine's reason. A job the engine no
+        longer knows (the cluster was restarted) is `interrupted`. This is also how a
+        restarted server re-attaches: it asks the engine about every job still running."""
+        from app.executors import FINAL, GONE, PENDING, ExecutorError
+        from app.ingest import ingest
+
+        for job in self.registry.jobs(status="running", limit=10_000):
+            name = job.get("executor")
+            if not name:
+                continue
+            try:
+                executor = self._executor(name)
+                engine = executor.state(job["engine_id"] or job["id"])  # before the replay
+            except ExecutorError as e:  # unreachable now: the job's rows wait for it
+                if self._engine_warned.get(name) != str(e):
+                    log.warning("cannot ask %s about its jobs: %s", name, e)
+                    self._engine_warned[name] = str(e)
+                ingest(self.lab, self.registry, job["id"])
+                continue
+            self._engine_warned.pop(name, None)
+            job = ingest(self.lab, self.registry, job["id"])
+            if job["refused"] and engine.state not in FINAL:  # the lab failed it: end it
+                try:
+                    executor.stop(job["engine_id"] or job["id"])
+                except ExecutorError as e:
+                    log.warning("job %s: could not stop it on %s: %s", job["id"], name, e)
+            if job["status"] != "running":
+                if job["status"] == "succeeded" and self.lab.settings.hub_sync_repo:
+                    self._sync_after(job)
+                continue
+            if engine.state not in FINAL:
+                if engine.state == PENDING and not job["progress"]:  # say why it waits
+                    waiting = f"waiting in {name}" + (f": {engine.message}"
+                                                      if engine.message else "")
+                    if job["progress_message"] != waiting[:300]:
+                        self.registry.update_job(job["id"], only_if_status=("running",),
+                                                 progress_message=waiting[:300])
+                continue
+            status = ("cancelled" if job["cancel_requested"] else
+                      "interrupted" if engine.state == GONE else "failed")
+            reason = f"{name} reports the job {engine.state}" + \
+                (f": {engine.message}" if engine.message else "")
+            if engine.state != GONE and not log_tail(job["log_path"]):
+                try:  # the worker never reached its log (the node could not see the lab)
+                    reason += "\n" + "\n".join(executor.logs(job["engine_id"] or job["id"])
+                                                .splitlines()[-20:])
+                except ExecutorError:
+                    pass
+            self._finish_lost(job, status, reason)
+
+    def _sync_after(self, job: dict) -> None:
+        try:
+            hub.sync_registry(self.registry, self.lab.settings.hub_sync_repo,
+                              log=lambda m: log.info("job %s: %s", job["id"], m))
+        except Exception as e:  # noqa: BLE001 - the Hub being down must not fail the job
+            log.warning("hub sync after job %s failed: %s", job["id"], e)
 
     @staticmethod
     def _job_env(device: str) -> dict:

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import traceback
+from pathlib import Path
 
 import plugins
 from app.context import JobCancelled, JobContext, NewCheckpoint
@@ -252,22 +253,71 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lab", required=True)
     parser.add_argument("--rank", action="store_true",
                         help="one of the processes of a launched job (see launch_command)")
+    parser.add_argument("--remote", action="store_true",
+                        help="started by a cluster engine, maybe on another node: never opens "
+                             "registry.db (registry/journal.py)")
     args = parser.parse_args(argv)
 
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if args.remote:
+        return run_remote(Path(args.lab), args.job_id)
     sys.stdout, sys.stderr = hub.RedactingStream(sys.stdout), hub.RedactingStream(sys.stderr)
     _quiet_progress_bars()
     lab = Lab(args.lab)
     if args.rank:
         return run_rank(lab, args.job_id)
+    return run_job(lab, args.job_id)
+
+
+def run_remote(lab_root: Path, job_id: str) -> int:
+    """A job a cluster engine started (app/executors): the lab folder is shared storage,
+    the registry is the job folder's snapshot and journal (registry/journal.py), and the
+    log is the job folder's log.txt, as for a job on the server's machine."""
+    import socket
+    import tempfile
+
+    from registry.journal import SNAPSHOT, JournalRegistry
+
+    job_dir = lab_root / "jobs" / job_id
+    if not (job_dir / SNAPSHOT).is_file():  # said on stderr: the engine's log keeps it
+        print(f"error: node {socket.gethostname()} cannot see the lab's job folder {job_dir} "
+              f"(no {SNAPSHOT} there). The lab folder must be on storage that every node of "
+              f"the cluster mounts at the same path; see the README's \"Running on a "
+              f"cluster\".", file=sys.stderr, flush=True)
+        return 2
+    log_fd = os.open(job_dir / "log.txt", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    sys.stdout, sys.stderr = hub.RedactingStream(sys.stdout), hub.RedactingStream(sys.stderr)
+    _quiet_progress_bars()
+    local = Path(tempfile.mkdtemp(prefix=f"weightsmith-{job_id}-"))  # this node's own disk
+    try:
+        lab = Lab(lab_root, create=False)
+        lab.open_registry = lambda: JournalRegistry.open(job_dir, local)
+        print(f"job {job_id}: on node {socket.gethostname()}; registry: a snapshot, "
+              f"written back through {job_dir.name}/registry-journal.jsonl", flush=True)
+        return run_job(lab, job_id, remote=True)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def run_job(lab: Lab, job_id: str, remote: bool = False) -> int:
+    """Run one job in this process (or through accelerate launch) and record its end."""
     reg = lab.registry()
-    job = reg.job(args.job_id)
+    job = reg.job(job_id)
     ctx = JobContext(lab, reg, job)
     ctx.log(f"job {job['id']}: plugin {job['plugin']} on {job['device']}")
     try:
         plugin = plugins.get(job["plugin"])
         config = plugins.validate_config(plugin, json.loads(job["config"]))
-        processes = processes_for(plugin, config, job["device"] or "cpu")
+        device = job["device"] or "cpu"
+        processes = processes_for(plugin, config, device.split(":")[-1] if remote else device)
+        if processes > 1 and remote:
+            raise RankFailed(f"the job asks for {processes} processes; on a cluster executor "
+                             f"a job runs as one process for now")
         if processes > 1:
             created = launch(ctx, plugin, config, processes)
         else:
@@ -277,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                        progress=1.0, finished_at=now(), exit_code=0)
         ctx.log(f"job {job['id']} succeeded; checkpoints: "
                 f"{', '.join(r['id'] for r in created) or 'none'}")
-        if lab.settings.hub_sync_repo:
+        if lab.settings.hub_sync_repo and not remote:  # a remote job's: the server's, after
             _auto_sync(lab, reg, ctx)
         return 0
     except JobCancelled:

@@ -192,9 +192,20 @@ def _v10(db: sqlite_utils.Database) -> None:
     db["jobs"].add_column("suggestions", str)
 
 
+def _v11(db: sqlite_utils.Database) -> None:
+    # jobs run by a cluster engine (app/executors): which executor ran it (NULL: this
+    # machine's scheduler), the engine's id for it, and how far into the job folder's
+    # journal (registry/journal.py) the server has replayed, in bytes: a restarted server
+    # goes on from there, and a line is never applied twice
+    db["jobs"].add_column("executor", str)
+    db["jobs"].add_column("engine_id", str)
+    db["jobs"].add_column("journal_offset", int, not_null_default=0)
+
+
 # Forward migrations, applied in order; never edit one that has shipped, append a new one.
 MIGRATIONS: list[tuple[int, Any]] = [(1, _v1), (2, _v2), (3, _v3), (4, _v4), (5, _v5),
-                                     (6, _v6), (7, _v7), (8, _v8), (9, _v9), (10, _v10)]
+                                     (6, _v6), (7, _v7), (8, _v8), (9, _v9), (10, _v10),
+                                     (11, _v11)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import secrets
 import sqlite3
 from pathlib import Path
@@ -654,6 +655,27 @@ class Registry:
             "SELECT id FROM checkpoints WHERE job_id = ? ORDER BY created_at", [job_id])]
 
     # ---------------------------------------------------------------------------- access
+    def columns(self, table: str) -> set[str]:
+        """The column names of one of the registry's tables."""
+        if table not in self.db.table_names():
+            raise RegistryError(f"no table {table!r} in the registry")
+        return set(self.db[table].columns_dict)
+
+    def snapshot(self, dest: str | Path) -> None:
+        """A consistent copy of the whole registry in one file at `dest` (SQLite's online
+        backup: readers and writers go on meanwhile), for a worker on another node, which
+        must not open this file (registry/journal.py)."""
+        dest = Path(dest)
+        tmp = dest.with_name(dest.name + ".part")
+        tmp.unlink(missing_ok=True)
+        target = sqlite3.connect(str(tmp))
+        try:
+            self.db.conn.backup(target)
+            target.execute("PRAGMA journal_mode = DELETE")  # one self-contained file
+        finally:
+            target.close()
+        os.replace(tmp, dest)  # a reader never sees half a copy
+
     def read_only(self) -> None:
         """From now on this connection refuses writes (a distributed job's other ranks:
         rank 0 records)."""

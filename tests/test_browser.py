@@ -127,8 +127,10 @@ def test_evaluate_demo_by_clicking_then_lineage(page):
     assert "perplexity" in text  # the score is on the node
     shot(page, "3-registry-lineage")
     ck_id = page.get_by_label("Selected checkpoint").input_value()
+    expect(page.locator("#use-plugin input")).to_have_value("Evaluate", timeout=30_000)
     page.get_by_role("button", name="Use as input").click()  # opens Evaluate, filled in
-    expect(page.locator("#nav-plugin-evaluate")).to_have_class(re.compile("ws-nav-on"))
+    expect(page.locator("#nav-plugin-evaluate")).to_have_class(re.compile("ws-nav-on"),
+                                                                timeout=30_000)
     expect(page.get_by_label("checkpoint *").locator("visible=true").first).to_have_value(
         re.compile(ck_id))
 

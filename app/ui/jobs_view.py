@@ -230,11 +230,13 @@ def submit_suggestion(lab: Lab, job_id: str | None, user: str | None = None) -> 
 def stop_job(lab: Lab, job_id: str | None, user: str | None = None) -> str:
     if not job_id:
         return "Select a job first."
+    from app.executors import ExecutorError
+
     try:
         job = jobs_mod.cancel(lab, job_id, user=user)
     except NotAllowed as e:
         return f"**Not stopped.** {markup.md(e)}"
-    except RegistryError as e:
+    except (RegistryError, ExecutorError) as e:  # ExecutorError: the cluster did not answer
         return f"**Not stopped.** {markup.md(e)}"
     return f"{markup.md(job_id)}: {markup.md(job['status'])}"
 

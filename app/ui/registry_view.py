@@ -689,7 +689,8 @@ def build(lab: Lab, tabs, found: dict, first_checkpoint: dict) -> RegistryView:
                 download_msg = text_md(elem_id="download-message")
         with gr.Row():
             use_plugin = gr.Dropdown(choices=[(found[n].title, n) for n in first_checkpoint],
-                                     label="Use as input of", scale=2)
+                                     label="Use as input of", scale=2,
+                                     elem_id="use-plugin")
             use = gr.Button("Use as input", scale=1)
         next_hint = text_md(elem_id="next-step")
         graph = lineage_block(lab, "lineage", whole_lab=True, selected=selected)
@@ -737,7 +738,10 @@ def build(lab: Lab, tabs, found: dict, first_checkpoint: dict) -> RegistryView:
                     api_visibility="private")
     names = list(first_checkpoint)
     lists = frozenset(n for n in names if getattr(first_checkpoint[n], "multiselect", False))
-    use.click(lambda p, c: use_as_input(p, c, names, lists), inputs=[use_plugin, selected],
+    # Before the selection's next_step update lands (it queues behind the lineage), the
+    # dropdown is still empty: use the plugin it is about to show rather than do nothing.
+    use.click(lambda p, c: use_as_input(p or suggested_next(lab, c)[0], c, names, lists),
+              inputs=[use_plugin, selected],
               outputs=[tabs] + [first_checkpoint[n] for n in names], api_name="use_as_input",
               api_visibility="private")
     return RegistryView(search, table, selected, graph)

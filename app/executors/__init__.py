@@ -1,0 +1,92 @@
+"""Where a job's worker process runs: this machine (`local`, the scheduler's own
+subprocesses, app/scheduler.py) or a cluster engine (`ray`), chosen by the lab setting
+`executor`.
+
+A cluster executor only starts, watches and stops `python -m app.worker JOB --lab DIR
+--remote` through the engine's own API; it keeps no state of its own (the engine's id of a
+job is on the job's row, `engine_id`), so a restarted server re-attaches by asking the
+engine. The remote worker never opens registry.db (SQLite's locks are not safe over a
+network file system): it reads a snapshot the server wrote into the job folder and writes
+its registry calls to the job folder's journal, which the server replays
+(registry/journal.py, app/ingest.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from app.lab import EXECUTORS  # noqa: F401 - the settings check them
+
+# engine states, as the scheduler reads them
+PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED, GONE = (
+    "pending", "running", "succeeded", "failed", "stopped", "gone")
+FINAL = (SUCCEEDED, FAILED, STOPPED, GONE)
+
+
+class ExecutorError(RuntimeError):
+    """The engine refused or could not be reached; the message says which and how to fix it."""
+
+
+@dataclass
+class Needs:
+    """What one job asks of the engine."""
+
+    gpus: int = 0
+    cpus: float = 1.0
+    memory_bytes: int | None = None  # None: the engine's default
+
+
+@dataclass
+class EngineState:
+    state: str  # one of PENDING .. GONE
+    message: str = ""  # the engine's own words (a failure's reason), shown on the job
+
+
+@dataclass
+class Submission:
+    """A worker to start: the command line, its environment additions and working folder."""
+
+    job_id: str
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str = ""
+    needs: Needs = field(default_factory=Needs)
+    stop_grace_s: float | None = None  # Stop: SIGTERM, then SIGKILL after this long
+
+
+class Executor:
+    """A cluster engine, through its own API. Every method may raise ExecutorError."""
+
+    name = ""
+
+    def submit(self, sub: Submission) -> str:
+        """Hand the worker to the engine; returns the engine's id for it."""
+        raise NotImplementedError
+
+    def state(self, engine_id: str) -> EngineState:
+        """Where the worker is now; GONE when the engine no longer knows the id."""
+        raise NotImplementedError
+
+    def logs(self, engine_id: str) -> str:
+        """The worker's whole output so far, as the engine kept it ("" when none)."""
+        raise NotImplementedError
+
+    def stop(self, engine_id: str) -> None:
+        """End the worker and every process it started; returns once the engine has it."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def executor_for(settings, name: str | None = None) -> Executor | None:
+    """The cluster executor `name` (default: the lab's setting `executor`) with the lab's
+    settings; None for `local`."""
+    kind = name or settings.executor
+    if kind == "local":
+        return None
+    if kind == "ray":
+        from app.executors.ray import RayExecutor
+
+        return RayExecutor(settings.ray_address)
+    raise ExecutorError(f"unknown executor {kind!r}; expected one of {', '.join(EXECUTORS)}")

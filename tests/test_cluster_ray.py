@@ -1,0 +1,124 @@
+"""The job battery through a real Ray cluster (issue 22): a one-node head on loopback
+(tests/ray_cluster.py), the lab's `executor = "ray"`, the scheduler as the server runs it.
+The head's processes cannot open any registry.db (tests/remote_node), as a node that mounts
+the lab folder over NFS must not."""
+
+import os
+import signal
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.fake_engine import GUARD
+from tests.ray_cluster import ray_address  # noqa: F401 - the session's head
+from tests.test_jobs import gone
+from tests.test_remote_worker import run_to_end, scheduler_for
+
+
+@pytest.fixture
+def ray_lab(lab_dir, monkeypatch, ray_address):  # noqa: F811
+    import plugins
+    from app.lab import Lab
+
+    monkeypatch.setenv("WEIGHTSMITH_EXECUTOR", "ray")
+    monkeypatch.setenv("WEIGHTSMITH_RAY_ADDRESS", ray_address)
+    monkeypatch.setenv("WEIGHTSMITH_CLUSTER_GPUS", "false")
+    # the jobs' processes play a node that cannot open registry.db (tests/remote_node)
+    monkeypatch.setenv("WEIGHTSMITH_TEST_REMOTE_LAB", str(lab_dir))
+    monkeypatch.setenv("WEIGHTSMITH_TEST_REMOTE_SAY", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [
+        str(GUARD), os.environ.get("PYTHONPATH")])))
+    plugins.discover(refresh=True)
+    lab = Lab(lab_dir)
+    yield lab
+    from app.executors import executor_for
+
+    ray = executor_for(lab.settings)
+    with lab.registry() as reg:
+        for job in reg.jobs(status="running", limit=100):
+            ray.stop(job["id"])
+
+
+def _start_sleeper(lab, tmp_path, seconds=60):
+    from app import jobs
+
+    pid_file = tmp_path / "pids"
+    job = jobs.submit(lab, "test_sleep", {"seconds": seconds, "pid_file": str(pid_file)})
+    scheduler = scheduler_for(lab)
+    wait_for(lambda: (scheduler.tick(), pid_file.exists())[1], 120, interval=0.2,
+             what="the sleeper to start on Ray")
+    return job["id"], scheduler, [int(p) for p in pid_file.read_text().split()]
+
+
+def test_a_job_on_ray_registers_its_checkpoint_with_lineage(ray_lab, tiny_model_dir):
+    from app import jobs
+
+    job = jobs.submit(ray_lab, "test_copy", {"source": str(tiny_model_dir), "name": "c"})
+    job = run_to_end(ray_lab, job["id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["executor"] == "ray" and job["engine_id"] == job["id"]
+    with ray_lab.registry() as reg:
+        (ck_id,) = reg.job_checkpoints(job["id"])
+        (parent,) = reg.parents(ck_id)
+        metrics = reg.metrics(job["id"])
+    assert parent["relation"] == "finetune" and reg is not None
+    assert metrics[0]["name"] == "copied_files" and metrics[0]["value"] > 0
+    log = (ray_lab.job_dir(job["id"]) / "log.txt").read_text()
+    assert "on node" in log and "succeeded" in log
+    from app.executors import executor_for  # Ray's own log: before the worker's log.txt
+
+    assert "registry.db cannot be opened here" in executor_for(ray_lab.settings).logs(job["id"])
+
+
+def test_a_failing_job_on_ray_records_its_own_error(ray_lab):
+    from app import jobs
+
+    job = jobs.submit(ray_lab, "test_crash", {"message": "ray boom"})
+    job = run_to_end(ray_lab, job["id"])
+    assert job["status"] == "failed" and "RuntimeError: ray boom" in job["error"]
+
+
+def test_stop_on_ray_ends_the_whole_process_tree(ray_lab, tmp_path):
+    from app import jobs
+
+    job_id, scheduler, pids = _start_sleeper(ray_lab, tmp_path)
+    try:
+        wait_for(lambda: (scheduler.tick(),
+                          ray_lab.registry().job(job_id)["progress"] > 0)[1], 60,
+                 what="progress through the journal")
+        assert jobs.cancel(ray_lab, job_id)["status"] == "cancelled"
+        wait_for(lambda: all(gone(p) for p in pids), 30, what="the job's processes to end")
+    finally:
+        scheduler.release()
+
+
+def test_a_restarted_server_reattaches_to_a_job_on_ray(ray_lab, tmp_path):
+    job_id, first, pids = _start_sleeper(ray_lab, tmp_path, seconds=4)
+    first.release()
+    job = run_to_end(ray_lab, job_id)
+    assert job["status"] == "succeeded" and job["progress"] == 1.0
+
+
+def test_a_killed_worker_on_ray_fails_with_rays_word(ray_lab, tmp_path):
+    job_id, scheduler, pids = _start_sleeper(ray_lab, tmp_path)
+    try:
+        os.kill(pids[0], signal.SIGKILL)
+        job = run_to_end(ray_lab, job_id, scheduler=scheduler)
+    finally:
+        scheduler.release()
+    assert job["status"] == "failed" and "ray reports the job failed" in job["error"]
+
+
+def test_two_users_share_ray_in_fair_order(ray_lab):
+    from app import jobs
+    from app.lab import Lab
+
+    (ray_lab.root / "lab.toml").write_text("cluster_max_jobs = 1\n")
+    lab = Lab(ray_lab.root)
+    ann = [jobs.submit(lab, "test_crash", {"message": f"a{i}"}, user="ann") for i in range(2)]
+    bob = jobs.submit(lab, "test_crash", {"message": "b"}, user="bob")
+    for job in ann + [bob]:
+        run_to_end(lab, job["id"])
+    with lab.registry() as reg:
+        started = sorted(reg.jobs(limit=10), key=lambda j: j["started_at"])
+    assert [j["user"] for j in started] == ["ann", "bob", "ann"]

@@ -242,7 +242,12 @@ def _wait(lab: Lab, job_id: str) -> int:
             time.sleep(0.2)
     except KeyboardInterrupt:
         print(f"\ninterrupted: cancelling {job_id}", file=sys.stderr)
-        jobs_mod.cancel(lab, job_id)
+        from app.executors import ExecutorError
+
+        try:
+            jobs_mod.cancel(lab, job_id)
+        except ExecutorError as e:  # the cluster did not answer: say so, not a traceback
+            print(f"error: {job_id} not cancelled: {e}", file=sys.stderr)
     finally:
         reg.close()
         scheduler.release()

@@ -336,11 +336,16 @@ def cancel(lab: Lab, job_id: str, user: str | None = None) -> dict:
         if job.get("executor"):  # the engine ends the worker's whole process tree
             from app.executors import executor_for
 
+            # what it wrote before it stopped is replayed by the scheduler's next pass
             executor_for(lab.settings, job["executor"]).stop(job["engine_id"] or job_id)
         elif process_alive(job["pid"], job["pid_started"]):
             kill_tree(job["pid"], lab.settings.cancel_grace_seconds)
         reg.update_job(job_id, only_if_status=("running",), status="cancelled",
                        finished_at=now(), error="cancelled by user")
+        if job.get("executor"):
+            from registry.journal import SNAPSHOT
+
+            (Path(job["job_dir"] or lab.job_dir(job_id)) / SNAPSHOT).unlink(missing_ok=True)
         lab.remove_job_tmp(job_id)
         job = reg.job(job_id)
     wake_scheduler(lab)  # its slot is free: the next queued job need not wait for the poll

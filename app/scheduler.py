@@ -23,6 +23,7 @@ import os
 import select
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -38,6 +39,9 @@ from registry.store import now
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# a cluster job's journal is still replayed this long after it ended (Stop marks the job at
+# once; the worker may write lines until the engine has ended it)
+REPLAY_AFTER_END_S = 600
 
 
 def gpu_status() -> list[dict]:
@@ -84,9 +88,17 @@ def visible_devices(device: str) -> str:
 
 
 def log_tail(path: str | None, lines: int = 20) -> str:
-    if not path or not Path(path).exists():
+    """The last lines of a job's log; "" when there is none. Only a regular file is read
+    (a job folder on shared storage could hold a FIFO, which would hang the reader)."""
+    if not path:
         return ""
-    with open(path, "rb") as f:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return ""
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - 16384))
         text = f.read().decode("utf-8", "replace")
@@ -237,6 +249,11 @@ class Scheduler:
         error = hub.redact(reason + (f"\nlast log lines:\n{tail}" if tail else ""))
         if self.registry.update_job(job["id"], only_if_status=("running",), status=status,
                                     finished_at=now(), error=error, exit_code=code):
+            if job.get("executor"):  # a cluster job's registry snapshot: no reader left
+                from registry.journal import SNAPSHOT
+
+                (Path(job["job_dir"] or self.lab.job_dir(job["id"])) / SNAPSHOT).unlink(
+                    missing_ok=True)
             removed = self.lab.remove_job_tmp(job["id"])
             log.warning("job %s %s: %s%s", job["id"], status, reason,
                         f" (removed {len(removed)} partial checkpoint folders)" if removed else "")
@@ -364,9 +381,12 @@ class Scheduler:
                 gpus = self._job_gpus(job, plugin) \
                     if plugin.uses_gpu and self.lab.settings.cluster_gpus else 0
                 processes = plugin.needs(config).processes("cuda" if gpus else "cpu")
-            except (plugins.PluginError, plugins.ConfigError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 - one bad row must not stop the queue
                 self.registry.update_job(job["id"], only_if_status=("queued",), status="failed",
-                                         finished_at=now(), error=str(e))
+                                         finished_at=now(), error=f"{type(e).__name__}: {e}"
+                                         if not isinstance(e, (plugins.PluginError,
+                                                               plugins.ConfigError,
+                                                               ValueError)) else str(e))
                 continue
             if processes > 1:
                 self.registry.update_job(
@@ -374,13 +394,17 @@ class Scheduler:
                     error=f"the job runs as {processes} processes; on the {name} executor a "
                           f"job runs as one process for now (set gpus / cpu_processes to 1)")
                 continue
-            if self.hand_over(job, name, gpus):
+            handed = self.hand_over(job, name, gpus)
+            if handed is None:  # the engine does not answer: the rest wait with this one
+                return
+            if handed:
                 free -= 1
 
-    def hand_over(self, job: dict, name: str, gpus: int) -> bool:
+    def hand_over(self, job: dict, name: str, gpus: int) -> bool | None:
         """Start a queued job through cluster executor `name`; False if someone else claimed
-        it first or the engine refused it (the job then failed with the engine's reason)."""
-        from app.executors import ExecutorError, Needs, Submission
+        it first or the engine refused it (the job then failed with the engine's reason);
+        None if the engine does not answer (the job is queued again, saying so)."""
+        from app.executors import GONE, EngineUnreachable, ExecutorError, Needs, Submission
         from registry.journal import SNAPSHOT
 
         device = f"{name}:{'cuda' if gpus else 'cpu'}"
@@ -406,8 +430,25 @@ class Scheduler:
                                      str(self.lab.root), "--remote"],
                          env=env, cwd=str(job_dir), needs=Needs(gpus=gpus, cpus=1),
                          stop_grace_s=self.lab.settings.cancel_grace_seconds)
+        executor = self._executor(name)
         try:
-            engine_id = self._executor(name).submit(sub)
+            engine_id = executor.submit(sub)
+        except EngineUnreachable as e:
+            try:  # a timeout may come after the engine took it
+                taken = executor.state(job["id"]).state != GONE
+            except ExecutorError:
+                taken = False
+            if not taken:
+                self.registry.update_job(
+                    job["id"], only_if_status=("running",), status="queued", device=None,
+                    started_at=None, executor=None, engine_id=None,
+                    progress_message=f"waiting: {e}"[:300])
+                (job_dir / SNAPSHOT).unlink(missing_ok=True)
+                if self._engine_warned.get(name) != str(e):
+                    log.warning("cannot hand jobs to %s: %s", name, e)
+                    self._engine_warned[name] = str(e)
+                return None
+            engine_id = job["id"]
         except ExecutorError as e:
             self.registry.update_job(job["id"], only_if_status=("running",), status="failed",
                                      finished_at=now(),
@@ -415,7 +456,14 @@ class Scheduler:
             (job_dir / SNAPSHOT).unlink(missing_ok=True)
             log.warning("job %s: %s refused it: %s", job["id"], name, e)
             return False
-        self.registry.update_job(job["id"], engine_id=engine_id)
+        self.registry.update_job(job["id"], engine_id=engine_id, progress_message="")
+        after = self.registry.job(job["id"])
+        if after["status"] != "running" or after["cancel_requested"]:
+            # stopped while it was being handed over (the Stop found nothing to stop yet)
+            try:
+                executor.stop(engine_id)
+            except ExecutorError as e:
+                log.warning("job %s: could not stop it on %s: %s", job["id"], name, e)
         log.info("handed job %s (%s) to %s as %s (%d GPUs)", job["id"], job["plugin"], name,
                  engine_id, gpus)
         return True
@@ -426,52 +474,76 @@ class Scheduler:
         memory, a node lost), record that, with the engine's reason. A job the engine no
         longer knows (the cluster was restarted) is `interrupted`. This is also how a
         restarted server re-attaches: it asks the engine about every job still running."""
+        for job in self.registry.jobs(status="running", limit=10_000):
+            if not job.get("executor"):
+                continue
+            try:
+                self._watch_one(job)
+            except Exception:  # noqa: BLE001 - one job's trouble must not stop the pass
+                log.exception("watching cluster job %s failed", job["id"])
+        self._replay_stopped()
+
+    def _replay_stopped(self) -> None:
+        """Cluster jobs that ended in the last REPLAY_AFTER_END_S (a Stop in the web app
+        marks them at once) whose journal has lines not yet replayed: what the worker
+        registered before it stopped (a checkpoint it published stays registered)."""
+        from app.ingest import ingest
+        from registry.journal import JOURNAL
+
+        for job in self.registry.ended_cluster_jobs(REPLAY_AFTER_END_S):
+            try:
+                journal = Path(job["job_dir"] or self.lab.job_dir(job["id"])) / JOURNAL
+                if journal.is_file() and journal.stat().st_size > (job["journal_offset"] or 0):
+                    ingest(self.lab, self.registry, job["id"])
+            except Exception:  # noqa: BLE001 - one job's trouble must not stop the pass
+                log.exception("replaying ended cluster job %s failed", job["id"])
+
+    def _watch_one(self, job: dict) -> None:
         from app.executors import FINAL, GONE, PENDING, ExecutorError
         from app.ingest import ingest
 
-        for job in self.registry.jobs(status="running", limit=10_000):
-            name = job.get("executor")
-            if not name:
-                continue
-            try:
-                executor = self._executor(name)
-                engine = executor.state(job["engine_id"] or job["id"])  # before the replay
-            except ExecutorError as e:  # unreachable now: the job's rows wait for it
-                if self._engine_warned.get(name) != str(e):
-                    log.warning("cannot ask %s about its jobs: %s", name, e)
-                    self._engine_warned[name] = str(e)
-                ingest(self.lab, self.registry, job["id"])
-                continue
-            self._engine_warned.pop(name, None)
+        name = job["executor"]
+        executor = self._executor(name)
+        try:
+            engine = executor.state(job["engine_id"] or job["id"])  # before the replay
+        except ExecutorError as e:  # unreachable now: replay what is there, ask again later
+            if self._engine_warned.get(name) != str(e):
+                log.warning("cannot ask %s about its jobs: %s", name, e)
+                self._engine_warned[name] = str(e)
             job = ingest(self.lab, self.registry, job["id"])
-            if job["refused"] and engine.state not in FINAL:  # the lab failed it: end it
-                try:
-                    executor.stop(job["engine_id"] or job["id"])
-                except ExecutorError as e:
-                    log.warning("job %s: could not stop it on %s: %s", job["id"], name, e)
-            if job["status"] != "running":
-                if job["status"] == "succeeded" and self.lab.settings.hub_sync_repo:
-                    self._sync_after(job)
-                continue
-            if engine.state not in FINAL:
-                if engine.state == PENDING and not job["progress"]:  # say why it waits
-                    waiting = f"waiting in {name}" + (f": {engine.message}"
-                                                      if engine.message else "")
-                    if job["progress_message"] != waiting[:300]:
-                        self.registry.update_job(job["id"], only_if_status=("running",),
-                                                 progress_message=waiting[:300])
-                continue
-            status = ("cancelled" if job["cancel_requested"] else
-                      "interrupted" if engine.state == GONE else "failed")
-            reason = f"{name} reports the job {engine.state}" + \
-                (f": {engine.message}" if engine.message else "")
-            if engine.state != GONE and not log_tail(job["log_path"]):
-                try:  # the worker never reached its log (the node could not see the lab)
-                    reason += "\n" + "\n".join(executor.logs(job["engine_id"] or job["id"])
-                                                .splitlines()[-20:])
-                except ExecutorError:
-                    pass
-            self._finish_lost(job, status, reason)
+            if job["status"] == "succeeded" and self.lab.settings.hub_sync_repo:
+                self._sync_after(job)
+            return
+        self._engine_warned.pop(name, None)
+        job = ingest(self.lab, self.registry, job["id"])
+        if job["refused"] and engine.state not in FINAL:  # the lab failed it: end it
+            try:
+                executor.stop(job["engine_id"] or job["id"])
+            except ExecutorError as e:
+                log.warning("job %s: could not stop it on %s: %s", job["id"], name, e)
+        if job["status"] != "running":
+            if job["status"] == "succeeded" and self.lab.settings.hub_sync_repo:
+                self._sync_after(job)
+            return
+        if engine.state not in FINAL:
+            if engine.state == PENDING and not job["progress"]:  # say why it waits
+                waiting = (f"waiting in {name}" + (f": {engine.message}" if engine.message
+                                                   else ""))[:300]
+                if job["progress_message"] != waiting:
+                    self.registry.update_job(job["id"], only_if_status=("running",),
+                                             progress_message=waiting)
+            return
+        status = ("cancelled" if job["cancel_requested"] else
+                  "interrupted" if engine.state == GONE else "failed")
+        reason = f"{name} reports the job {engine.state}" + \
+            (f": {engine.message}" if engine.message else "")
+        if engine.state != GONE and not log_tail(job["log_path"]):
+            try:  # the worker never reached its log (the node could not see the lab)
+                reason += "\n" + "\n".join(executor.logs(job["engine_id"] or job["id"])
+                                            .splitlines()[-20:])
+            except ExecutorError:
+                pass
+        self._finish_lost(job, status, reason)
 
     def _sync_after(self, job: dict) -> None:
         try:

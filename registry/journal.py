@@ -25,6 +25,7 @@ import inspect
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,6 +33,8 @@ from registry.common import RegistryError
 from registry.store import Registry
 
 SNAPSHOT = "registry-snapshot.db"
+MAX_LINE = 1 << 20  # bytes in one journal line (a call's arguments: metadata, a config)
+READ_BYTES = 8 << 20  # what the server reads of a journal per pass
 JOURNAL = "registry-journal.jsonl"
 
 # Registry calls a job may make (methods of Registry, and of its `datasets`), journaled on
@@ -69,26 +72,43 @@ class Journal:
         # one write() of a whole line in append mode, then fsync: the server reads only
         # complete lines, and a line it has read is on the shared disk
         line = (json.dumps(entry, sort_keys=True, allow_nan=True) + "\n").encode()
+        if len(line) > MAX_LINE:
+            raise RegistryError(f"a journal line of {len(line)} bytes (at most {MAX_LINE})")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)
 
     def read(self, offset: int) -> Iterator[tuple[int, dict | None, str]]:
         """(offset after the line, the entry or None when the line is not JSON, the raw
-        line) for each complete line from byte `offset` on."""
+        line) for each complete line from byte `offset` on, reading at most READ_BYTES: the
+        rest waits for the next call. The file must be a regular file (never a FIFO, a
+        device or a link to one, which could hang or flood the reader); a line longer than
+        MAX_LINE is returned as not JSON."""
         try:
-            with open(self.path, "rb") as f:
-                f.seek(offset)
-                data = f.read()
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             return
+        except OSError as e:
+            raise RegistryError(f"{self.path} cannot be read as a journal ({e})") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise RegistryError(f"{self.path} is not a regular file")
+            os.lseek(fd, offset, os.SEEK_SET)
+            data = os.read(fd, READ_BYTES)
+        finally:
+            os.close(fd)
         at = offset
         while True:
             end = data.find(b"\n", at - offset)
             if end < 0:
+                if len(data) - (at - offset) > MAX_LINE:  # never a line: say so
+                    yield offset + len(data), None, data[at - offset:][:200].decode(
+                        "utf-8", "replace")
                 return  # a line still being written
             raw = data[at - offset:end].decode("utf-8", "replace")
             at = offset + end + 1
@@ -118,6 +138,7 @@ class JournalRegistry(Registry):
 
     def __init__(self, copy: str | Path, journal: str | Path):
         self._depth = 1  # the migration check in Registry.__init__ may write the copy
+        self._held: list | None = None
         self.journal = Journal(journal)
         super().__init__(copy)
         self._depth = 0
@@ -161,8 +182,15 @@ class JournalRegistry(Registry):
                 yield db
             return
         self._check_unjournaled()
-        with super().write() as db:
-            yield db
+        self._held = []  # the group's lines: journaled once it commits, dropped if not
+        try:
+            with super().write() as db:
+                yield db
+            held = self._held
+        finally:
+            self._held = None
+        for entry in held:
+            self.journal.append(entry)
         self._check_unjournaled()
 
     def _call(self, name: str, method, /, *args, **kwargs):
@@ -187,7 +215,11 @@ class JournalRegistry(Registry):
         if outermost:
             if name == "add_checkpoint":
                 call["name"] = result["name"]  # the free name found on the copy
-            self.journal.append({"call": name, "args": _plain(call)})
+            entry = {"call": name, "args": _plain(call)}
+            if self._held is not None:  # inside a group: only if the group commits
+                self._held.append(entry)
+            else:
+                self.journal.append(entry)
         return result
 
     def close(self) -> None:

@@ -650,6 +650,16 @@ class Registry:
         row = self.job(job_id, missing_ok=True)
         return json.loads(row["suggestions"]) if row and row.get("suggestions") else []
 
+    def ended_cluster_jobs(self, within_s: float) -> list[dict]:
+        """Jobs of a cluster executor that ended in the last `within_s` seconds."""
+        from datetime import datetime, timedelta, timezone
+
+        since = (datetime.now(timezone.utc) - timedelta(seconds=within_s)).strftime(
+            "%Y-%m-%dT%H:%M:%S.%fZ")
+        return list(self.db.query(
+            "SELECT * FROM jobs WHERE executor IS NOT NULL AND finished_at >= ? "
+            "AND status IN ('succeeded', 'failed', 'cancelled', 'interrupted')", [since]))
+
     def job_checkpoints(self, job_id: str) -> list[str]:
         return [r["id"] for r in self.db.query(
             "SELECT id FROM checkpoints WHERE job_id = ? ORDER BY created_at", [job_id])]

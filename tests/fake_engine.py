@@ -10,8 +10,8 @@ import signal
 import subprocess
 from pathlib import Path
 
-from app.executors import (FAILED, GONE, RUNNING, STOPPED, SUCCEEDED, EngineState, Executor,
-                           ExecutorError)
+from app.executors import (FAILED, GONE, RUNNING, STOPPED, SUCCEEDED, EngineState,
+                           EngineUnreachable, Executor, ExecutorError)
 
 GUARD = Path(__file__).resolve().parent / "remote_node"
 
@@ -29,7 +29,7 @@ class ProcessEngine(Executor):
 
     def _up(self):
         if self.down:
-            raise ExecutorError("no engine answers (tests)")
+            raise EngineUnreachable("no engine answers (tests)")
 
     def submit(self, sub):
         self._up()

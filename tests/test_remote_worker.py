@@ -96,6 +96,11 @@ def test_a_remote_job_chain_keeps_the_whole_lineage(cluster, tiny_model_dir, tmp
     assert job["journal_offset"] == (job_dir / "registry-journal.jsonl").stat().st_size
     assert not (job_dir / "registry-snapshot.db").exists()  # removed once the job ended
     assert "on node" in (job_dir / "log.txt").read_text()
+    from app.ui import jobs_view
+
+    shown, _, log, _ = jobs_view.job_detail(lab, select["id"])
+    assert f"device ray:cpu" in shown and f"ray job {select['id']}" in shown
+    assert "registered dataset" in log  # the worker's log.txt, as for a local job
     with lab.registry() as reg:
         (selection,) = reg.datasets.made_by(select["id"])
         assert reg.metrics(select["id"])[0]["value"] == 8
@@ -171,8 +176,15 @@ def test_stop_ends_the_remote_process_tree(cluster, tmp_path):
         job = jobs.cancel(cluster, job_id)
         assert job["status"] == "cancelled"
         assert all(gone(p) for p in pids)
+        # a line the worker wrote just before it ended still reaches the registry
+        journal = cluster.job_dir(job_id) / "registry-journal.jsonl"
+        with open(journal, "a") as f:
+            f.write(json.dumps({"call": "add_metric", "args": {
+                "name": "last_words", "value": 1.0, "job_id": job_id}}) + "\n")
         scheduler.tick()
-        assert cluster.registry().job(job_id)["status"] == "cancelled"
+        with cluster.registry() as reg:
+            assert reg.job(job_id)["status"] == "cancelled"
+            assert "last_words" in {m["name"] for m in reg.metrics(job_id)}
         assert not list(cluster.checkpoints_dir.glob(".tmp-*"))
     finally:
         scheduler.release()
@@ -214,13 +226,62 @@ def test_a_node_that_cannot_see_the_lab_fails_with_that_message(cluster):
     assert "Traceback" not in job["error"]
 
 
-def test_an_unreachable_engine_fails_the_hand_over_and_keeps_running_jobs(cluster, tmp_path):
+def test_an_unreachable_engine_keeps_the_queue_and_says_why(cluster):
+    """A head that does not answer (restarting, say) fails nobody's job: the queue waits,
+    the job saying why, and goes to the engine once it answers."""
     from app import jobs
 
     cluster.engine.down = True
-    job = jobs.submit(cluster, "test_crash", {"message": "never runs"})
-    job = run_to_end(cluster, job["id"])
-    assert job["status"] == "failed" and "could not hand the job to ray" in job["error"]
+    job = jobs.submit(cluster, "test_crash", {"message": "ran later"})
+    second = jobs.submit(cluster, "test_crash", {"message": "also later"})
+    scheduler = scheduler_for(cluster)
+    try:
+        scheduler.tick()
+        with cluster.registry() as reg:
+            waiting = reg.job(job["id"])
+            assert reg.job(second["id"])["status"] == "queued"
+        assert waiting["status"] == "queued" and waiting["executor"] is None
+        assert "waiting: no engine answers" in waiting["progress_message"]
+        cluster.engine.down = False
+        job = run_to_end(cluster, job["id"], scheduler=scheduler)
+    finally:
+        scheduler.release()
+    assert job["status"] == "failed" and "RuntimeError: ran later" in job["error"]
+
+
+def test_the_server_refuses_lines_that_reach_outside_the_job(cluster, tiny_model_dir):
+    """What a job may register: its own folder under lab/checkpoints, never the folder
+    itself (retention would remove the lab's checkpoints), no creation time or Hub state of
+    its choosing, no other user's Hub stub."""
+    from app.ingest import IngestError, _checked
+
+    with cluster.registry() as reg:
+        job = reg.add_job(plugin="test_crash", config={}, user="mallory")
+        reg.update_job(job["id"], status="running", started_at="2026-01-01T00:00:00Z")
+        job = reg.job(job["id"])
+        stub = reg.add_checkpoint(name="theirs", relation="import", source="hf://org/m",
+                                  created_by="alice")
+        good = {"id": "ck-0123456789ab", "name": "x", "relation": "finetune",
+                "path": str(cluster.checkpoints_dir / "ck-0123456789ab"), "job_id": job["id"]}
+        assert _checked(cluster, reg, job, "add_checkpoint", good)["created_by"] == "mallory"
+        for bad, message in [
+                ({"path": str(cluster.checkpoints_dir)}, "may not register"),
+                ({"path": str(cluster.root / "registry.db")}, "may not register"),
+                ({"created_at": "2000-01-01"}, "may not set created_at"),
+                ({"hub_repo": "org/m"}, "may not set"),
+                ({"job_id": "job-other"}, "another job"),
+                ({"parents": [{}]}, "parents must be")]:
+            with pytest.raises(IngestError, match=message):
+                _checked(cluster, reg, job, "add_checkpoint", {**good, **bad})
+        with pytest.raises(IngestError, match="source must be"):
+            _checked(cluster, reg, job, "add_checkpoint",
+                     {**good, "path": str(tiny_model_dir), "source": "hf://meta/x"})
+        fill = {"ck_id": stub["id"], "path": str(cluster.checkpoints_dir / stub["id"])}
+        assert _checked(cluster, reg, job, "update_checkpoint", fill)
+        for bad in ({"source": "hf://evil/x"}, {"name": "renamed"},
+                    {"path": str(cluster.checkpoints_dir / "ck-elsewhere")}):
+            with pytest.raises(IngestError):
+                _checked(cluster, reg, job, "update_checkpoint", {**fill, **bad})
 
 
 def test_a_refused_journal_line_fails_the_job(cluster, tmp_path):
@@ -286,3 +347,27 @@ def test_a_write_outside_the_journaled_calls_raises_on_the_node(tmp_path):
     assert [x["call"] for x in lines] == ["update_job", "add_metric", "update_job"]
     assert lines[0]["args"] == {"job_id": job["id"], "progress": 0.5}
     node.close()
+
+
+def test_lines_of_a_group_that_rolls_back_are_not_journaled(tmp_path):
+    """hub.fill_stub groups its calls in one transaction: if it fails half-way on the node,
+    the lab must not get the half that the node rolled back."""
+    from registry import Registry
+    from registry.journal import SNAPSHOT, JournalRegistry
+
+    with Registry(tmp_path / "registry.db") as reg:
+        job = reg.add_job(plugin="x", config={})
+        reg.snapshot(tmp_path / SNAPSHOT)
+    node = JournalRegistry.open(tmp_path, tmp_path / "node")
+    with pytest.raises(RuntimeError):
+        with node.write():
+            node.update_job(job["id"], progress=0.25)
+            raise RuntimeError("half-way")
+    with node.write():
+        node.update_job(job["id"], progress=0.5)
+    lines = [json.loads(x) for x in (tmp_path / "registry-journal.jsonl").read_text()
+             .splitlines()]
+    assert [x["args"]["progress"] for x in lines] == [0.5]
+    assert node.job(job["id"])["progress"] == 0.5
+    node.close()
+

@@ -27,6 +27,11 @@ class ExecutorError(RuntimeError):
     """The engine refused or could not be reached; the message says which and how to fix it."""
 
 
+class EngineUnreachable(ExecutorError):
+    """The engine did not answer (down, restarting, a timeout): try again later; a job it
+    was handed may or may not have reached it."""
+
+
 @dataclass
 class Needs:
     """What one job asks of the engine."""
@@ -88,5 +93,7 @@ def executor_for(settings, name: str | None = None) -> Executor | None:
     if kind == "ray":
         from app.executors.ray import RayExecutor
 
-        return RayExecutor(settings.ray_address)
+        # Stop waits for the whole grace period (SIGTERM, then SIGKILL), and a little more
+        return RayExecutor(settings.ray_address,
+                           stop_timeout=settings.cancel_grace_seconds + 20)
     raise ExecutorError(f"unknown executor {kind!r}; expected one of {', '.join(EXECUTORS)}")

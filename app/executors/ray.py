@@ -24,7 +24,7 @@ import time
 from contextlib import contextmanager
 
 from app.executors import (FAILED, FINAL, GONE, PENDING, RUNNING, STOPPED, SUCCEEDED,
-                           EngineState, Executor, ExecutorError, Submission)
+                           EngineState, EngineUnreachable, Executor, ExecutorError, Submission)
 
 # Ray's JobStatus values -> ours
 STATES = {"PENDING": PENDING, "RUNNING": RUNNING, "SUCCEEDED": SUCCEEDED, "FAILED": FAILED,
@@ -232,10 +232,10 @@ class RayExecutor(Executor):
         import requests  # Ray's client raised: Ray, and so requests, is installed
 
         if isinstance(error, requests.exceptions.ReadTimeout):
-            return ExecutorError(f"Ray at {self.address} did not answer within "
+            return EngineUnreachable(f"Ray at {self.address} did not answer within "
                                  f"{HTTP_TIMEOUT[1]:.0f} s when asked to {what}")
         if isinstance(error, (requests.exceptions.ConnectionError, ConnectionError)):
-            return ExecutorError(
+            return EngineUnreachable(
                 f"no Ray cluster answers at {self.address} ({type(error).__name__} when "
                 f"asked to {what}): start one with `ray start --head` or fix the lab setting "
                 f"ray_address")

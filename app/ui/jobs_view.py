@@ -107,6 +107,8 @@ def _job_view(lab: Lab, job_id: str | None) -> tuple[str, str, str, object, dict
     status = (f"**{markup.md(job['id'])}** · {markup.md(job['plugin'])} · "
               f"**{markup.md(job['status'])}** · device {markup.md(job['device'] or '-')} · "
               f"{_duration(job)}")
+    if job.get("executor"):  # a cluster engine's job: its id there, for the engine's own tools
+        status += f" · {markup.md(job['executor'])} job {markup.md(job['engine_id'] or '-')}"
     if made:
         status += f"\n\nCheckpoints: {markup.md(', '.join(made))}"
     if made_data:

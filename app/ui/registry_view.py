@@ -688,8 +688,10 @@ def build(lab: Lab, tabs, found: dict, first_checkpoint: dict) -> RegistryView:
                                    elem_id="download-gguf-file")
                 download_msg = text_md(elem_id="download-message")
         with gr.Row():
+            # value None: not gradio's default, the first choice (Select data), which a
+            # click before the selection's suggestion lands would open
             use_plugin = gr.Dropdown(choices=[(found[n].title, n) for n in first_checkpoint],
-                                     label="Use as input of", scale=2,
+                                     value=None, label="Use as input of", scale=2,
                                      elem_id="use-plugin")
             use = gr.Button("Use as input", scale=1)
         next_hint = text_md(elem_id="next-step")

@@ -139,6 +139,27 @@ def queue_positions(registry) -> dict[str, int]:
     return {j["id"]: i + 1 for i, j in enumerate(order)}
 
 
+MAX_START_ATTEMPTS = 3  # hand-overs of a job its cluster engine never started
+
+
+def _attempt(job: dict) -> int:
+    """Which hand-over of the job its engine id is: 1 for the job id itself, N+1 for -rN."""
+    engine_id, job_id = job.get("engine_id") or "", job["id"]
+    if engine_id.startswith(job_id + "-r") and engine_id[len(job_id) + 2:].isdigit():
+        return int(engine_id[len(job_id) + 2:]) + 1
+    return 1
+
+
+def _next_engine_id(job: dict) -> str:
+    """The engine id of the job's next hand-over: the job id, then JOB-r1, JOB-r2..."""
+    return job["id"] if not job.get("engine_id") else f"{job['id']}-r{_attempt(job)}"
+
+
+def _previous_engine_id(engine_id: str) -> str | None:
+    base, _, n = engine_id.rpartition("-r")
+    return base if n == "1" else f"{base}-r{int(n) - 1}"
+
+
 class Scheduler:
     def __init__(self, lab: Lab, poll_seconds: float = 0.5, warm: bool = False):
         """`warm`: start jobs through a fork server with torch and transformers imported
@@ -408,10 +429,12 @@ class Scheduler:
         from registry.journal import SNAPSHOT
 
         device = f"{name}:{'cuda' if gpus else 'cpu'}"
+        engine_id = _next_engine_id(job)
         if not self.registry.update_job(job["id"], only_if_status=("queued",), status="running",
                                         device=device, started_at=now(), executor=name,
-                                        engine_id=job["id"], journal_offset=0):
+                                        engine_id=engine_id, journal_offset=0):
             return False
+        job = {**job, "engine_id": engine_id}
         job_dir = Path(job["job_dir"] or self.lab.job_dir(job["id"]))
         job_dir.mkdir(parents=True, exist_ok=True)
         self.registry.snapshot(job_dir / SNAPSHOT)  # what the worker reads instead of the db
@@ -426,7 +449,7 @@ class Scheduler:
                 env[key] = value
         if not gpus:  # Ray leaves a GPU-less job the node's GPUs: it must not use them
             env["CUDA_VISIBLE_DEVICES"] = ""
-        sub = Submission(job["id"], [python, "-m", "app.worker", job["id"], "--lab",
+        sub = Submission(engine_id, [python, "-m", "app.worker", job["id"], "--lab",
                                      str(self.lab.root), "--remote"],
                          env=env, cwd=str(job_dir), needs=Needs(gpus=gpus, cpus=1),
                          stop_grace_s=self.lab.settings.cancel_grace_seconds)
@@ -435,20 +458,20 @@ class Scheduler:
             engine_id = executor.submit(sub)
         except EngineUnreachable as e:
             try:  # a timeout may come after the engine took it
-                taken = executor.state(job["id"]).state != GONE
+                taken = executor.state(engine_id).state != GONE
             except ExecutorError:
                 taken = False
             if not taken:
+                previous = None if engine_id == job["id"] else _previous_engine_id(engine_id)
                 self.registry.update_job(
                     job["id"], only_if_status=("running",), status="queued", device=None,
-                    started_at=None, executor=None, engine_id=None,
+                    started_at=None, executor=None, engine_id=previous,
                     progress_message=f"waiting: {e}"[:300])
                 (job_dir / SNAPSHOT).unlink(missing_ok=True)
                 if self._engine_warned.get(name) != str(e):
                     log.warning("cannot hand jobs to %s: %s", name, e)
                     self._engine_warned[name] = str(e)
                 return None
-            engine_id = job["id"]
         except ExecutorError as e:
             self.registry.update_job(job["id"], only_if_status=("running",), status="failed",
                                      finished_at=now(),
@@ -501,6 +524,7 @@ class Scheduler:
     def _watch_one(self, job: dict) -> None:
         from app.executors import FINAL, GONE, PENDING, ExecutorError
         from app.ingest import ingest
+        from registry.journal import SNAPSHOT
 
         name = job["executor"]
         executor = self._executor(name)
@@ -532,6 +556,19 @@ class Scheduler:
                 if job["progress_message"] != waiting:
                     self.registry.update_job(job["id"], only_if_status=("running",),
                                              progress_message=waiting)
+            return
+        if engine.never_started and not job["journal_offset"] and not job["cancel_requested"] \
+                and _attempt(job) < MAX_START_ATTEMPTS:
+            # the engine gave up waiting for room before the worker ran: back to the lab's
+            # queue, to be handed over again (under a new id: Ray never reuses one)
+            if self.registry.update_job(
+                    job["id"], only_if_status=("running",), status="queued", device=None,
+                    started_at=None, executor=None, progress=0.0,
+                    progress_message=f"queued again: {name} did not start it"
+                                     f"{': ' + engine.message if engine.message else ''}"[:300]):
+                (Path(job["job_dir"] or self.lab.job_dir(job["id"])) / SNAPSHOT).unlink(
+                    missing_ok=True)
+                log.warning("job %s: %s did not start it; queued again", job["id"], name)
             return
         status = ("cancelled" if job["cancel_requested"] else
                   "interrupted" if engine.state == GONE else "failed")

@@ -26,6 +26,8 @@ class ProcessEngine(Executor):
         self.procs: dict[str, subprocess.Popen] = {}
         self.stopped: set[str] = set()
         self.down = False  # True: every call raises, as an unreachable engine
+        self.hold: set[str] = set()  # ids never started: FAILED, never_started (no room)
+        self.held: list[str] = []
 
     def _up(self):
         if self.down:
@@ -33,8 +35,11 @@ class ProcessEngine(Executor):
 
     def submit(self, sub):
         self._up()
-        if sub.job_id in self.procs:
+        if sub.job_id in self.procs or sub.job_id in self.held:
             raise ExecutorError(f"submission id {sub.job_id} is taken")
+        if sub.job_id in self.hold:
+            self.held.append(sub.job_id)
+            return sub.job_id
         command = list(sub.command)
         if self.lab_seen_as:
             command[command.index("--lab") + 1] = self.lab_seen_as
@@ -49,6 +54,9 @@ class ProcessEngine(Executor):
 
     def state(self, engine_id):
         self._up()
+        if engine_id in self.held:
+            return EngineState(FAILED, "no room on the cluster in time (tests)",
+                               never_started=True)
         proc = self.procs.get(engine_id)
         if proc is None:
             return EngineState(GONE)

@@ -249,6 +249,34 @@ def test_an_unreachable_engine_keeps_the_queue_and_says_why(cluster):
     assert job["status"] == "failed" and "RuntimeError: ran later" in job["error"]
 
 
+def test_a_job_the_engine_never_started_is_queued_again_under_a_new_id(cluster):
+    """Ray fails a job that waited for room longer than its start timeout, before its
+    worker ran: the lab queues it again and hands it over as JOB-r1 (Ray never reuses an
+    id); after MAX_START_ATTEMPTS it fails with the engine's words."""
+    from app import jobs
+    from app.scheduler import MAX_START_ATTEMPTS
+
+    job = jobs.submit(cluster, "test_crash", {"message": "ran at last"})
+    cluster.engine.hold = {job["id"]}
+    scheduler = scheduler_for(cluster)
+    try:
+        scheduler.tick()  # handed over, held
+        scheduler.tick()  # the engine gave up: queued again, and handed over as -r1
+        with cluster.registry() as reg:
+            row = reg.job(job["id"])
+        assert row["engine_id"] == f"{job['id']}-r1", row
+        row = run_to_end(cluster, job["id"], scheduler=scheduler)
+        assert "RuntimeError: ran at last" in row["error"]
+
+        again = jobs.submit(cluster, "test_crash", {"message": "never"})
+        cluster.engine.hold = {again["id"]} | {f"{again['id']}-r{n}" for n in range(1, 9)}
+        row = run_to_end(cluster, again["id"], scheduler=scheduler)
+    finally:
+        scheduler.release()
+    assert row["status"] == "failed" and "no room on the cluster" in row["error"]
+    assert row["engine_id"] == f"{again['id']}-r{MAX_START_ATTEMPTS - 1}"
+
+
 def test_the_server_refuses_lines_that_reach_outside_the_job(cluster, tiny_model_dir):
     """What a job may register: its own folder under lab/checkpoints, never the folder
     itself (retention would remove the lab's checkpoints), no creation time or Hub state of

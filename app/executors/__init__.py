@@ -45,11 +45,16 @@ class Needs:
 class EngineState:
     state: str  # one of PENDING .. GONE
     message: str = ""  # the engine's own words (a failure's reason), shown on the job
+    # FAILED before the worker ever started (the engine gave up waiting for resources): the
+    # lab may hand the job over again
+    never_started: bool = False
 
 
 @dataclass
 class Submission:
-    """A worker to start: the command line, its environment additions and working folder."""
+    """A worker to start: the command line, its environment additions and working folder.
+    `job_id` is the id the engine is to know it by: the lab's job id, or JOB-rN when the
+    engine gave up on an earlier hand-over before starting it (Ray never reuses an id)."""
 
     job_id: str
     command: list[str]

@@ -141,7 +141,11 @@ class RayExecutor(Executor):
             raise ExecutorError(f"Ray at {self.address} reports job {engine_id} as {status}, "
                                 f"a state this executor does not know (Ray's newer than it?)")
         error_type = str(info.error_type) if info.error_type else None
-        return EngineState(STATES[status], short_message(info.message, error_type))
+        # Ray fails a job still PENDING after RAY_JOB_START_TIMEOUT_SECONDS (900 s): its
+        # entrypoint never ran, so the lab may queue it again
+        return EngineState(STATES[status], short_message(info.message, error_type),
+                           never_started=(error_type or "").endswith(
+                               "JOB_SUPERVISOR_ACTOR_START_TIMEOUT"))
 
     def logs(self, engine_id: str) -> str:
         try:

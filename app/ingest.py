@@ -3,9 +3,10 @@ folder's journal into the lab's registry, after checking each one against what t
 write.
 
 A worker on another node is our own code, but its journal is a file on shared storage, so
-each line is read as input: only the calls in registry.journal.CALLS, only column names the
-table has and a job may set, only this job's own rows, only paths inside the lab (or its
-allowed roots, in a shared lab). Each line is applied together with the job's
+each line is read as input: only the calls in registry.journal.CALLS, only the columns a
+job may set (allowlists: the names of update_job's columns are SQL), only this job's own
+rows, inside the lab only a checkpoint's own folder (outside it, in a shared lab, only its
+allowed roots). Each line is applied together with the job's
 `journal_offset` in one transaction, so a restarted server goes on from the next line and
 never applies one twice.
 """

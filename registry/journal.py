@@ -177,7 +177,7 @@ class JournalRegistry(Registry):
     def write(self):
         """A write transaction on the copy. Outside a journaled call it may only group
         journaled calls (hub.fill_stub does)."""
-        if self._depth:
+        if self._depth or self._held is not None:  # inside a call, or a group's inner group
             with super().write() as db:
                 yield db
             return

@@ -391,6 +391,11 @@ def test_lines_of_a_group_that_rolls_back_are_not_journaled(tmp_path):
         with node.write():
             node.update_job(job["id"], progress=0.25)
             raise RuntimeError("half-way")
+    with pytest.raises(RuntimeError):
+        with node.write():
+            with node.write():  # an inner group: its lines wait for the outer one too
+                node.update_job(job["id"], progress=0.4)
+            raise RuntimeError("after the inner group")
     with node.write():
         node.update_job(job["id"], progress=0.5)
     lines = [json.loads(x) for x in (tmp_path / "registry-journal.jsonl").read_text()

@@ -34,17 +34,10 @@ from bench.jobs import Running, parse_time, wait_job  # noqa: E402
 
 
 def tiny_model(root: Path) -> Path:
-    from ops.tiny_llama import build_llama, llama_config, train_bpe_tokenizer
+    from tests.conftest import build_tiny_model  # the tests' tiny Llama
 
     out = root / "tiny-llama"
-    if not (out / "config.json").exists():
-        text = (REPO / "assets" / "demo" / "heldout.txt").read_text()
-        tokenizer = train_bpe_tokenizer(text.split("\n\n"), vocab_size=400)
-        config = llama_config(tokenizer, hidden_size=32, num_layers=2, num_heads=4,
-                              num_kv_heads=2, intermediate_size=64, max_positions=256)
-        build_llama(config, seed=0).save_pretrained(out)
-        tokenizer.save_pretrained(out)
-    return out
+    return out if (out / "config.json").exists() else build_tiny_model(out)
 
 
 def make_lab(root: Path, settings: str):

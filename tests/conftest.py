@@ -15,9 +15,13 @@ TEST_PLUGINS = ",".join(f"tests.plugins_for_tests:{name}"
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Llama (2 layers, hidden 32) and its BPE tokenizer, built locally in a temp dir."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+def build_tiny_model(out: Path) -> Path:
+    """tiny_model_dir's model, saved at `out` (bench/executor.py builds it too)."""
     from ops.tiny_llama import build_llama, llama_config, train_bpe_tokenizer
 
-    out = tmp_path_factory.mktemp("tiny") / "tiny-llama"
     text = (REPO / "assets" / "demo" / "heldout.txt").read_text()
     tokenizer = train_bpe_tokenizer(text.split("\n\n"), vocab_size=400)
     config = llama_config(tokenizer, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -12,7 +12,7 @@ from tests.conftest import wait_for
 from tests.fake_engine import GUARD
 from tests.ray_cluster import ray_address  # noqa: F401 - the session's head
 from tests.test_jobs import gone
-from tests.test_remote_worker import run_to_end, scheduler_for
+from tests.test_remote_worker import run_to_end, start_sleeper
 
 
 @pytest.fixture
@@ -40,14 +40,7 @@ def ray_lab(lab_dir, monkeypatch, ray_address):  # noqa: F811
 
 
 def _start_sleeper(lab, tmp_path, seconds=60):
-    from app import jobs
-
-    pid_file = tmp_path / "pids"
-    job = jobs.submit(lab, "test_sleep", {"seconds": seconds, "pid_file": str(pid_file)})
-    scheduler = scheduler_for(lab)
-    wait_for(lambda: (scheduler.tick(), pid_file.exists())[1], 120, interval=0.2,
-             what="the sleeper to start on Ray")
-    return job["id"], scheduler, [int(p) for p in pid_file.read_text().split()]
+    return start_sleeper(lab, tmp_path, seconds, timeout=120)  # Ray's start: seconds more
 
 
 def test_a_job_on_ray_registers_its_checkpoint_with_lineage(ray_lab, tiny_model_dir):

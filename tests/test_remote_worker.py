@@ -99,7 +99,7 @@ def test_a_remote_job_chain_keeps_the_whole_lineage(cluster, tiny_model_dir, tmp
     from app.ui import jobs_view
 
     shown, _, log, _ = jobs_view.job_detail(lab, select["id"])
-    assert f"device ray:cpu" in shown and f"ray job {select['id']}" in shown
+    assert "device ray:cpu" in shown and f"ray job {select['id']}" in shown
     assert "registered dataset" in log  # the worker's log.txt, as for a local job
     with lab.registry() as reg:
         (selection,) = reg.datasets.made_by(select["id"])
@@ -154,13 +154,15 @@ def test_a_failing_remote_job_records_its_own_error(cluster):
     assert not list(cluster.checkpoints_dir.glob(".tmp-*"))  # the partial checkpoint is gone
 
 
-def _start_sleeper(lab, tmp_path, seconds=60):
+def start_sleeper(lab, tmp_path, seconds=60, timeout=60):
+    """Submit a sleeper, hand it over with a scheduler of its own, and wait for its worker:
+    (job id, that scheduler, [worker pid, grandchild pid])."""
     from app import jobs
 
     pid_file = tmp_path / "pids"
     job = jobs.submit(lab, "test_sleep", {"seconds": seconds, "pid_file": str(pid_file)})
     scheduler = scheduler_for(lab)
-    wait_for(lambda: (scheduler.tick(), pid_file.exists())[1], 60, interval=0.2,
+    wait_for(lambda: (scheduler.tick(), pid_file.exists())[1], timeout, interval=0.2,
              what="the remote sleeper to start")
     return job["id"], scheduler, [int(p) for p in pid_file.read_text().split()]
 
@@ -168,7 +170,7 @@ def _start_sleeper(lab, tmp_path, seconds=60):
 def test_stop_ends_the_remote_process_tree(cluster, tmp_path):
     from app import jobs
 
-    job_id, scheduler, pids = _start_sleeper(cluster, tmp_path)
+    job_id, scheduler, pids = start_sleeper(cluster, tmp_path)
     try:
         wait_for(lambda: (scheduler.tick(),
                           cluster.registry().job(job_id)["progress"] > 0)[1], 30,
@@ -191,7 +193,7 @@ def test_stop_ends_the_remote_process_tree(cluster, tmp_path):
 
 
 def test_a_killed_worker_fails_with_the_engines_word(cluster, tmp_path):
-    job_id, scheduler, pids = _start_sleeper(cluster, tmp_path)
+    job_id, scheduler, pids = start_sleeper(cluster, tmp_path)
     try:
         os.killpg(pids[0], signal.SIGKILL)  # out of memory, say: no chance to record its end
         job = run_to_end(cluster, job_id, scheduler=scheduler)
@@ -202,13 +204,13 @@ def test_a_killed_worker_fails_with_the_engines_word(cluster, tmp_path):
 
 
 def test_a_restarted_server_reattaches_and_a_lost_job_is_interrupted(cluster, tmp_path):
-    job_id, first, pids = _start_sleeper(cluster, tmp_path, seconds=3)
+    job_id, first, pids = start_sleeper(cluster, tmp_path, seconds=3)
     first.release()  # the server stops; the job goes on on its node
     job = run_to_end(cluster, job_id)  # a new scheduler: the same job, followed to its end
     assert job["status"] == "succeeded" and job["progress"] == 1.0
 
     (tmp_path / "second").mkdir()
-    job_id, second, pids = _start_sleeper(cluster, tmp_path / "second", seconds=60)
+    job_id, second, pids = start_sleeper(cluster, tmp_path / "second", seconds=60)
     second.release()
     cluster.engine.forget(job_id)  # the cluster restarted meanwhile
     job = run_to_end(cluster, job_id)
@@ -318,7 +320,7 @@ def test_a_refused_journal_line_fails_the_job(cluster, tmp_path):
     from app.ingest import IngestError, _checked
 
     other = jobs.submit(cluster, "test_crash", {})
-    job_id, scheduler, pids = _start_sleeper(cluster, tmp_path)
+    job_id, scheduler, pids = start_sleeper(cluster, tmp_path)
     try:
         journal = cluster.job_dir(job_id) / "registry-journal.jsonl"
         with open(journal, "a") as f:

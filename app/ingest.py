@@ -18,7 +18,7 @@ from pathlib import Path
 
 from app.lab import Lab
 from registry import Registry, hub
-from registry.journal import CALLS, JOURNAL, NOTES, SNAPSHOT, Journal
+from registry.journal import CALLS, JOURNAL, NOTES, Journal, remove_snapshots
 from registry.store import now
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ def ingest(lab: Lab, reg: Registry, job_id: str) -> dict:
             break
     job = reg.job(job_id)
     if job["status"] != "running":
-        (job_dir / SNAPSHOT).unlink(missing_ok=True)
+        remove_snapshots(job_dir)
     for name, args in notes:  # after the lines' transactions: these open their own
         try:
             _note(lab, reg, job, name, args)

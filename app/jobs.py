@@ -343,9 +343,9 @@ def cancel(lab: Lab, job_id: str, user: str | None = None) -> dict:
         reg.update_job(job_id, only_if_status=("running",), status="cancelled",
                        finished_at=now(), error="cancelled by user")
         if job.get("executor"):
-            from registry.journal import SNAPSHOT
+            from registry.journal import remove_snapshots
 
-            (Path(job["job_dir"] or lab.job_dir(job_id)) / SNAPSHOT).unlink(missing_ok=True)
+            remove_snapshots(job["job_dir"] or lab.job_dir(job_id))
         lab.remove_job_tmp(job_id)
         job = reg.job(job_id)
     wake_scheduler(lab)  # its slot is free: the next queued job need not wait for the poll

@@ -143,8 +143,10 @@ MAX_START_ATTEMPTS = 3  # hand-overs of a job its cluster engine never started
 
 
 def _attempt(job: dict) -> int:
-    """Which hand-over of the job its engine id is: 1 for the job id itself, N+1 for -rN."""
-    engine_id, job_id = job.get("engine_id") or "", job["id"]
+    """Which hand-over of the job its engine id is: 1 for the job id itself, N+1 for -rN.
+    An engine that numbers jobs itself (Slurm) answers a submit with NAME@NUMBER, NAME being
+    the id it was handed; the number is its own business."""
+    engine_id, job_id = (job.get("engine_id") or "").partition("@")[0], job["id"]
     if engine_id.startswith(job_id + "-r") and engine_id[len(job_id) + 2:].isdigit():
         return int(engine_id[len(job_id) + 2:]) + 1
     return 1
@@ -271,10 +273,9 @@ class Scheduler:
         if self.registry.update_job(job["id"], only_if_status=("running",), status=status,
                                     finished_at=now(), error=error, exit_code=code):
             if job.get("executor"):  # a cluster job's registry snapshot: no reader left
-                from registry.journal import SNAPSHOT
+                from registry.journal import remove_snapshots
 
-                (Path(job["job_dir"] or self.lab.job_dir(job["id"])) / SNAPSHOT).unlink(
-                    missing_ok=True)
+                remove_snapshots(job["job_dir"] or self.lab.job_dir(job["id"]))
             removed = self.lab.remove_job_tmp(job["id"])
             log.warning("job %s %s: %s%s", job["id"], status, reason,
                         f" (removed {len(removed)} partial checkpoint folders)" if removed else "")
@@ -409,24 +410,19 @@ class Scheduler:
                                                                plugins.ConfigError,
                                                                ValueError)) else str(e))
                 continue
-            if processes > 1:
-                self.registry.update_job(
-                    job["id"], only_if_status=("queued",), status="failed", finished_at=now(),
-                    error=f"the job runs as {processes} processes; on the {name} executor a "
-                          f"job runs as one process for now (set gpus / cpu_processes to 1)")
-                continue
-            handed = self.hand_over(job, name, gpus)
+            # its processes (several: app.worker launches them on its node) each want a core
+            handed = self.hand_over(job, name, gpus, cpus=processes)
             if handed is None:  # the engine does not answer: the rest wait with this one
                 return
             if handed:
                 free -= 1
 
-    def hand_over(self, job: dict, name: str, gpus: int) -> bool | None:
+    def hand_over(self, job: dict, name: str, gpus: int, cpus: int = 1) -> bool | None:
         """Start a queued job through cluster executor `name`; False if someone else claimed
         it first or the engine refused it (the job then failed with the engine's reason);
         None if the engine does not answer (the job is queued again, saying so)."""
         from app.executors import GONE, EngineUnreachable, ExecutorError, Needs, Submission
-        from registry.journal import SNAPSHOT
+        from registry.journal import SNAPSHOT, remove_snapshots
 
         device = f"{name}:{'cuda' if gpus else 'cpu'}"
         engine_id = _next_engine_id(job)
@@ -451,7 +447,7 @@ class Scheduler:
             env["CUDA_VISIBLE_DEVICES"] = ""
         sub = Submission(engine_id, [python, "-m", "app.worker", job["id"], "--lab",
                                      str(self.lab.root), "--remote"],
-                         env=env, cwd=str(job_dir), needs=Needs(gpus=gpus, cpus=1),
+                         env=env, cwd=str(job_dir), needs=Needs(gpus=gpus, cpus=cpus),
                          stop_grace_s=self.lab.settings.cancel_grace_seconds)
         executor = self._executor(name)
         try:
@@ -467,7 +463,7 @@ class Scheduler:
                     job["id"], only_if_status=("running",), status="queued", device=None,
                     started_at=None, executor=None, engine_id=previous,
                     progress_message=f"waiting: {e}"[:300])
-                (job_dir / SNAPSHOT).unlink(missing_ok=True)
+                remove_snapshots(job_dir)
                 if self._engine_warned.get(name) != str(e):
                     log.warning("cannot hand jobs to %s: %s", name, e)
                     self._engine_warned[name] = str(e)
@@ -476,7 +472,7 @@ class Scheduler:
             self.registry.update_job(job["id"], only_if_status=("running",), status="failed",
                                      finished_at=now(),
                                      error=f"could not hand the job to {name}: {e}")
-            (job_dir / SNAPSHOT).unlink(missing_ok=True)
+            remove_snapshots(job_dir)
             log.warning("job %s: %s refused it: %s", job["id"], name, e)
             return False
         self.registry.update_job(job["id"], engine_id=engine_id, progress_message="")
@@ -524,7 +520,7 @@ class Scheduler:
     def _watch_one(self, job: dict) -> None:
         from app.executors import FINAL, GONE, PENDING, ExecutorError
         from app.ingest import ingest
-        from registry.journal import SNAPSHOT
+        from registry.journal import remove_snapshots
 
         name = job["executor"]
         executor = self._executor(name)
@@ -566,8 +562,7 @@ class Scheduler:
                     started_at=None, executor=None, progress=0.0,
                     progress_message=f"queued again: {name} did not start it"
                                      f"{': ' + engine.message if engine.message else ''}"[:300]):
-                (Path(job["job_dir"] or self.lab.job_dir(job["id"])) / SNAPSHOT).unlink(
-                    missing_ok=True)
+                remove_snapshots(job["job_dir"] or self.lab.job_dir(job["id"]))
                 log.warning("job %s: %s did not start it; queued again", job["id"], name)
             return
         status = ("cancelled" if job["cancel_requested"] else

@@ -132,8 +132,10 @@ def processes_for(plugin: plugins.Plugin, config, device: str) -> int:
     return plugin.needs(config).processes(device)
 
 
-def launch_command(job_id: str, lab_root, processes: int, mode: str = "ddp") -> list[str]:
-    """The `accelerate launch` command line that runs this job as `processes` ranks.
+def launch_command(job_id: str, lab_root, processes: int, mode: str = "ddp",
+                   remote: bool = False) -> list[str]:
+    """The `accelerate launch` command line that runs this job as `processes` ranks
+    (`remote`: on a cluster node, whose ranks read RANKS_SNAPSHOT and never registry.db).
 
     DDP uses accelerate's torchrun launcher (`--multi_gpu`) on GPUs and on CPU alike: its
     `--cpu` launcher starts a single process unless an MPI hostfile is given
@@ -155,16 +157,25 @@ def launch_command(job_id: str, lab_root, processes: int, mode: str = "ddp") -> 
                 "--fsdp_sync_module_states", "true"]
     else:
         cmd += ["--multi_gpu"]
-    return cmd + ["--module", "app.worker", job_id, "--lab", str(lab_root), "--rank"]
+    return cmd + ["--module", "app.worker", job_id, "--lab", str(lab_root), "--rank"] + \
+        (["--remote"] if remote else [])
 
 
-def launch(ctx: JobContext, plugin: plugins.Plugin, config, processes: int) -> list[dict]:
+def launch(ctx: JobContext, plugin: plugins.Plugin, config, processes: int,
+           remote: bool = False) -> list[dict]:
     """Run the job as `processes` ranks through accelerate launch and wait; returns the
-    checkpoints rank 0 registered. Raises RankFailed with the failing rank's error."""
+    checkpoints rank 0 registered. Raises RankFailed with the failing rank's error.
+    `remote`: a cluster job (run_remote), whose registry is a journaled copy on this node."""
+    from registry.journal import JOURNAL, RANKS_SNAPSHOT
+
     for _, ref in plugins.checkpoint_refs(config):
         ctx.open(ref)  # a folder or Hub id is imported here, once, not by every rank
+    journal = ctx.work_dir / JOURNAL
+    start = journal.stat().st_size if journal.exists() else 0
+    if remote:  # the ranks' registry: this copy, with the imports just journaled
+        ctx.registry.snapshot(ctx.work_dir / RANKS_SNAPSHOT)
     mode = plugin.needs(config).distributed
-    cmd = launch_command(ctx.job_id, ctx.lab.root, processes, mode)
+    cmd = launch_command(ctx.job_id, ctx.lab.root, processes, mode, remote)
     for old in ctx.work_dir.glob("error-rank*.txt"):
         old.unlink()
     ctx.log(f"launching {processes} processes ({mode}): {shlex.join(cmd)}")
@@ -185,6 +196,17 @@ def launch(ctx: JobContext, plugin: plugins.Plugin, config, processes: int) -> l
                         key=lambda f: int(f.stem[len("error-rank"):]))
         raise RankFailed(errors[0].read_text() if errors else
                          f"accelerate launch of {processes} processes exited with code {code}")
+    if remote:  # rank 0 journaled them from its own copy: this one never saw them
+        from registry.journal import Journal
+
+        made, at = [], start
+        while True:
+            lines = list(Journal(journal).read(at))
+            if not lines:
+                return made
+            at = lines[-1][0]
+            made += [{"id": entry["args"].get("id")} for _, entry, _ in lines
+                     if entry and entry.get("call") == "add_checkpoint"]
     with ctx.lab.registry() as reg:
         return [reg.checkpoint(c) for c in reg.job_checkpoints(ctx.job_id)]
 
@@ -259,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if args.remote and args.rank:
+        return run_remote_rank(Path(args.lab), args.job_id)
     if args.remote:
         return run_remote(Path(args.lab), args.job_id)
     sys.stdout, sys.stderr = hub.RedactingStream(sys.stdout), hub.RedactingStream(sys.stderr)
@@ -304,6 +328,27 @@ def run_remote(lab_root: Path, job_id: str) -> int:
         shutil.rmtree(local, ignore_errors=True)
 
 
+def run_remote_rank(lab_root: Path, job_id: str) -> int:
+    """One rank of a launched cluster job: its registry is its own copy of the launching
+    worker's (RANKS_SNAPSHOT, on this rank's node), and rank 0 journals to the job's journal
+    as the launching worker does (which waits meanwhile). Its output is the launcher's: the
+    job's log."""
+    import tempfile
+
+    from registry.journal import RANKS_SNAPSHOT, JournalRegistry
+
+    sys.stdout, sys.stderr = hub.RedactingStream(sys.stdout), hub.RedactingStream(sys.stderr)
+    _quiet_progress_bars()
+    job_dir = lab_root / "jobs" / job_id
+    local = Path(tempfile.mkdtemp(prefix=f"weightsmith-{job_id}-rank{os.environ['RANK']}-"))
+    try:
+        lab = Lab(lab_root, create=False)
+        lab.open_registry = lambda: JournalRegistry.open(job_dir, local, RANKS_SNAPSHOT)
+        return run_rank(lab, job_id)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
 def run_job(lab: Lab, job_id: str, remote: bool = False) -> int:
     """Run one job in this process (or through accelerate launch) and record its end."""
     reg = lab.registry()
@@ -315,11 +360,8 @@ def run_job(lab: Lab, job_id: str, remote: bool = False) -> int:
         config = plugins.validate_config(plugin, json.loads(job["config"]))
         device = job["device"] or "cpu"
         processes = processes_for(plugin, config, device.split(":")[-1] if remote else device)
-        if processes > 1 and remote:
-            raise RankFailed(f"the job asks for {processes} processes; on a cluster executor "
-                             f"a job runs as one process for now")
         if processes > 1:
-            created = launch(ctx, plugin, config, processes)
+            created = launch(ctx, plugin, config, processes, remote)
         else:
             plugin.run(config, ctx)
             created = ctx.publish_all()

@@ -36,6 +36,10 @@ SNAPSHOT = "registry-snapshot.db"
 MAX_LINE = 1 << 20  # bytes in one journal line (a call's arguments: metadata, a config)
 READ_BYTES = 8 << 20  # what the server reads of a journal per pass
 JOURNAL = "registry-journal.jsonl"
+# The ranks of a job launched as several processes on a cluster (app/worker.py): the
+# launching worker's copy after it imported the job's inputs, which the server's snapshot
+# lacks. Every rank reads it from its own copy; rank 0 alone journals, to the same journal.
+RANKS_SNAPSHOT = "registry-snapshot-ranks.db"
 
 # Registry calls a job may make (methods of Registry, and of its `datasets`), journaled on
 # the node and replayed by the server
@@ -43,6 +47,13 @@ CALLS = ("update_job", "add_metric", "add_evaluation", "add_job_suggestion", "ad
          "add_edge", "update_checkpoint", "datasets.add", "datasets.remember_file")
 # what the app records besides registry calls: ("auto_eval", checkpoint=..., source_plugin=...)
 NOTES = ("auto_eval",)
+
+
+def remove_snapshots(job_dir: str | Path) -> None:
+    """A cluster job's snapshots, once no worker can read them (the job ended, or its
+    hand-over failed): a whole copy of the registry each."""
+    for name in (SNAPSHOT, RANKS_SNAPSHOT):
+        (Path(job_dir) / name).unlink(missing_ok=True)
 
 
 def _plain(value: Any) -> Any:
@@ -146,18 +157,21 @@ class JournalRegistry(Registry):
         self.datasets = _JournaledDatasets(self.datasets, self)
 
     @classmethod
-    def open(cls, job_dir: str | Path, local_dir: str | Path) -> "JournalRegistry":
-        """The job's registry: the snapshot in `job_dir` copied once into `local_dir` (the
-        node's own disk), the journal in `job_dir`."""
+    def open(cls, job_dir: str | Path, local_dir: str | Path,
+             snapshot: str = SNAPSHOT) -> "JournalRegistry":
+        """The job's registry: the snapshot in `job_dir` (the server's, or RANKS_SNAPSHOT for
+        the ranks of a launched job) copied once into `local_dir` (the node's own disk), the
+        journal in `job_dir`."""
         job_dir, local_dir = Path(job_dir), Path(local_dir)
         copy = local_dir / SNAPSHOT
         if not copy.exists():
-            snapshot = job_dir / SNAPSHOT
-            if not snapshot.is_file():
-                raise RegistryError(f"{snapshot} is missing: the server writes it before it "
-                                    f"hands the job over")
+            source = job_dir / snapshot
+            if not source.is_file():
+                raise RegistryError(f"{source} is missing: the server (for the ranks of a "
+                                    f"launched job, its launching worker) writes it before "
+                                    f"the job starts")
             local_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(snapshot, copy.with_name(copy.name + ".part"))
+            shutil.copyfile(source, copy.with_name(copy.name + ".part"))
             os.replace(copy.with_name(copy.name + ".part"), copy)
         return cls(copy, job_dir / JOURNAL)
 

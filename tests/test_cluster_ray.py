@@ -115,3 +115,22 @@ def test_two_users_share_ray_in_fair_order(ray_lab):
     with lab.registry() as reg:
         started = sorted(reg.jobs(limit=10), key=lambda j: j["started_at"])
     assert [j["user"] for j in started] == ["ann", "bob", "ann"]
+
+
+def test_a_two_process_job_on_ray_trains_once(ray_lab, tiny_model_dir, tmp_path):
+    """cpu_processes: 2 asks Ray for 2 CPUs (the head has 2), and the launching worker runs
+    the ranks on that node; rank 0 alone registers, through the journal."""
+    from app import jobs
+    from tests.test_train import arithmetic_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "rows.jsonl", arithmetic_rows(8))
+    job = jobs.submit(ray_lab, "train", {
+        "checkpoint": str(tiny_model_dir), "data": str(data), "method": "full",
+        "max_steps": 2, "batch_size": 4, "save_steps": 0, "cpu_processes": 2})
+    job = run_to_end(ray_lab, job["id"], timeout=300)
+    log = (ray_lab.job_dir(job["id"]) / "log.txt").read_text()
+    assert job["status"] == "succeeded", job["error"] + log[-3000:]
+    assert "launching 2 processes (ddp)" in log and log.count("running as rank") == 1
+    with ray_lab.registry() as reg:
+        (ck_id,) = reg.job_checkpoints(job["id"])
+        assert reg.parents(ck_id)[0]["relation"] == "finetune"

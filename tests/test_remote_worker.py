@@ -144,6 +144,42 @@ def test_a_remote_job_chain_keeps_the_whole_lineage(cluster, tiny_model_dir, tmp
     assert any(m["name"] == "loss" for m in train_metrics)
 
 
+def test_a_two_process_job_on_a_node_registers_once_through_the_journal(
+        cluster, tiny_model_dir, tmp_path, monkeypatch):
+    """A job launched as 2 DDP processes on a node (cpu_processes: 2): the launching worker
+    imports the base and writes the ranks' snapshot, rank 0 journals its checkpoints and
+    metrics, rank 1 records nothing, and no process opens registry.db."""
+    from app import jobs
+
+    lab = cluster
+    monkeypatch.setenv("WEIGHTSMITH_TEST_REMOTE_SAY", "1")  # each guarded process says so
+    data = write_jsonl(tmp_path / "rows.jsonl", arithmetic_rows(16))
+    job = jobs.submit(lab, "train", {
+        "checkpoint": str(tiny_model_dir), "data": str(data), "method": "full",
+        "max_steps": 4, "batch_size": 4, "logging_steps": 2, "save_steps": 2,
+        "cpu_processes": 2})
+    job = run_to_end(lab, job["id"], timeout=300)
+    log = Path(job["log_path"]).read_text()
+    assert job["status"] == "succeeded", job["error"] + log[-3000:]
+    assert "launching 2 processes (ddp)" in log and log.count("running as rank") == 1
+    assert log.count("registry.db cannot be opened here") >= 2  # the ranks were guarded too
+    with lab.registry() as reg:
+        made = [reg.checkpoint(c) for c in reg.job_checkpoints(job["id"])]
+        metrics = reg.metrics(job["id"])
+        graph = reg.lineage(next(c["id"] for c in made if not c["name"].endswith("-step2")))
+    assert sorted(c["name"] for c in made) == ["tiny-llama-full", "tiny-llama-full-step2"]
+    # the launching worker learns rank 0's checkpoints from the journal
+    said = log.split("succeeded; checkpoints: ")[1].split("\n")[0]
+    assert sorted(said.split(", ")) == sorted(c["id"] for c in made)
+    (imported,) = [n for n in graph["nodes"] if n.get("relation") == "import"]
+    assert any(e["parent"] == imported["id"] and e["relation"] == "finetune"
+               for e in graph["edges"])
+    assert [m["step"] for m in metrics if m["name"] == "loss"] == [2, 4]  # rank 0's alone
+    job_dir = Path(job["job_dir"])
+    assert not (job_dir / "registry-snapshot-ranks.db").exists()  # removed at the end
+    assert not (job_dir / "rank1").exists()
+
+
 def test_a_failing_remote_job_records_its_own_error(cluster):
     from app import jobs
 

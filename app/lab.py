@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field, fields
@@ -23,7 +24,14 @@ class SettingsError(ValueError):
     pass
 
 
-EXECUTORS = ("local", "ray")  # app/executors
+EXECUTORS = ("local", "ray", "slurm")  # app/executors
+# what sbatch is given (as one argv word, never through a shell): a name, or a time limit
+# in one of Slurm's forms (minutes, M:S, H:M:S, D-H, D-H:M, D-H:M:S); empty: not given
+_SLURM_NAME = (re.compile(r"[A-Za-z0-9_.-]{1,64}"), "a name of 1 to 64 letters, digits, _ . -")
+SLURM_SETTINGS = {
+    "slurm_partition": _SLURM_NAME, "slurm_account": _SLURM_NAME,
+    "slurm_time_limit": (re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}"),
+                         "a Slurm time limit such as 30 (minutes), 1:00:00 or 2-00:00:00")}
 BOOLEAN_SETTINGS = ("allow_trust_remote_code", "auto_eval", "warm_workers", "cluster_gpus")
 
 
@@ -55,11 +63,16 @@ class Settings:
     # the server starts jobs through a fork server with torch and transformers imported
     # (app/forkserver.py): a short job starts in milliseconds instead of seconds
     warm_workers: bool = True
+    # memory the fork server may keep models loaded in between jobs, by content hash
+    # (app/warm_models.py): the next job on the same checkpoint starts with it loaded; 0: none
+    warm_model_mb: int = 2048
     # where jobs run (app/executors): "local", this machine's scheduler; "ray", a Ray
-    # cluster's Jobs API at `ray_address`. A cluster engine runs at most `cluster_max_jobs`
-    # of the lab's jobs at once (the rest wait in the lab's fair queue), each as
-    # `cluster_python -m app.worker` (default: this server's Python, which every node must
-    # have at the same path, like the lab folder itself)
+    # cluster's Jobs API at `ray_address`; "slurm", Slurm batch jobs through this machine's
+    # sbatch/squeue/scancel (in `slurm_partition`, charged to `slurm_account`, each with
+    # `slurm_time_limit`; empty: the cluster's defaults). A cluster engine runs at most
+    # `cluster_max_jobs` of the lab's jobs at once (the rest wait in the lab's fair queue),
+    # each as `cluster_python -m app.worker` (default: this server's Python, which every
+    # node must have at the same path, like the lab folder itself)
     executor: str = "local"
     ray_address: str = "http://127.0.0.1:8265"
     cluster_max_jobs: int = 4
@@ -67,6 +80,9 @@ class Settings:
     # whether a job that uses a GPU asks the cluster engine for its GPUs (false: a CPU-only
     # cluster, where every job runs on CPU)
     cluster_gpus: bool = True
+    slurm_partition: str = ""
+    slurm_account: str = ""
+    slurm_time_limit: str = ""  # Slurm's forms: 30 (minutes), 1:00:00, 2-00:00:00
 
     @classmethod
     def load(cls, lab_dir: Path) -> "Settings":
@@ -96,6 +112,10 @@ class Settings:
             if name in ("cpu_slots", "jobs_per_gpu", "max_upload_mb", "cluster_max_jobs") \
                     and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise SettingsError(f"setting {name}: expected an integer >= 1, got {value!r}")
+            if name == "warm_model_mb" and (not isinstance(value, int) or
+                                            isinstance(value, bool) or value < 0):
+                raise SettingsError(f"setting {name}: expected an integer >= 0 (MiB), got "
+                                    f"{value!r}")
             if name in BOOLEAN_SETTINGS and not isinstance(value, bool):
                 raise SettingsError(f"setting {name}: expected true or false, got {value!r}")
             if name == "executor" and value not in EXECUTORS:
@@ -103,6 +123,10 @@ class Settings:
                                     f"{', '.join(EXECUTORS)}, got {value!r}")
             if name in ("ray_address", "cluster_python") and not isinstance(value, str):
                 raise SettingsError(f"setting {name}: expected a string, got {value!r}")
+            if name in SLURM_SETTINGS and not (isinstance(value, str) and (
+                    not value or SLURM_SETTINGS[name][0].fullmatch(value))):
+                raise SettingsError(f"setting {name}: expected {SLURM_SETTINGS[name][1]} (or "
+                                    f"\"\" for the cluster's default), got {value!r}")
             if name == "auto_eval_suite" and not (isinstance(value, str) and value.strip()):
                 raise SettingsError(f"setting {name}: expected a suite name or path, got "
                                     f"{value!r}")
@@ -118,7 +142,8 @@ def _parse_env(name: str, raw: str):
         return [int(x) for x in raw.split(",") if x.strip()] if raw.strip() else []
     if name in ("allowed_roots", "code_roots"):
         return [p for p in raw.split(os.pathsep) if p.strip()]
-    if name in ("cpu_slots", "jobs_per_gpu", "max_upload_mb", "cluster_max_jobs"):
+    if name in ("cpu_slots", "jobs_per_gpu", "max_upload_mb", "cluster_max_jobs",
+                "warm_model_mb"):
         try:
             return int(raw)
         except ValueError:

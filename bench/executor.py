@@ -1,6 +1,8 @@
 """Executors side by side (issue 22): the same short jobs run by this machine's scheduler
-(cold workers, then warm ones) and handed to a Ray cluster (a one-node head on loopback,
-started here as the tests start it), taking turns, in one run.
+(cold workers, then warm ones), handed to a Ray cluster (a one-node head on loopback, started
+here as the tests start it) and to a Slurm cluster (one node on loopback, started as the
+tests start it: tests/slurm_cluster.py; skipped, saying why, where Slurm cannot run), taking
+turns, in one run.
 
     python bench/executor.py [--dir /tmp/bench-executor] [--repeats 5]
 
@@ -12,12 +14,16 @@ Jobs (the tests' plugins, loaded as WEIGHTSMITH_PLUGINS loads a plugin under dev
 Each line: submit to started_at (the queue: the scheduler's pass; on Ray, the hand-over
 with its registry snapshot), and submit to the job's final status in the registry (what a
 user waits for; on Ray it includes the scheduler's next replay of the journal, every 0.5 s).
-Prints medians per executor and the ratio to local cold. Slurm is not implemented yet.
+On Slurm, queued is the hand-over (sbatch); the wait for Slurm's scheduler (the test
+cluster's: batch_sched_delay=0, where a default Slurm may wait up to 3 s more) and the
+node's start of the job (--export=NONE: it loads the user's login environment) are in the
+total. Prints medians per executor and the ratio to local cold.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -70,15 +76,25 @@ def main() -> int:
     plugins.discover(refresh=True)
     model = tiny_model(root)
     from tests.ray_cluster import start_ray_head
+    from tests.slurm_cluster import SlurmUnavailable, start_slurm
 
-    t = time.monotonic()
-    with start_ray_head(root / "ray-logs") as address:
+    with contextlib.ExitStack() as clusters:
+        t = time.monotonic()
+        address = clusters.enter_context(start_ray_head(root / "ray-logs"))
         print(f"Ray head up in {time.monotonic() - t:.1f} s at {address}")
         modes = {"local cold": (make_lab(root / "lab-local", "warm_workers = false\n"), False),
                  "local warm": (make_lab(root / "lab-warm", ""), True),
                  "ray": (make_lab(root / "lab-ray", f'executor = "ray"\nray_address = '
                                                     f'"{address}"\ncluster_gpus = false\n'),
                          False)}
+        t = time.monotonic()
+        try:
+            slurm = clusters.enter_context(start_slurm())
+            print(f"Slurm up in {time.monotonic() - t:.1f} s (SLURM_CONF={slurm.conf})")
+            modes["slurm"] = (make_lab(root / "lab-slurm", 'executor = "slurm"\n'
+                                                           'cluster_gpus = false\n'), False)
+        except SlurmUnavailable as why:
+            print(f"no slurm column: {why}")
         running = {name: Running(lab, warm) for name, (lab, warm) in modes.items()}
         results: dict[tuple[str, str], list[dict]] = {}
         try:

@@ -1,6 +1,6 @@
 """Where a job's worker process runs: this machine (`local`, the scheduler's own
-subprocesses, app/scheduler.py) or a cluster engine (`ray`), chosen by the lab setting
-`executor`.
+subprocesses, app/scheduler.py) or a cluster engine (`ray`: app/executors/ray.py; `slurm`:
+app/executors/slurm.py), chosen by the lab setting `executor`.
 
 A cluster executor only starts, watches and stops `python -m app.worker JOB --lab DIR
 --remote` through the engine's own API; it keeps no state of its own (the engine's id of a
@@ -101,4 +101,10 @@ def executor_for(settings, name: str | None = None) -> Executor | None:
         # Stop waits for the whole grace period (SIGTERM, then SIGKILL), and a little more
         return RayExecutor(settings.ray_address,
                            stop_timeout=settings.cancel_grace_seconds + 20)
+    if kind == "slurm":
+        from app.executors.slurm import SlurmExecutor
+
+        return SlurmExecutor(partition=settings.slurm_partition, account=settings.slurm_account,
+                             time_limit=settings.slurm_time_limit,
+                             grace=settings.cancel_grace_seconds)
     raise ExecutorError(f"unknown executor {kind!r}; expected one of {', '.join(EXECUTORS)}")

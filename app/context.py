@@ -45,16 +45,27 @@ class OpenCheckpoint:
     trust_remote_code: bool = False
     kind: str = "model"
     metadata: dict = field(default_factory=dict)  # what the job that wrote it recorded
+    content_hash: str = ""  # the registry's; a warm worker may have the model loaded by it
 
     def config(self) -> dict:
         return json.loads((self.path / "config.json").read_text())
 
     def load_model(self, device: str | None = None, dtype: Any = None, **kwargs):
-        from transformers import AutoModelForCausalLM
+        from app import warm_models
 
-        model = AutoModelForCausalLM.from_pretrained(
-            str(self.path), dtype=dtype or "auto", trust_remote_code=self.trust_remote_code,
-            **kwargs)
+        plain = not kwargs and not self.trust_remote_code  # a load the fork server can repeat
+        model = warm_models.take(self.path, self.content_hash, dtype) if plain else None
+        if model is not None:
+            print(f"{self.name}: the model was already loaded in the warm worker server "
+                  f"(same files, same dtype)", flush=True)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(
+                str(self.path), dtype=dtype or "auto",
+                trust_remote_code=self.trust_remote_code, **kwargs)
+        if plain:
+            warm_models.note_loaded(self.path, self.content_hash, dtype)
         if device:
             model.to(device)
         return model.eval()
@@ -281,7 +292,8 @@ class JobContext:
         meta = json.loads(meta) if isinstance(meta, str) and meta else (meta or {})
         return OpenCheckpoint(id=row["id"], name=row["name"], path=Path(row["path"]),
                               trust_remote_code=trust, kind=row.get("kind") or "model",
-                              metadata=meta if isinstance(meta, dict) else {})
+                              metadata=meta if isinstance(meta, dict) else {},
+                              content_hash=row.get("content_hash") or "")
 
     def _import_export(self, row: dict) -> dict:
         """The checkpoint imported from an `export` checkpoint's GGUF file (bfloat16, as any

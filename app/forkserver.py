@@ -25,10 +25,14 @@ random generators, as a fresh process would be seeded.
 The scheduler's side (starting this server, forking through it, exit codes) is app/warm.py,
 so that the scheduler never imports the worker this module imports.
 
+Models the jobs load are kept loaded here for the next jobs, by content hash, within the
+request's "keep_mb" (app/warm_models.py).
+
 Protocol (JSON lines): the scheduler writes {"job": ID, "lab": DIR, "cwd": DIR, "log": FILE,
-"env": {...}} to the server's stdin; the server answers {"ready": seconds} once, when its
-imports are done, then {"job": ID, "pid": PID} per fork and {"exit": PID, "code": CODE} when
-a child ends (it reaps them). End of stdin ends the server; running jobs go on, as cold
+"env": {...}, "keep_mb": N} to the server's stdin; the server answers {"ready": seconds}
+once, when its imports are done, then {"job": ID, "pid": PID} per fork, {"exit": PID, "code": CODE} when
+a child ends (it reaps them), and {"kept": [[FOLDER, HASH, DTYPE, BYTES], ...]} after it
+considered keeping a model. End of stdin ends the server; running jobs go on, as cold
 workers outlive the server that started them.
 """
 
@@ -97,6 +101,10 @@ def _child(request: dict) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         _reseed()
+        from app import warm_models
+
+        warm_models.recording = True  # the models it loads are kept for the next jobs
+        warm_models.child_threads()
         args = [request["job"], "--lab", request["lab"]]
         sys.argv = [os.path.join(os.path.dirname(__file__), "worker.py"), *args]
         from app import worker
@@ -135,7 +143,10 @@ def _write(message: dict) -> None:
     os.write(1, (json.dumps(message) + "\n").encode())
 
 
-def _reap() -> None:
+def _reap(children: dict, to_keep: list) -> None:
+    """Report ended children; queue the models each loaded (app/warm_models.py)."""
+    from app import warm_models
+
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -144,6 +155,11 @@ def _reap() -> None:
         if pid == 0:
             return
         _write({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+        request = children.pop(pid, None)
+        if request is not None:
+            budget = request.get("keep_mb")
+            budget = budget << 20 if isinstance(budget, int) and budget > 0 else 0
+            to_keep += [(entry, budget) for entry in warm_models.read_notes(request["cwd"])]
 
 
 def main() -> int:
@@ -151,10 +167,19 @@ def main() -> int:
     _preload()
     _write({"ready": round(time.perf_counter() - started, 3)})
     pending = b""
+    children: dict[int, dict] = {}  # pid -> its request
+    to_keep: list[tuple[dict, int]] = []  # models ended jobs loaded, to load here
     while True:
         readable, _, _ = select.select([0], [], [], 0.2)
-        _reap()
+        _reap(children, to_keep)
         if not readable:
+            if to_keep:  # one at a time, and only while no fork request waits
+                from app import warm_models
+
+                entry, budget = to_keep.pop(0)
+                warm_models.keep(entry, budget,
+                                 log=lambda m: print(m, file=sys.stderr, flush=True))
+                _write({"kept": warm_models.kept()})
             continue
         chunk = os.read(0, 65536)
         if not chunk:  # the scheduler went away: stop taking jobs; running ones go on
@@ -169,6 +194,7 @@ def main() -> int:
             pid = os.fork()
             if pid == 0:
                 _child(request)
+            children[pid] = request
             _write({"job": request.get("job"), "pid": pid})
 
 

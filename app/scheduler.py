@@ -357,7 +357,8 @@ class Scheduler:
         proc = None
         if self.warm is not None and self.warm.usable(env):
             proc = self.warm.fork(job["id"], str(self.lab.root), str(job_dir),
-                                  str(job_dir / "log.txt"), env)
+                                  str(job_dir / "log.txt"), env,
+                                  keep_mb=self.lab.settings.warm_model_mb)
         how = "warm" if proc is not None else "cold"
         if proc is None:
             with open(job_dir / "log.txt", "ab") as logf:

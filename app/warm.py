@@ -31,6 +31,7 @@ class ForkServer:
         self.ready = False
         self.ready_seconds: float | None = None
         self.exits: dict[int, int] = {}
+        self.kept: list[list] = []  # the models the server keeps (app/warm_models.py)
         self._replies: "queue.Queue[dict]" = queue.Queue()
         self._lock = threading.Lock()
         self._log = log or logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class ForkServer:
                     self.ready = True
                 self._log.info("warm worker server ready (imports took %.1f s)",
                                message["ready"])
+            elif "kept" in message and proc is self.proc:
+                self.kept = message["kept"]
             elif "exit" in message:
                 self.exits[message["exit"]] = message["code"]
             elif "pid" in message and proc is self.proc:
@@ -86,8 +89,10 @@ class ForkServer:
         if proc is self.proc:
             self.ready = False
 
-    def fork(self, job_id: str, lab: str, cwd: str, log_path: str, env: dict):
-        """A WarmChild running the job, or None (then the caller starts it cold)."""
+    def fork(self, job_id: str, lab: str, cwd: str, log_path: str, env: dict,
+             keep_mb: int = 0):
+        """A WarmChild running the job, or None (then the caller starts it cold). `keep_mb`:
+        the memory the server may keep models loaded in for later jobs (app/warm_models.py)."""
         import queue
 
         with self._lock:
@@ -96,7 +101,8 @@ class ForkServer:
                 return None
             while not self._replies.empty():  # a late reply of a fork given up on
                 self._replies.get_nowait()
-            request = {"job": job_id, "lab": lab, "cwd": cwd, "log": log_path, "env": env}
+            request = {"job": job_id, "lab": lab, "cwd": cwd, "log": log_path, "env": env,
+                       "keep_mb": keep_mb}
             try:
                 proc.stdin.write((json.dumps(request) + "\n").encode())
                 proc.stdin.flush()

@@ -17,6 +17,12 @@ ready) and takes, one at a time:
   lora       a LoRA train job of 2 steps on the demo's capitals data;
   merge      task arithmetic of demo-ft on demo-base.
 
+A third mode, kept, is warm with the fork server keeping models loaded between jobs
+(app/warm_models.py, lab setting warm_model_mb; warm runs with it at 0): each job runs once
+untimed, then timed, so that its model is the one the server kept. --real FOLDER adds
+eval-real, a perplexity evaluation (window 256, 4096 tokens) of a real checkpoint folder
+(SmolLM2-135M: the tests' float32 conversion of the GGUF), where the load is a real cost.
+
 Each figure is submit to the job's final status in the registry (polled every 20 ms): what a
 user waits for; each line also splits it into queued (submit to started_at: the scheduler's
 poll) and worker (started_at to finished_at: start-up, the plugin, registering). Prints the median of each mode and the ratio warm/cold. Target (issue 21): auto-eval of the
@@ -113,13 +119,23 @@ def build_lab(root: Path, steps: int):
     return lab
 
 
-def jobs_to_time(lab) -> dict[str, tuple[str, dict, dict]]:
+def jobs_to_time(lab, real: str | None = None) -> dict[str, tuple[str, dict, dict]]:
     from app.demo import DEMO_NAME, SUITE_DIR
     from app.jobs import AUTO_EVAL_PRIORITY
 
     with lab.registry() as reg:
         base = reg.find_checkpoint(DEMO_NAME)["id"]
-    return {
+        if real:
+            from app.checkpoints import import_checkpoint
+
+            found = reg.find_checkpoint("bench-real")
+            real_id = (found or import_checkpoint(lab, reg, real, name="bench-real",
+                                                  log=lambda m: None))["id"]
+    extra = {} if not real else {
+        "eval-real": ("evaluate", {"checkpoint": real_id, "window": 256, "max_tokens": 4096,
+                                   "text_file": str(REPO / "assets" / "demo" / "heldout.txt"),
+                                   "dtype": "float32", "reuse_scores": False}, {})}
+    return {**extra,
         # reuse_scores off: a new checkpoint's auto-eval has no scores to reuse, and the
         # same checkpoint evaluated again would reuse the first run's
         "auto-eval": ("evaluate", {"checkpoint": base, "suite": lab.settings.auto_eval_suite,
@@ -156,18 +172,23 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30,
                         help="pretrain steps of the demo base (its size is the demo's)")
     parser.add_argument("--jobs", nargs="+", default=["auto-eval", "lora", "merge"])
+    parser.add_argument("--real", help="a real checkpoint folder: adds the eval-real job")
     args = parser.parse_args()
+    if args.real:
+        args.jobs = ["eval-real", *args.jobs]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t = time.perf_counter()
     lab = build_lab(Path(args.dir) / "lab", args.steps)
     print(f"demo lab ready in {time.perf_counter() - t:.1f} s at {lab.root}; "
           f"{os.cpu_count()} CPUs", flush=True)
-    specs = jobs_to_time(lab)
+    specs = jobs_to_time(lab, args.real)
     results: dict[tuple[str, str], list[dict]] = {}
+    modes = ("cold", "warm", "kept")
     for turn in range(args.repeats):
-        for mode in ("cold", "warm"):
+        for mode in modes:
+            lab.settings.warm_model_mb = 2048 if mode == "kept" else 0
             t = time.perf_counter()
-            running = Running(lab, warm=mode == "warm")
+            running = Running(lab, warm=mode != "cold")
             ready = time.perf_counter() - t
             try:
                 for name in args.jobs:
@@ -175,21 +196,30 @@ def main() -> int:
                     config = dict(config)
                     if "name" in config:
                         config["name"] = f"{config['name']}-{mode}-{turn}"
+                    if mode == "kept":  # the same job once before: its model is kept
+                        before = list(running.scheduler.warm.kept)
+                        time_job(lab, plugin, {**config, "name": config["name"] + "-prime"}
+                                 if "name" in config else config, extra)
+                        deadline = time.monotonic() + 5  # (a merge loads no model)
+                        while running.scheduler.warm.kept == before and \
+                                time.monotonic() < deadline:
+                            time.sleep(0.05)
                     r = time_job(lab, plugin, config, extra)
                     results.setdefault((name, mode), []).append(r)
                     print(f"  turn {turn + 1} {mode:4} {name:9} {r['wall']:6.2f} s (queued "
                           f"{r['queued']:.2f} s, worker {r['worker']:.2f} s)"
-                          + (f"; fork server ready after {ready:.1f} s" if mode == "warm"
+                          + (f"; fork server ready after {ready:.1f} s" if mode != "cold"
                              and name == args.jobs[0] else ""), flush=True)
             finally:
                 running.close()
 
-    print(f"\n{'job':10} {'cold s':>7} {'warm s':>7} {'warm/cold':>9}   (submit to final "
-          f"status; median of {args.repeats})")
+    print(f"\n{'job':10} {'cold s':>7} {'warm s':>7} {'kept s':>7} {'warm/cold':>9} "
+          f"{'kept/warm':>9}   (submit to final status; median of {args.repeats})")
     for name in args.jobs:
-        cold = statistics.median(r["wall"] for r in results[(name, "cold")])
-        warm = statistics.median(r["wall"] for r in results[(name, "warm")])
-        print(f"{name:10} {cold:7.2f} {warm:7.2f} {warm / cold:9.2f}")
+        cold, warm, kept = (statistics.median(r["wall"] for r in results[(name, mode)])
+                            for mode in modes)
+        print(f"{name:10} {cold:7.2f} {warm:7.2f} {kept:7.2f} {warm / cold:9.2f} "
+              f"{kept / warm:9.2f}")
     if "auto-eval" in args.jobs:
         warm = statistics.median(r["wall"] for r in results[("auto-eval", "warm")])
         print(f"\ntarget: auto-eval of the demo suite on the demo model <= "

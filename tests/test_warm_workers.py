@@ -92,6 +92,51 @@ def test_a_job_is_forked_warm_and_records_like_a_cold_one(warm, tiny_model_dir):
         assert [p["parent_name"] for p in reg.parents(ck_id)] == ["tiny"]
 
 
+def test_a_model_stays_loaded_for_the_next_job_on_the_same_checkpoint(warm, tiny_model_dir,
+                                                                       tmp_path):
+    """The fork server keeps the model a job loaded (app/warm_models.py): the next job on the
+    same files and dtype takes it instead of loading it, and gets the same scores; a job that
+    trains the taken model changes only its own copy; the server keeps it without starting
+    a thread pool that a fork would break."""
+    import shutil
+
+    lab, scheduler = warm
+    folder = tmp_path / "kept"
+    shutil.copytree(tiny_model_dir, folder)
+    with lab.registry() as reg:
+        ck = import_checkpoint(lab, reg, str(folder), name="kept")
+    server = psutil.Process(scheduler.warm.proc.pid)
+    threads = server.num_threads()
+    evaluate = {"checkpoint": "kept", "window": 64, "max_tokens": 400, "dtype": "float32",
+                "reuse_scores": False}
+
+    def run(plugin, config):
+        job = jobs.submit(lab, plugin, config)
+        row = finish(lab, job["id"])
+        assert row["status"] == "succeeded", row["error"]
+        log = (lab.job_dir(job["id"]) / "log.txt").read_text()
+        with lab.registry() as reg:
+            scores = [e["value"] for e in reg.evaluations(ck["id"])
+                      if e["job_id"] == job["id"] and e["metric"] == "perplexity"]
+        return "already loaded in the warm worker server" in log, scores
+
+    warm_load, first = run("evaluate", evaluate)
+    assert not warm_load and len(first) == 1
+    wait_for(lambda: any(k[0] == str(folder) and k[2] == "float32"
+                         for k in scheduler.warm.kept), 60, what="the server to keep it")
+    assert server.num_threads() == threads  # no OpenMP pool in the server after its load
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "completion": str(2 * i)})
+                            + "\n" for i in range(8)))
+    warm_load, _ = run("train", {"checkpoint": "kept", "data": str(data), "method": "full",
+                                 "max_steps": 2, "batch_size": 4, "learning_rate": 0.05,
+                                 "save_steps": 0})
+    assert warm_load  # trained the server's model, in its own copy-on-write pages
+    warm_load, second = run("evaluate", evaluate)
+    assert warm_load and second == first  # the same weights as loaded from the files
+
+
 def test_a_crash_fails_only_its_job(warm):
     lab, scheduler = warm
     job = jobs.submit(lab, "test_crash", {"message": "kaboom"})
@@ -162,3 +207,52 @@ def test_a_changed_environment_restarts_the_server(warm, monkeypatch, tmp_path):
              and scheduler.warm.ready, 180, interval=0.2, what="a new fork server")
     monkeypatch.delenv("WEIGHTSMITH_TEST_MARKER")
     time.sleep(0.3)  # the next job restarts it again, with the module's environment
+
+
+KEEP_PROBE = """
+import json, os, sys
+from app.forkserver import _preload
+_preload()
+from app import warm_models
+threads = lambda: len(os.listdir("/proc/self/task"))
+a, b, mib = sys.argv[1], sys.argv[2], 1 << 20
+entry = lambda path: {"path": path, "hash": "sha256:" + "ab" * 32, "dtype": "float32"}
+out = {"before": threads()}
+warm_models.keep(entry(a), 60 * mib, log=lambda m: None)
+out["after"] = threads()  # no OpenMP pool, loader pool or tqdm monitor left to break a fork
+out["one"] = [k[0] for k in warm_models.kept()]
+warm_models.keep(entry(b), 60 * mib, log=lambda m: None)  # both do not fit: a goes
+out["lru"] = [k[0] for k in warm_models.kept()]
+warm_models.keep(entry(a), 10 * mib, log=lambda m: None)  # larger than the whole budget
+out["small"] = [k[0] for k in warm_models.kept()]
+os.utime(os.path.join(b, "config.json"), ns=(1, 1))  # its files changed: not taken
+out["stale"] = warm_models.take(b, "sha256:" + "ab" * 32, "float32") is None
+print(json.dumps(out))
+"""
+
+
+def test_the_server_keeps_models_within_its_budget_and_starts_no_thread(tmp_path):
+    """warm_models.keep in a process like the fork server, on a bfloat16 model loaded as
+    float32 (a conversion large enough for PyTorch to run in parallel if it could)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import REPO
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=8, vocab_size=4096)
+    a, b = tmp_path / "a", tmp_path / "b"
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(a)  # 42 MiB as float32
+    shutil.copytree(a, b)
+    proc = subprocess.run([sys.executable, "-c", KEEP_PROBE, str(a), str(b)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["after"] == out["before"], out
+    assert out["one"] == [str(a)] and out["lru"] == [str(b)] and out["small"] == [str(b)]
+    assert out["stale"]

@@ -148,6 +148,7 @@ def check_config(lab: Lab, plugin_name: str, data: dict):
         elif have and needs.gpus > len(have):
             problems.append(f"field '{field}': {why}, and this lab has {len(have)} "
                             f"({', '.join(map(str, have))})")
+    problems += node_problems(lab, needs)
     from app.paths import config_problems, missing_paths, restricted
 
     problems += config_problems(lab, config, plugin)  # a shared lab reads only inside its roots
@@ -160,6 +161,24 @@ def check_config(lab: Lab, plugin_name: str, data: dict):
     if problems:
         raise plugins.ConfigError(plugin_name, problems)
     return plugin, config
+
+
+def node_problems(lab: Lab, needs: plugins.Resources) -> list[str]:
+    """A job spanning several nodes (Resources.nodes, the config field `nodes`): only the
+    slurm executor gives a job a set of nodes at once (app/worker.py starts one launch per
+    node through srun); the local scheduler and Ray run a job's worker on one machine."""
+    if needs.nodes <= 1:
+        return []
+    got = f"field 'nodes': got {needs.nodes}"
+    if not needs.data_parallel:
+        return [f"{got}; this job runs as one process, which cannot span nodes: expected 1"]
+    executor = lab.settings.executor
+    if executor == "slurm":
+        return []
+    if executor == "ray":
+        return [f"{got}; the ray executor runs a job's worker on one node: several nodes need "
+                f"the slurm executor (lab setting executor)"]
+    return [f"{got}; several nodes need the slurm executor (lab setting executor)"]
 
 
 def lab_gpus(lab: Lab) -> list[int]:

@@ -403,7 +403,8 @@ class Scheduler:
                 config = plugins.validate_config(plugin, json.loads(job["config"]))
                 gpus = self._job_gpus(job, plugin) \
                     if plugin.uses_gpu and self.lab.settings.cluster_gpus else 0
-                processes = plugin.needs(config).processes("cuda" if gpus else "cpu")
+                needs = plugin.needs(config)
+                processes = needs.processes("cuda" if gpus else "cpu")
             except Exception as e:  # noqa: BLE001 - one bad row must not stop the queue
                 self.registry.update_job(job["id"], only_if_status=("queued",), status="failed",
                                          finished_at=now(), error=f"{type(e).__name__}: {e}"
@@ -412,13 +413,14 @@ class Scheduler:
                                                                ValueError)) else str(e))
                 continue
             # its processes (several: app.worker launches them on its node) each want a core
-            handed = self.hand_over(job, name, gpus, cpus=processes)
+            handed = self.hand_over(job, name, gpus, cpus=processes, nodes=needs.nodes)
             if handed is None:  # the engine does not answer: the rest wait with this one
                 return
             if handed:
                 free -= 1
 
-    def hand_over(self, job: dict, name: str, gpus: int, cpus: int = 1) -> bool | None:
+    def hand_over(self, job: dict, name: str, gpus: int, cpus: int = 1,
+                  nodes: int = 1) -> bool | None:
         """Start a queued job through cluster executor `name`; False if someone else claimed
         it first or the engine refused it (the job then failed with the engine's reason);
         None if the engine does not answer (the job is queued again, saying so)."""
@@ -448,7 +450,7 @@ class Scheduler:
             env["CUDA_VISIBLE_DEVICES"] = ""
         sub = Submission(engine_id, [python, "-m", "app.worker", job["id"], "--lab",
                                      str(self.lab.root), "--remote"],
-                         env=env, cwd=str(job_dir), needs=Needs(gpus=gpus, cpus=cpus),
+                         env=env, cwd=str(job_dir), needs=Needs(gpus=gpus, cpus=cpus, nodes=nodes),
                          stop_grace_s=self.lab.settings.cancel_grace_seconds)
         executor = self._executor(name)
         try:

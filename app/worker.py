@@ -11,6 +11,12 @@ Rank 0 runs the plugin with the job context: it alone records metrics and progre
 writes and registers checkpoints. The other ranks get a RankContext that records nothing and
 reads the registry through a query-only
 connection. This worker waits for the launch and records the job's final status.
+
+A job spanning several nodes (`Resources.nodes`: the `nodes` field; the slurm executor only)
+runs its worker as the batch step of a Slurm job of that many nodes, on the first. It
+imports the inputs and writes the ranks' registry copy as above, then srun's one
+`app.worker JOB --node-launch` per node, each of which becomes its node's accelerate launch
+(machine rank SLURM_PROCID, meeting the others at the first node): node_launch_command.
 """
 
 from __future__ import annotations
@@ -133,9 +139,13 @@ def processes_for(plugin: plugins.Plugin, config, device: str) -> int:
 
 
 def launch_command(job_id: str, lab_root, processes: int, mode: str = "ddp",
-                   remote: bool = False) -> list[str]:
-    """The `accelerate launch` command line that runs this job as `processes` ranks
-    (`remote`: on a cluster node, whose ranks read RANKS_SNAPSHOT and never registry.db).
+                   remote: bool = False, machines: int = 1, machine_rank: int = 0,
+                   main_address: str = "", main_port: int = 0) -> list[str]:
+    """The `accelerate launch` command line that runs this job as `processes` ranks on this
+    machine (`remote`: on a cluster node, whose ranks read RANKS_SNAPSHOT and never
+    registry.db). With `machines` > 1 it is machine `machine_rank`'s share of a job spanning
+    that many: accelerate's torchrun meets the others at main_address:main_port (machine rank
+    0's), and numbers the ranks across machines (RANK 0 on machine 0).
 
     DDP uses accelerate's torchrun launcher (`--multi_gpu`) on GPUs and on CPU alike: its
     `--cpu` launcher starts a single process unless an MPI hostfile is given
@@ -143,9 +153,15 @@ def launch_command(job_id: str, lab_root, processes: int, mode: str = "ddp",
     the gloo backend themselves (TrainingArguments(use_cpu=True): DistributedType.MULTI_CPU).
     Port 0: accelerate picks a free port, so jobs launched side by side do not collide.
     Mixed precision is left to the Trainer (bf16 on GPUs that support it)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
-           str(processes), "--num_machines", "1", "--main_process_port", "0",
-           "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--num_processes", str(processes * machines),  # all machines' (accelerate's word)
+           "--num_machines", str(machines)]
+    if machines > 1:
+        cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", main_address,
+                "--main_process_port", str(main_port)]
+    else:
+        cmd += ["--main_process_port", "0"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     if mode == "fsdp":
         # full shards per decoder layer (the model's _no_split_modules); orig params so that
         # frozen and trainable parameters (LoRA, freeze, HFT) may share a unit; the final and
@@ -161,27 +177,138 @@ def launch_command(job_id: str, lab_root, processes: int, mode: str = "ddp",
         (["--remote"] if remote else [])
 
 
+def node_launch_command(job_id: str, lab_root, nodes: int, processes: int, mode: str,
+                        main_address: str, main_port: int) -> list[str]:
+    """The `srun` command line, run by a job's worker in its Slurm allocation, that starts
+    one `app.worker JOB --node-launch` on each of its `nodes` nodes (each then execs its
+    node's accelerate launch: node_launch). srun places the tasks and forwards their output
+    into the job log; --kill-on-bad-exit ends every node's share as soon as one fails,
+    instead of leaving the others waiting in the rendezvous. A SIGTERM to srun (a Stop's:
+    scancel signals every process of the batch step) makes it SIGKILL its tasks at once, so
+    the ranks get no grace to clean up: launch() removes what they leave.
+    --export=ALL: the job was submitted with --export=NONE, which Slurm also makes the
+    default of the job's own sruns (SLURM_EXPORT_ENV), and the tasks need this environment.
+    --cpus-per-task: srun 22.05 no longer reads the job's SLURM_CPUS_PER_TASK."""
+    cmd = ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1",
+           "--kill-on-bad-exit=1", "--export=ALL"]
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        cmd.append(f"--cpus-per-task={os.environ['SLURM_CPUS_PER_TASK']}")
+    return cmd + [sys.executable, "-m", "app.worker", job_id, "--lab", str(lab_root),
+                  "--remote", "--node-launch", "--nodes", str(nodes), "--processes",
+                  str(processes), "--distributed", mode, "--main-address", main_address,
+                  "--main-port", str(main_port)]
+
+
+def _scontrol(*args: str) -> str:
+    try:
+        proc = subprocess.run(["scontrol", *args], capture_output=True, text=True,
+                              timeout=60, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RankFailed(f"Slurm's `scontrol {' '.join(args)}` failed on this node: {e}") \
+            from None
+    if proc.returncode != 0:
+        raise RankFailed(f"Slurm's `scontrol {' '.join(args)}` failed on this node: "
+                         f"{' '.join(proc.stderr.split())[:300]}")
+    return proc.stdout
+
+
+def slurm_main_node(nodes: int) -> tuple[str, int]:
+    """(address, port) where the nodes of this Slurm job meet: the first node of the
+    allocation, where srun puts task 0 (machine rank 0), at its NodeAddr (the address Slurm
+    itself reaches it by), and a port free on this node, which is that first node: Slurm
+    runs the batch step, this worker, there."""
+    import socket
+
+    nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
+    allocated = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or ""
+    if not nodelist:
+        raise ValueError(f"field 'nodes': got {nodes}; several nodes need the slurm executor "
+                         f"(lab setting executor), and this worker is not in a Slurm job")
+    if allocated != str(nodes):
+        raise ValueError(f"field 'nodes': got {nodes}, and this job's Slurm allocation has "
+                         f"{allocated or 'an unknown number of'} nodes ({nodelist})")
+    first = _scontrol("show", "hostnames", nodelist).split()[0]
+    words = _scontrol("show", "node", first, "--oneliner").split()
+    address = next((w.split("=", 1)[1] for w in words if w.startswith("NodeAddr=")), first)
+    with socket.socket() as probe:  # torchrun's store listens there; a race is unlikely
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    return address, port
+
+
+def node_launch(lab_root: Path, job_id: str, nodes: int, processes: int, mode: str,
+                main_address: str, main_port: int) -> int:
+    """One node's share of a job spanning `nodes` (task SLURM_PROCID of node_launch_command's
+    srun, one per node): becomes that node's accelerate launch, machine rank SLURM_PROCID. Its
+    ranks read their own copy of the launching worker's RANKS_SNAPSHOT (run_remote_rank)."""
+    import socket
+
+    from registry.journal import RANKS_SNAPSHOT
+
+    job_dir = lab_root / "jobs" / job_id
+    host = socket.gethostname()
+    if not (job_dir / RANKS_SNAPSHOT).is_file():  # said into the job log, through srun
+        print(f"error: node {host} cannot see the lab's job folder {job_dir} (no "
+              f"{RANKS_SNAPSHOT} there). The lab folder must be on storage that every node "
+              f"of the cluster mounts at the same path; see the README's \"Running on a "
+              f"cluster\".", file=sys.stderr, flush=True)
+        return 2
+    rank = os.environ.get("SLURM_PROCID", "")
+    if not rank.isdigit() or int(rank) >= nodes:
+        print(f"error: node {host}: SLURM_PROCID is {rank!r}; expected a task of an srun of "
+              f"{nodes} tasks", file=sys.stderr, flush=True)
+        return 2
+    cmd = launch_command(job_id, lab_root, processes, mode, remote=True, machines=nodes,
+                         machine_rank=int(rank), main_address=main_address,
+                         main_port=main_port)
+    node = os.environ.get("SLURMD_NODENAME", host)
+    print(f"node {rank} of {nodes} ({node}): {shlex.join(cmd)}", flush=True)
+    os.chdir(job_dir)
+    # exec, not a child: srun's task, whose exit code srun reports and which Slurm signals,
+    # is then this node's torchrun itself
+    os.execv(cmd[0], cmd)
+    return 2  # not reached
+
+
 def launch(ctx: JobContext, plugin: plugins.Plugin, config, processes: int,
-           remote: bool = False) -> list[dict]:
-    """Run the job as `processes` ranks through accelerate launch and wait; returns the
-    checkpoints rank 0 registered. Raises RankFailed with the failing rank's error.
-    `remote`: a cluster job (run_remote), whose registry is a journaled copy on this node."""
+           remote: bool = False, nodes: int = 1) -> list[dict]:
+    """Run the job as `processes` ranks (on each of `nodes` Slurm nodes) through accelerate
+    launch and wait; returns the checkpoints rank 0 registered. Raises RankFailed with the
+    failing rank's error. `remote`: a cluster job (run_remote), whose registry is a journaled
+    copy on this node."""
     from registry.journal import JOURNAL, RANKS_SNAPSHOT
 
+    mode = plugin.needs(config).distributed
+    if nodes > 1:  # before any import: a worker outside a fitting Slurm job stops here
+        if not remote:
+            raise ValueError(f"field 'nodes': got {nodes}; several nodes need the slurm "
+                             f"executor (lab setting executor)")
+        main_address, main_port = slurm_main_node(nodes)
     for _, ref in plugins.checkpoint_refs(config):
         ctx.open(ref)  # a folder or Hub id is imported here, once, not by every rank
     journal = ctx.work_dir / JOURNAL
     start = journal.stat().st_size if journal.exists() else 0
     if remote:  # the ranks' registry: this copy, with the imports just journaled
         ctx.registry.snapshot(ctx.work_dir / RANKS_SNAPSHOT)
-    mode = plugin.needs(config).distributed
-    cmd = launch_command(ctx.job_id, ctx.lab.root, processes, mode, remote)
+    if nodes > 1:
+        cmd = node_launch_command(ctx.job_id, ctx.lab.root, nodes, processes, mode,
+                                  main_address, main_port)
+        what = f"on {nodes} nodes, {processes} process{'es' if processes > 1 else ''} " \
+               f"each ({mode})"
+    else:
+        cmd = launch_command(ctx.job_id, ctx.lab.root, processes, mode, remote)
+        what = f"{processes} processes ({mode})"
     for old in ctx.work_dir.glob("error-rank*.txt"):
         old.unlink()
-    ctx.log(f"launching {processes} processes ({mode}): {shlex.join(cmd)}")
+    ctx.log(f"launching {what}: {shlex.join(cmd)}")
     # Same stdout (the job log) and process group: Stop reaches the launcher, and kill_tree
-    # finds the ranks (torchrun starts them in sessions of their own) as descendants.
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, cwd=str(ctx.work_dir))
+    # finds the ranks (torchrun starts them in sessions of their own) as descendants. Under
+    # srun every node's ranks are srun's tasks, which it SIGKILLs when it gets a SIGTERM.
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, cwd=str(ctx.work_dir))
+    except FileNotFoundError:
+        raise RankFailed(f"`{cmd[0]}` is not on the PATH of node {os.uname().nodename}, "
+                         f"where the job's worker runs") from None
     try:
         code = proc.wait()
     except JobCancelled:
@@ -190,11 +317,19 @@ def launch(ctx: JobContext, plugin: plugins.Plugin, config, processes: int,
             proc.wait(timeout=ctx.lab.settings.cancel_grace_seconds)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
         raise
+    finally:
+        # the scratch of a rank that had no chance to clean up: srun answers a SIGTERM (a
+        # Stop's) by SIGKILLing its tasks; the job's partial checkpoints go with discard_all
+        for scratch in ctx.work_dir.glob("rank[0-9]*"):
+            shutil.rmtree(scratch, ignore_errors=True)
     if code != 0:
         errors = sorted(ctx.work_dir.glob("error-rank*.txt"),
                         key=lambda f: int(f.stem[len("error-rank"):]))
         raise RankFailed(errors[0].read_text() if errors else
+                         f"srun of the job's {nodes} node launches exited with code {code}"
+                         if nodes > 1 else
                          f"accelerate launch of {processes} processes exited with code {code}")
     if remote:  # rank 0 journaled them from its own copy: this one never saw them
         from registry.journal import Journal
@@ -269,7 +404,7 @@ def _quiet_progress_bars() -> None:
         hf_logging.disable_progress_bar()
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weightsmith-worker")
     parser.add_argument("job_id")
     parser.add_argument("--lab", required=True)
@@ -278,8 +413,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--remote", action="store_true",
                         help="started by a cluster engine, maybe on another node: never opens "
                              "registry.db (registry/journal.py)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--node-launch", action="store_true",
+                        help="one node's share of a job spanning several Slurm nodes (see "
+                             "node_launch_command); with the five options below")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--processes", type=int, default=1, help="on each node")
+    parser.add_argument("--distributed", default="ddp", choices=("ddp", "fsdp"))
+    parser.add_argument("--main-address", default="")
+    parser.add_argument("--main-port", type=int, default=0)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments().parse_args(argv)
+
+    if args.node_launch:
+        return node_launch(Path(args.lab), args.job_id, args.nodes, args.processes,
+                           args.distributed, args.main_address, args.main_port)
     signal.signal(signal.SIGTERM, _on_sigterm)
     if args.remote and args.rank:
         return run_remote_rank(Path(args.lab), args.job_id)
@@ -360,8 +510,9 @@ def run_job(lab: Lab, job_id: str, remote: bool = False) -> int:
         config = plugins.validate_config(plugin, json.loads(job["config"]))
         device = job["device"] or "cpu"
         processes = processes_for(plugin, config, device.split(":")[-1] if remote else device)
-        if processes > 1:
-            created = launch(ctx, plugin, config, processes, remote)
+        nodes = plugin.needs(config).nodes
+        if processes > 1 or nodes > 1:
+            created = launch(ctx, plugin, config, processes, remote, nodes)
         else:
             plugin.run(config, ctx)
             created = ctx.publish_all()

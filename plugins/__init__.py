@@ -270,10 +270,13 @@ class Resources:
     data_parallel: bool = False
     cpu_processes: int = 1       # data-parallel processes on a CPU-only placement
     distributed: str = "ddp"     # how several processes share the model: "ddp" or "fsdp"
+    # machines the job spans, each running processes(device) of it (data_parallel only). Its
+    # config field is `nodes`: the submit-time refusals (app/jobs.py) name that field.
+    nodes: int = 1
 
     def processes(self, device: str) -> int:
         """Processes the worker launches on the device the scheduler chose (cuda:0,1 or
-        cpu)."""
+        cpu), on each of its `nodes`."""
         if not self.data_parallel:
             return 1
         if device.startswith("cuda"):

@@ -1,7 +1,7 @@
-"""A real single-node Slurm for the tests: `start_slurm` starts munged, slurmctld and slurmd
-from a temp folder of their own, on free local ports, and stops exactly the processes it
-started; the `slurm_cluster` fixture (and `slurm_conf`, its slurm.conf) is the session's
-cluster, shared by every test that imports them. Needs Debian's `slurm-wlm` and `munge`, and
+"""A real Slurm for the tests: `start_slurm` starts munged, slurmctld and two slurmd from a
+temp folder of their own, on free local ports, and stops exactly the processes it started;
+the `slurm_cluster` fixture (and `slurm_conf`, its slurm.conf) is the session's cluster,
+shared by every test that imports them. Needs Debian's `slurm-wlm` and `munge`, and
 root (slurmd starts each job as its user); without them the tests that use it are skipped.
 
 Nothing of the machine's own Slurm or munge is used or touched: the key, munged's socket,
@@ -9,10 +9,17 @@ slurm.conf, the state and spool folders all lie in the temp folder, and the clie
 (sbatch, squeue, scancel) reach this cluster through SLURM_CONF, which the fixture sets in
 os.environ for the session and puts back after. Only the daemons' binaries are the system's.
 
-The one node plays a node of a real cluster as far as one machine can: slurmd runs in a mount
-namespace of its own where `SlurmCluster.hidden` (a folder in the temp folder) is an empty
-tmpfs, so a lab made under it is seen by the server (this process) but not by the node: a
-node that does not mount the lab's storage. (Without `unshare`, `hidden` is None.)
+The default partition has one node, which plays a node of a real cluster as far as one
+machine can: slurmd runs in a mount namespace of its own where `SlurmCluster.hidden` (a folder
+in the temp folder) is an empty tmpfs, so a lab made under it is seen by the server (this
+process) but not by the node: a node that does not mount the lab's storage. (Without
+`unshare`, `hidden` is None.)
+
+A second node, a second slurmd on this same machine (Slurm's multiple-slurmd set-up: each
+slurmd started with -N NAME, listening on the port its NodeName line gives), joins the first
+in the partition TWO_NODES, for the jobs that span nodes. Both claim every CPU of the machine
+(overcommitted), and both see one file system, as nodes that mount the same shared storage.
+Jobs that name no partition never land on it, so the one-node tests see one node.
 
 Teardown: every process of the cluster is frozen, then SIGKILLed, and none may be left:
 the three daemons' sessions, and every process whose environment names this cluster's
@@ -48,6 +55,7 @@ STOP_WAIT = 10.0  # seconds for the killed processes to end at teardown
 # Slurm's KillWait: SIGTERM to SIGKILL when a job is cancelled. Longer than the tests' grace
 # by far, so that a test can tell the executor's own SIGKILL (after its grace) from Slurm's
 KILL_WAIT = 10
+TWO_NODES = "two"  # the partition of both nodes
 
 
 class SlurmUnavailable(Exception):
@@ -58,17 +66,17 @@ class SlurmUnavailable(Exception):
 class SlurmCluster:
     conf: Path  # slurm.conf: SLURM_CONF for the client commands
     dir: Path  # the temp folder everything lies in
-    node: str  # the node's name
-    cpus: int
-    hidden: Path | None  # a folder the node does not see (None: no mount namespace here)
+    node: str  # the default partition's node's name
+    cpus: int  # on each node
+    hidden: Path | None  # a folder the nodes do not see (None: no mount namespace here)
     env: dict[str, str] = field(default_factory=dict)  # what os.environ gets: SLURM_CONF
+    nodes: tuple[str, ...] = ()  # every node: `node`, then the second (partition TWO_NODES)
 
     def logs(self, chars: int = 3000) -> str:
         """The last lines of each daemon's log, for a failure message."""
         out = []
-        for daemon in DAEMONS:
-            path = self.dir / f"{daemon}.log"
-            if path.exists():
+        for path in sorted(self.dir.glob("*.log")):
+            if path.stem.split("-")[0] in DAEMONS:  # slurmd.log, slurmd-2.log...
                 text = path.read_text(errors="replace")
                 # MPI plugin noise: Debian's build looks for PMIx, which nothing here uses
                 text = "\n".join(line for line in text.splitlines() if "pmix" not in line)
@@ -103,22 +111,24 @@ def _node_hardware() -> tuple[int, int]:
             int(int(memory.group(1)) * 0.9) if memory else 1000)
 
 
-def _config(root: Path, node: str, cpus: int, memory: int, ports: list[int]) -> str:
+def _config(root: Path, nodes: list[str], cpus: int, memory: int, ports: list[int]) -> str:
+    """slurm.conf: the controller at ports[0], node i's slurmd at ports[i + 1]."""
     host = socket.gethostname()
     return "\n".join([
         "ClusterName=weightsmith-test",
         f"SlurmctldHost={host}(127.0.0.1)",
         f"SlurmctldPort={ports[0]}",
-        f"SlurmdPort={ports[1]}",
+        f"SlurmdPort={ports[1]}",  # each NodeName line gives its own below
         "AuthType=auth/munge",
         "CredType=cred/munge",
         f"AuthInfo=socket={root / 'munge.socket'}",  # our munged, not the system's
         "SlurmUser=root",
         "SlurmdUser=root",
         f"StateSaveLocation={root / 'state'}",
-        f"SlurmdSpoolDir={root / 'spool'}",
+        # %n: the node's name, one of each per slurmd on this machine
+        f"SlurmdSpoolDir={root / 'spool' / '%n'}",
         f"SlurmctldPidFile={root / 'slurmctld.pid'}",
-        f"SlurmdPidFile={root / 'slurmd.pid'}",
+        f"SlurmdPidFile={root / 'slurmd-%n.pid'}",
         f"PlugStackConfig={root / 'plugstack.conf'}",  # empty: not /etc/slurm's
         "MailProg=/bin/true",
         # no cgroups in a container: the process tree, and no task binding
@@ -138,9 +148,11 @@ def _config(root: Path, node: str, cpus: int, memory: int, ports: list[int]) -> 
         "MinJobAge=300",
         f"KillWait={KILL_WAIT}",
         "ReturnToService=2",
-        f"NodeName={node} NodeAddr=127.0.0.1 NodeHostname={host} CPUs={cpus} "
-        f"RealMemory={memory} State=UNKNOWN",
-        f"PartitionName=main Nodes={node} Default=YES MaxTime=INFINITE State=UP",
+        *(f"NodeName={node} NodeAddr=127.0.0.1 NodeHostname={host} Port={port} "
+          f"CPUs={cpus} RealMemory={memory} State=UNKNOWN"
+          for node, port in zip(nodes, ports[1:])),
+        f"PartitionName=main Nodes={nodes[0]} Default=YES MaxTime=INFINITE State=UP",
+        f"PartitionName={TWO_NODES} Nodes={','.join(nodes)} MaxTime=INFINITE State=UP",
         ""])
 
 
@@ -263,10 +275,10 @@ class _StartFailed(Exception):
     """A daemon exited before the node was idle (a port taken meanwhile, say)."""
 
 
-def _launch(root: Path, env: dict, node: str, cpus: int, memory: int,
+def _launch(root: Path, env: dict, nodes: list[str], cpus: int, memory: int,
             hidden: Path | None) -> list[subprocess.Popen]:
     conf = root / "slurm.conf"
-    conf.write_text(_config(root, node, cpus, memory, free_ports(2)))
+    conf.write_text(_config(root, nodes, cpus, memory, free_ports(1 + len(nodes))))
     daemons = [_spawn([_which("munged"), "--foreground",
                        # munged refuses to start where it finds a path insecure (a
                        # group-writable folder above the key, say): this one is throwaway
@@ -282,24 +294,30 @@ def _launch(root: Path, env: dict, node: str, cpus: int, memory: int,
             time.sleep(0.05)
         daemons.append(_spawn([_which("slurmctld"), "-D", "-f", str(conf)],
                               root / "slurmctld.log", env))
-        slurmd = [_which("slurmd"), "-D", "-f", str(conf), "-N", node]
-        if hidden is not None:  # the node's own view of the file system: `hidden` is empty
-            slurmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-                      'mount -t tmpfs -o size=1m blind "$1" && shift && exec "$@"', "sh",
-                      str(hidden), *slurmd]
-        daemons.append(_spawn(slurmd, root / "slurmd.log", env))
+        for i, node in enumerate(nodes):
+            (root / "spool" / node).mkdir()
+            slurmd = [_which("slurmd"), "-D", "-f", str(conf), "-N", node]
+            if hidden is not None:  # the node's own view of the file system: `hidden` is empty
+                slurmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                          'mount -t tmpfs -o size=1m blind "$1" && shift && exec "$@"', "sh",
+                          str(hidden), *slurmd]
+            daemons.append(_spawn(slurmd, root / ("slurmd.log" if i == 0 else
+                                                  f"slurmd-{i + 1}.log"), env))
+        names = list(DAEMONS) + ["slurmd"] * (len(nodes) - 1)
         while True:
-            for name, daemon in zip(DAEMONS, daemons):
+            for name, daemon in zip(names, daemons):
                 if daemon.poll() is not None:
                     raise _StartFailed(f"{name} exited {daemon.returncode}")
-            answer = subprocess.run(["sinfo", "--noheader", f"--nodes={node}", "--format=%T"],
+            # a line per node and partition: the first node is in two
+            answer = subprocess.run(["sinfo", "--noheader", "--Node", "--format=%N %T"],
                                     capture_output=True, text=True, env=env, timeout=30)
-            if answer.stdout.strip() == "idle":
+            if set(answer.stdout.splitlines()) == {f"{node} idle" for node in nodes}:
                 return daemons
             if time.monotonic() > deadline:
                 raise AssertionError(
-                    f"the test Slurm's node {node} was not idle within {START_TIMEOUT:.0f} s "
-                    f"(sinfo: {answer.stdout.strip() or answer.stderr.strip()})")
+                    f"the test Slurm's nodes {', '.join(nodes)} were not idle within "
+                    f"{START_TIMEOUT:.0f} s (sinfo: "
+                    f"{answer.stdout.strip() or answer.stderr.strip()})")
             time.sleep(0.2)
     except BaseException:
         _stop(daemons, conf)
@@ -308,8 +326,8 @@ def _launch(root: Path, env: dict, node: str, cpus: int, memory: int,
 
 @contextlib.contextmanager
 def start_slurm(attempts: int = 3):
-    """Start a one-node Slurm (munged, slurmctld, slurmd) in a temp folder of its own, set
-    SLURM_CONF in os.environ, yield a SlurmCluster once the node is idle, and stop every
+    """Start a two-node Slurm (munged, slurmctld, two slurmd) in a temp folder of its own, set
+    SLURM_CONF in os.environ, yield a SlurmCluster once the nodes are idle, and stop every
     process of it after (and put SLURM_CONF back). Raises SlurmUnavailable when Slurm cannot
     run here. A start whose daemon exits early is tried again on other ports.
 
@@ -320,6 +338,7 @@ def start_slurm(attempts: int = 3):
         raise SlurmUnavailable(reason)
     cpus, memory = _node_hardware()
     node = socket.gethostname().split(".")[0]
+    nodes = [node, f"{node}-2"]
     for attempt in range(1, attempts + 1):
         root = Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp"))
         root.chmod(0o755)  # munged's socket must be reachable by every user
@@ -332,7 +351,7 @@ def start_slurm(attempts: int = 3):
         hidden = root / "hidden" if _can_hide(root / "hidden") else None
         env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
         try:
-            daemons = _launch(root, env, node, cpus, memory, hidden)
+            daemons = _launch(root, env, nodes, cpus, memory, hidden)
             break
         except _StartFailed as failed:
             logs = SlurmCluster(root / "slurm.conf", root, node, cpus, hidden).logs()
@@ -348,7 +367,7 @@ def start_slurm(attempts: int = 3):
             shutil.rmtree(root, ignore_errors=True)
             raise
     cluster = SlurmCluster(root / "slurm.conf", root, node, cpus, hidden,
-                           env={"SLURM_CONF": str(root / "slurm.conf")})
+                           env={"SLURM_CONF": str(root / "slurm.conf")}, nodes=tuple(nodes))
     before = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(cluster.conf)
     try:
@@ -369,7 +388,7 @@ _SHARED: dict = {}
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """The session's one-node Slurm (skips the test where Slurm cannot run)."""
+    """The session's Slurm (skips the test where Slurm cannot run)."""
     reason = unavailable()
     if reason:
         pytest.skip(reason)

@@ -1,8 +1,9 @@
-"""The job battery through a real Slurm (issue 22): a one-node cluster on loopback
+"""The job battery through a real Slurm (issue 22): a cluster on loopback
 (tests/slurm_cluster.py), the lab's `executor = "slurm"`, the scheduler as the server runs it.
 The jobs' processes cannot open any registry.db (tests/remote_node), as a node that mounts
 the lab folder over NFS must not; and a lab in the cluster's `hidden` folder is one the node
-does not see at all."""
+does not see at all. The last tests run a train job spanning the cluster's two nodes (two
+slurmd on this machine: what it proves and what it cannot is said at two_node_lab)."""
 
 import os
 import signal
@@ -205,3 +206,147 @@ def test_a_submit_whose_answer_was_lost_is_found_by_its_name(slurm_lab, monkeypa
     job = run_to_end(slurm_lab, job["id"])
     assert job["engine_id"] == job["id"]  # the bare name: the number never reached the lab
     assert job["status"] == "failed" and "RuntimeError: found by name" in job["error"]
+
+
+# -- a job spanning two nodes (issue 22 item 4)
+
+@pytest.fixture
+def two_node_lab(slurm_lab, monkeypatch):
+    """The Slurm lab, its jobs sent to the partition of both nodes (tests/slurm_cluster.py:
+    two slurmd on this machine).
+
+    What a job here proves: Slurm allocates it two nodes and runs the worker on the first,
+    srun starts one task through each node's slurmd, the machine ranks find each other at
+    the first node's NodeAddr through accelerate/torchrun's rendezvous, and everything
+    reaches the lab through the journal. What it cannot: the nodes share one kernel, one
+    file system and loopback, so it says nothing of a network between nodes (gloo's or
+    NCCL's choice of interface, a firewall), of NFS's caching, or of GPUs."""
+    from app.lab import Lab
+    from tests.slurm_cluster import TWO_NODES
+
+    monkeypatch.setenv("WEIGHTSMITH_SLURM_PARTITION", TWO_NODES)
+    return Lab(slurm_lab.root)
+
+
+def _train_config(tiny_model_dir, tmp_path, **changes):
+    from tests.test_train import arithmetic_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "rows.jsonl", arithmetic_rows(16))
+    return {"checkpoint": str(tiny_model_dir), "data": str(data), "method": "full",
+            "max_steps": 4, "batch_size": 4, "logging_steps": 2, "save_steps": 0,
+            "learning_rate": 1e-3, **changes}
+
+
+def test_a_train_job_on_two_slurm_nodes_matches_two_processes_on_one(
+        two_node_lab, slurm_cluster, tiny_model_dir, tmp_path):  # noqa: F811
+    """nodes: 2, one CPU process each: Slurm allocates both nodes, the worker on the first
+    srun's a launch per node, the two machine ranks meet, rank 0 alone journals; the model
+    is the one 2 processes on one node train, and no process opened registry.db (the guard
+    would have failed the job)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from app import jobs
+
+    lab = two_node_lab
+    config = _train_config(tiny_model_dir, tmp_path)
+    spread = jobs.submit(lab, "train", {**config, "nodes": 2, "name": "two-nodes"})
+    together = jobs.submit(lab, "train", {**config, "cpu_processes": 2, "name": "one-node"})
+    spread, together = (run_to_end(lab, j["id"], timeout=300) for j in (spread, together))
+    log = (lab.job_dir(spread["id"]) / "log.txt").read_text()
+    assert spread["status"] == "succeeded", spread["error"] + log[-3000:]
+    assert together["status"] == "succeeded", together["error"]
+    assert "launching on 2 nodes, 1 process each (ddp): srun --nodes=2" in log
+    assert "--num_machines 2" in log  # each node's own launch line, through srun
+    first, second = slurm_cluster.nodes  # two slurmd: each ran one machine rank
+    assert f"node 0 of 2 ({first}): " in log and f"node 1 of 2 ({second}): " in log
+    assert "--machine_rank 0" in log and "--machine_rank 1" in log
+    assert log.count("running as rank") == 1 and "running as rank 0 of 2" in log
+    # the launcher, both nodes' launches and both ranks, each unable to open registry.db
+    assert log.count("registry.db cannot be opened here") >= 5
+    with lab.registry() as reg:
+        (ck_id,) = reg.job_checkpoints(spread["id"])
+        made = reg.checkpoint(ck_id)
+        graph = reg.lineage(ck_id)
+        metrics = reg.metrics(spread["id"])
+        (other,) = [reg.checkpoint(c) for c in reg.job_checkpoints(together["id"])]
+    (imported,) = [n for n in graph["nodes"] if n.get("relation") == "import"]
+    assert [e["relation"] for e in graph["edges"] if e["parent"] == imported["id"]] == \
+        ["finetune"]
+    assert [m["step"] for m in metrics if m["name"] == "loss"] == [2, 4]
+    meta, other_meta = json.loads(made["metadata"]), json.loads(other["metadata"])
+    assert meta["processes"]["count"] == 2 and meta["processes"]["nodes"] == 2
+    assert meta["final_train_loss"] == pytest.approx(other_meta["final_train_loss"], rel=1e-5)
+    mine, theirs = (load_file(f"{c['path']}/model.safetensors") for c in (made, other))
+    assert all(torch.allclose(mine[k], theirs[k], atol=1e-5) for k in mine)
+    job_dir = lab.job_dir(spread["id"])
+    assert not (job_dir / "registry-snapshot-ranks.db").exists()
+    assert not (job_dir / "rank1").exists()
+
+
+def test_stop_ends_every_process_of_a_job_on_two_slurm_nodes(
+        two_node_lab, tiny_model_dir, tmp_path):
+    """Stop while both nodes train: the launcher, srun, each node's launch and each rank end
+    (Slurm signals every step of the job; srun forwards the launcher's SIGTERM too)."""
+    import psutil
+
+    from app import jobs
+
+    lab = two_node_lab
+    job = jobs.submit(lab, "train", _train_config(tiny_model_dir, tmp_path, max_steps=5000,
+                                                  logging_steps=1, nodes=2))
+    scheduler = scheduler_for(lab)
+
+    def ours():
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if job["id"] in proc.cmdline() and proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+            except psutil.Error:
+                continue
+        return found
+
+    try:
+        def training():
+            scheduler.tick()
+            with lab.registry() as reg:
+                return bool(reg.metrics(job["id"]))
+        wait_for(training, 180, interval=0.2, what="a logged training step")
+        procs = ours()
+        lines = [" ".join(p.cmdline()) for p in procs]
+        launches = [line for line in lines if "accelerate.commands.launch" in line]
+        assert len(launches) == 2 and all("--num_machines 2" in line for line in launches)
+        assert sum("--rank" in line.split() for line in lines) == 2 + 2, lines  # + launches
+        assert any(line.startswith("srun ") for line in lines), lines
+        assert jobs.cancel(lab, job["id"])["status"] == "cancelled"
+        wait_for(lambda: not ours(), 30, what="every process of the job to end")
+    finally:
+        scheduler.release()
+    from app.executors import FINAL
+
+    engine_id = lab.registry().job(job["id"])["engine_id"]
+    assert _executor(lab).state(engine_id).state in FINAL
+    log = (lab.job_dir(job["id"]) / "log.txt").read_text()
+    assert "cancelled: partial output removed" in log
+    # srun SIGKILLs its tasks on a SIGTERM: the worker removes what the ranks left
+    assert not list(lab.checkpoints_dir.glob(".tmp-*"))
+    assert not (lab.job_dir(job["id"]) / "rank1").exists()
+
+
+def test_a_job_on_two_slurm_nodes_fails_with_its_ranks_own_error(
+        two_node_lab, tiny_model_dir, tmp_path):
+    """Every rank fails on data without the columns: the first to fail writes its error file
+    (srun then ends the other node's share), and the job's error is that rank's words."""
+    from app import jobs
+    from tests.test_train import write_jsonl
+
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"question": "a", "answer": "b"}] * 8)
+    job = jobs.submit(two_node_lab, "train", {"checkpoint": str(tiny_model_dir),
+                                              "data": str(data), "nodes": 2})
+    job = run_to_end(two_node_lab, job["id"], timeout=300)
+    assert job["status"] == "failed"
+    assert job["error"].startswith("ValueError: data: found none of the columns 'messages'")
+    assert "Traceback" not in job["error"].split("last log lines")[0]

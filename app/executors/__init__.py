@@ -36,9 +36,12 @@ class EngineUnreachable(ExecutorError):
 class Needs:
     """What one job asks of the engine."""
 
-    gpus: int = 0
-    cpus: float = 1.0
-    memory_bytes: int | None = None  # None: the engine's default
+    gpus: int = 0          # on each node
+    cpus: float = 1.0      # on each node
+    memory_bytes: int | None = None  # on each node; None: the engine's default
+    # machines the job spans: its worker starts on the first and launches the rest (Slurm
+    # only: app/worker.py); an engine that cannot give a job several nodes refuses it
+    nodes: int = 1
 
 
 @dataclass

@@ -105,6 +105,11 @@ class RayExecutor(Executor):
 
     def submit(self, sub: Submission) -> str:
         needs = sub.needs
+        if needs.nodes > 1:  # app/jobs.py refuses it at submit; a job queued before a
+            # change of the lab's executor may still ask
+            raise ExecutorError(f"job {sub.job_id} asks for {needs.nodes} nodes, and Ray runs "
+                                f"a job's worker on one node: several nodes need the slurm "
+                                f"executor (lab setting executor)")
         kwargs = {"entrypoint_num_cpus": needs.cpus}
         if needs.gpus > 0:
             kwargs["entrypoint_num_gpus"] = needs.gpus

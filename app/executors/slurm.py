@@ -17,6 +17,9 @@ How a job maps onto Slurm:
   which Slurm then loads there) plus what the script exports, not the whole environment of
   the server process (which may hold tokens the job must not see), as a Ray job gets its
   node's environment.
+- A job of several nodes (Needs.nodes > 1): `--nodes=N --ntasks-per-node=1`, and
+  --cpus-per-task, --gres and --mem are what each node gives it. Slurm runs the batch script,
+  the worker, on the first node; the worker srun's one launch per node (app/worker.py).
 - `--no-requeue`: a job whose node fails must not be run again from the top by Slurm: its
   journal already holds the first run's lines, and the lab decides what to do with it.
 - The engine id is NAME@NUMBER: NAME is the id the lab handed over (the job name), NUMBER is
@@ -211,6 +214,11 @@ class SlurmExecutor(Executor):
             # stdout and stderr both; %% is a literal % in Slurm's file name patterns
             argv += [f"--chdir={sub.cwd}",
                      f"--output={sub.cwd.replace('%', '%%')}/slurm-%j.out"]
+        if needs.nodes > 1:
+            # one task per node: the batch step (the worker, on the first node) srun's one
+            # launcher per node, each starting that node's processes (app/worker.py);
+            # --cpus-per-task, --gres and --mem are then what each node gives the job
+            argv += [f"--nodes={needs.nodes}", "--ntasks-per-node=1"]
         if needs.gpus > 0:
             argv.append(f"--gres=gpu:{needs.gpus}")
         if needs.memory_bytes:
@@ -288,6 +296,10 @@ class SlurmExecutor(Executor):
         default), not after the lab's grace. The price: a job stopped so ends FAILED (or
         COMPLETED, if the worker exits 0 on SIGTERM) in Slurm's eyes, not CANCELLED; the lab
         records it as cancelled either way (it asked for the stop).
+
+        A job of several nodes: its srun (in the batch step) answers the SIGTERM by
+        SIGKILLing its tasks on every node, so their processes end at once, without the
+        grace; the worker, which does get it, then removes what they left.
 
         Which processes are "every process" is the cluster's process tracking: with
         proctrack/cgroup (the usual) all of the job's, with proctrack/linuxproc those still

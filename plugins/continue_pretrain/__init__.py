@@ -13,11 +13,11 @@ from pydantic import Field, field_validator, model_validator
 
 from plugins import (ADVANCED, CPU_LABS_ONLY, GPU_LABS_ONLY, LOG_SCALE, CheckpointRef, DataRef,
                      LocalFile, Plugin, PluginConfig, form_hints)
-from plugins.kit.trainer import (CpuProcesses, DistributedMode, GpuCount, PREVIEW_ROWS,
-                                 check_layer_list, check_resumable, data_parallel_lab_problems,
-                                 data_parallel_problem, data_parallel_resources, length_table,
-                                 link_model_files, preview_tokenizer, run_dir_for,
-                                 trainable_layers)
+from plugins.kit.trainer import (CpuProcesses, DistributedMode, GpuCount, NodeCount,
+                                 PREVIEW_ROWS, check_layer_list, check_resumable,
+                                 data_parallel_lab_problems, data_parallel_problem,
+                                 data_parallel_resources, length_table, link_model_files,
+                                 preview_tokenizer, run_dir_for, trainable_layers)
 
 from plugins.kit.assets import DEMO_HELDOUT
 
@@ -111,6 +111,7 @@ class Config(PluginConfig):
     distributed: DistributedMode = Field("ddp",
                                          json_schema_extra=form_hints(GPU_LABS_ONLY, ADVANCED))
     cpu_processes: CpuProcesses = Field(1, json_schema_extra=form_hints(CPU_LABS_ONLY, ADVANCED))
+    nodes: NodeCount = Field(1, json_schema_extra=ADVANCED)
     name: Optional[str] = Field(None, min_length=1, max_length=100,
                                 description="Name of the new checkpoint. Empty: derived.")
 

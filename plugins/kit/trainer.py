@@ -34,6 +34,13 @@ DistributedMode = Annotated[Literal["ddp", "fsdp"], Field(description=(
 CpuProcesses = Annotated[int, Field(ge=1, le=64, description=(
     "Lab without GPUs only: data-parallel CPU processes (DDP over gloo, launched through "
     "accelerate launch); batch_size is per process. On a lab with GPUs use gpus."))]
+# More than one node: the worker starts one `accelerate launch` per node through srun, so
+# only a Slurm allocation can give them (app/jobs.py refuses it on other executors).
+NodeCount = Annotated[int, Field(ge=1, le=64, description=(
+    "Machines this job spans (lab executor slurm only). More than 1: gpus (or cpu_processes) "
+    "data-parallel processes on each of them, all training one model; batch_size is per "
+    "process, so a step sees nodes x processes x batch_size examples. The job waits until "
+    "Slurm has that many nodes free."))]
 
 
 def data_parallel_problem(config) -> str | None:
@@ -50,7 +57,8 @@ def data_parallel_resources(config) -> Resources:
     requires = ("gpus", f"got {config.gpus}; the job needs {config.gpus} GPUs") \
         if config.gpus > 1 else None
     return Resources(gpus=config.gpus, requires_gpu=requires, data_parallel=True,
-                     cpu_processes=config.cpu_processes, distributed=config.distributed)
+                     cpu_processes=config.cpu_processes, distributed=config.distributed,
+                     nodes=config.nodes)
 
 
 def data_parallel_lab_problems(config, facts: LabFacts) -> list[str]:

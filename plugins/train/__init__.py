@@ -13,11 +13,12 @@ from pydantic import Field, field_validator, model_validator
 from plugins import (ADVANCED, CPU_LABS_ONLY, GPU_LABS_ONLY, LOG_SCALE, METHOD_SELECTOR,
                      CheckpointRef, DataRef, LongText, Plugin, PluginConfig, NextStep,
                      Resources, for_methods, form_hints)
-from plugins.kit.trainer import (CpuProcesses, DistributedMode, GpuCount, PREVIEW_ROWS,
-                                 check_layer_list, check_resumable, data_parallel_lab_problems,
-                                 data_parallel_problem, data_parallel_resources, length_table,
-                                 link_model_files, open_for_training, preview_tokenizer,
-                                 run_dir_for, trainable_layers)
+from plugins.kit.trainer import (CpuProcesses, DistributedMode, GpuCount, NodeCount,
+                                 PREVIEW_ROWS, check_layer_list, check_resumable,
+                                 data_parallel_lab_problems, data_parallel_problem,
+                                 data_parallel_resources, length_table, link_model_files,
+                                 open_for_training, preview_tokenizer, run_dir_for,
+                                 trainable_layers)
 from plugins.train import objectives
 from plugins.train.objectives import (Beta, ChosenColumn, DistillAlpha, DistillTemperature,
                                       Objective, Reference, RejectedColumn, Teacher)
@@ -170,6 +171,7 @@ class Config(PluginConfig):
     distributed: DistributedMode = Field("ddp",
                                          json_schema_extra=form_hints(GPU_LABS_ONLY, ADVANCED))
     cpu_processes: CpuProcesses = Field(1, json_schema_extra=form_hints(CPU_LABS_ONLY, ADVANCED))
+    nodes: NodeCount = Field(1, json_schema_extra=ADVANCED)
     name: Optional[str] = Field(None, min_length=1, max_length=100,
                                 description="Name of the new checkpoint. Empty: derived.")
 
@@ -207,7 +209,7 @@ def resources(config: Config) -> Resources:
     needs = data_parallel_resources(config)
     if config.method == "qlora" and config.gpus <= 1:
         return Resources(gpus=needs.gpus, cpu_processes=needs.cpu_processes,
-                         distributed=needs.distributed, data_parallel=True,
+                         distributed=needs.distributed, data_parallel=True, nodes=needs.nodes,
                          requires_gpu=("method", "qlora loads the base in 4 bits through "
                                                  "bitsandbytes, which needs a CUDA GPU"))
     return needs
@@ -402,7 +404,7 @@ def run(config: Config, ctx) -> None:
     meta: dict = {"method": config.method, "data": data_info}
     if ctx.world_size > 1:
         meta["processes"] = {"count": ctx.world_size, "distributed": config.distributed,
-                             "device": ctx.job.get("device")}
+                             "device": ctx.job.get("device"), "nodes": config.nodes}
     if config.method in ADAPTER_METHODS:
         if config.method == "qlora":
             from peft import prepare_model_for_kbit_training

@@ -27,6 +27,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -42,6 +43,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # a cluster job's journal is still replayed this long after it ended (Stop marks the job at
 # once; the worker may write lines until the engine has ended it)
 REPLAY_AFTER_END_S = 600
+# A cluster engine is asked about a running job at most this often (the journal is replayed
+# every pass): each question is an HTTP call to Ray's head or an squeue run against Slurm's
+# controller, which site admins rightly dislike several times a second per job. An engine
+# that says a job ended is acted on at once; only "still pending or running" is reused.
+ENGINE_POLL_S = 3.0
 
 
 def gpu_status() -> list[dict]:
@@ -188,6 +194,8 @@ class Scheduler:
         self._gpus: dict[str, int] = {}  # GPUs of queued jobs whose row predates the column
         self._executors: dict = {}  # cluster executors by name, made when first needed
         self._engine_warned: dict[str, str] = {}  # the last "unreachable" said per engine
+        # job -> (monotonic time, engine id, EngineState): the last "still there" (ENGINE_POLL_S)
+        self._engine_seen: dict[str, tuple] = {}
         gpus = lab.settings.gpus if lab.settings.gpus is not None else detect_gpus()
         self.gpu_capacity = {f"cuda:{i}": lab.settings.jobs_per_gpu for i in gpus}
         self.cpu_capacity = lab.settings.cpu_slots
@@ -496,9 +504,11 @@ class Scheduler:
         memory, a node lost), record that, with the engine's reason. A job the engine no
         longer knows (the cluster was restarted) is `interrupted`. This is also how a
         restarted server re-attaches: it asks the engine about every job still running."""
-        for job in self.registry.jobs(status="running", limit=10_000):
-            if not job.get("executor"):
-                continue
+        running = [j for j in self.registry.jobs(status="running", limit=10_000)
+                   if j.get("executor")]
+        for gone_id in set(self._engine_seen) - {j["id"] for j in running}:
+            del self._engine_seen[gone_id]
+        for job in running:
             try:
                 self._watch_one(job)
             except Exception:  # noqa: BLE001 - one job's trouble must not stop the pass
@@ -528,7 +538,7 @@ class Scheduler:
         name = job["executor"]
         executor = self._executor(name)
         try:
-            engine = executor.state(job["engine_id"] or job["id"])  # before the replay
+            engine = self._engine_state(executor, job)  # before the replay
         except ExecutorError as e:  # unreachable now: replay what is there, ask again later
             if self._engine_warned.get(name) != str(e):
                 log.warning("cannot ask %s about its jobs: %s", name, e)
@@ -579,6 +589,22 @@ class Scheduler:
             except ExecutorError:
                 pass
         self._finish_lost(job, status, reason)
+
+    def _engine_state(self, executor, job: dict):
+        """The engine's word on a running job: asked again after ENGINE_POLL_S, or when the
+        job's engine id changed (handed over again)."""
+        from app.executors import FINAL
+
+        engine_id = job["engine_id"] or job["id"]
+        seen = self._engine_seen.get(job["id"])
+        if seen and seen[1] == engine_id and time.monotonic() - seen[0] < ENGINE_POLL_S:
+            return seen[2]
+        state = executor.state(engine_id)
+        if state.state in FINAL:
+            self._engine_seen.pop(job["id"], None)
+        else:
+            self._engine_seen[job["id"]] = (time.monotonic(), engine_id, state)
+        return state
 
     def _sync_after(self, job: dict) -> None:
         try:

@@ -442,3 +442,36 @@ def test_lines_of_a_group_that_rolls_back_are_not_journaled(tmp_path):
     assert node.job(job["id"])["progress"] == 0.5
     node.close()
 
+
+
+def test_the_engine_is_asked_about_a_running_job_every_few_seconds_not_every_pass(
+        cluster, tmp_path, monkeypatch):
+    """Every pass replays the journal, but asks the engine (an squeue, an HTTP call) at most
+    every ENGINE_POLL_S while it says "running"; an ended job is seen at its next question."""
+    import os
+    import signal as signals
+    import time
+
+    from app import scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "ENGINE_POLL_S", 1.0)
+    job_id, scheduler, pids = start_sleeper(cluster, tmp_path)
+    asked = []
+    state = cluster.engine.state
+    monkeypatch.setattr(cluster.engine, "state", lambda e: asked.append(e) or state(e))
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 2.5:
+            scheduler.tick()
+            time.sleep(0.05)
+        assert 2 <= len(asked) <= 4, asked  # not once per pass (about 40 passes)
+        os.kill(pids[0], signals.SIGKILL)
+        job = run_to_end(cluster, job_id, timeout=30, scheduler=scheduler)
+        assert job["status"] == "failed"
+    finally:
+        scheduler.release()
+        for pid in pids:
+            try:
+                os.kill(pid, signals.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -31,8 +31,9 @@ request's "keep_mb" (app/warm_models.py).
 Protocol (JSON lines): the scheduler writes {"job": ID, "lab": DIR, "cwd": DIR, "log": FILE,
 "env": {...}, "keep_mb": N} to the server's stdin; the server answers {"ready": seconds}
 once, when its imports are done, then {"job": ID, "pid": PID} per fork, {"exit": PID, "code": CODE} when
-a child ends (it reaps them), and {"kept": [[FOLDER, HASH, DTYPE, BYTES], ...]} after it
-considered keeping a model. End of stdin ends the server; running jobs go on, as cold
+a child ends (it reaps them), {"keeping": FOLDER} before it loads a model to keep and
+{"kept": [[FOLDER, HASH, DTYPE, BYTES], ...]} after, and {"job": ID, "stale": true} for a
+request read after its "deadline" (time.time()), which it does not fork. End of stdin ends the server; running jobs go on, as cold
 workers outlive the server that started them.
 """
 
@@ -103,7 +104,7 @@ def _child(request: dict) -> None:
         _reseed()
         from app import warm_models
 
-        warm_models.recording = True  # the models it loads are kept for the next jobs
+        warm_models.recording = request["cwd"]  # its models are kept for the next jobs
         warm_models.child_threads()
         args = [request["job"], "--lab", request["lab"]]
         sys.argv = [os.path.join(os.path.dirname(__file__), "worker.py"), *args]
@@ -177,6 +178,7 @@ def main() -> int:
                 from app import warm_models
 
                 entry, budget = to_keep.pop(0)
+                _write({"keeping": entry["path"]})  # the scheduler forks nothing meanwhile
                 warm_models.keep(entry, budget,
                                  log=lambda m: print(m, file=sys.stderr, flush=True))
                 _write({"kept": warm_models.kept()})
@@ -190,6 +192,12 @@ def main() -> int:
             try:
                 request = json.loads(line)
             except ValueError:
+                continue
+            deadline = request.get("deadline")
+            if isinstance(deadline, (int, float)) and time.time() > deadline:
+                # the scheduler has given up on this fork (this loop was busy) and starts the
+                # job cold: forking it now would run the job twice
+                _write({"job": request.get("job"), "stale": True})
                 continue
             pid = os.fork()
             if pid == 0:

@@ -32,6 +32,7 @@ class ForkServer:
         self.ready_seconds: float | None = None
         self.exits: dict[int, int] = {}
         self.kept: list[list] = []  # the models the server keeps (app/warm_models.py)
+        self.keeping = False  # the server is loading a model to keep: it forks nothing now
         self._replies: "queue.Queue[dict]" = queue.Queue()
         self._lock = threading.Lock()
         self._log = log or logging.getLogger(__name__)
@@ -80,11 +81,13 @@ class ForkServer:
                     self.ready = True
                 self._log.info("warm worker server ready (imports took %.1f s)",
                                message["ready"])
+            elif "keeping" in message and proc is self.proc:
+                self.keeping = True
             elif "kept" in message and proc is self.proc:
-                self.kept = message["kept"]
+                self.kept, self.keeping = message["kept"], False
             elif "exit" in message:
                 self.exits[message["exit"]] = message["code"]
-            elif "pid" in message and proc is self.proc:
+            elif ("pid" in message or "stale" in message) and proc is self.proc:
                 self._replies.put(message)
         if proc is self.proc:
             self.ready = False
@@ -97,12 +100,14 @@ class ForkServer:
 
         with self._lock:
             proc = self.proc
-            if proc is None or not self.ready or proc.poll() is not None:
-                return None
+            if proc is None or not self.ready or proc.poll() is not None or self.keeping:
+                return None  # (while it loads a model to keep, a fork would wait for it)
             while not self._replies.empty():  # a late reply of a fork given up on
                 self._replies.get_nowait()
+            # the server forks nothing after the deadline, which comes before this side gives
+            # up: a job given up on here (and started cold) is never also forked there
             request = {"job": job_id, "lab": lab, "cwd": cwd, "log": log_path, "env": env,
-                       "keep_mb": keep_mb}
+                       "keep_mb": keep_mb, "deadline": time.time() + self.REPLY_SECONDS - 2}
             try:
                 proc.stdin.write((json.dumps(request) + "\n").encode())
                 proc.stdin.flush()
@@ -110,18 +115,23 @@ class ForkServer:
             except (OSError, queue.Empty) as e:
                 self._log.warning("warm worker server did not fork job %s (%s); restarting it",
                                   job_id, e or "no reply")
-                self.close()
+                self.close(kill=True)
                 return None
+            if reply.get("job") == job_id and reply.get("stale"):
+                return None  # it was busy; the job starts cold
             if reply.get("job") != job_id or not isinstance(reply.get("pid"), int):
-                self.close()
+                self.close(kill=True)
                 return None
             return WarmChild(self, reply["pid"])
 
-    def close(self) -> None:
-        """Stop the server (end of its stdin); its running jobs go on."""
-        proc, self.proc, self.ready = self.proc, None, False
+    def close(self, kill: bool = False) -> None:
+        """Stop the server (end of its stdin; `kill`: at once, for one that stopped answering,
+        which must not fork anything more); its running jobs go on."""
+        proc, self.proc, self.ready, self.keeping = self.proc, None, False, False
         if proc is None:
             return
+        if kill:
+            proc.kill()
         try:
             proc.stdin.close()
         except OSError:

@@ -38,7 +38,7 @@ _HASH = re.compile(r"(sha256:)?[0-9a-f]{16,128}")  # registry/folder.py hash_fil
 
 # (folder, content hash, dtype) -> (model, stamp of its files, bytes); the oldest first
 KEPT: "OrderedDict[tuple[str, str, str], tuple[object, tuple, int]]" = OrderedDict()
-recording = False  # a fork server's child: note the models it loads
+recording = ""  # in a fork server's child: its job folder, where it notes the models it loads
 _threads: int | None = None  # the intra-op threads a child gets (the server's before loading)
 
 
@@ -51,7 +51,7 @@ def dtype_name(dtype) -> str | None:
 
 
 def stamp(path: str | Path) -> tuple:
-    """What the folder's files are now (name, size, modification time): a kept model is used
+    """What the folder's files are now (name, size, times, inode): a kept model is used
     only while its files are unchanged (a folder outside the lab can be rewritten in place,
     and its registered content hash would then be stale)."""
     out = []
@@ -59,7 +59,8 @@ def stamp(path: str | Path) -> tuple:
         for entry in sorted(os.scandir(path), key=lambda e: e.name):
             if entry.is_file(follow_symlinks=True):
                 st = entry.stat()
-                out.append((entry.name, st.st_size, st.st_mtime_ns))
+                out.append((entry.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                            st.st_ino))
     except OSError:
         return ()
     return tuple(out)
@@ -71,7 +72,7 @@ def take(path, content_hash: str, dtype):
     name = dtype_name(dtype)
     if not content_hash or name is None:
         return None
-    kept = KEPT.pop((str(path), content_hash, name), None)
+    kept = KEPT.pop((str(Path(path).resolve()), content_hash, name), None)
     if kept is None or kept[1] != stamp(path):
         return None
     return kept[0]
@@ -82,9 +83,10 @@ def note_loaded(path, content_hash: str, dtype) -> None:
     name = dtype_name(dtype)
     if not recording or not content_hash or name is None:
         return
-    line = json.dumps({"path": str(path), "hash": content_hash, "dtype": name}) + "\n"
+    line = json.dumps({"path": str(Path(path).resolve()), "hash": content_hash,
+                       "dtype": name}) + "\n"
     try:
-        with open(NOTE_FILE, "a", encoding="utf-8") as f:  # the job folder is the cwd
+        with open(os.path.join(recording, NOTE_FILE), "a", encoding="utf-8") as f:
             f.write(line)
     except OSError:
         pass  # a note is an optimisation; the job goes on
@@ -115,27 +117,75 @@ def read_notes(job_dir: str | Path) -> list[dict]:
             continue
         if isinstance(entry, dict) and isinstance(entry.get("path"), str) \
                 and isinstance(entry.get("hash"), str) and _HASH.fullmatch(entry["hash"]) \
-                and entry.get("dtype") in DTYPES and Path(entry["path"]).is_dir() \
+                and entry.get("dtype") in DTYPES and os.path.isabs(entry["path"]) \
+                and Path(entry["path"]).is_dir() \
                 and entry not in out:
             out.append(entry)
     return out
 
 
+BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
+         "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+WIDTH = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def estimate(path: str | Path, dtype: str) -> int | None:
+    """The bytes a load of the folder's safetensors would take in `dtype` ("auto": as
+    stored), from the files' headers alone (8 bytes of length, then JSON): the budget is
+    checked before anything is loaded. None when the folder has no readable safetensors."""
+    total, files = 0, sorted(Path(path).glob("*.safetensors"))
+    for file in files:
+        try:
+            with open(file, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if not 0 < size <= 100 << 20:
+                    return None
+                header = json.loads(f.read(size))
+        except (OSError, ValueError):
+            return None
+        for name, info in header.items():
+            if name == "__metadata__" or not isinstance(info, dict):
+                continue
+            count = 1
+            for dim in info.get("shape", ()):
+                count *= int(dim)
+            stored = BYTES.get(info.get("dtype"), 4)
+            # a conversion changes floating tensors only
+            floating = info.get("dtype") in ("F64", "F32", "F16", "BF16")
+            total += count * (WIDTH[dtype] if dtype in WIDTH and floating else stored)
+    return total if files else None
+
+
+def _evict(budget_bytes: int) -> None:
+    """Drop the kept models whose files changed or went, then the least recently used until
+    the rest fit in `budget_bytes`."""
+    for key in [k for k, v in KEPT.items() if stamp(k[0]) != v[1]]:
+        del KEPT[key]
+    while KEPT and sum(v[2] for v in KEPT.values()) > budget_bytes:
+        KEPT.popitem(last=False)
+
+
 def keep(entry: dict, budget_bytes: int, log=print) -> None:
-    """The server's side: load the noted model (or mark it used) and evict the least
-    recently used beyond the budget. Runs torch with one thread (see the module's note)."""
+    """The server's side: load the noted model (or mark it used), within the budget: least
+    recently used evicted first, and a model that cannot fit is not loaded at all (its size
+    is read from the safetensors headers). Runs torch with one thread and no loader threads
+    (see the module's note). The kept copy is the server's own memory, not a map of the
+    checkpoint's file: a deleted checkpoint frees its disk at once."""
     global _threads
     key = (entry["path"], entry["hash"], entry["dtype"])
+    _evict(max(0, budget_bytes))
     if key in KEPT:
-        if KEPT[key][1] == stamp(entry["path"]):
-            KEPT.move_to_end(key)
-            return
-        del KEPT[key]
-    if budget_bytes <= 0:
+        KEPT.move_to_end(key)
         return
+    size = estimate(entry["path"], entry["dtype"])
+    if size is None or size > budget_bytes:
+        if size:
+            log(f"forkserver: not keeping {entry['path']}: {size >> 20} MiB is more than "
+                f"warm_model_mb")
+        return
+    _evict(budget_bytes - size)  # the peak is the budget, not the budget plus this model
     import torch
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     if _threads is None:
@@ -150,9 +200,20 @@ def keep(entry: dict, budget_bytes: int, log=print) -> None:
     before = stamp(entry["path"])
     dtype = entry["dtype"] if entry["dtype"] == "auto" else getattr(torch, entry["dtype"])
     try:
-        # safetensors only: the note is the job's word, and a pickle can run code when loaded
-        model = AutoModelForCausalLM.from_pretrained(entry["path"], dtype=dtype,
-                                                     use_safetensors=True).eval()
+        # safetensors only and nothing from the Hub: the note is the job's word, a pickle
+        # can run code when loaded, and an adapter folder would fetch its base
+        model, info = AutoModelForCausalLM.from_pretrained(
+            entry["path"], dtype=dtype, use_safetensors=True, local_files_only=True,
+            output_loading_info=True)
+        if any(info.get(k) for k in ("missing_keys", "mismatched_keys")):
+            # initialised from the server's random state, not the job's seed: a job must
+            # draw those itself
+            log(f"forkserver: not keeping {entry['path']}: it loads with missing weights")
+            return
+        with torch.no_grad():  # into the server's own memory (see the docstring)
+            for tensor in [*model.parameters(), *model.buffers()]:
+                tensor.data = tensor.data.clone()
+        model.eval()
     except Exception as e:  # noqa: BLE001 - the job that loaded it reported any real problem
         log(f"forkserver: not keeping {entry['path']}: {type(e).__name__}: {e}")
         return
@@ -161,12 +222,10 @@ def keep(entry: dict, budget_bytes: int, log=print) -> None:
             os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
         else:
             os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = saved
-    size = sum(t.numel() * t.element_size()
-               for t in [*model.parameters(), *model.buffers()])
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     if size > budget_bytes or stamp(entry["path"]) != before:
         return
-    while KEPT and sum(k[2] for k in KEPT.values()) + size > budget_bytes:
-        KEPT.popitem(last=False)
+    _evict(budget_bytes - size)
     KEPT[key] = (model, before, size)
     log(f"forkserver: keeping {entry['path']} ({entry['dtype']}, {size >> 20} MiB; "
         f"{len(KEPT)} kept)")

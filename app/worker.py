@@ -22,6 +22,7 @@ imports the inputs and writes the ranks' registry copy as above, then srun's one
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -212,13 +213,11 @@ def _scontrol(*args: str) -> str:
     return proc.stdout
 
 
-def slurm_main_node(nodes: int) -> tuple[str, int]:
-    """(address, port) where the nodes of this Slurm job meet: the first node of the
+def slurm_main_node(nodes: int) -> str:
+    """The address where the nodes of this Slurm job meet: the first node of the
     allocation, where srun puts task 0 (machine rank 0), at its NodeAddr (the address Slurm
-    itself reaches it by), and a port free on this node, which is that first node: Slurm
-    runs the batch step, this worker, there."""
-    import socket
-
+    itself reaches it by). It is this node: Slurm runs the batch step, this worker, there
+    (checked), so the port is found free here (`_free_port`)."""
     nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
     allocated = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or ""
     if not nodelist:
@@ -227,13 +226,26 @@ def slurm_main_node(nodes: int) -> tuple[str, int]:
     if allocated != str(nodes):
         raise ValueError(f"field 'nodes': got {nodes}, and this job's Slurm allocation has "
                          f"{allocated or 'an unknown number of'} nodes ({nodelist})")
-    first = _scontrol("show", "hostnames", nodelist).split()[0]
+    names = _scontrol("show", "hostnames", nodelist).split()
+    here = os.environ.get("SLURMD_NODENAME", "")
+    if not names or (here and names[0] != here):
+        # srun puts task 0 (machine rank 0, which hosts the rendezvous) on the allocation's
+        # first node, where Slurm also runs the batch step; anything else would hang there
+        raise RankFailed(f"this job's worker runs on node {here or '?'}, not on the first "
+                         f"node of its allocation ({nodelist}): the nodes could not meet")
+    first = names[0]
     words = _scontrol("show", "node", first, "--oneliner").split()
-    address = next((w.split("=", 1)[1] for w in words if w.startswith("NodeAddr=")), first)
-    with socket.socket() as probe:  # torchrun's store listens there; a race is unlikely
+    return next((w.split("=", 1)[1] for w in words if w.startswith("NodeAddr=")), first)
+
+
+def _free_port() -> int:
+    """A port free on this node now, for torchrun's store: taken just before the launch (a
+    port probed earlier could be drawn by the imports' outgoing connections meanwhile)."""
+    import socket
+
+    with socket.socket() as probe:
         probe.bind(("", 0))
-        port = probe.getsockname()[1]
-    return address, port
+        return probe.getsockname()[1]
 
 
 def node_launch(lab_root: Path, job_id: str, nodes: int, processes: int, mode: str,
@@ -283,7 +295,7 @@ def launch(ctx: JobContext, plugin: plugins.Plugin, config, processes: int,
         if not remote:
             raise ValueError(f"field 'nodes': got {nodes}; several nodes need the slurm "
                              f"executor (lab setting executor)")
-        main_address, main_port = slurm_main_node(nodes)
+        main_address = slurm_main_node(nodes)
     for _, ref in plugins.checkpoint_refs(config):
         ctx.open(ref)  # a folder or Hub id is imported here, once, not by every rank
     journal = ctx.work_dir / JOURNAL
@@ -292,7 +304,7 @@ def launch(ctx: JobContext, plugin: plugins.Plugin, config, processes: int,
         ctx.registry.snapshot(ctx.work_dir / RANKS_SNAPSHOT)
     if nodes > 1:
         cmd = node_launch_command(ctx.job_id, ctx.lab.root, nodes, processes, mode,
-                                  main_address, main_port)
+                                  main_address, _free_port())
         what = f"on {nodes} nodes, {processes} process{'es' if processes > 1 else ''} " \
                f"each ({mode})"
     else:
@@ -490,6 +502,16 @@ def run_remote_rank(lab_root: Path, job_id: str) -> int:
     sys.stdout, sys.stderr = hub.RedactingStream(sys.stdout), hub.RedactingStream(sys.stderr)
     _quiet_progress_bars()
     job_dir = lab_root / "jobs" / job_id
+    if not (job_dir / RANKS_SNAPSHOT).is_file():  # the launcher's error file says it all
+        import socket
+
+        said = (f"node {socket.gethostname()} cannot see the lab's job folder {job_dir} (no "
+                f"{RANKS_SNAPSHOT} there): the lab folder must be on storage that every node "
+                f"mounts at the same path")
+        print(f"error: {said}", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):  # (the folder may not be there at all)
+            (job_dir / f"error-rank{os.environ['RANK']}.txt").write_text(said)
+        return 2
     local = Path(tempfile.mkdtemp(prefix=f"weightsmith-{job_id}-rank{os.environ['RANK']}-"))
     try:
         lab = Lab(lab_root, create=False)

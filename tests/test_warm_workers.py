@@ -137,6 +137,31 @@ def test_a_model_stays_loaded_for_the_next_job_on_the_same_checkpoint(warm, tiny
     assert warm_load and second == first  # the same weights as loaded from the files
 
 
+def test_a_fork_the_scheduler_gave_up_on_is_never_made(warm, tmp_path):
+    """The fork server may be busy (loading a model to keep); a request it reads after its
+    deadline, when the scheduler has started the job cold, is answered stale and not forked
+    (a fork then would run the job twice); while it loads, the scheduler does not ask."""
+    lab, scheduler = warm
+    server = scheduler.warm
+    log = tmp_path / "log.txt"
+    request = {"job": "job-5ca1e000", "lab": str(lab.root), "cwd": str(tmp_path),
+               "log": str(log), "env": dict(os.environ), "deadline": time.time() - 1}
+    with server._lock:
+        server.proc.stdin.write((json.dumps(request) + "\n").encode())
+        server.proc.stdin.flush()
+        reply = server._replies.get(timeout=10)
+    assert reply == {"job": "job-5ca1e000", "stale": True}
+    time.sleep(0.3)
+    assert not log.exists() and server.proc.poll() is None
+    server.keeping = True
+    try:
+        assert server.fork("job-5ca1e001", str(lab.root), str(tmp_path), str(log),
+                           dict(os.environ)) is None
+    finally:
+        server.keeping = False
+    assert not log.exists()
+
+
 def test_a_crash_fails_only_its_job(warm):
     lab, scheduler = warm
     job = jobs.submit(lab, "test_crash", {"message": "kaboom"})
@@ -223,8 +248,10 @@ out["after"] = threads()  # no OpenMP pool, loader pool or tqdm monitor left to 
 out["one"] = [k[0] for k in warm_models.kept()]
 warm_models.keep(entry(b), 60 * mib, log=lambda m: None)  # both do not fit: a goes
 out["lru"] = [k[0] for k in warm_models.kept()]
-warm_models.keep(entry(a), 10 * mib, log=lambda m: None)  # larger than the whole budget
-out["small"] = [k[0] for k in warm_models.kept()]
+warm_models.keep(entry(a), 10 * mib, log=lambda m: None)  # a smaller budget: b goes, and a
+out["small"] = [k[0] for k in warm_models.kept()]        # (42 MiB) is not even loaded
+out["estimate"] = warm_models.estimate(a, "float32"), warm_models.estimate(a, "bfloat16")
+warm_models.keep(entry(b), 60 * mib, log=lambda m: None)
 os.utime(os.path.join(b, "config.json"), ns=(1, 1))  # its files changed: not taken
 out["stale"] = warm_models.take(b, "sha256:" + "ab" * 32, "float32") is None
 print(json.dumps(out))
@@ -254,5 +281,7 @@ def test_the_server_keeps_models_within_its_budget_and_starts_no_thread(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["after"] == out["before"], out
-    assert out["one"] == [str(a)] and out["lru"] == [str(b)] and out["small"] == [str(b)]
+    assert out["one"] == [str(a)] and out["lru"] == [str(b)] and out["small"] == []
+    weights = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    assert out["estimate"] == [4 * weights, 2 * weights]  # from the headers, per dtype
     assert out["stale"]

@@ -29,12 +29,35 @@ playwright = pytest.importorskip("playwright.sync_api")
 expect = playwright.expect
 
 
-@pytest.fixture
-def app_url(lab_dir):
-    lab_dir.mkdir(parents=True, exist_ok=True)
+@pytest.fixture(scope="module")
+def demo_lab(tmp_path_factory):
+    """A lab with the demo base (20 pre-training steps), built once for this module's tests:
+    (the lab's folder, a pristine copy of it). The registry holds absolute paths, so each
+    test gets the pristine copy back at the lab's own folder (`demo_lab_again`) instead of
+    building the demo again."""
+    root = tmp_path_factory.mktemp("browser-demo")
+    lab_dir = root / "lab"
+    lab_dir.mkdir()
     (lab_dir / "lab.toml").write_text("auto_eval = false\n")  # only the jobs the test starts
     run_cli(lab_dir, "demo", "--pretrain-steps", "20", "--no-skills", check=True)
-    proc, url = serve(lab_dir, "--no-skills")
+    shutil.copytree(lab_dir, root / "pristine", symlinks=True)
+    return lab_dir, root / "pristine"
+
+
+@pytest.fixture
+def demo_lab_again(demo_lab, lab_dir, monkeypatch):
+    """The module's demo lab as the demo left it, whatever an earlier test did to it; the
+    test's environment (lab_dir's) names it as the lab."""
+    demo_dir, pristine = demo_lab
+    shutil.rmtree(demo_dir)
+    shutil.copytree(pristine, demo_dir, symlinks=True)
+    monkeypatch.setenv("WEIGHTSMITH_LAB", str(demo_dir))
+    return demo_dir
+
+
+@pytest.fixture
+def app_url(demo_lab_again):
+    proc, url = serve(demo_lab_again, "--no-skills")
     yield url
     proc.terminate()
     proc.wait(20)

@@ -25,13 +25,21 @@ class SettingsError(ValueError):
 
 
 EXECUTORS = ("local", "ray", "slurm")  # app/executors
-# what sbatch is given (as one argv word, never through a shell): a name, or a time limit
-# in one of Slurm's forms (minutes, M:S, H:M:S, D-H, D-H:M, D-H:M:S); empty: not given
-_SLURM_NAME = (re.compile(r"[A-Za-z0-9_.-]{1,64}"), "a name of 1 to 64 letters, digits, _ . -")
+# what sbatch is given (as one argv word, never through a shell): a name; for the partition
+# a comma list of up to 16 names (sbatch then starts the job in the first one that can run it
+# soonest); a time limit in one of Slurm's forms (minutes, M:S, H:M:S, D-H, D-H:M, D-H:M:S, or
+# UNLIMITED / INFINITE: the partition's maximum); empty: not given
+_NAME = r"[A-Za-z0-9_.-]{1,64}"
+_SLURM_NAME = (re.compile(_NAME), "a name of 1 to 64 letters, digits, _ . -")
 SLURM_SETTINGS = {
-    "slurm_partition": _SLURM_NAME, "slurm_account": _SLURM_NAME,
-    "slurm_time_limit": (re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}"),
-                         "a Slurm time limit such as 30 (minutes), 1:00:00 or 2-00:00:00")}
+    "slurm_partition": (re.compile(rf"{_NAME}(,{_NAME}){{0,15}}"),
+                        "a partition name of 1 to 64 letters, digits, _ . -, or up to 16 "
+                        "such names separated by commas"),
+    "slurm_account": _SLURM_NAME,
+    "slurm_time_limit": (re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}"
+                                    r"|(?i:unlimited|infinite)"),
+                         "a Slurm time limit such as 30 (minutes), 1:00:00, 2-00:00:00 or "
+                         "UNLIMITED")}
 BOOLEAN_SETTINGS = ("allow_trust_remote_code", "auto_eval", "warm_workers", "cluster_gpus")
 
 

@@ -297,12 +297,19 @@ def test_the_lab_s_slurm_settings_are_checked(tmp_path, monkeypatch):
     assert isinstance(executor, SlurmExecutor)
     assert (executor.partition, executor.account, executor.time_limit) == \
         ("gpu.a100-x_1", "proj_42", "2-00:00:00")
-    for good in ("30", "30:00", "1:00:00", "2-12", "2-12:30", "2-00:00:00"):
+    for good in ("30", "30:00", "1:00:00", "2-12", "2-12:30", "2-00:00:00", "UNLIMITED",
+                 "infinite"):
         monkeypatch.setenv("WEIGHTSMITH_SLURM_TIME_LIMIT", good)
         assert Settings.load(tmp_path).slurm_time_limit == good
+    monkeypatch.setenv("WEIGHTSMITH_SLURM_PARTITION", "gpu,cpu.long")  # the first that can
+    assert Settings.load(tmp_path).slurm_partition == "gpu,cpu.long"
+    monkeypatch.delenv("WEIGHTSMITH_SLURM_PARTITION")
     for name, bad in (("slurm_time_limit", "1h"), ("slurm_time_limit", "1:00:00:00"),
                       ("slurm_time_limit", "--wrap=x"), ("slurm_partition", "a b"),
-                      ("slurm_partition", "x" * 65), ("slurm_account", "--qos=high"),
+                      ("slurm_partition", "x" * 65), ("slurm_partition", "a,"),
+                      ("slurm_partition", ",a"), ("slurm_partition", "a,,b"),
+                      ("slurm_partition", ",".join("p" * 17)),
+                      ("slurm_time_limit", "UNLIMITED-1"), ("slurm_account", "--qos=high"),
                       ("slurm_account", "a,b")):
         monkeypatch.setenv(f"WEIGHTSMITH_{name.upper()}", bad)
         with pytest.raises(SettingsError) as raised:
@@ -311,7 +318,7 @@ def test_the_lab_s_slurm_settings_are_checked(tmp_path, monkeypatch):
         assert repr(bad) in str(raised.value)
         monkeypatch.delenv(f"WEIGHTSMITH_{name.upper()}")
     (tmp_path / "lab.toml").write_text("slurm_partition = 3\n")
-    with pytest.raises(SettingsError, match="setting slurm_partition: expected a name"):
+    with pytest.raises(SettingsError, match="setting slurm_partition: expected a partition name"):
         Settings.load(tmp_path)
     (tmp_path / "lab.toml").write_text("")
     assert Settings.load(tmp_path).slurm_partition == ""  # the cluster's default

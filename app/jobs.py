@@ -164,21 +164,18 @@ def check_config(lab: Lab, plugin_name: str, data: dict):
 
 
 def node_problems(lab: Lab, needs: plugins.Resources) -> list[str]:
-    """A job spanning several nodes (Resources.nodes, the config field `nodes`): only the
-    slurm executor gives a job a set of nodes at once (app/worker.py starts one launch per
-    node through srun); the local scheduler and Ray run a job's worker on one machine."""
+    """A job spanning several nodes (Resources.nodes, the config field `nodes`): the slurm
+    executor gives a job a set of nodes at once (app/worker.py srun's one launch per node),
+    and so does ray (a placement group of one bundle per node, STRICT_SPREAD:
+    app/executors/ray.py RayNodes); the local scheduler runs a job on this one machine."""
     if needs.nodes <= 1:
         return []
     got = f"field 'nodes': got {needs.nodes}"
     if not needs.data_parallel:
         return [f"{got}; this job runs as one process, which cannot span nodes: expected 1"]
-    executor = lab.settings.executor
-    if executor == "slurm":
+    if lab.settings.executor in ("slurm", "ray"):
         return []
-    if executor == "ray":
-        return [f"{got}; the ray executor runs a job's worker on one node: several nodes need "
-                f"the slurm executor (lab setting executor)"]
-    return [f"{got}; several nodes need the slurm executor (lab setting executor)"]
+    return [f"{got}; several nodes need the slurm or ray executor (lab setting executor)"]
 
 
 def lab_gpus(lab: Lab) -> list[int]:

@@ -12,11 +12,15 @@ writes and registers checkpoints. The other ranks get a RankContext that records
 reads the registry through a query-only
 connection. This worker waits for the launch and records the job's final status.
 
-A job spanning several nodes (`Resources.nodes`: the `nodes` field; the slurm executor only)
-runs its worker as the batch step of a Slurm job of that many nodes, on the first. It
-imports the inputs and writes the ranks' registry copy as above, then srun's one
+A job spanning several nodes (`Resources.nodes`: the `nodes` field; the slurm and ray
+executors) imports the inputs and writes the ranks' registry copy as above, then starts one
 `app.worker JOB --node-launch` per node, each of which becomes its node's accelerate launch
-(machine rank SLURM_PROCID, meeting the others at the first node): node_launch_command.
+(node_launch), meeting the others at machine rank 0's node. On Slurm the worker is the batch
+step of a Slurm job of that many nodes, on the first, and srun's them (machine rank
+SLURM_PROCID): node_launch_command. On Ray the worker is the job's entrypoint, reserving
+nothing; it asks Ray for a placement group of one bundle per node (STRICT_SPREAD) and runs
+each node's launch from an actor in its bundle (--machine-rank i): app/executors/ray.py
+RayNodes.
 """
 
 from __future__ import annotations
@@ -178,15 +182,26 @@ def launch_command(job_id: str, lab_root, processes: int, mode: str = "ddp",
         (["--remote"] if remote else [])
 
 
+def node_command(job_id: str, lab_root, nodes: int, processes: int, mode: str,
+                 main_address: str, main_port: int, machine_rank: int | None = None) -> list[str]:
+    """`app.worker JOB --node-launch ...`: one node's share of a job spanning `nodes`
+    (node_launch); `machine_rank` None: the node reads it from SLURM_PROCID."""
+    return [sys.executable, "-m", "app.worker", job_id, "--lab", str(lab_root),
+            "--remote", "--node-launch", "--nodes", str(nodes), "--processes", str(processes),
+            "--distributed", mode, "--main-address", main_address,
+            "--main-port", str(main_port)] + \
+        ([] if machine_rank is None else ["--machine-rank", str(machine_rank)])
+
+
 def node_launch_command(job_id: str, lab_root, nodes: int, processes: int, mode: str,
                         main_address: str, main_port: int) -> list[str]:
     """The `srun` command line, run by a job's worker in its Slurm allocation, that starts
     one `app.worker JOB --node-launch` on each of its `nodes` nodes (each then execs its
     node's accelerate launch: node_launch). srun places the tasks and forwards their output
     into the job log; --kill-on-bad-exit ends every node's share as soon as one fails,
-    instead of leaving the others waiting in the rendezvous. A SIGTERM to srun (a Stop's:
-    scancel signals every process of the batch step) makes it SIGKILL its tasks at once, so
-    the ranks get no grace to clean up: launch() removes what they leave.
+    instead of leaving the others waiting in the rendezvous. A SIGTERM to srun would make it
+    SIGKILL its tasks at once, so a Stop signals the tasks themselves and then the worker
+    alone (app/executors/slurm.py stop), which waits for srun (_launch_here).
     --export=ALL: the job was submitted with --export=NONE, which Slurm also makes the
     default of the job's own sruns (SLURM_EXPORT_ENV), and the tasks need this environment.
     --cpus-per-task: srun 22.05 no longer reads the job's SLURM_CPUS_PER_TASK."""
@@ -194,10 +209,8 @@ def node_launch_command(job_id: str, lab_root, nodes: int, processes: int, mode:
            "--kill-on-bad-exit=1", "--export=ALL"]
     if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
         cmd.append(f"--cpus-per-task={os.environ['SLURM_CPUS_PER_TASK']}")
-    return cmd + [sys.executable, "-m", "app.worker", job_id, "--lab", str(lab_root),
-                  "--remote", "--node-launch", "--nodes", str(nodes), "--processes",
-                  str(processes), "--distributed", mode, "--main-address", main_address,
-                  "--main-port", str(main_port)]
+    return cmd + node_command(job_id, lab_root, nodes, processes, mode, main_address,
+                              main_port)
 
 
 def _scontrol(*args: str) -> str:
@@ -249,10 +262,11 @@ def _free_port() -> int:
 
 
 def node_launch(lab_root: Path, job_id: str, nodes: int, processes: int, mode: str,
-                main_address: str, main_port: int) -> int:
-    """One node's share of a job spanning `nodes` (task SLURM_PROCID of node_launch_command's
-    srun, one per node): becomes that node's accelerate launch, machine rank SLURM_PROCID. Its
-    ranks read their own copy of the launching worker's RANKS_SNAPSHOT (run_remote_rank)."""
+                main_address: str, main_port: int, machine_rank: int | None = None) -> int:
+    """One node's share of a job spanning `nodes`: becomes that node's accelerate launch,
+    machine rank `machine_rank` (on Ray: the bundle's index, RayNodes), or SLURM_PROCID when
+    it is None (task SLURM_PROCID of node_launch_command's srun, one per node). Its ranks read
+    their own copy of the launching worker's RANKS_SNAPSHOT (run_remote_rank)."""
     import socket
 
     from registry.journal import RANKS_SNAPSHOT
@@ -265,11 +279,18 @@ def node_launch(lab_root: Path, job_id: str, nodes: int, processes: int, mode: s
               f"of the cluster mounts at the same path; see the README's \"Running on a "
               f"cluster\".", file=sys.stderr, flush=True)
         return 2
-    rank = os.environ.get("SLURM_PROCID", "")
-    if not rank.isdigit() or int(rank) >= nodes:
-        print(f"error: node {host}: SLURM_PROCID is {rank!r}; expected a task of an srun of "
-              f"{nodes} tasks", file=sys.stderr, flush=True)
-        return 2
+    if machine_rank is not None:
+        if not 0 <= machine_rank < nodes:
+            print(f"error: node {host}: --machine-rank is {machine_rank}; expected 0 to "
+                  f"{nodes - 1}", file=sys.stderr, flush=True)
+            return 2
+        rank = str(machine_rank)
+    else:
+        rank = os.environ.get("SLURM_PROCID", "")
+        if not rank.isdigit() or int(rank) >= nodes:
+            print(f"error: node {host}: SLURM_PROCID is {rank!r}; expected a task of an srun "
+                  f"of {nodes} tasks", file=sys.stderr, flush=True)
+            return 2
     cmd = launch_command(job_id, lab_root, processes, mode, remote=True, machines=nodes,
                          machine_rank=int(rank), main_address=main_address,
                          main_port=main_port)
@@ -284,58 +305,37 @@ def node_launch(lab_root: Path, job_id: str, nodes: int, processes: int, mode: s
 
 def launch(ctx: JobContext, plugin: plugins.Plugin, config, processes: int,
            remote: bool = False, nodes: int = 1) -> list[dict]:
-    """Run the job as `processes` ranks (on each of `nodes` Slurm nodes) through accelerate
-    launch and wait; returns the checkpoints rank 0 registered. Raises RankFailed with the
-    failing rank's error. `remote`: a cluster job (run_remote), whose registry is a journaled
-    copy on this node."""
+    """Run the job as `processes` ranks (on each of `nodes` Slurm or Ray nodes) through
+    accelerate launch and wait; returns the checkpoints rank 0 registered. Raises RankFailed
+    with the failing rank's error. `remote`: a cluster job (run_remote), whose registry is a
+    journaled copy on this node."""
     from registry.journal import JOURNAL, RANKS_SNAPSHOT
 
     mode = plugin.needs(config).distributed
-    if nodes > 1:  # before any import: a worker outside a fitting Slurm job stops here
-        if not remote:
-            raise ValueError(f"field 'nodes': got {nodes}; several nodes need the slurm "
-                             f"executor (lab setting executor)")
-        main_address = slurm_main_node(nodes)
-    for _, ref in plugins.checkpoint_refs(config):
-        ctx.open(ref)  # a folder or Hub id is imported here, once, not by every rank
-    journal = ctx.work_dir / JOURNAL
-    start = journal.stat().st_size if journal.exists() else 0
-    if remote:  # the ranks' registry: this copy, with the imports just journaled
-        ctx.registry.snapshot(ctx.work_dir / RANKS_SNAPSHOT)
-    if nodes > 1:
-        cmd = node_launch_command(ctx.job_id, ctx.lab.root, nodes, processes, mode,
-                                  main_address, _free_port())
-        what = f"on {nodes} nodes, {processes} process{'es' if processes > 1 else ''} " \
-               f"each ({mode})"
-    else:
-        cmd = launch_command(ctx.job_id, ctx.lab.root, processes, mode, remote)
-        what = f"{processes} processes ({mode})"
-    for old in ctx.work_dir.glob("error-rank*.txt"):
-        old.unlink()
-    ctx.log(f"launching {what}: {shlex.join(cmd)}")
-    # Same stdout (the job log) and process group: Stop reaches the launcher, and kill_tree
-    # finds the ranks (torchrun starts them in sessions of their own) as descendants. Under
-    # srun every node's ranks are srun's tasks, which it SIGKILLs when it gets a SIGTERM.
-    try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, cwd=str(ctx.work_dir))
-    except FileNotFoundError:
-        raise RankFailed(f"`{cmd[0]}` is not on the PATH of node {os.uname().nodename}, "
-                         f"where the job's worker runs") from None
-    try:
-        code = proc.wait()
-    except JobCancelled:
-        proc.terminate()
-        try:
-            proc.wait(timeout=ctx.lab.settings.cancel_grace_seconds)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        raise
-    finally:
-        # the scratch of a rank that had no chance to clean up: srun answers a SIGTERM (a
-        # Stop's) by SIGKILLing its tasks; the job's partial checkpoints go with discard_all
-        for scratch in ctx.work_dir.glob("rank[0-9]*"):
-            shutil.rmtree(scratch, ignore_errors=True)
+    on_ray = nodes > 1 and ctx.job.get("executor") == "ray"
+    with contextlib.ExitStack() as stack:
+        if nodes > 1:  # before any import: a worker that cannot have the nodes stops here
+            if not remote:
+                raise ValueError(f"field 'nodes': got {nodes}; several nodes need the slurm "
+                                 f"or ray executor (lab setting executor)")
+            if on_ray:  # the nodes are placed (or the job fails) before the imports
+                ray_nodes = stack.enter_context(_ray_nodes(ctx, nodes, processes))
+            else:
+                main_address = slurm_main_node(nodes)
+        for _, ref in plugins.checkpoint_refs(config):
+            ctx.open(ref)  # a folder or Hub id is imported here, once, not by every rank
+        journal = ctx.work_dir / JOURNAL
+        start = journal.stat().st_size if journal.exists() else 0
+        if remote:  # the ranks' registry: this copy, with the imports just journaled
+            ctx.registry.snapshot(ctx.work_dir / RANKS_SNAPSHOT)
+        for old in ctx.work_dir.glob("error-rank*.txt"):
+            old.unlink()
+        if on_ray:
+            _launch_on_ray(ctx, ray_nodes, nodes, processes, mode)
+            code = 0
+        else:
+            code = _launch_here(ctx, nodes, processes, mode, remote,
+                                main_address if nodes > 1 else "")
     if code != 0:
         errors = sorted(ctx.work_dir.glob("error-rank*.txt"),
                         key=lambda f: int(f.stem[len("error-rank"):]))
@@ -356,6 +356,101 @@ def launch(ctx: JobContext, plugin: plugins.Plugin, config, processes: int,
                      if entry and entry.get("call") == "add_checkpoint"]
     with ctx.lab.registry() as reg:
         return [reg.checkpoint(c) for c in reg.job_checkpoints(ctx.job_id)]
+
+
+def _launch_here(ctx: JobContext, nodes: int, processes: int, mode: str, remote: bool,
+                 main_address: str) -> int:
+    """The launch as a child of this worker: accelerate launch on this machine, or (several
+    Slurm nodes) srun of one launch per node. Returns its exit code."""
+    if nodes > 1:
+        cmd = node_launch_command(ctx.job_id, ctx.lab.root, nodes, processes, mode,
+                                  main_address, _free_port())
+        what = f"on {nodes} nodes, {processes} process{'es' if processes > 1 else ''} " \
+               f"each ({mode})"
+    else:
+        cmd = launch_command(ctx.job_id, ctx.lab.root, processes, mode, remote)
+        what = f"{processes} processes ({mode})"
+    ctx.log(f"launching {what}: {shlex.join(cmd)}")
+    # Same stdout (the job log) and process group: Stop reaches the launcher, and kill_tree
+    # finds the ranks (torchrun starts them in sessions of their own) as descendants. Under
+    # srun every node's ranks are srun's tasks.
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, cwd=str(ctx.work_dir))
+    except FileNotFoundError:
+        raise RankFailed(f"`{cmd[0]}` is not on the PATH of node {os.uname().nodename}, "
+                         f"where the job's worker runs") from None
+    try:
+        return proc.wait()
+    except JobCancelled:
+        if nodes == 1:
+            proc.terminate()
+        # else not srun: it answers a SIGTERM by SIGKILLing its tasks on every node (Slurm's
+        # srun_job.c: "forcing job termination"). A Stop's scancel signals the tasks itself
+        # (app/executors/slurm.py stop), so each node's torchrun gives its ranks their
+        # SIGTERM and srun ends when they have; it is killed only after the grace.
+        try:
+            proc.wait(timeout=ctx.lab.settings.cancel_grace_seconds)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    finally:
+        # the scratch of a rank that had no chance to clean up (a SIGKILL after the grace);
+        # the job's partial checkpoints go with discard_all
+        for scratch in ctx.work_dir.glob("rank[0-9]*"):
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _ray_nodes(ctx: JobContext, nodes: int, processes: int):
+    """The job's nodes on Ray (app/executors/ray.py RayNodes: one placement-group bundle of
+    `processes` CPUs, and as many GPUs on a GPU job, on each node), its errors as RankFailed
+    (a job's own account: no traceback). Leaving it stops whatever still runs on the nodes
+    and removes the placement group."""
+    from app.executors import ExecutorError
+    from app.executors.ray import RayNodes
+
+    gpus = processes if str(ctx.job.get("device") or "").endswith("cuda") else 0
+    cluster = RayNodes(ctx.job_id, ctx.work_dir, nodes, processes, gpus,
+                       ctx.lab.settings.cancel_grace_seconds, ctx.log)
+    try:
+        cluster.__enter__()
+    except ExecutorError as e:
+        raise RankFailed(str(e)) from None
+    try:
+        yield cluster
+    finally:
+        try:
+            cluster.__exit__(None, None, None)
+        finally:
+            for scratch in ctx.work_dir.glob("rank[0-9]*"):  # as in _launch_here
+                shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _launch_on_ray(ctx: JobContext, cluster, nodes: int, processes: int, mode: str) -> None:
+    """Every node's launch from its Ray actor (node_launch, --machine-rank i), meeting at node
+    0's address on a port free there; raises RankFailed with the error of the rank that failed
+    first (the earliest error file: a rank whose peer died fails after it, with gloo's words),
+    else with what the failing node said."""
+    from app.executors.ray import NodesFailed
+
+    def command(i: int, main_address: str, main_port: int) -> list[str]:
+        return node_command(ctx.job_id, ctx.lab.root, nodes, processes, mode, main_address,
+                            main_port, machine_rank=i)
+
+    ctx.log(f"launching on {nodes} nodes, {processes} process{'es' if processes > 1 else ''} "
+            f"each ({mode}), through Ray: "
+            f"{shlex.join(command(0, cluster.places[0]['ip'], cluster.places[0]['port']))} "
+            f"(node i: --machine-rank i)")
+    try:
+        cluster.run(command)
+    except NodesFailed as failed:
+        errors = sorted(ctx.work_dir.glob("error-rank*.txt"),
+                        key=lambda f: (f.stat().st_mtime_ns, int(f.stem[len("error-rank"):])))
+        place = cluster.places[failed.node]
+        raise RankFailed(errors[0].read_text() if errors else failed.note or
+                         f"node {failed.node}'s launch (Ray node {place['node_id']}, "
+                         f"{place['ip']}) exited with code {failed.code}") from None
 
 
 def run_rank(lab: Lab, job_id: str) -> int:
@@ -383,6 +478,8 @@ def run_rank(lab: Lab, job_id: str) -> int:
         return 0
     except JobCancelled:
         ctx.discard_all()
+        # in the job log: the rank had its grace (a SIGKILL leaves no such line)
+        print(f"rank {rank} of {world}: stopped, its partial output removed", flush=True)
         return 143
     except BaseException as e:  # noqa: BLE001 - the launching worker reports it
         ctx.discard_all()
@@ -433,6 +530,8 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--distributed", default="ddp", choices=("ddp", "fsdp"))
     parser.add_argument("--main-address", default="")
     parser.add_argument("--main-port", type=int, default=0)
+    parser.add_argument("--machine-rank", type=int, default=None,
+                        help="this node's machine rank (Ray); default: SLURM_PROCID")
     return parser
 
 
@@ -441,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.node_launch:
         return node_launch(Path(args.lab), args.job_id, args.nodes, args.processes,
-                           args.distributed, args.main_address, args.main_port)
+                           args.distributed, args.main_address, args.main_port,
+                           args.machine_rank)
     signal.signal(signal.SIGTERM, _on_sigterm)
     if args.remote and args.rank:
         return run_remote_rank(Path(args.lab), args.job_id)

@@ -1,6 +1,9 @@
-"""A real single-node Ray cluster for the tests: `start_ray_head` starts a head (GCS, raylet,
-dashboard with the Jobs API) on free local ports and stops exactly the processes it started;
+"""A real Ray cluster for the tests: `start_ray_head` starts a head (GCS, raylet, dashboard
+with the Jobs API) on free local ports and stops exactly the processes it started;
 `ray_address` is the session's head, shared by every test that imports the fixture.
+`start_ray_node` adds a worker node (its own raylet, ports and temp folder) to a head, and
+`ray_two_nodes` is a cluster of two nodes on loopback of its own, for one test module (jobs
+spanning nodes), leaving the shared head alone.
 
 Why not `ray stop --force` at the end: it kills every Ray process of the user on the machine
 by name (`ray stop` matches process names and command lines), so it would also end a
@@ -118,7 +121,20 @@ class _StartFailed(Exception):
     """`ray start` exited before the Jobs API answered."""
 
 
-def _launch(log_path: Path, temp_dir: str) -> tuple[subprocess.Popen, str]:
+# the GCS address (HOST:PORT, what `ray start --address` joins) of each head started here, by
+# its Jobs API address
+GCS_ADDRESS: dict[str, str] = {}
+
+
+def _ray_env() -> dict[str, str]:
+    """Every job inherits the node's environment: without the WEIGHTSMITH_ variables of the
+    test that happened to start it (its lab, its plugins), and without RAY_ADDRESS."""
+    return {name: value for name, value in os.environ.items()
+            if not name.startswith("WEIGHTSMITH_")
+            and name not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+
+
+def _launch(log_path: Path, temp_dir: str, num_cpus: int = 2) -> tuple[subprocess.Popen, str]:
     """Start `ray start --head --block` on free ports; return it and the Jobs API address
     once the API answers."""
     import requests
@@ -129,17 +145,14 @@ def _launch(log_path: Path, temp_dir: str) -> tuple[subprocess.Popen, str]:
     ports = dict(zip(options, free_ports(len(options))))
     address = f"http://127.0.0.1:{ports['--dashboard-port']}"
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-               "--num-cpus", "2", "--num-gpus", "0", "--node-ip-address", "127.0.0.1",
+               "--num-cpus", str(num_cpus), "--num-gpus", "0",
+               "--node-ip-address", "127.0.0.1",
                "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
                "--disable-usage-stats", "--object-store-memory", "200000000",
                "--temp-dir", temp_dir]
     for option, port in ports.items():
         command += [option, str(port)]
-    # Every job inherits the head's environment: without the WEIGHTSMITH_ variables of the
-    # test that happened to start it (its lab, its plugins), and without RAY_ADDRESS.
-    env = {name: value for name, value in os.environ.items()
-           if not name.startswith("WEIGHTSMITH_")
-           and name not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env = _ray_env()
     with open(log_path, "w") as log:
         # a session of its own: Ctrl-C in the terminal running pytest does not reach it
         starter = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
@@ -153,6 +166,7 @@ def _launch(log_path: Path, temp_dir: str) -> tuple[subprocess.Popen, str]:
             try:  # what JobSubmissionClient.list_jobs asks, with a timeout (it sets none)
                 answer = requests.get(f"{address}/api/jobs/", timeout=5)
                 answer.raise_for_status()
+                GCS_ADDRESS[address] = f"127.0.0.1:{ports['--port']}"
                 return starter, address
             except requests.RequestException as error:  # refused; 404 before the module loads
                 if time.monotonic() > deadline:
@@ -166,7 +180,7 @@ def _launch(log_path: Path, temp_dir: str) -> tuple[subprocess.Popen, str]:
 
 
 @contextlib.contextmanager
-def start_ray_head(log_dir: Path, attempts: int = 3):
+def start_ray_head(log_dir: Path, attempts: int = 3, num_cpus: int = 2):
     """Start a one-node Ray head on free local ports, yield its Jobs API address
     (http://127.0.0.1:PORT) once the API answers, and stop every process of it after.
 
@@ -184,7 +198,8 @@ def start_ray_head(log_dir: Path, attempts: int = 3):
     for attempt in range(1, attempts + 1):
         temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
         try:
-            starter, address = _launch(log_dir / f"ray-start-{attempt}.log", temp_dir)
+            starter, address = _launch(log_dir / f"ray-start-{attempt}.log", temp_dir,
+                                       num_cpus)
             break
         except _StartFailed as failed:
             shutil.rmtree(temp_dir)
@@ -197,8 +212,72 @@ def start_ray_head(log_dir: Path, attempts: int = 3):
     try:
         yield address
     finally:
+        GCS_ADDRESS.pop(address, None)
         _stop_head(starter, temp_dir)
         shutil.rmtree(temp_dir)
+
+
+def _alive_nodes(address: str) -> int:
+    """How many nodes the head at `address` (its Jobs API) counts as alive (its state API)."""
+    import requests
+
+    answer = requests.get(f"{address}/api/v0/nodes", params={"limit": 100}, timeout=5)
+    answer.raise_for_status()
+    return sum(1 for node in answer.json()["data"]["result"]["result"]
+               if node.get("state") == "ALIVE")
+
+
+@contextlib.contextmanager
+def start_ray_node(address: str, log_dir: Path, num_cpus: int = 1):
+    """Add a worker node of `num_cpus` CPUs to the head at `address` (its Jobs API, started by
+    start_ray_head), on this machine's loopback: `ray start --address=GCS --block` on free
+    ports, with a temp folder and a session of its own; yields once the head counts it alive,
+    and stops its processes after exactly as the head's are (_stop_head), never `ray stop`.
+    The two nodes share one kernel, one file system and loopback: a job placed on both proves
+    Ray's placement and the launches, not a network between hosts."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    before = _alive_nodes(address)
+    temp_dir = tempfile.mkdtemp(prefix="ray-node-", dir="/tmp")
+    options = ("--node-manager-port", "--object-manager-port", "--metrics-export-port",
+               "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+               "--runtime-env-agent-port")
+    command = [sys.executable, "-m", "ray.scripts.scripts", "start",
+               f"--address={GCS_ADDRESS[address]}", "--block", "--num-cpus", str(num_cpus),
+               "--num-gpus", "0", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
+               "--object-store-memory", "100000000", "--temp-dir", temp_dir]
+    for option, port in zip(options, free_ports(len(options))):
+        command += [option, str(port)]
+    log_path = log_dir / "ray-node.log"
+    with open(log_path, "w") as log:
+        starter = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, env=_ray_env(),
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while _alive_nodes(address) <= before:
+            if starter.poll() is not None:
+                raise AssertionError(f"the Ray worker node's `ray start` exited "
+                                     f"{starter.returncode}:\n{log_path.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the Ray worker node did not join the head within "
+                                     f"{START_TIMEOUT:.0f} s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield
+    finally:
+        _stop_head(starter, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_two_nodes(tmp_path_factory):
+    """The Jobs API address of a Ray cluster of two nodes for one test module: a head of 2
+    CPUs (a job of 2 processes fits on it) and a worker node of 1, so a placement group of
+    one 1-CPU bundle per node (STRICT_SPREAD) has exactly two nodes, and one of three none.
+    Its own head, not the shared one: the other modules' jobs never see the extra node."""
+    folder = tmp_path_factory.mktemp("ray-two-nodes")
+    with start_ray_head(folder / "head", num_cpus=2) as address, \
+            start_ray_node(address, folder / "node", num_cpus=1):
+        yield address
 
 
 # Pytest makes a session fixture imported into two test modules two fixtures, each started

@@ -288,8 +288,9 @@ def test_a_train_job_on_two_slurm_nodes_matches_two_processes_on_one(
 
 def test_stop_ends_every_process_of_a_job_on_two_slurm_nodes(
         two_node_lab, tiny_model_dir, tmp_path):
-    """Stop while both nodes train: the launcher, srun, each node's launch and each rank end
-    (Slurm signals every step of the job; srun forwards the launcher's SIGTERM too)."""
+    """Stop while both nodes train: the launcher, srun, each node's launch and each rank end,
+    the ranks by their own SIGTERM handling (Slurm signals the nodes' steps, then the worker
+    alone, which waits for srun: srun itself would SIGKILL its tasks)."""
     import psutil
 
     from app import jobs
@@ -331,7 +332,8 @@ def test_stop_ends_every_process_of_a_job_on_two_slurm_nodes(
     assert _executor(lab).state(engine_id).state in FINAL
     log = (lab.job_dir(job["id"]) / "log.txt").read_text()
     assert "cancelled: partial output removed" in log
-    # srun SIGKILLs its tasks on a SIGTERM: the worker removes what the ranks left
+    for rank in (0, 1):  # each rank had its SIGTERM and its grace, not srun's SIGKILL
+        assert f"rank {rank} of 2: stopped, its partial output removed" in log, log[-3000:]
     assert not list(lab.checkpoints_dir.glob(".tmp-*"))
     assert not (lab.job_dir(job["id"]) / "rank1").exists()
 

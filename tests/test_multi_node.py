@@ -1,8 +1,9 @@
 """`nodes` on train and continue_pretrain (issue 22 item 4), without a cluster: the field and
-its form, the refusal at submit on an executor that cannot give a job several nodes, what the
-scheduler hands the engine, the sbatch options, the srun and accelerate command lines, and a
-worker that is not where several nodes can run. A job really spanning two Slurm nodes runs in
-tests/test_cluster_slurm.py."""
+its form, the refusal at submit on the local executor, what the scheduler hands the engine,
+the sbatch options and what the Ray executor asks of Ray, the srun, node and accelerate
+command lines, and a worker that is not where several nodes can run. A job really spanning
+two Slurm nodes runs in tests/test_cluster_slurm.py, two Ray nodes in
+tests/test_cluster_ray_nodes.py."""
 
 import subprocess
 
@@ -10,7 +11,7 @@ import pytest
 
 import plugins
 from app import forms, jobs
-from app.executors import EngineState, Executor, ExecutorError, Needs, Submission
+from app.executors import EngineState, Executor, Needs, Submission
 from plugins import ConfigError
 from tests.test_train import arithmetic_rows, write_jsonl
 
@@ -27,25 +28,22 @@ def _lab(lab_dir, monkeypatch, executor):
     return Lab(lab_dir)
 
 
-def test_several_nodes_are_refused_at_submit_off_slurm_and_nothing_is_queued(
+def test_several_nodes_are_refused_at_submit_on_the_local_executor_and_nothing_is_queued(
         lab_dir, tiny_model_dir, tmp_path, monkeypatch):
     config = _config(tiny_model_dir, tmp_path, nodes=2)
-    for executor, words in (
-            ("local", "field 'nodes': got 2; several nodes need the slurm executor (lab "
-                      "setting executor)"),
-            ("ray", "field 'nodes': got 2; the ray executor runs a job's worker on one node: "
-                    "several nodes need the slurm executor (lab setting executor)")):
+    lab = _lab(lab_dir, monkeypatch, "local")
+    for plugin in ("train", "continue_pretrain"):
+        with pytest.raises(ConfigError) as raised:
+            jobs.submit(lab, plugin, config)
+        assert "field 'nodes': got 2; several nodes need the slurm or ray executor (lab " \
+               "setting executor)" in str(raised.value), (plugin, str(raised.value))
+    with lab.registry() as reg:
+        assert reg.jobs(limit=10) == []
+    for executor in ("slurm", "ray"):
         lab = _lab(lab_dir, monkeypatch, executor)
-        for plugin in ("train", "continue_pretrain"):
-            with pytest.raises(ConfigError) as raised:
-                jobs.submit(lab, plugin, config)
-            assert words in str(raised.value), (executor, plugin, str(raised.value))
-        with lab.registry() as reg:
-            assert reg.jobs(limit=10) == []
-    lab = _lab(lab_dir, monkeypatch, "slurm")
-    job = jobs.submit(lab, "train", config)  # queued: the scheduler hands it to Slurm
-    assert job["status"] == "queued"
-    jobs.submit(lab, "train", {**config, "cpu_processes": 2})  # 2 on each node: 4 in all
+        job = jobs.submit(lab, "train", config)  # queued: the scheduler hands it over
+        assert job["status"] == "queued"
+        jobs.submit(lab, "train", {**config, "cpu_processes": 2})  # 2 on each node: 4 in all
 
 
 def test_nodes_outside_1_to_64_name_the_field(lab, tiny_model_dir, tmp_path):
@@ -132,19 +130,38 @@ def test_sbatch_asks_for_the_nodes_one_task_on_each(monkeypatch):
     assert not [a for a in one if a.startswith(("--nodes", "--ntasks"))], one
 
 
-def test_ray_refuses_several_nodes_before_asking_ray():
-    from app.executors.ray import RayExecutor
+def test_ray_submits_a_job_of_several_nodes_reserving_nothing_for_its_entrypoint(
+        monkeypatch):
+    """The entrypoint (the launching worker) reserves no CPU, GPU or memory: the placement
+    group's bundles, one per node, need them (app/executors/ray.py submit); and Ray's
+    supervisor gives it the grace plus a margin to stop every node before its SIGKILL."""
+    from app.executors.ray import NODES_STOP_MARGIN_S, RayExecutor
 
-    with pytest.raises(ExecutorError, match="asks for 2 nodes, and Ray runs a job's worker "
-                                            "on one node"):
-        RayExecutor("http://127.0.0.1:1").submit(Submission("job-1", ["true"],
-                                                            needs=Needs(nodes=2)))
+    seen = []
+
+    class Client:
+        def submit_job(self, **kwargs):
+            seen.append(kwargs)
+            return kwargs["submission_id"]
+
+    ray = RayExecutor("http://127.0.0.1:1")
+    monkeypatch.setattr(ray, "_connect", lambda: Client())
+    sub = Submission("job-1", ["true"], needs=Needs(nodes=2, cpus=3, gpus=1,
+                                                    memory_bytes=1 << 30), stop_grace_s=10)
+    assert ray.submit(sub) == "job-1"
+    (kwargs,) = seen
+    assert not [k for k in kwargs if k.startswith("entrypoint_num") or k == "entrypoint_memory"]
+    assert kwargs["runtime_env"]["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == \
+        str(10 + NODES_STOP_MARGIN_S)
+    ray.submit(Submission("job-2", ["true"], needs=Needs(cpus=3, gpus=1), stop_grace_s=10))
+    assert seen[1]["entrypoint_num_cpus"] == 3 and seen[1]["entrypoint_num_gpus"] == 1
+    assert seen[1]["runtime_env"]["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "10"
 
 
 def test_the_srun_and_accelerate_command_lines_for_two_nodes(tmp_path, monkeypatch):
     from accelerate.commands.launch import launch_command_parser
 
-    from app.worker import arguments, launch_command, node_launch_command
+    from app.worker import arguments, launch_command, node_command, node_launch_command
 
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
     srun = node_launch_command("job-1", tmp_path, 2, 3, "fsdp", "10.0.0.7", 29411)
@@ -164,6 +181,11 @@ def test_the_srun_and_accelerate_command_lines_for_two_nodes(tmp_path, monkeypat
     assert parsed.training_script_args[-2:] == ["--rank", "--remote"]
     one = launch_command("job-1", tmp_path, 2)
     assert one[one.index("--num_machines") + 1] == "1" and "--machine_rank" not in one
+    # on Ray, the node's machine rank is an argument (no SLURM_PROCID there)
+    node = node_command("job-1", tmp_path, 2, 1, "ddp", "10.0.0.7", 29411, machine_rank=1)
+    args = arguments().parse_args(node[node.index("app.worker") + 1:])
+    assert args.node_launch and args.remote and args.machine_rank == 1
+    assert arguments().parse_args(srun[srun.index("app.worker") + 1:]).machine_rank is None
 
 
 def test_a_worker_outside_a_fitting_slurm_job_refuses_nodes(tmp_path, monkeypatch, capsys):
@@ -182,3 +204,8 @@ def test_a_worker_outside_a_fitting_slurm_job_refuses_nodes(tmp_path, monkeypatc
     # a node that does not see the job folder says so (in the job log, through srun)
     assert node_launch(tmp_path / "lab", "job-1", 2, 1, "ddp", "n1", 1) == 2
     assert "cannot see the lab's job folder" in capsys.readouterr().err
+    # a machine rank given (Ray) that is not one of the job's nodes'
+    (tmp_path / "lab" / "jobs" / "job-1").mkdir(parents=True)
+    (tmp_path / "lab" / "jobs" / "job-1" / "registry-snapshot-ranks.db").write_bytes(b"")
+    assert node_launch(tmp_path / "lab", "job-1", 2, 1, "ddp", "n1", 1, machine_rank=2) == 2
+    assert "--machine-rank is 2; expected 0 to 1" in capsys.readouterr().err

@@ -39,8 +39,9 @@ class Needs:
     gpus: int = 0          # on each node
     cpus: float = 1.0      # on each node
     memory_bytes: int | None = None  # on each node; None: the engine's default
-    # machines the job spans: its worker starts on the first and launches the rest (Slurm
-    # only: app/worker.py); an engine that cannot give a job several nodes refuses it
+    # machines the job spans: its worker launches one share on each (Slurm: srun in the
+    # allocation; Ray: a placement group, app/worker.py); an engine that cannot give a job
+    # several nodes refuses it
     nodes: int = 1
 
 

@@ -12,6 +12,11 @@ server never joins the cluster as a driver: it holds no Ray runtime, a cluster r
 not take it down, and a restarted server re-attaches by asking the head about the submission
 id it stored.
 
+A job spanning several nodes (`nodes: N`, issue 22) runs its launching worker as the
+entrypoint, reserving nothing, and that worker asks Ray, as a driver, for a placement group
+of N bundles, one per node (STRICT_SPREAD), each bundle holding one `NodeProcess` actor that
+runs that node's accelerate launch: `RayNodes`, used by app/worker.py's launch().
+
 Ray is imported only inside methods: the web app must not pay its import (about 0.7 s) at
 start, and a lab on the `local` executor does not need Ray installed.
 """
@@ -20,8 +25,14 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 
 from app.executors import (FAILED, FINAL, GONE, PENDING, RUNNING, STOPPED, SUCCEEDED,
                            EngineState, EngineUnreachable, Executor, ExecutorError, Submission)
@@ -34,6 +45,10 @@ STATES = {"PENDING": PENDING, "RUNNING": RUNNING, "SUCCEEDED": SUCCEEDED, "FAILE
 HTTP_TIMEOUT = (5.0, 30.0)
 STOP_TIMEOUT = 30.0  # seconds stop() waits for a final state
 MESSAGE_CHARS = 300
+# a job spanning several nodes: seconds its launching worker gets, beyond the lab's
+# cancel_grace_seconds, between Ray's SIGTERM and SIGKILL to stop every node's ranks (each
+# node gives its own ranks the grace, all nodes at once) and record the end
+NODES_STOP_MARGIN_S = 15
 
 
 class _Refused(Exception):
@@ -105,19 +120,30 @@ class RayExecutor(Executor):
 
     def submit(self, sub: Submission) -> str:
         needs = sub.needs
-        if needs.nodes > 1:  # app/jobs.py refuses it at submit; a job queued before a
-            # change of the lab's executor may still ask
-            raise ExecutorError(f"job {sub.job_id} asks for {needs.nodes} nodes, and Ray runs "
-                                f"a job's worker on one node: several nodes need the slurm "
-                                f"executor (lab setting executor)")
-        kwargs = {"entrypoint_num_cpus": needs.cpus}
-        if needs.gpus > 0:
-            kwargs["entrypoint_num_gpus"] = needs.gpus
-        if needs.memory_bytes:
-            kwargs["entrypoint_memory"] = int(needs.memory_bytes)
         env = dict(sub.env)
-        if sub.stop_grace_s is not None:  # read by the job's supervisor, per job
-            env["RAY_JOB_STOP_WAIT_TIME_S"] = str(max(1, round(sub.stop_grace_s)))
+        if needs.nodes > 1:
+            # The entrypoint is only the launching worker: it imports the inputs, writes the
+            # ranks' registry copy, then waits while the placement group it asks for (one
+            # bundle of `cpus` CPUs and `gpus` GPUs on each of N nodes: RayNodes) runs the
+            # ranks. It reserves nothing: STRICT_SPREAD needs a bundle's CPUs free on N
+            # distinct nodes, and a CPU (even 0.01 of one) the entrypoint held on a node
+            # would be one that node's bundle could not have, so on a cluster of exactly N
+            # such nodes the job could never be placed. Ray runs a job that reserves nothing
+            # on the head node. What tells the worker it is on Ray: the job row's executor
+            # (the scheduler records "ray" before the snapshot) and RAY_ADDRESS, which Ray's
+            # job supervisor sets for every entrypoint (the GCS address, for ray.init).
+            kwargs = {}
+            grace = sub.stop_grace_s if sub.stop_grace_s is not None else 3
+            # read by the job's supervisor: the worker stops every node before it ends
+            env["RAY_JOB_STOP_WAIT_TIME_S"] = str(max(1, round(grace)) + NODES_STOP_MARGIN_S)
+        else:
+            kwargs = {"entrypoint_num_cpus": needs.cpus}
+            if needs.gpus > 0:
+                kwargs["entrypoint_num_gpus"] = needs.gpus
+            if needs.memory_bytes:
+                kwargs["entrypoint_memory"] = int(needs.memory_bytes)
+            if sub.stop_grace_s is not None:  # read by the job's supervisor, per job
+                env["RAY_JOB_STOP_WAIT_TIME_S"] = str(max(1, round(sub.stop_grace_s)))
         try:
             with self._errors(f"submit job {sub.job_id}"):
                 return self._connect().submit_job(
@@ -250,3 +276,292 @@ class RayExecutor(Executor):
                 f"ray_address")
         return ExecutorError(f"Ray's job client failed to {what} at {self.address}: "
                              f"{type(error).__name__}: {error}")
+
+
+# ------------------------------------------------------ a job spanning several nodes
+PLACEMENT_TIMEOUT_S = 120.0  # default wait for the placement group (see RayNodes)
+ACTORS_TIMEOUT_S = 120.0  # for the placed actors to start (a new Ray worker each)
+
+# The watchdog a NodeProcess starts next to each node's launch: should the actor die without
+# stopping it (Ray kills the actors of a driver that was SIGKILLed), it ends the launch's
+# process tree (SIGTERM, then SIGKILL after the grace). It remembers every process it saw in
+# the tree: a rank whose torchrun was killed first has left the tree by then.
+_WATCHDOG = """
+import sys, time, psutil
+actor, root, grace = psutil.Process(int(sys.argv[1])), int(sys.argv[2]), float(sys.argv[3])
+seen = {}
+while True:
+    try:
+        launch = psutil.Process(root)
+        tree = [launch] + launch.children(recursive=True)
+    except psutil.Error:
+        sys.exit(0)  # the launch ended
+    seen.update((p.pid, p) for p in tree)
+    try:
+        if actor.status() == psutil.STATUS_ZOMBIE:
+            break
+    except psutil.Error:
+        break
+    time.sleep(1)
+for p in seen.values():
+    try: p.terminate()
+    except psutil.Error: pass
+_, alive = psutil.wait_procs(list(seen.values()), timeout=grace)
+for p in alive:
+    try: p.kill()
+    except psutil.Error: pass
+"""
+
+
+class NodesFailed(Exception):
+    """A node's launch of a job spanning several nodes ended badly: which node, its exit
+    code, and what the node said about it (empty: see the ranks' error files)."""
+
+    def __init__(self, node: int, code: int, note: str = ""):
+        super().__init__(note or f"node {node}'s launch exited with code {code}")
+        self.node, self.code, self.note = node, code, note
+
+
+def end_tree(pid: int, grace: float) -> None:
+    """SIGTERM the process `pid`, its session (it is a session leader) and every descendant
+    (torchrun's ranks sit in sessions of their own), then SIGKILL what is left after
+    `grace` seconds. (app/jobs.py kill_tree does this on the server; app.jobs imports this
+    package, so it cannot be imported here.)"""
+    import psutil
+
+    found: dict[int, psutil.Process] = {}
+    with suppress(psutil.Error):
+        root = psutil.Process(pid)
+        found.update((p.pid, p) for p in [root, *root.children(recursive=True)])
+    for proc in psutil.process_iter():
+        with suppress(psutil.Error, OSError):
+            if os.getsid(proc.pid) == pid:
+                found.setdefault(proc.pid, proc)
+    found.pop(os.getpid(), None)
+    for proc in found.values():
+        with suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(list(found.values()), timeout=grace)
+    for proc in alive:
+        with suppress(psutil.Error):
+            proc.kill()
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=5)
+
+
+class NodeProcess:
+    """One node's share of a job spanning several nodes: a Ray actor in bundle i of the job's
+    placement group (RayNodes makes it remote, with the bundle's CPUs and GPUs, which it
+    holds while it lives; Ray sets CUDA_VISIBLE_DEVICES to the bundle's GPUs, and its
+    child inherits that). `run` starts the node's launch command, a plain process tree
+    (`app.worker JOB --node-launch`, which execs the node's accelerate launch), in a session
+    of its own with its output appended to the job's log.txt on the shared lab folder, and
+    waits for it; `stop` ends that tree. Threaded (max_concurrency 2): stop runs while run
+    waits."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._stopped = False
+
+    def where(self) -> dict:
+        """This node: its address, Ray node id and host name, and a port free on it now (for
+        torchrun's store, when this is machine rank 0)."""
+        import ray
+
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        return {"ip": ray.util.get_node_ip_address(), "host": socket.gethostname(),
+                "node_id": ray.get_runtime_context().get_node_id(), "port": port}
+
+    def run(self, command: list[str], job_dir: str, header: str, grace: float) -> tuple:
+        """(exit code, what went wrong when the node said something itself)."""
+        folder = Path(job_dir)
+        if not folder.is_dir():  # node_launch checks the ranks' snapshot itself, in the log
+            return 2, (f"node {socket.gethostname()} cannot see the lab's job folder {folder}: "
+                       f"the lab folder must be on storage that every node of the cluster "
+                       f"mounts at the same path; see the README's \"Running on a cluster\"")
+        with self._lock:
+            if self._stopped:
+                return 143, ""
+            with open(folder / "log.txt", "ab") as log:
+                log.write(f"{header}\n".encode())
+                log.flush()
+                try:
+                    self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                                  stdout=log, stderr=subprocess.STDOUT,
+                                                  cwd=folder, start_new_session=True)
+                except OSError as error:
+                    return 2, (f"node {socket.gethostname()} could not start `{command[0]}`: "
+                               f"{error}")
+            subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()),
+                              str(self._proc.pid), str(grace)], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        return self._proc.wait(), ""
+
+    def stop(self, grace: float) -> None:
+        with self._lock:
+            self._stopped = True
+            proc = self._proc
+        # a launch that has ended (and was reaped: its pid may be another's now) ended its
+        # ranks itself (torchrun's agent)
+        if proc is not None and proc.poll() is None:
+            end_tree(proc.pid, grace)
+            with suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+
+
+class RayNodes:
+    """The nodes of one job on Ray, as a context manager of the launching worker (the job's
+    entrypoint, app/worker.py launch()): on entry, connects to the cluster as a driver
+    (RAY_ADDRESS, set by Ray's job supervisor), places a group of `nodes` bundles of
+    {CPU: cpus, GPU: gpus} with STRICT_SPREAD (each on a different node; the wait is
+    bounded, PLACEMENT_TIMEOUT_S or WEIGHTSMITH_RAY_PLACEMENT_TIMEOUT seconds: a cluster with
+    too few nodes fails the job, saying how many it has, rather than hang), and starts one
+    NodeProcess actor in each bundle. `run` starts every node's launch and waits; if one
+    fails, it raises NodesFailed after the others were stopped (as srun's --kill-on-bad-exit
+    does). On exit, whatever still runs is stopped (SIGTERM, then SIGKILL after `grace`:
+    a Stop's JobCancelled comes through here), the group is removed and the driver
+    disconnects."""
+
+    def __init__(self, job_id: str, job_dir: Path, nodes: int, cpus: int, gpus: int,
+                 grace: float, log):
+        self.job_id, self.job_dir, self.nodes = job_id, Path(job_dir), nodes
+        self.bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        self.grace, self.log = grace, log
+        self.places: list[dict] = []
+        self._actors: list = []
+        self._group = None
+
+    def __enter__(self) -> "RayNodes":
+        import logging
+
+        import ray
+
+        address = os.environ.get("RAY_ADDRESS", "")
+        if not address:
+            raise ExecutorError(f"field 'nodes': got {self.nodes}; this job's worker was not "
+                                f"started by Ray's job supervisor (no RAY_ADDRESS), so it "
+                                f"cannot ask Ray for the nodes")
+        # ray.init installs its own SIGTERM handler (sys.exit): the worker's, which turns a
+        # Stop into JobCancelled, is put back, and a SIGTERM during the init goes to it
+        ours = signal.getsignal(signal.SIGTERM)
+        try:
+            # log_to_driver off: the actors' own output is Ray's; each node's launch writes
+            # into the job's log itself
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        except SystemExit:
+            signal.signal(signal.SIGTERM, ours)
+            if callable(ours):
+                ours(signal.SIGTERM, None)
+            raise
+        except Exception as error:  # noqa: BLE001 - Ray's many ways of not connecting
+            signal.signal(signal.SIGTERM, ours)
+            raise ExecutorError(f"field 'nodes': got {self.nodes}; the worker could not "
+                                f"connect to Ray at {address}: {type(error).__name__}: "
+                                f"{error}") from None
+        signal.signal(signal.SIGTERM, ours)
+        try:
+            self._place()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _place(self) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        raw = os.environ.get("WEIGHTSMITH_RAY_PLACEMENT_TIMEOUT", "")
+        try:
+            timeout = float(raw) if raw else PLACEMENT_TIMEOUT_S
+        except ValueError:
+            raise ExecutorError(f"environment variable WEIGHTSMITH_RAY_PLACEMENT_TIMEOUT: "
+                                f"expected seconds, got {raw!r}") from None
+        self.log(f"asking Ray for {self.nodes} nodes: a placement group of {self.nodes} "
+                 f"bundles {self.bundle}, one per node (STRICT_SPREAD)")
+        self._group = placement_group([dict(self.bundle) for _ in range(self.nodes)],
+                                      strategy="STRICT_SPREAD")
+        if not _wait([self._group.ready()], timeout):
+            alive = [n for n in ray.nodes() if n.get("Alive")]
+            fits = [n for n in alive if all(n.get("Resources", {}).get(k, 0) >= v
+                                            for k, v in self.bundle.items())]
+            raise ExecutorError(
+                f"field 'nodes': got {self.nodes}; Ray could not place the job on "
+                f"{self.nodes} different nodes ({self.bundle} on each) within {timeout:.0f} s: "
+                f"the cluster has {len(alive)} alive node{'s' if len(alive) != 1 else ''}, "
+                f"{len(fits)} of them with that much in all")
+        actor = ray.remote(NodeProcess)
+        self._actors = [actor.options(
+            num_cpus=self.bundle["CPU"], num_gpus=self.bundle.get("GPU", 0), max_concurrency=2,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self._group, placement_group_bundle_index=i)).remote()
+            for i in range(self.nodes)]
+        where = [a.where.remote() for a in self._actors]
+        if not _wait(where, ACTORS_TIMEOUT_S):
+            raise ExecutorError(f"Ray placed the job's {self.nodes} nodes but did not start "
+                                f"their launchers within {ACTORS_TIMEOUT_S:.0f} s")
+        try:
+            self.places = ray.get(where)
+        except ray.exceptions.RayError as error:
+            raise ExecutorError(f"Ray could not start the launcher of a node of the job: "
+                                f"{short_message(str(error), None)}") from None
+        self.log("placed: " + "; ".join(f"node {i} on Ray node {p['node_id']} ({p['ip']})"
+                                        for i, p in enumerate(self.places)))
+
+    def run(self, command) -> None:
+        """Start `command(i, main_address, main_port)` on every node i and wait for all;
+        NodesFailed for the first that ends badly (the others stopped)."""
+        import ray
+
+        main = self.places[0]
+        runs = {}
+        for i, (actor, place) in enumerate(zip(self._actors, self.places)):
+            header = (f"node {i} of {self.nodes}: Ray node {place['node_id']} "
+                      f"({place['host']}, {place['ip']})")
+            ref = actor.run.remote(command(i, main["ip"], main["port"]), str(self.job_dir),
+                                   header, self.grace)
+            runs[ref] = i
+        pending = list(runs)
+        while pending:  # a second at a time: a Stop's SIGTERM is handled in between
+            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            for ref in done:
+                try:
+                    code, note = ray.get(ref)
+                except ray.exceptions.RayError as error:
+                    code, note = 1, (f"Ray lost node {runs[ref]}'s launcher: "
+                                     f"{short_message(str(error), None)}")
+                if code != 0:
+                    raise NodesFailed(runs[ref], code, note)
+
+    def __exit__(self, *exc) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        try:
+            if self._actors:  # a no-op on a node whose launch has ended
+                _wait([a.stop.remote(self.grace) for a in self._actors], self.grace + 30)
+            if self._group is not None:
+                with suppress(Exception):
+                    remove_placement_group(self._group)
+        finally:
+            ray.shutdown()
+
+
+def _wait(refs: list, timeout: float) -> bool:
+    """Whether every one of `refs` is ready within `timeout` seconds, asking a second at a
+    time (a signal handler runs between calls)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    pending = list(refs)
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(1.0, left))
+    return True

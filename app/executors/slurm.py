@@ -286,20 +286,24 @@ class SlurmExecutor(Executor):
 
     def stop(self, engine_id: str) -> None:
         """End the job and every process it started. A pending job is taken off the queue.
-        A running one gets SIGTERM (to the worker and every process of its step: `--full`
-        includes the batch step, which is the worker), `grace` seconds to end, then SIGKILL;
-        this returns once Slurm reports the job ended (or raises after stop_timeout more).
-        An unknown id is already stopped.
+        A running one gets SIGTERM, `grace` seconds to end, then SIGKILL; this returns once
+        Slurm reports the job ended (or raises after stop_timeout more). An unknown id is
+        already stopped.
+
+        The SIGTERM goes to the worker and every process of its step (`--full` includes the
+        batch step, which is the worker). A job of several nodes is signalled otherwise:
+        srun, in its batch step, answers a SIGTERM by SIGKILLing its tasks on every node
+        (srun_job.c: "forcing job termination"), and the ranks would get no grace. So the
+        SIGTERM goes first to the steps other than the batch step (each node's torchrun,
+        which passes it to its ranks), then to the batch step's own process alone
+        (`--batch` without `--full`: the worker, which the batch script exec'd, and which
+        waits for its srun to end).
 
         Not a plain scancel first: it would mark the job CANCELLED at once and then refuse
         any other signal, so the SIGKILL would come after the cluster's KillWait (30 s by
         default), not after the lab's grace. The price: a job stopped so ends FAILED (or
         COMPLETED, if the worker exits 0 on SIGTERM) in Slurm's eyes, not CANCELLED; the lab
         records it as cancelled either way (it asked for the stop).
-
-        A job of several nodes: its srun (in the batch step) answers the SIGTERM by
-        SIGKILLing its tasks on every node, so their processes end at once, without the
-        grace; the worker, which does get it, then removes what they left.
 
         Which processes are "every process" is the cluster's process tracking: with
         proctrack/cgroup (the usual) all of the job's, with proctrack/linuxproc those still
@@ -310,7 +314,11 @@ class SlurmExecutor(Executor):
         if STATES.get(job.state) == PENDING:
             self._scancel([job.number], engine_id)
             return
-        self._scancel(["--signal=TERM", "--full", job.number], engine_id)
+        if "," in job.nodes or "[" in job.nodes:  # a hostlist of several nodes
+            self._scancel(["--signal=TERM", job.number], engine_id)  # all steps but batch
+            self._scancel(["--signal=TERM", "--batch", job.number], engine_id)  # the worker
+        else:
+            self._scancel(["--signal=TERM", "--full", job.number], engine_id)
         if self._wait_final(job.number, self.grace):
             return
         # --batch with --full: SIGKILL to every process of the batch step, now (a plain

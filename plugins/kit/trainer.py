@@ -34,13 +34,15 @@ DistributedMode = Annotated[Literal["ddp", "fsdp"], Field(description=(
 CpuProcesses = Annotated[int, Field(ge=1, le=64, description=(
     "Lab without GPUs only: data-parallel CPU processes (DDP over gloo, launched through "
     "accelerate launch); batch_size is per process. On a lab with GPUs use gpus."))]
-# More than one node: the worker starts one `accelerate launch` per node through srun, so
-# only a Slurm allocation can give them (app/jobs.py refuses it on other executors).
+# More than one node: the worker starts one `accelerate launch` per node, through srun in a
+# Slurm allocation or from a Ray placement group of one bundle per node (app/worker.py), so
+# only a cluster executor can give them (app/jobs.py refuses it on the local one).
 NodeCount = Annotated[int, Field(ge=1, le=64, description=(
-    "Machines this job spans (lab executor slurm only). More than 1: gpus (or cpu_processes) "
-    "data-parallel processes on each of them, all training one model; batch_size is per "
-    "process, so a step sees nodes x processes x batch_size examples. The job waits until "
-    "Slurm has that many nodes free."))]
+    "Machines this job spans (lab executor slurm or ray). More than 1: gpus (or "
+    "cpu_processes) data-parallel processes on each of them, all training one model; "
+    "batch_size is per process, so a step sees nodes x processes x batch_size examples. The "
+    "job waits until the cluster has that many nodes free (on Ray at most 120 s, then it "
+    "fails saying how many nodes Ray has)."))]
 
 
 def data_parallel_problem(config) -> str | None:

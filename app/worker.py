@@ -234,8 +234,8 @@ def slurm_main_node(nodes: int) -> str:
     nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
     allocated = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or ""
     if not nodelist:
-        raise ValueError(f"field 'nodes': got {nodes}; several nodes need the slurm executor "
-                         f"(lab setting executor), and this worker is not in a Slurm job")
+        raise ValueError(f"field 'nodes': got {nodes}; this job's worker runs on the slurm "
+                         f"executor (lab setting executor) but is not in a Slurm job")
     if allocated != str(nodes):
         raise ValueError(f"field 'nodes': got {nodes}, and this job's Slurm allocation has "
                          f"{allocated or 'an unknown number of'} nodes ({nodelist})")
@@ -408,17 +408,25 @@ def _ray_nodes(ctx: JobContext, nodes: int, processes: int):
     (a job's own account: no traceback). Leaving it stops whatever still runs on the nodes
     and removes the placement group."""
     from app.executors import ExecutorError
-    from app.executors.ray import RayNodes
+    from app.executors.ray import NodesCancelled, RayNodes
 
     gpus = processes if str(ctx.job.get("device") or "").endswith("cuda") else 0
     cluster = RayNodes(ctx.job_id, ctx.work_dir, nodes, processes, gpus,
                        ctx.lab.settings.cancel_grace_seconds, ctx.log)
+    # a Stop: RayNodes gives it to this worker's SIGTERM handler when it is done (JobCancelled);
+    # NodesCancelled comes through only without that handler
     try:
         cluster.__enter__()
     except ExecutorError as e:
         raise RankFailed(str(e)) from None
+    except NodesCancelled:
+        raise JobCancelled() from None
     try:
         yield cluster
+    except NodesCancelled:
+        raise JobCancelled() from None
+    except ExecutorError as e:
+        raise RankFailed(str(e)) from None
     finally:
         try:
             cluster.__exit__(None, None, None)
@@ -439,11 +447,9 @@ def _launch_on_ray(ctx: JobContext, cluster, nodes: int, processes: int, mode: s
                             main_port, machine_rank=i)
 
     ctx.log(f"launching on {nodes} nodes, {processes} process{'es' if processes > 1 else ''} "
-            f"each ({mode}), through Ray: "
-            f"{shlex.join(command(0, cluster.places[0]['ip'], cluster.places[0]['port']))} "
-            f"(node i: --machine-rank i)")
+            f"each ({mode}), through Ray")
     try:
-        cluster.run(command)
+        cluster.run(command)  # logs node 0's command line
     except NodesFailed as failed:
         errors = sorted(ctx.work_dir.glob("error-rank*.txt"),
                         key=lambda f: (f.stat().st_mtime_ns, int(f.stem[len("error-rank"):])))
@@ -523,8 +529,8 @@ def arguments() -> argparse.ArgumentParser:
                         help="started by a cluster engine, maybe on another node: never opens "
                              "registry.db (registry/journal.py)")
     parser.add_argument("--node-launch", action="store_true",
-                        help="one node's share of a job spanning several Slurm nodes (see "
-                             "node_launch_command); with the five options below")
+                        help="one node's share of a job spanning several Slurm or Ray nodes "
+                             "(see node_launch_command, RayNodes); with the options below")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--processes", type=int, default=1, help="on each node")
     parser.add_argument("--distributed", default="ddp", choices=("ddp", "fsdp"))

@@ -193,8 +193,8 @@ def test_a_worker_outside_a_fitting_slurm_job_refuses_nodes(tmp_path, monkeypatc
 
     for key in ("SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_NNODES"):
         monkeypatch.delenv(key, raising=False)
-    with pytest.raises(ValueError, match="field 'nodes': got 2; several nodes need the "
-                                         "slurm executor .* not in a Slurm job"):
+    with pytest.raises(ValueError, match="field 'nodes': got 2; this job's worker runs on "
+                                         "the slurm executor .* not in a Slurm job"):
         slurm_main_node(2)
     monkeypatch.setenv("SLURM_JOB_NODELIST", "n1")
     monkeypatch.setenv("SLURM_JOB_NUM_NODES", "1")

@@ -48,7 +48,7 @@ MESSAGE_CHARS = 300
 # a job spanning several nodes: seconds its launching worker gets, beyond the lab's
 # cancel_grace_seconds, between Ray's SIGTERM and SIGKILL to stop every node's ranks (each
 # node gives its own ranks the grace, all nodes at once) and record the end
-NODES_STOP_MARGIN_S = 15
+NODES_STOP_MARGIN_S = 30
 
 
 class _Refused(Exception):
@@ -133,7 +133,7 @@ class RayExecutor(Executor):
             # (the scheduler records "ray" before the snapshot) and RAY_ADDRESS, which Ray's
             # job supervisor sets for every entrypoint (the GCS address, for ray.init).
             kwargs = {}
-            grace = sub.stop_grace_s if sub.stop_grace_s is not None else 3
+            grace = sub.stop_grace_s if sub.stop_grace_s is not None else 10
             # read by the job's supervisor: the worker stops every node before it ends
             env["RAY_JOB_STOP_WAIT_TIME_S"] = str(max(1, round(grace)) + NODES_STOP_MARGIN_S)
         else:
@@ -282,31 +282,40 @@ class RayExecutor(Executor):
 PLACEMENT_TIMEOUT_S = 120.0  # default wait for the placement group (see RayNodes)
 ACTORS_TIMEOUT_S = 120.0  # for the placed actors to start (a new Ray worker each)
 
-# The watchdog a NodeProcess starts next to each node's launch: should the actor die without
-# stopping it (Ray kills the actors of a driver that was SIGKILLed), it ends the launch's
-# process tree (SIGTERM, then SIGKILL after the grace). It remembers every process it saw in
-# the tree: a rank whose torchrun was killed first has left the tree by then.
+# The watchdog a NodeProcess starts next to each node's launch. It double-forks first: Ray
+# SIGKILLs the direct children of an actor it kills (kill_child_processes_on_worker_exit; it
+# kills the actors of a driver that died), and the launch's ranks sit in sessions of their
+# own, out of that reach. It remembers every process it saw in the launch's tree (a rank
+# whose torchrun was killed first has left the tree by then) and, once the launch or the
+# actor has gone, ends those still running (SIGTERM, SIGKILL after the grace): after a
+# launch that ended by itself none is left, since torchrun ends its ranks. psutil's
+# Process checks its creation time, so a reused pid is never taken for one of ours.
 _WATCHDOG = """
-import sys, time, psutil
-actor, root, grace = psutil.Process(int(sys.argv[1])), int(sys.argv[2]), float(sys.argv[3])
+import os, sys, time, psutil
+if os.fork():
+    os._exit(0)
+os.setsid()
+try:
+    actor, root = psutil.Process(int(sys.argv[1])), psutil.Process(int(sys.argv[2]))
+except psutil.Error:
+    sys.exit(0)
+grace = float(sys.argv[3])
 seen = {}
 while True:
     try:
-        launch = psutil.Process(root)
-        tree = [launch] + launch.children(recursive=True)
-    except psutil.Error:
-        sys.exit(0)  # the launch ended
-    seen.update((p.pid, p) for p in tree)
-    try:
-        if actor.status() == psutil.STATUS_ZOMBIE:
+        if not root.is_running() or root.status() == psutil.STATUS_ZOMBIE:
+            break
+        seen.update((p.pid, p) for p in [root, *root.children(recursive=True)])
+        if not actor.is_running() or actor.status() == psutil.STATUS_ZOMBIE:
             break
     except psutil.Error:
         break
     time.sleep(1)
-for p in seen.values():
+left = [p for p in seen.values() if p.is_running()]
+for p in left:
     try: p.terminate()
     except psutil.Error: pass
-_, alive = psutil.wait_procs(list(seen.values()), timeout=grace)
+_, alive = psutil.wait_procs(left, timeout=grace)
 for p in alive:
     try: p.kill()
     except psutil.Error: pass
@@ -322,21 +331,27 @@ class NodesFailed(Exception):
         self.node, self.code, self.note = node, code, note
 
 
-def end_tree(pid: int, grace: float) -> None:
-    """SIGTERM the process `pid`, its session (it is a session leader) and every descendant
-    (torchrun's ranks sit in sessions of their own), then SIGKILL what is left after
-    `grace` seconds. (app/jobs.py kill_tree does this on the server; app.jobs imports this
-    package, so it cannot be imported here.)"""
+class NodesCancelled(BaseException):
+    """A Stop (SIGTERM to the launching worker) while RayNodes was placing or running the job:
+    the nodes have been (or are being) stopped. app/worker.py turns it into JobCancelled.
+    A BaseException, as JobCancelled is: an `except Exception` must not swallow a Stop."""
+
+
+def end_tree(root, grace: float) -> None:
+    """SIGTERM the process `root` (a psutil.Process: safe against pid reuse), its session (it
+    is a session leader) and every descendant (torchrun's ranks sit in sessions of their
+    own), then SIGKILL what is left after `grace` seconds. (app/jobs.py kill_tree does this
+    on the server; app.jobs imports this package, so it cannot be imported here.)"""
     import psutil
 
     found: dict[int, psutil.Process] = {}
     with suppress(psutil.Error):
-        root = psutil.Process(pid)
-        found.update((p.pid, p) for p in [root, *root.children(recursive=True)])
-    for proc in psutil.process_iter():
-        with suppress(psutil.Error, OSError):
-            if os.getsid(proc.pid) == pid:
-                found.setdefault(proc.pid, proc)
+        if root.is_running():
+            found.update((p.pid, p) for p in [root, *root.children(recursive=True)])
+            for proc in psutil.process_iter():
+                with suppress(psutil.Error, OSError):
+                    if os.getsid(proc.pid) == root.pid:
+                        found.setdefault(proc.pid, proc)
     found.pop(os.getpid(), None)
     for proc in found.values():
         with suppress(psutil.Error):
@@ -345,8 +360,6 @@ def end_tree(pid: int, grace: float) -> None:
     for proc in alive:
         with suppress(psutil.Error):
             proc.kill()
-    with suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
     psutil.wait_procs(alive, timeout=5)
 
 
@@ -363,18 +376,22 @@ class NodeProcess:
     def __init__(self):
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
+        self._root = None  # psutil.Process of _proc, taken at its start
         self._stopped = False
 
     def where(self) -> dict:
-        """This node: its address, Ray node id and host name, and a port free on it now (for
-        torchrun's store, when this is machine rank 0)."""
+        """This node: its address, Ray node id and host name."""
         import ray
 
+        return {"ip": ray.util.get_node_ip_address(), "host": socket.gethostname(),
+                "node_id": ray.get_runtime_context().get_node_id()}
+
+    def free_port(self) -> int:
+        """A port free on this node now, for torchrun's store (machine rank 0's), asked just
+        before the launch: one probed earlier could be drawn by other connections."""
         with socket.socket() as probe:
             probe.bind(("", 0))
-            port = probe.getsockname()[1]
-        return {"ip": ray.util.get_node_ip_address(), "host": socket.gethostname(),
-                "node_id": ray.get_runtime_context().get_node_id(), "port": port}
+            return probe.getsockname()[1]
 
     def run(self, command: list[str], job_dir: str, header: str, grace: float) -> tuple:
         """(exit code, what went wrong when the node said something itself)."""
@@ -396,22 +413,26 @@ class NodeProcess:
                 except OSError as error:
                     return 2, (f"node {socket.gethostname()} could not start `{command[0]}`: "
                                f"{error}")
-            subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()),
-                              str(self._proc.pid), str(grace)], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+            import psutil
+
+            with suppress(psutil.Error):
+                self._root = psutil.Process(self._proc.pid)
+            # the watchdog's first process exits at once (the double fork): reaped here
+            subprocess.run([sys.executable, "-c", _WATCHDOG, str(os.getpid()),
+                            str(self._proc.pid), str(grace)], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
         return self._proc.wait(), ""
 
     def stop(self, grace: float) -> None:
         with self._lock:
             self._stopped = True
-            proc = self._proc
-        # a launch that has ended (and was reaped: its pid may be another's now) ended its
-        # ranks itself (torchrun's agent)
-        if proc is not None and proc.poll() is None:
-            end_tree(proc.pid, grace)
+            root = self._root
+        # a launch that has ended ended its ranks itself (torchrun's agent); psutil's
+        # Process is never another process that got the pid after it
+        if root is not None:
+            end_tree(root, grace)
             with suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
+                self._proc.wait(timeout=5)
 
 
 class RayNodes:
@@ -435,6 +456,9 @@ class RayNodes:
         self.places: list[dict] = []
         self._actors: list = []
         self._group = None
+        self._ours = None  # the worker's SIGTERM handler, while RayNodes has its own
+        self._cancelled = False  # a Stop came
+        self._quiet = True  # a Stop now is only noted (inside Ray's calls, the clean-up)
 
     def __enter__(self) -> "RayNodes":
         import logging
@@ -446,30 +470,48 @@ class RayNodes:
             raise ExecutorError(f"field 'nodes': got {self.nodes}; this job's worker was not "
                                 f"started by Ray's job supervisor (no RAY_ADDRESS), so it "
                                 f"cannot ask Ray for the nodes")
-        # ray.init installs its own SIGTERM handler (sys.exit): the worker's, which turns a
-        # Stop into JobCancelled, is put back, and a SIGTERM during the init goes to it
-        ours = signal.getsignal(signal.SIGTERM)
+        # A Stop's SIGTERM must not raise inside Ray's calls: Ray checks for signals inside
+        # ray.wait and turns any exception but KeyboardInterrupt and SystemExit raised there
+        # into a SystemError. So, while RayNodes is in use, the SIGTERM handler only notes the
+        # Stop inside Ray's calls (and during the clean-up) and raises NodesCancelled
+        # elsewhere; the loops check the note every second. __exit__ puts the worker's own
+        # handler back and gives it the Stop (JobCancelled). ray.init installs a handler of
+        # its own (sys.exit), replaced right after.
+        self._ours = signal.getsignal(signal.SIGTERM)
+        self._quiet = True
+        signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             # log_to_driver off: the actors' own output is Ray's; each node's launch writes
             # into the job's log itself
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        except SystemExit:
-            signal.signal(signal.SIGTERM, ours)
-            if callable(ours):
-                ours(signal.SIGTERM, None)
-            raise
+        except SystemExit:  # Ray's handler: a Stop during the init
+            self._cancelled = True
         except Exception as error:  # noqa: BLE001 - Ray's many ways of not connecting
-            signal.signal(signal.SIGTERM, ours)
+            signal.signal(signal.SIGTERM, self._ours)
             raise ExecutorError(f"field 'nodes': got {self.nodes}; the worker could not "
                                 f"connect to Ray at {address}: {type(error).__name__}: "
                                 f"{error}") from None
-        signal.signal(signal.SIGTERM, ours)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
+            self._check()
             self._place()
+            self._check()
         except BaseException:
             self.__exit__(None, None, None)
             raise
+        self._quiet = False  # the worker imports the inputs meanwhile: a Stop raises at once
         return self
+
+    def _on_sigterm(self, signum, frame) -> None:
+        first = not self._cancelled
+        self._cancelled = True
+        if first and not self._quiet:
+            self._quiet = True
+            raise NodesCancelled()
+
+    def _check(self) -> None:
+        if self._cancelled:
+            raise NodesCancelled()
 
     def _place(self) -> None:
         import ray
@@ -486,7 +528,7 @@ class RayNodes:
                  f"bundles {self.bundle}, one per node (STRICT_SPREAD)")
         self._group = placement_group([dict(self.bundle) for _ in range(self.nodes)],
                                       strategy="STRICT_SPREAD")
-        if not _wait([self._group.ready()], timeout):
+        if not self._wait([self._group.ready()], timeout):
             alive = [n for n in ray.nodes() if n.get("Alive")]
             fits = [n for n in alive if all(n.get("Resources", {}).get(k, 0) >= v
                                             for k, v in self.bundle.items())]
@@ -502,9 +544,10 @@ class RayNodes:
                 self._group, placement_group_bundle_index=i)).remote()
             for i in range(self.nodes)]
         where = [a.where.remote() for a in self._actors]
-        if not _wait(where, ACTORS_TIMEOUT_S):
-            raise ExecutorError(f"Ray placed the job's {self.nodes} nodes but did not start "
-                                f"their launchers within {ACTORS_TIMEOUT_S:.0f} s")
+        if not self._wait(where, ACTORS_TIMEOUT_S):
+            raise ExecutorError(f"field 'nodes': got {self.nodes}; Ray placed the job's "
+                                f"nodes but did not start their launchers within "
+                                f"{ACTORS_TIMEOUT_S:.0f} s")
         try:
             self.places = ray.get(where)
         except ray.exceptions.RayError as error:
@@ -518,16 +561,22 @@ class RayNodes:
         NodesFailed for the first that ends badly (the others stopped)."""
         import ray
 
+        self._quiet = True
+        self._check()
         main = self.places[0]
+        port = self._get(self._actors[0].free_port.remote(), "a port on node 0")
+        self.log(f"node 0's launch (node i: --machine-rank i): "
+                 f"{shlex.join(command(0, main['ip'], port))}")
         runs = {}
         for i, (actor, place) in enumerate(zip(self._actors, self.places)):
             header = (f"node {i} of {self.nodes}: Ray node {place['node_id']} "
                       f"({place['host']}, {place['ip']})")
-            ref = actor.run.remote(command(i, main["ip"], main["port"]), str(self.job_dir),
+            ref = actor.run.remote(command(i, main["ip"], port), str(self.job_dir),
                                    header, self.grace)
             runs[ref] = i
         pending = list(runs)
-        while pending:  # a second at a time: a Stop's SIGTERM is handled in between
+        while pending:  # a second at a time: a Stop is checked in between
+            self._check()
             done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
             for ref in done:
                 try:
@@ -542,26 +591,49 @@ class RayNodes:
         import ray
         from ray.util.placement_group import remove_placement_group
 
+        self._quiet = True
         try:
-            if self._actors:  # a no-op on a node whose launch has ended
-                _wait([a.stop.remote(self.grace) for a in self._actors], self.grace + 30)
-            if self._group is not None:
-                with suppress(Exception):
-                    remove_placement_group(self._group)
+            try:
+                if self._actors:  # a no-op on a node whose launch has ended
+                    # end_tree takes the grace and up to 10 s more: within the supervisor's
+                    # NODES_STOP_MARGIN_S
+                    self._wait([a.stop.remote(self.grace) for a in self._actors],
+                               self.grace + 15, stopping=True)
+                if self._group is not None:
+                    with suppress(Exception):
+                        remove_placement_group(self._group)
+            finally:
+                ray.shutdown()
         finally:
-            ray.shutdown()
+            if self._ours is not None:
+                signal.signal(signal.SIGTERM, self._ours)
+                if self._cancelled and callable(self._ours):
+                    self._ours(signal.SIGTERM, None)  # the worker's: JobCancelled
 
+    def _wait(self, refs: list, timeout: float, stopping: bool = False) -> bool:
+        """Whether every one of `refs` is ready within `timeout` seconds, asking a second at
+        a time; NodesCancelled at a Stop (unless `stopping`: the clean-up goes on)."""
+        import ray
 
-def _wait(refs: list, timeout: float) -> bool:
-    """Whether every one of `refs` is ready within `timeout` seconds, asking a second at a
-    time (a signal handler runs between calls)."""
-    import ray
+        deadline = time.monotonic() + timeout
+        pending = list(refs)
+        while pending:
+            if not stopping:
+                self._check()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(1.0, left))
+        return True
 
-    deadline = time.monotonic() + timeout
-    pending = list(refs)
-    while pending:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(1.0, left))
-    return True
+    def _get(self, ref, what: str):
+        import ray
+
+        if not self._wait([ref], ACTORS_TIMEOUT_S):
+            raise ExecutorError(f"Ray did not answer within {ACTORS_TIMEOUT_S:.0f} s when "
+                                f"asked for {what}")
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayError as error:
+            raise ExecutorError(f"Ray could not give {what}: "
+                                f"{short_message(str(error), None)}") from None

@@ -83,6 +83,9 @@ GLOSS = {
     "ReqNodeNotAvail": "no node it may use is available",
     "BadConstraints": "no node has what it asks for",
 }
+# a job of several nodes: seconds its worker gets after the grace (stop) to end srun and
+# record the end
+NODES_STOP_MARGIN_S = 5
 # squeue -O fields: "|" after each, WorkDir last (a path may hold "|": it takes the rest)
 FIELDS = ("JobID", "Name", "State", "Reason", "exit_code", "NodeList", "WorkDir")
 SACCT_FIELDS = ("JobID", "JobName", "State", "ExitCode", "NodeList", "WorkDir")
@@ -314,12 +317,19 @@ class SlurmExecutor(Executor):
         if STATES.get(job.state) == PENDING:
             self._scancel([job.number], engine_id)
             return
-        if "," in job.nodes or "[" in job.nodes:  # a hostlist of several nodes
-            self._scancel(["--signal=TERM", job.number], engine_id)  # all steps but batch
+        grace = self.grace
+        if "," in job.nodes or "[" in job.nodes:  # squeue's hostlist of several nodes
+            try:  # no step yet (the worker still importing): nothing to signal
+                self._scancel(["--signal=TERM", job.number], engine_id)  # all steps but batch
+            except ExecutorError:
+                pass
             self._scancel(["--signal=TERM", "--batch", job.number], engine_id)  # the worker
+            # the worker waits the grace for srun, after its ranks had theirs, then records
+            # the end: a margin before the SIGKILL
+            grace += NODES_STOP_MARGIN_S
         else:
             self._scancel(["--signal=TERM", "--full", job.number], engine_id)
-        if self._wait_final(job.number, self.grace):
+        if self._wait_final(job.number, grace):
             return
         # --batch with --full: SIGKILL to every process of the batch step, now (a plain
         # SIGKILL to the job is a cancel, which waits KillWait first)
@@ -327,7 +337,7 @@ class SlurmExecutor(Executor):
         self._scancel([job.number], engine_id)  # and the job itself, whatever is left of it
         if not self._wait_final(job.number, self.stop_timeout):
             raise ExecutorError(f"Slurm did not end job {engine_id} within "
-                                f"{self.grace + self.stop_timeout:.0f} s of the stop: its "
+                                f"{grace + self.stop_timeout:.0f} s of the stop: its "
                                 f"processes may still run")
 
     # -- Slurm's commands

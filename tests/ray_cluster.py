@@ -221,10 +221,13 @@ def _alive_nodes(address: str) -> int:
     """How many nodes the head at `address` (its Jobs API) counts as alive (its state API)."""
     import requests
 
-    answer = requests.get(f"{address}/api/v0/nodes", params={"limit": 100}, timeout=5)
-    answer.raise_for_status()
-    return sum(1 for node in answer.json()["data"]["result"]["result"]
-               if node.get("state") == "ALIVE")
+    try:  # a slow answer on a loaded machine: asked again
+        answer = requests.get(f"{address}/api/v0/nodes", params={"limit": 100}, timeout=10)
+        answer.raise_for_status()
+        return sum(1 for node in answer.json()["data"]["result"]["result"]
+                   if node.get("state") == "ALIVE")
+    except (requests.RequestException, ValueError, KeyError):
+        return -1
 
 
 @contextlib.contextmanager
@@ -236,7 +239,8 @@ def start_ray_node(address: str, log_dir: Path, num_cpus: int = 1):
     The two nodes share one kernel, one file system and loopback: a job placed on both proves
     Ray's placement and the launches, not a network between hosts."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    before = _alive_nodes(address)
+    # the head counts itself once it is up: at least one node before this one joins
+    wanted = max(_alive_nodes(address), 1) + 1
     temp_dir = tempfile.mkdtemp(prefix="ray-node-", dir="/tmp")
     options = ("--node-manager-port", "--object-manager-port", "--metrics-export-port",
                "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
@@ -254,7 +258,7 @@ def start_ray_node(address: str, log_dir: Path, num_cpus: int = 1):
                                    start_new_session=True)
     try:
         deadline = time.monotonic() + START_TIMEOUT
-        while _alive_nodes(address) <= before:
+        while _alive_nodes(address) < wanted:
             if starter.poll() is not None:
                 raise AssertionError(f"the Ray worker node's `ray start` exited "
                                      f"{starter.returncode}:\n{log_path.read_text()[-3000:]}")

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
-import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import psutil
 import yaml
 
 import plugins
 from app.lab import Lab
-from app.resources import detect_gpus, process_alive
+from app.resources import detect_gpus, kill_tree, process_alive
 from ops import safe_yaml
 from registry import RefError, resolve_ref
 from registry.store import now
@@ -276,57 +273,6 @@ def queue_auto_eval(lab: Lab, checkpoint: dict, *, source_plugin: str | None = N
 
 
 # ---------------------------------------------------------------------------- processes
-def group_members(pgid: int) -> list[psutil.Process]:
-    """Live (non-zombie) processes in a process group."""
-    members = []
-    for proc in psutil.process_iter(["pid", "status"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                members.append(proc)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            continue
-    return members
-
-
-def kill_tree(pid: int, grace: float) -> None:
-    """SIGTERM the job's process group and every descendant, then SIGKILL what is left.
-
-    The worker is started as a session leader, so its pid is the group id. Descendants that
-    moved to a group of their own are found through the process tree and killed too.
-    """
-    try:
-        root = psutil.Process(pid)
-        tree = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    group = {p.pid: p for p in group_members(pid)}
-    targets = {**{p.pid: p for p in tree}, **group}
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for p in tree:  # one SIGTERM each: only descendants that left the group get a direct one
-        if p.pid not in group:
-            try:
-                p.terminate()
-            except psutil.Error:
-                pass
-    _, alive = psutil.wait_procs(list(targets.values()), timeout=grace)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and group_members(pid):
-        time.sleep(0.1)
-    for p in alive + group_members(pid):
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    psutil.wait_procs(alive, timeout=5)
-
-
 def cancel(lab: Lab, job_id: str, user: str | None = None) -> dict:
     """Cancel a queued or running job; a running one loses its whole process tree.
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import time
 
 import psutil
 
@@ -43,3 +45,56 @@ def process_alive(pid: int | None, started: float | None) -> bool:
         return proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Live (non-zombie) processes in a process group."""
+    members = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return members
+
+
+def kill_tree(pid: int, grace: float) -> None:
+    """SIGTERM the process group `pid` leads and every descendant, then SIGKILL what is left
+    after `grace` seconds (a job's worker on the server; a node's launch on Ray,
+    app/executors/ray.py).
+
+    The process is started as a session leader, so its pid is the group id. Descendants that
+    moved to a group of their own are found through the process tree and killed too.
+    """
+    try:
+        root = psutil.Process(pid)
+        tree = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    group = {p.pid: p for p in group_members(pid)}
+    targets = {**{p.pid: p for p in tree}, **group}
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for p in tree:  # one SIGTERM each: only descendants that left the group get a direct one
+        if p.pid not in group:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+    _, alive = psutil.wait_procs(list(targets.values()), timeout=grace)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and group_members(pid):
+        time.sleep(0.1)
+    for p in alive + group_members(pid):
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    psutil.wait_procs(alive, timeout=5)

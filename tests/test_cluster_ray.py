@@ -9,34 +9,16 @@ import signal
 import pytest
 
 from tests.conftest import wait_for
-from tests.fake_engine import GUARD
 from tests.ray_cluster import ray_address  # noqa: F401 - the session's head
 from tests.test_jobs import gone
-from tests.test_remote_worker import run_to_end, start_sleeper
+from tests.test_remote_worker import guarded_lab, run_to_end, start_sleeper, stop_running
 
 
 @pytest.fixture
 def ray_lab(lab_dir, monkeypatch, ray_address):  # noqa: F811
-    import plugins
-    from app.lab import Lab
-
-    monkeypatch.setenv("WEIGHTSMITH_EXECUTOR", "ray")
-    monkeypatch.setenv("WEIGHTSMITH_RAY_ADDRESS", ray_address)
-    monkeypatch.setenv("WEIGHTSMITH_CLUSTER_GPUS", "false")
-    # the jobs' processes play a node that cannot open registry.db (tests/remote_node)
-    monkeypatch.setenv("WEIGHTSMITH_TEST_REMOTE_LAB", str(lab_dir))
-    monkeypatch.setenv("WEIGHTSMITH_TEST_REMOTE_SAY", "1")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [
-        str(GUARD), os.environ.get("PYTHONPATH")])))
-    plugins.discover(refresh=True)
-    lab = Lab(lab_dir)
+    lab = guarded_lab(lab_dir, monkeypatch, "ray", ray_address=ray_address)
     yield lab
-    from app.executors import executor_for
-
-    ray = executor_for(lab.settings)
-    with lab.registry() as reg:
-        for job in reg.jobs(status="running", limit=100):
-            ray.stop(job["id"])
+    stop_running(lab)
 
 
 def _start_sleeper(lab, tmp_path, seconds=60):

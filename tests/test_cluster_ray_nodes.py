@@ -15,14 +15,13 @@ import json
 import os
 import re
 
-import psutil
 import pytest
 
 from tests.conftest import wait_for
 from tests.fake_engine import GUARD
 from tests.ray_cluster import ray_two_nodes  # noqa: F401 - the module's two-node cluster
-from tests.test_remote_worker import run_to_end, scheduler_for
-from tests.test_train import arithmetic_rows, write_jsonl
+from tests.test_remote_worker import (guarded_lab, processes_of, run_to_end, scheduler_for,
+                                     stop_running, train_config, until_a_logged_step)
 
 # A sitecustomize that is the guard (tests/remote_node) and, in the process of rank
 # WEIGHTSMITH_TEST_FAIL_RANK only, fails the first open of a file under
@@ -46,47 +45,10 @@ if _os.environ.get("RANK") and _os.environ.get("RANK") == _os.environ.get(
 
 @pytest.fixture
 def nodes_lab(lab_dir, monkeypatch, ray_two_nodes):  # noqa: F811
-    import plugins
-    from app.lab import Lab
-
-    monkeypatch.setenv("WEIGHTSMITH_EXECUTOR", "ray")
-    monkeypatch.setenv("WEIGHTSMITH_RAY_ADDRESS", ray_two_nodes)
-    monkeypatch.setenv("WEIGHTSMITH_CLUSTER_GPUS", "false")
-    monkeypatch.setenv("WEIGHTSMITH_CANCEL_GRACE_SECONDS", "5")
-    # the jobs' processes play a node that cannot open registry.db (tests/remote_node)
-    monkeypatch.setenv("WEIGHTSMITH_TEST_REMOTE_LAB", str(lab_dir))
-    monkeypatch.setenv("WEIGHTSMITH_TEST_REMOTE_SAY", "1")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [
-        str(GUARD), os.environ.get("PYTHONPATH")])))
-    plugins.discover(refresh=True)
-    lab = Lab(lab_dir)
+    lab = guarded_lab(lab_dir, monkeypatch, "ray", ray_address=ray_two_nodes,
+                      cancel_grace_seconds=5)
     yield lab
-    from app.executors import executor_for
-
-    ray = executor_for(lab.settings)
-    with lab.registry() as reg:
-        for job in reg.jobs(status="running", limit=100):
-            ray.stop(job["engine_id"] or job["id"])
-
-
-def _config(tiny_model_dir, tmp_path, **changes):
-    data = write_jsonl(tmp_path / "rows.jsonl", arithmetic_rows(16))
-    return {"checkpoint": str(tiny_model_dir), "data": str(data), "method": "full",
-            "max_steps": 4, "batch_size": 4, "logging_steps": 2, "save_steps": 0,
-            "learning_rate": 1e-3, **changes}
-
-
-def _processes_of(job_id: str) -> list[psutil.Process]:
-    """Every live process whose command line names the job (the launching worker, each
-    node's launch and its ranks)."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if job_id in proc.cmdline() and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
+    stop_running(lab)
 
 
 def _log(lab, job_id: str) -> str:
@@ -104,7 +66,7 @@ def test_a_train_job_on_two_ray_nodes_matches_two_processes_on_one(
     from app import jobs
 
     lab = nodes_lab
-    config = _config(tiny_model_dir, tmp_path)
+    config = train_config(tiny_model_dir, tmp_path)
     spread = jobs.submit(lab, "train", {**config, "nodes": 2, "name": "two-nodes"})
     spread = run_to_end(lab, spread["id"], timeout=300)
     log = _log(lab, spread["id"])
@@ -137,7 +99,7 @@ def test_a_train_job_on_two_ray_nodes_matches_two_processes_on_one(
     job_dir = lab.job_dir(spread["id"])
     assert not (job_dir / "registry-snapshot-ranks.db").exists()
     assert not (job_dir / "rank1").exists()
-    assert not _processes_of(spread["id"])
+    assert not processes_of(spread["id"])
 
 
 def test_stop_ends_every_process_of_a_job_on_two_ray_nodes(
@@ -148,21 +110,17 @@ def test_stop_ends_every_process_of_a_job_on_two_ray_nodes(
     from app import jobs
 
     lab = nodes_lab
-    job = jobs.submit(lab, "train", _config(tiny_model_dir, tmp_path, max_steps=5000,
+    job = jobs.submit(lab, "train", train_config(tiny_model_dir, tmp_path, max_steps=5000,
                                             logging_steps=1, nodes=2))
     scheduler = scheduler_for(lab)
     try:
-        def training():
-            scheduler.tick()
-            with lab.registry() as reg:
-                return bool(reg.metrics(job["id"]))
-        wait_for(training, 180, interval=0.2, what="a logged training step")
-        lines = [" ".join(p.cmdline()) for p in _processes_of(job["id"])]
+        until_a_logged_step(lab, scheduler, job["id"])
+        lines = [" ".join(p.cmdline()) for p in processes_of(job["id"])]
         launches = [line for line in lines if "accelerate.commands.launch" in line]
         assert len(launches) == 2 and all("--num_machines 2" in line for line in launches)
         assert sum("--rank" in line.split() for line in lines) == 2 + 2, lines  # + launches
         assert jobs.cancel(lab, job["id"])["status"] == "cancelled"
-        wait_for(lambda: not _processes_of(job["id"]), 30,
+        wait_for(lambda: not processes_of(job["id"]), 30,
                  what="every process of the job to end")
     finally:
         scheduler.release()
@@ -190,22 +148,18 @@ def test_a_killed_launching_worker_leaves_no_rank_and_no_placement_group(
     from app import jobs
 
     lab = nodes_lab
-    job = jobs.submit(lab, "train", _config(tiny_model_dir, tmp_path, max_steps=5000,
+    job = jobs.submit(lab, "train", train_config(tiny_model_dir, tmp_path, max_steps=5000,
                                             logging_steps=1, nodes=2))
     scheduler = scheduler_for(lab)
     try:
-        def training():
-            scheduler.tick()
-            with lab.registry() as reg:
-                return bool(reg.metrics(job["id"]))
-        wait_for(training, 180, interval=0.2, what="a logged training step")
-        launcher = [p for p in _processes_of(job["id"])
+        until_a_logged_step(lab, scheduler, job["id"])
+        launcher = [p for p in processes_of(job["id"])
                     if "--remote" in p.cmdline() and "--rank" not in p.cmdline()
                     and "--node-launch" not in p.cmdline()
                     and "accelerate.commands.launch" not in " ".join(p.cmdline())]
         assert len(launcher) == 1, [p.cmdline() for p in launcher]
         launcher[0].kill()
-        wait_for(lambda: not _processes_of(job["id"]), 60,
+        wait_for(lambda: not processes_of(job["id"]), 60,
                  what="every process of the job to end")
 
         def ended():
@@ -239,14 +193,14 @@ def test_a_rank_failing_on_one_ray_node_fails_the_job_with_its_own_error(
     monkeypatch.setenv("WEIGHTSMITH_TEST_FAIL_RANK", "1")
     # the imported model stays where it is (a registered folder): every rank reads it there
     monkeypatch.setenv("WEIGHTSMITH_TEST_FAIL_UNDER", str(tiny_model_dir))
-    job = jobs.submit(nodes_lab, "train", _config(tiny_model_dir, tmp_path, nodes=2))
+    job = jobs.submit(nodes_lab, "train", train_config(tiny_model_dir, tmp_path, nodes=2))
     job = run_to_end(nodes_lab, job["id"], timeout=300)
     log = _log(nodes_lab, job["id"])
     assert job["status"] == "failed", log[-3000:]
     assert job["error"].startswith("RuntimeError: rank 1 fails on its node (tests)"), \
         job["error"] + log[-3000:]
     assert "Traceback" not in job["error"].split("last log lines")[0]
-    assert not _processes_of(job["id"])
+    assert not processes_of(job["id"])
 
 
 def test_more_nodes_than_the_ray_cluster_has_fail_the_job_saying_so(
@@ -256,11 +210,11 @@ def test_more_nodes_than_the_ray_cluster_has_fail_the_job_saying_so(
     from app import jobs
 
     monkeypatch.setenv("WEIGHTSMITH_RAY_PLACEMENT_TIMEOUT", "5")
-    job = jobs.submit(nodes_lab, "train", _config(tiny_model_dir, tmp_path, nodes=3))
+    job = jobs.submit(nodes_lab, "train", train_config(tiny_model_dir, tmp_path, nodes=3))
     job = run_to_end(nodes_lab, job["id"], timeout=120)
     assert job["status"] == "failed"
     assert job["error"].startswith(
         "field 'nodes': got 3; Ray could not place the job on 3 different nodes "
         "({'CPU': 1} on each) within 5 s: the cluster has 2 alive nodes"), job["error"]
     assert "Traceback" not in job["error"].split("last log lines")[0]
-    assert not _processes_of(job["id"])
+    assert not processes_of(job["id"])

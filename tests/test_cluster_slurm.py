@@ -13,37 +13,18 @@ import uuid
 import pytest
 
 from tests.conftest import wait_for
-from tests.fake_engine import GUARD
 from tests.slurm_cluster import slurm_cluster  # noqa: F401 - the session's cluster
 from tests.test_jobs import gone
-from tests.test_remote_worker import run_to_end, scheduler_for, start_sleeper
+from tests.test_remote_worker import (guarded_lab, processes_of, run_to_end, scheduler_for,
+                                     start_sleeper, stop_running, train_config,
+                                     until_a_logged_step)
 
 
 @pytest.fixture
 def slurm_lab(lab_dir, monkeypatch, slurm_cluster):  # noqa: F811
-    import plugins
-    from app.lab import Lab
-
-    monkeypatch.setenv("WEIGHTSMITH_EXECUTOR", "slurm")
-    monkeypatch.setenv("WEIGHTSMITH_CLUSTER_GPUS", "false")
-    # the jobs' processes play a node that cannot open registry.db (tests/remote_node)
-    monkeypatch.setenv("WEIGHTSMITH_TEST_REMOTE_LAB", str(lab_dir))
-    monkeypatch.setenv("WEIGHTSMITH_TEST_REMOTE_SAY", "1")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [
-        str(GUARD), os.environ.get("PYTHONPATH")])))
-    plugins.discover(refresh=True)
-    lab = Lab(lab_dir)
+    lab = guarded_lab(lab_dir, monkeypatch, "slurm")
     yield lab
-    _stop_running(lab)
-
-
-def _stop_running(lab):
-    from app.executors import executor_for
-
-    slurm = executor_for(lab.settings, "slurm")
-    with lab.registry() as reg:
-        for job in reg.jobs(status="running", limit=100):
-            slurm.stop(job["engine_id"] or job["id"])
+    stop_running(lab)
 
 
 def _start_sleeper(lab, tmp_path, seconds=60):
@@ -229,15 +210,6 @@ def two_node_lab(slurm_lab, monkeypatch):
     return Lab(slurm_lab.root)
 
 
-def _train_config(tiny_model_dir, tmp_path, **changes):
-    from tests.test_train import arithmetic_rows, write_jsonl
-
-    data = write_jsonl(tmp_path / "rows.jsonl", arithmetic_rows(16))
-    return {"checkpoint": str(tiny_model_dir), "data": str(data), "method": "full",
-            "max_steps": 4, "batch_size": 4, "logging_steps": 2, "save_steps": 0,
-            "learning_rate": 1e-3, **changes}
-
-
 def test_a_train_job_on_two_slurm_nodes_matches_two_processes_on_one(
         two_node_lab, slurm_cluster, tiny_model_dir, tmp_path):  # noqa: F811
     """nodes: 2, one CPU process each: Slurm allocates both nodes, the worker on the first
@@ -252,7 +224,7 @@ def test_a_train_job_on_two_slurm_nodes_matches_two_processes_on_one(
     from app import jobs
 
     lab = two_node_lab
-    config = _train_config(tiny_model_dir, tmp_path)
+    config = train_config(tiny_model_dir, tmp_path)
     spread = jobs.submit(lab, "train", {**config, "nodes": 2, "name": "two-nodes"})
     together = jobs.submit(lab, "train", {**config, "cpu_processes": 2, "name": "one-node"})
     spread, together = (run_to_end(lab, j["id"], timeout=300) for j in (spread, together))
@@ -292,39 +264,23 @@ def test_stop_ends_every_process_of_a_job_on_two_slurm_nodes(
     """Stop while both nodes train: the launcher, srun, each node's launch and each rank end,
     the ranks by their own SIGTERM handling (Slurm signals the nodes' steps, then the worker
     alone, which waits for srun: srun itself would SIGKILL its tasks)."""
-    import psutil
-
     from app import jobs
 
     lab = two_node_lab
-    job = jobs.submit(lab, "train", _train_config(tiny_model_dir, tmp_path, max_steps=5000,
-                                                  logging_steps=1, nodes=2))
+    job = jobs.submit(lab, "train", train_config(tiny_model_dir, tmp_path, max_steps=5000,
+                                                 logging_steps=1, nodes=2))
     scheduler = scheduler_for(lab)
-
-    def ours():
-        found = []
-        for proc in psutil.process_iter():
-            try:
-                if job["id"] in proc.cmdline() and proc.status() != psutil.STATUS_ZOMBIE:
-                    found.append(proc)
-            except psutil.Error:
-                continue
-        return found
-
     try:
-        def training():
-            scheduler.tick()
-            with lab.registry() as reg:
-                return bool(reg.metrics(job["id"]))
-        wait_for(training, 180, interval=0.2, what="a logged training step")
-        procs = ours()
+        until_a_logged_step(lab, scheduler, job["id"])
+        procs = processes_of(job["id"])
         lines = [" ".join(p.cmdline()) for p in procs]
         launches = [line for line in lines if "accelerate.commands.launch" in line]
         assert len(launches) == 2 and all("--num_machines 2" in line for line in launches)
         assert sum("--rank" in line.split() for line in lines) == 2 + 2, lines  # + launches
         assert any(line.startswith("srun ") for line in lines), lines
         assert jobs.cancel(lab, job["id"])["status"] == "cancelled"
-        wait_for(lambda: not ours(), 30, what="every process of the job to end")
+        wait_for(lambda: not processes_of(job["id"]), 30,
+                 what="every process of the job to end")
     finally:
         scheduler.release()
     from app.executors import FINAL

@@ -51,6 +51,67 @@ def scheduler_for(lab):
     return scheduler
 
 
+def guarded_lab(lab_dir, monkeypatch, executor: str, **settings):
+    """A lab on a real cluster `executor` (tests/test_cluster_*.py), its lab settings given as
+    WEIGHTSMITH_<NAME> variables, whose jobs' processes play a node that cannot open
+    registry.db (tests/remote_node, saying so in their logs)."""
+    import plugins
+    from app.lab import Lab
+
+    monkeypatch.setenv("WEIGHTSMITH_EXECUTOR", executor)
+    monkeypatch.setenv("WEIGHTSMITH_CLUSTER_GPUS", "false")
+    for name, value in settings.items():
+        monkeypatch.setenv(f"WEIGHTSMITH_{name.upper()}", str(value))
+    monkeypatch.setenv("WEIGHTSMITH_TEST_REMOTE_LAB", str(lab_dir))
+    monkeypatch.setenv("WEIGHTSMITH_TEST_REMOTE_SAY", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [
+        str(GUARD), os.environ.get("PYTHONPATH")])))
+    plugins.discover(refresh=True)
+    return Lab(lab_dir)
+
+
+def stop_running(lab):
+    """Stop, through the lab's engine, every job a test left running."""
+    from app.executors import executor_for
+
+    engine = executor_for(lab.settings)
+    with lab.registry() as reg:
+        for job in reg.jobs(status="running", limit=100):
+            engine.stop(job["engine_id"] or job["id"])
+
+
+def processes_of(job_id: str) -> list:
+    """Every live process whose command line names the job (its worker, a node's launch,
+    the ranks)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if job_id in proc.cmdline() and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def until_a_logged_step(lab, scheduler, job_id: str, timeout: float = 180) -> None:
+    """Run the scheduler until the job has logged a training step."""
+    def training():
+        scheduler.tick()
+        with lab.registry() as reg:
+            return bool(reg.metrics(job_id))
+    wait_for(training, timeout, interval=0.2, what="a logged training step")
+
+
+def train_config(tiny_model_dir, tmp_path, **changes) -> dict:
+    """A small full fine-tune of the tiny model (the cluster tests' training job)."""
+    data = write_jsonl(tmp_path / "rows.jsonl", arithmetic_rows(16))
+    return {"checkpoint": str(tiny_model_dir), "data": str(data), "method": "full",
+            "max_steps": 4, "batch_size": 4, "logging_steps": 2, "save_steps": 0,
+            "learning_rate": 1e-3, **changes}
+
+
 def run_to_end(lab, job_id, timeout=180, scheduler=None):
     own = scheduler is None
     scheduler = scheduler or scheduler_for(lab)

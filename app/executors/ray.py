@@ -337,32 +337,6 @@ class NodesCancelled(BaseException):
     A BaseException, as JobCancelled is: an `except Exception` must not swallow a Stop."""
 
 
-def end_tree(root, grace: float) -> None:
-    """SIGTERM the process `root` (a psutil.Process: safe against pid reuse), its session (it
-    is a session leader) and every descendant (torchrun's ranks sit in sessions of their
-    own), then SIGKILL what is left after `grace` seconds. (app/jobs.py kill_tree does this
-    on the server; app.jobs imports this package, so it cannot be imported here.)"""
-    import psutil
-
-    found: dict[int, psutil.Process] = {}
-    with suppress(psutil.Error):
-        if root.is_running():
-            found.update((p.pid, p) for p in [root, *root.children(recursive=True)])
-            for proc in psutil.process_iter():
-                with suppress(psutil.Error, OSError):
-                    if os.getsid(proc.pid) == root.pid:
-                        found.setdefault(proc.pid, proc)
-    found.pop(os.getpid(), None)
-    for proc in found.values():
-        with suppress(psutil.Error):
-            proc.terminate()
-    _, alive = psutil.wait_procs(list(found.values()), timeout=grace)
-    for proc in alive:
-        with suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=5)
-
-
 class NodeProcess:
     """One node's share of a job spanning several nodes: a Ray actor in bundle i of the job's
     placement group (RayNodes makes it remote, with the bundle's CPUs and GPUs, which it
@@ -427,10 +401,14 @@ class NodeProcess:
         with self._lock:
             self._stopped = True
             root = self._root
-        # a launch that has ended ended its ranks itself (torchrun's agent); psutil's
-        # Process is never another process that got the pid after it
-        if root is not None:
-            end_tree(root, grace)
+        # a launch that has ended ended its ranks itself (torchrun's agent); the check on
+        # the psutil.Process taken at the start makes sure the pid is still the launch's
+        # (a session leader: its group and its tree, where torchrun's ranks sit in sessions
+        # of their own, are what kill_tree ends)
+        if root is not None and root.is_running():
+            from app.resources import kill_tree
+
+            kill_tree(root.pid, grace)
             with suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=5)
 
@@ -595,10 +573,11 @@ class RayNodes:
         try:
             try:
                 if self._actors:  # a no-op on a node whose launch has ended
-                    # end_tree takes the grace and up to 10 s more: within the supervisor's
-                    # NODES_STOP_MARGIN_S
+                    # kill_tree takes the grace and 5 s (a second grace only for a group that
+                    # outlives its SIGTERM); past the supervisor's grace + NODES_STOP_MARGIN_S
+                    # its SIGKILL takes the actors, and the watchdogs end the ranks
                     self._wait([a.stop.remote(self.grace) for a in self._actors],
-                               self.grace + 15, stopping=True)
+                               2 * self.grace + 15, stopping=True)
                 if self._group is not None:
                     with suppress(Exception):
                         remove_placement_group(self._group)

@@ -98,3 +98,14 @@ def kill_tree(pid: int, grace: float) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     psutil.wait_procs(alive, timeout=5)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for torchrun's store (machine rank 0's): taken
+    just before the launch (a port probed earlier could be drawn by the imports' outgoing
+    connections meanwhile). app/worker.py on a Slurm node; the Ray node actor."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]

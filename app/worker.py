@@ -40,6 +40,7 @@ from pathlib import Path
 import plugins
 from app.context import JobCancelled, JobContext, NewCheckpoint
 from app.lab import Lab
+from app.resources import free_port
 from app.scheduler import log_tail
 from registry import hub
 from registry.store import now
@@ -230,7 +231,7 @@ def slurm_main_node(nodes: int) -> str:
     """The address where the nodes of this Slurm job meet: the first node of the
     allocation, where srun puts task 0 (machine rank 0), at its NodeAddr (the address Slurm
     itself reaches it by). It is this node: Slurm runs the batch step, this worker, there
-    (checked), so the port is found free here (`_free_port`)."""
+    (checked), so the port is found free here (app.resources.free_port)."""
     nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
     allocated = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or ""
     if not nodelist:
@@ -249,16 +250,6 @@ def slurm_main_node(nodes: int) -> str:
     first = names[0]
     words = _scontrol("show", "node", first, "--oneliner").split()
     return next((w.split("=", 1)[1] for w in words if w.startswith("NodeAddr=")), first)
-
-
-def _free_port() -> int:
-    """A port free on this node now, for torchrun's store: taken just before the launch (a
-    port probed earlier could be drawn by the imports' outgoing connections meanwhile)."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
 
 
 def node_launch(lab_root: Path, job_id: str, nodes: int, processes: int, mode: str,
@@ -364,7 +355,7 @@ def _launch_here(ctx: JobContext, nodes: int, processes: int, mode: str, remote:
     Slurm nodes) srun of one launch per node. Returns its exit code."""
     if nodes > 1:
         cmd = node_launch_command(ctx.job_id, ctx.lab.root, nodes, processes, mode,
-                                  main_address, _free_port())
+                                  main_address, free_port())
         what = f"on {nodes} nodes, {processes} process{'es' if processes > 1 else ''} " \
                f"each ({mode})"
     else:

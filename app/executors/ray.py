@@ -361,11 +361,10 @@ class NodeProcess:
                 "node_id": ray.get_runtime_context().get_node_id()}
 
     def free_port(self) -> int:
-        """A port free on this node now, for torchrun's store (machine rank 0's), asked just
-        before the launch: one probed earlier could be drawn by other connections."""
-        with socket.socket() as probe:
-            probe.bind(("", 0))
-            return probe.getsockname()[1]
+        """A port free on this node now (machine rank 0's), asked just before the launch."""
+        from app.resources import free_port
+
+        return free_port()
 
     def run(self, command: list[str], job_dir: str, header: str, grace: float) -> tuple:
         """(exit code, what went wrong when the node said something itself)."""
